@@ -1,0 +1,129 @@
+-- admit.lua: decide one admission — key state, allow-lists, balance and holds, sliding-window
+-- rate log, concurrency leases — and, only when every check passes, take a lease.
+--
+-- Why one script: the checks read and the grant writes the same counters. Done as separate
+-- commands, concurrent requests (on any replica) would all pass the same check before any of
+-- them wrote (check-then-act), so limits would leak under load. Inside one script Redis runs
+-- nothing else, so "no interleaving can admit more than the limit" holds by construction, and
+-- a denial writes nothing at all. The clock is Redis's TIME, shared by every replica.
+--
+-- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
+-- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
+-- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
+-- KEYS[3] live    ZSET  live leases: member = lease nonce, score = lease expiry (ms)
+-- KEYS[4] holds   HASH  lease nonce -> balance held by that lease (nano-USD)
+-- KEYS[5] lease   HASH  the new lease's record, read by settle.lua / release.lua
+-- ARGV[1] rate window (ms)
+-- ARGV[2] lease TTL (ms)
+-- ARGV[3] lease record TTL (ms): how long an expired lease can still be settled
+-- ARGV[4] lease nonce (unique)
+-- ARGV[5] provider ('' = not given)   ARGV[6] api format   ARGV[7] model
+-- ARGV[8] reserve (nano-USD, >= 0)
+--
+-- Returns one of
+--   {'miss'}                                       state not in Redis: hydrate, then retry
+--   {'deny', code, retry_after_ms}
+--   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
+--          in_flight, balance_available}              (-1 = unlimited / no balance)
+-- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact.
+
+local state, rate, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local window = tonumber(ARGV[1])
+local ttl = tonumber(ARGV[2])
+local nonce = ARGV[4]
+local reserve = tonumber(ARGV[8])
+
+local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
+  'rl', 'cl', 'bal', 'used', 'held', 'user')
+if s[1] == false then
+  if s[2] ~= false then return {'deny', 'key_invalid', '0'} end
+  return {'miss'}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+if s[3] ~= '1' then return {'deny', 'key_disabled', '0'} end
+if s[4] ~= '' and now >= tonumber(s[4]) then return {'deny', 'key_expired', '0'} end
+
+-- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
+local function allowed(list, value)
+  if list == '' then return true end
+  if value == '' then return false end
+  return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
+end
+if not allowed(s[5], ARGV[5]) then return {'deny', 'provider_not_allowed', '0'} end
+if not allowed(s[6], ARGV[6]) then return {'deny', 'api_format_not_allowed', '0'} end
+if not allowed(s[7], ARGV[7]) then return {'deny', 'model_not_allowed', '0'} end
+
+-- Expired leases give back their slot and hold before anything is counted. Bounded per call;
+-- leftovers are only counted conservatively (their hold stays held) until the next call.
+local held = tonumber(s[12]) or 0
+local expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
+for _, m in ipairs(expired) do
+  local h = redis.call('HGET', holds, m)
+  if h then
+    held = held - tonumber(h)
+    redis.call('HDEL', holds, m)
+  end
+  redis.call('ZREM', live, m)
+end
+if #expired > 0 then redis.call('HSET', state, 'held', held) end
+
+local bal = tonumber(s[10])
+local available = -1
+if bal >= 0 then
+  available = bal - tonumber(s[11]) - held
+  if available <= 0 or available < reserve then
+    return {'deny', 'balance_exhausted', '0'}
+  end
+end
+
+local rl = tonumber(s[8])
+local remaining = -1
+local reset = 0
+if rl > 0 then
+  redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
+  local count = redis.call('ZCARD', rate)
+  if count >= rl then
+    local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
+    local retry = tonumber(oldest[2]) + window - now
+    if retry < 1 then retry = 1 end
+    return {'deny', 'rate_limited', tostring(retry)}
+  end
+  remaining = rl - count - 1
+end
+
+local cl = tonumber(s[9])
+local in_flight = redis.call('ZCARD', live)
+if cl > 0 and in_flight >= cl then
+  local soonest = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
+  local retry = tonumber(soonest[2]) - now
+  if retry > 1000 then retry = 1000 end
+  if retry < 1 then retry = 1 end
+  return {'deny', 'concurrency_limited', tostring(retry)}
+end
+
+-- Every check passed: grant.
+if rl > 0 then
+  redis.call('ZADD', rate, now, nonce)
+  redis.call('PEXPIRE', rate, window)
+  local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
+  reset = tonumber(oldest[2]) + window - now
+end
+redis.call('ZADD', live, now + ttl, nonce)
+redis.call('PEXPIRE', live, ttl)
+local hold = 0
+if bal >= 0 and reserve > 0 then
+  hold = reserve
+  redis.call('HSET', holds, nonce, hold)
+  redis.call('PEXPIRE', holds, ttl)
+  redis.call('HINCRBY', state, 'held', hold)
+  available = available - hold
+end
+redis.call('HSET', lease, 'id', s[1], 'u', s[13], 'p', ARGV[5], 'f', ARGV[6], 'm', ARGV[7],
+  'at', now, 'exp', now + ttl)
+redis.call('PEXPIRE', lease, tonumber(ARGV[3]))
+
+return {'ok', s[1], s[13], tostring(rl), tostring(remaining), tostring(reset), tostring(cl),
+  tostring(in_flight + 1), tostring(available)}

@@ -1,0 +1,77 @@
+-- settle.lua: charge a lease's real cost, free its slot and hold, and append its usage event
+-- to the shard's stream — or recognise a duplicate.
+--
+-- Why one script: the charge, the release of the hold and the usage record must happen
+-- together or not at all. Were the charge and the XADD separate commands, a crash between them
+-- would either charge without a record (usage lost from Postgres) or record without a charge;
+-- and two concurrent settles of one lease could both pass a "not settled yet" check. The
+-- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
+--
+-- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
+-- KEYS[2] live    ZSET  live leases of the key
+-- KEYS[3] holds   HASH  holds of the key's live leases
+-- KEYS[4] lease   HASH  this lease's record (field s set once settled or released)
+-- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
+-- ARGV[1] cost (nano-USD)   ARGV[2] input tokens   ARGV[3] output tokens
+-- ARGV[4] total tokens (-1 = input + output)   ARGV[5] response time ms (-1 = unknown)
+-- ARGV[6] status code (-1 = unknown)
+-- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
+-- ARGV[10] tombstone TTL (ms): how long a settled lease is remembered for duplicate detection
+-- ARGV[11] lease id (the event's idempotency id in Postgres)
+--
+-- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
+
+local state, live, holds, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
+
+local r = redis.call('HMGET', lease, 's', 'id', 'u', 'p', 'f', 'm', 'at', 'exp')
+local function available()
+  local b = redis.call('HMGET', state, 'bal', 'used', 'held', 'none')
+  if b[1] == false or b[4] ~= false or tonumber(b[1]) < 0 then return '-1' end
+  local a = tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
+  if a < 0 then a = 0 end
+  return tostring(a)
+end
+if r[2] == false then
+  if r[1] == 'settled' then return {'duplicate', available()} end
+  return {'unknown'}
+end
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+-- Free the slot and hold (a released lease has given them back already).
+if redis.call('ZREM', live, nonce) == 1 then
+  local h = redis.call('HGET', holds, nonce)
+  if h then
+    redis.call('HDEL', holds, nonce)
+    if redis.call('EXISTS', state) == 1 then redis.call('HINCRBY', state, 'held', -tonumber(h)) end
+  end
+end
+local expired = '0'
+if now >= tonumber(r[8]) then expired = '1' end
+
+local cost = ARGV[1]
+local hydrated = redis.call('HEXISTS', state, 'id') == 1
+if hydrated then redis.call('HINCRBY', state, 'used', cost) end
+
+local function pick(given, from_lease)
+  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
+  return from_lease
+end
+local input, output = ARGV[2], ARGV[3]
+local total = ARGV[4]
+if total == '-1' then total = tostring(tonumber(input) + tonumber(output)) end
+
+redis.call('XADD', stream, '*',
+  'e', ARGV[11], 'k', r[2], 'u', r[3], 'c', cost,
+  'it', input, 'ot', output, 'tt', total, 'rt', ARGV[5], 'sc', ARGV[6],
+  'p', pick(ARGV[7], r[4]), 'f', pick(ARGV[8], r[5]), 'm', pick(ARGV[9], r[6]),
+  'at', r[7], 'ts', now, 'x', expired)
+
+-- The record shrinks to a tombstone that only answers "duplicate".
+redis.call('DEL', lease)
+redis.call('HSET', lease, 's', 'settled')
+redis.call('PEXPIRE', lease, tonumber(ARGV[10]))
+
+return {'settled', expired, available()}

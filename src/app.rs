@@ -1,0 +1,244 @@
+//! Wiring: pools, scripts, the gate, the background tasks and both listeners.
+//!
+//! [`App::build`] does everything that can fail at start-up (bind, connect, migrate) and
+//! reports it as one [`StartError`] line; [`App::run`] serves until the shutdown future
+//! resolves, then drains: listeners stop accepting, in-flight requests finish, the syncer
+//! flushes what is already in the streams, all within [`SHUTDOWN_BOUND`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::hot::admission::HotPath;
+use crate::hot::gate::Gate;
+use crate::hot::redis::Redis;
+use crate::http::{self, AppState};
+use crate::metrics::{self, Metrics};
+use crate::store;
+use crate::sync;
+
+/// Longest a graceful shutdown may take before tollgate exits anyway.
+pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
+/// Part of the bound given to the syncer's final flush.
+const SYNC_DRAIN: Duration = Duration::from_secs(5);
+/// How long start-up waits for Postgres to accept connections.
+const DB_START_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("database: {0}")]
+    Database(String),
+    #[error("serving failed: {0}")]
+    Serve(std::io::Error),
+}
+
+async fn database(config: &Config) -> Result<PgPool, StartError> {
+    let url = config.database_url.expose();
+    let deadline = tokio::time::Instant::now() + DB_START_WAIT;
+    loop {
+        let attempt = async {
+            store::ensure_database(url).await?;
+            let pool = store::connect(url).await?;
+            store::migrate(&pool).await?;
+            Ok::<_, store::StoreError>(pool)
+        }
+        .await;
+        match attempt {
+            Ok(pool) => return Ok(pool),
+            Err(e @ store::StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "waiting for postgres");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                let detail = std::error::Error::source(&e)
+                    .map(|s| format!("{e}: {s}"))
+                    .unwrap_or_else(|| e.to_string());
+                return Err(StartError::Database(detail));
+            }
+        }
+    }
+}
+
+/// `tollgate migrate`.
+pub async fn migrate(config: &Config) -> Result<(), StartError> {
+    database(config).await.map(drop)
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "tollgate".to_string())
+}
+
+pub struct App {
+    data: TcpListener,
+    admin: TcpListener,
+    state: Arc<AppState>,
+}
+
+impl App {
+    pub async fn build(config: Config) -> Result<App, StartError> {
+        let prometheus = metrics::install();
+        let data = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.admin_listen,
+                source,
+            })?;
+        let db = database(&config).await?;
+        let redis = Redis::new(config.redis_urls.clone(), config.redis_timeout);
+        let hot = HotPath::new(
+            redis.clone(),
+            &config.redis_namespace,
+            config.rate_window,
+            config.lease_ttl,
+        );
+        hot.scripts().preload(&redis).await;
+        let metrics = Metrics::new();
+        let gate = Gate::new(
+            hot,
+            db.clone(),
+            metrics.clone(),
+            config.fail_mode,
+            config.lease_ttl,
+        );
+        let state = Arc::new(AppState {
+            inference: config.inference.clone(),
+            config: Arc::new(config),
+            gate,
+            db,
+            metrics,
+            prometheus,
+        });
+        Ok(App { data, admin, state })
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.data.local_addr().unwrap_or(self.state.config.listen)
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.local_addr().unwrap_or(self.state.config.admin_listen)
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then shuts down gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let state = self.state.clone();
+        let config = state.config.clone();
+        let hot = state.gate.hot.clone();
+        let (data_addr, admin_addr) = (self.data_addr(), self.admin_addr());
+
+        let consumer = config
+            .sync_consumer
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", hostname(), admin_addr.port()));
+        let syncer = sync::usage::Syncer::new(
+            hot.redis.clone(),
+            state.db.clone(),
+            state.metrics.clone(),
+            hot.layout.streams(),
+            consumer,
+        )
+        .with_claim_idle(config.sync_claim_idle);
+        let syncer = tokio::spawn(syncer.run(stop_rx.clone(), SYNC_DRAIN));
+        let reconciler = tokio::spawn(sync::reconcile::run(
+            hot.clone(),
+            state.db.clone(),
+            state.metrics.clone(),
+            stop_rx.clone(),
+        ));
+        let sweeper = config.cleanup_interval.map(|every| {
+            tokio::spawn(sync::sweeper::run(
+                hot.clone(),
+                state.db.clone(),
+                state.metrics.clone(),
+                every,
+                config.auto_delete_expired,
+                stop_rx.clone(),
+            ))
+        });
+
+        let signal = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let data = axum::serve(self.data, http::data_router(state.clone()))
+            .with_graceful_shutdown(signal(stop_rx.clone()));
+        let admin = axum::serve(self.admin, http::admin_router(state.clone()))
+            .with_graceful_shutdown(signal(stop_rx.clone()));
+        let data = tokio::spawn(async move { data.await });
+        let admin = tokio::spawn(async move { admin.await });
+        tracing::info!(listen = %data_addr, admin = %admin_addr, "tollgate serving");
+
+        shutdown.await;
+        tracing::info!("shutting down: draining requests and usage");
+        let _ = stop_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
+            let (d, a) = tokio::join!(data, admin);
+            let _ = syncer.await;
+            let _ = reconciler.await;
+            if let Some(s) = sweeper {
+                let _ = s.await;
+            }
+            (d, a)
+        })
+        .await;
+        match drained {
+            Ok((Ok(Err(e)), _)) | Ok((_, Ok(Err(e)))) => Err(StartError::Serve(e)),
+            Ok(_) => {
+                tracing::info!("shutdown complete");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::warn!("shutdown bound reached; exiting with work in flight");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,406 @@
+//! Every setting: a `serve` flag and a `TOLLGATE_*` variable (the flag wins), its default,
+//! and its validation. [`RawSettings`] is what clap reads; [`Config::from_raw`] is the one
+//! place a raw string becomes a typed, checked value, so a bad setting stops start-up with
+//! one line instead of surfacing later as a runtime error. Tests build a [`Config`] from a
+//! map with [`Config::from_map`].
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::inference::Inference;
+use crate::keys::{EncryptionKey, Secret};
+
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about = "Admission sidecar for API and LLM gateways")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply pending migrations, then serve both listeners until SIGTERM/SIGINT.
+    Serve(RawSettings),
+    /// Apply pending database migrations and exit.
+    Migrate(RawSettings),
+}
+
+/// Settings as text, exactly as the operator wrote them.
+#[derive(Debug, Clone, Args)]
+pub struct RawSettings {
+    /// Data-plane listener: /v1/*, /auth*, /healthz, /readyz
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// Admin listener: /admin/*, /metrics, /healthz, /readyz
+    #[arg(long, env = "TOLLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
+    pub admin_listen: String,
+    /// Redis URL; several comma-separated redis:// URLs mean Redis Cluster seed nodes
+    #[arg(long, env = "TOLLGATE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Postgres URL (the database is created when it does not exist)
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", default_value = "postgres://localhost/tollgate")]
+    pub database_url: String,
+    /// Prefix of every Redis key this process creates
+    #[arg(long, env = "TOLLGATE_REDIS_NAMESPACE", default_value = "tollgate")]
+    pub redis_namespace: String,
+    /// Bearer token for /admin/*; unset means the admin API refuses everything
+    #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Base64 of 32 bytes: AES-256-GCM key for the recoverable copy of each API key
+    #[arg(long, env = "TOLLGATE_ENCRYPTION_KEY", hide_env_values = true)]
+    pub encryption_key: Option<String>,
+    /// Generated keys look like <prefix>- followed by 32 characters of [A-Za-z0-9]
+    #[arg(long, env = "TOLLGATE_KEY_PREFIX", default_value = "sk")]
+    pub key_prefix: String,
+    /// Length of the sliding rate-limit window, in seconds
+    #[arg(long, env = "TOLLGATE_RATE_WINDOW_SECONDS", default_value = "60")]
+    pub rate_window_seconds: String,
+    /// An unsettled, unreleased lease frees its slot and hold after this many seconds
+    #[arg(long, env = "TOLLGATE_LEASE_TTL_SECONDS", default_value = "600")]
+    pub lease_ttl_seconds: String,
+    /// closed or open: what admission does when Redis cannot be reached
+    #[arg(long, env = "TOLLGATE_FAIL_MODE", default_value = "closed")]
+    pub fail_mode: String,
+    /// Period of the expired-key sweeper in seconds; 0 turns it off
+    #[arg(long, env = "TOLLGATE_CLEANUP_INTERVAL_SECONDS", default_value = "300")]
+    pub cleanup_interval_seconds: String,
+    /// The sweeper's default for keys whose own auto_delete_on_expiry is null
+    #[arg(long, env = "TOLLGATE_AUTO_DELETE_EXPIRED", default_value = "false")]
+    pub auto_delete_expired: String,
+    /// Deadline of one Redis call on the hot path, in milliseconds
+    #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value = "250")]
+    pub redis_timeout_ms: String,
+    /// Log format: text or json
+    #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+    /// JSON file of extra path-inference rules: [{"path", "provider", "api_format"}]
+    #[arg(long, env = "TOLLGATE_INFERENCE_RULES")]
+    pub inference_rules: Option<String>,
+    /// Name of this replica's usage-stream consumer [default: <hostname>:<admin port>]
+    #[arg(long, env = "TOLLGATE_SYNC_CONSUMER")]
+    pub sync_consumer: Option<String>,
+    /// Seconds before another replica's unacknowledged usage events are taken over
+    #[arg(long, env = "TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", default_value = "15")]
+    pub sync_claim_idle_seconds: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailMode {
+    Closed,
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Checked settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// One URL, or several for cluster mode.
+    pub redis_urls: Vec<String>,
+    pub database_url: Secret,
+    pub redis_namespace: String,
+    pub admin_token: Option<Secret>,
+    pub encryption_key: Option<EncryptionKey>,
+    pub key_prefix: String,
+    pub rate_window: Duration,
+    pub lease_ttl: Duration,
+    pub fail_mode: FailMode,
+    /// `None`: the sweeper is off.
+    pub cleanup_interval: Option<Duration>,
+    pub auto_delete_expired: bool,
+    pub redis_timeout: Duration,
+    pub log_format: LogFormat,
+    pub inference: Inference,
+    pub sync_consumer: Option<String>,
+    pub sync_claim_idle: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {name}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub reason: String,
+}
+
+fn bad(name: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        name,
+        reason: reason.into(),
+    }
+}
+
+fn positive_seconds(name: &'static str, text: &str, allow_zero: bool) -> Result<u64, ConfigError> {
+    let n: u64 = text
+        .trim()
+        .parse()
+        .map_err(|_| bad(name, format!("{text:?} is not a whole number of seconds")))?;
+    if n == 0 && !allow_zero {
+        return Err(bad(name, "must be at least 1"));
+    }
+    if n > 366 * 24 * 3600 {
+        return Err(bad(name, "must be at most a year"));
+    }
+    Ok(n)
+}
+
+impl Config {
+    pub fn from_raw(raw: &RawSettings) -> Result<Config, ConfigError> {
+        let listen = raw
+            .listen
+            .parse()
+            .map_err(|_| bad("TOLLGATE_LISTEN", format!("{:?} is not host:port", raw.listen)))?;
+        let admin_listen = raw.admin_listen.parse().map_err(|_| {
+            bad(
+                "TOLLGATE_ADMIN_LISTEN",
+                format!("{:?} is not host:port", raw.admin_listen),
+            )
+        })?;
+        let redis_urls: Vec<String> = raw
+            .redis_url
+            .split(',')
+            .map(|u| u.trim().to_string())
+            .filter(|u| !u.is_empty())
+            .collect();
+        if redis_urls.is_empty() {
+            return Err(bad("TOLLGATE_REDIS_URL", "no URL given"));
+        }
+        for url in &redis_urls {
+            redis::parse_redis_url(url)
+                .filter(|u| matches!(u.scheme(), "redis" | "rediss"))
+                .ok_or_else(|| bad("TOLLGATE_REDIS_URL", "not a redis:// URL"))?;
+        }
+        let db: sqlx::postgres::PgConnectOptions = raw
+            .database_url
+            .parse()
+            .map_err(|_| bad("TOLLGATE_DATABASE_URL", "not a postgres:// URL"))?;
+        drop(db);
+        let ns = raw.redis_namespace.trim();
+        if ns.is_empty()
+            || ns.len() > 64
+            || !ns
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        {
+            return Err(bad(
+                "TOLLGATE_REDIS_NAMESPACE",
+                "1-64 characters of [A-Za-z0-9-_.:]",
+            ));
+        }
+        let admin_token = match raw.admin_token.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(t) if t.len() < 16 => {
+                return Err(bad("TOLLGATE_ADMIN_TOKEN", "must be at least 16 characters"))
+            }
+            Some(t) => Some(Secret::new(t)),
+        };
+        let encryption_key = match raw.encryption_key.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(k) => Some(
+                EncryptionKey::from_base64(k)
+                    .map_err(|e| bad("TOLLGATE_ENCRYPTION_KEY", e.to_string()))?,
+            ),
+        };
+        let prefix = raw.key_prefix.trim();
+        if prefix.is_empty()
+            || prefix.len() > 16
+            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(bad(
+                "TOLLGATE_KEY_PREFIX",
+                "1-16 characters of [A-Za-z0-9_]",
+            ));
+        }
+        let fail_mode = match raw.fail_mode.trim().to_ascii_lowercase().as_str() {
+            "closed" => FailMode::Closed,
+            "open" => FailMode::Open,
+            other => {
+                return Err(bad(
+                    "TOLLGATE_FAIL_MODE",
+                    format!("{other:?}: expected closed or open"),
+                ))
+            }
+        };
+        let auto_delete_expired = match raw.auto_delete_expired.trim().to_ascii_lowercase().as_str()
+        {
+            "true" | "1" | "yes" => true,
+            "false" | "0" | "no" => false,
+            other => {
+                return Err(bad(
+                    "TOLLGATE_AUTO_DELETE_EXPIRED",
+                    format!("{other:?}: expected true or false"),
+                ))
+            }
+        };
+        let log_format = match raw.log_format.trim().to_ascii_lowercase().as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(bad(
+                    "TOLLGATE_LOG_FORMAT",
+                    format!("{other:?}: expected text or json"),
+                ))
+            }
+        };
+        let cleanup = positive_seconds(
+            "TOLLGATE_CLEANUP_INTERVAL_SECONDS",
+            &raw.cleanup_interval_seconds,
+            true,
+        )?;
+        let timeout_ms: u64 = raw
+            .redis_timeout_ms
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=60_000).contains(n))
+            .ok_or_else(|| bad("TOLLGATE_REDIS_TIMEOUT_MS", "1 to 60000 milliseconds"))?;
+        let inference = match raw.inference_rules.as_deref().map(str::trim) {
+            None | Some("") => Inference::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    bad("TOLLGATE_INFERENCE_RULES", format!("cannot read {path}: {e}"))
+                })?;
+                Inference::with_extra_json(&text)
+                    .map_err(|e| bad("TOLLGATE_INFERENCE_RULES", e.to_string()))?
+            }
+        };
+        let sync_consumer = raw
+            .sync_consumer
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string);
+        let claim_idle = positive_seconds(
+            "TOLLGATE_SYNC_CLAIM_IDLE_SECONDS",
+            &raw.sync_claim_idle_seconds,
+            false,
+        )?;
+        Ok(Config {
+            inference,
+            sync_consumer,
+            sync_claim_idle: Duration::from_secs(claim_idle),
+            listen,
+            admin_listen,
+            redis_urls,
+            database_url: Secret::new(raw.database_url.trim()),
+            redis_namespace: ns.to_string(),
+            admin_token,
+            encryption_key,
+            key_prefix: prefix.to_string(),
+            rate_window: Duration::from_secs(positive_seconds(
+                "TOLLGATE_RATE_WINDOW_SECONDS",
+                &raw.rate_window_seconds,
+                false,
+            )?),
+            lease_ttl: Duration::from_secs(positive_seconds(
+                "TOLLGATE_LEASE_TTL_SECONDS",
+                &raw.lease_ttl_seconds,
+                false,
+            )?),
+            fail_mode,
+            cleanup_interval: (cleanup > 0).then(|| Duration::from_secs(cleanup)),
+            auto_delete_expired,
+            redis_timeout: Duration::from_millis(timeout_ms),
+            log_format,
+        })
+    }
+
+    /// Builds a config from `TOLLGATE_*` names, as if they were flags; defaults fill the rest.
+    /// Only the map is read, never the process environment, so tests cannot leak into
+    /// each other.
+    pub fn from_map(map: &HashMap<&str, String>) -> Result<Config, ConfigError> {
+        let get = |name: &str, default: &str| {
+            map.get(name)
+                .cloned()
+                .unwrap_or_else(|| default.to_string())
+        };
+        let raw = RawSettings {
+            listen: get("TOLLGATE_LISTEN", "127.0.0.1:8080"),
+            admin_listen: get("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:8081"),
+            redis_url: get("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379"),
+            database_url: get("TOLLGATE_DATABASE_URL", "postgres://localhost/tollgate"),
+            redis_namespace: get("TOLLGATE_REDIS_NAMESPACE", "tollgate"),
+            admin_token: map.get("TOLLGATE_ADMIN_TOKEN").cloned(),
+            encryption_key: map.get("TOLLGATE_ENCRYPTION_KEY").cloned(),
+            key_prefix: get("TOLLGATE_KEY_PREFIX", "sk"),
+            rate_window_seconds: get("TOLLGATE_RATE_WINDOW_SECONDS", "60"),
+            lease_ttl_seconds: get("TOLLGATE_LEASE_TTL_SECONDS", "600"),
+            fail_mode: get("TOLLGATE_FAIL_MODE", "closed"),
+            cleanup_interval_seconds: get("TOLLGATE_CLEANUP_INTERVAL_SECONDS", "300"),
+            auto_delete_expired: get("TOLLGATE_AUTO_DELETE_EXPIRED", "false"),
+            redis_timeout_ms: get("TOLLGATE_REDIS_TIMEOUT_MS", "250"),
+            log_format: get("TOLLGATE_LOG_FORMAT", "text"),
+            inference_rules: map.get("TOLLGATE_INFERENCE_RULES").cloned(),
+            sync_consumer: map.get("TOLLGATE_SYNC_CONSUMER").cloned(),
+            sync_claim_idle_seconds: get("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "15"),
+        };
+        Config::from_raw(&raw)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_contracts() {
+        let c = Config::from_map(&HashMap::new()).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.redis_urls, vec!["redis://127.0.0.1:6379"]);
+        assert_eq!(c.rate_window, Duration::from_secs(60));
+        assert_eq!(c.lease_ttl, Duration::from_secs(600));
+        assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.cleanup_interval, Some(Duration::from_secs(300)));
+        assert!(!c.auto_delete_expired);
+        assert!(c.admin_token.is_none() && c.encryption_key.is_none());
+    }
+
+    #[test]
+    fn bad_settings_name_the_variable() {
+        for (name, value) in [
+            ("TOLLGATE_LISTEN", "nope"),
+            ("TOLLGATE_REDIS_URL", "http://x"),
+            ("TOLLGATE_DATABASE_URL", "mysql://x"),
+            ("TOLLGATE_ENCRYPTION_KEY", "c2hvcnQ="),
+            ("TOLLGATE_FAIL_MODE", "ajar"),
+            ("TOLLGATE_RATE_WINDOW_SECONDS", "0"),
+            ("TOLLGATE_AUTO_DELETE_EXPIRED", "maybe"),
+        ] {
+            let err = Config::from_map(&HashMap::from([(name, value.to_string())])).unwrap_err();
+            assert_eq!(err.name, name, "{value}");
+        }
+    }
+
+    #[test]
+    fn several_urls_mean_cluster_and_zero_disables_sweeper() {
+        let c = Config::from_map(&HashMap::from([
+            ("TOLLGATE_REDIS_URL", "redis://a:1, redis://b:2".to_string()),
+            ("TOLLGATE_CLEANUP_INTERVAL_SECONDS", "0".to_string()),
+        ]))
+        .unwrap();
+        assert_eq!(c.redis_urls.len(), 2);
+        assert_eq!(c.cleanup_interval, None);
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 32]);
+        let c = Config::from_map(&HashMap::from([
+            ("TOLLGATE_ADMIN_TOKEN", "super-secret-admin-token".to_string()),
+            ("TOLLGATE_ENCRYPTION_KEY", key.clone()),
+        ]))
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("super-secret-admin-token"));
+        assert!(!shown.contains(&key));
+    }
+}

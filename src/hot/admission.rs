@@ -1,0 +1,385 @@
+//! Typed calls of the hot-path scripts: admit, settle, release, hydrate. Each is exactly one
+//! Redis command (an `EVALSHA`); this module only shapes arguments and answers.
+
+use std::time::Duration;
+
+use redis::{FromRedisValue, Value};
+
+use super::layout::{new_nonce, KeyRedisKeys, Layout, LeaseRef};
+use super::redis::{Redis, RedisFailure};
+use super::scripts::{ScriptArg, Scripts};
+use crate::decision::DenyCode;
+use crate::money::Money;
+use crate::store::keys::KeyRow;
+
+/// What an admission asks.
+#[derive(Debug, Clone, Copy)]
+pub struct AdmitArgs<'a> {
+    pub key_hash: &'a str,
+    pub provider: &'a str,
+    pub api_format: &'a str,
+    pub model: &'a str,
+    pub reserve: Money,
+}
+
+/// A granted admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub key_id: String,
+    pub user_id: String,
+    pub lease_id: String,
+    pub rate_limit: Option<u64>,
+    pub rate_remaining: Option<u64>,
+    pub reset_ms: u64,
+    pub concurrent_limit: Option<u64>,
+    pub in_flight: u64,
+    pub balance_available: Option<Money>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ScriptAdmit {
+    /// The key's state is not in Redis yet.
+    Miss,
+    Denied { code: DenyCode, retry_after_ms: u64 },
+    Allowed(Grant),
+}
+
+/// What a settlement reports.
+#[derive(Debug, Clone, Default)]
+pub struct SettleArgs<'a> {
+    pub lease_id: &'a str,
+    pub cost: Money,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub total_tokens: Option<u64>,
+    pub response_time_ms: Option<u64>,
+    pub status_code: Option<u16>,
+    pub provider: Option<&'a str>,
+    pub api_format: Option<&'a str>,
+    pub model: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SettleOutcome {
+    Unknown,
+    Duplicate {
+        available: Option<Money>,
+    },
+    Settled {
+        lease_expired: bool,
+        available: Option<Money>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Unknown,
+    Released,
+}
+
+/// The hot path's view of Redis.
+#[derive(Clone)]
+pub struct HotPath {
+    pub redis: Redis,
+    pub layout: Layout,
+    scripts: std::sync::Arc<Scripts>,
+    window_ms: i64,
+    lease_ttl_ms: i64,
+    /// How long an unsettled lease record is kept after its lease expired, so a late
+    /// settlement is still charged and recorded.
+    record_ttl_ms: i64,
+    /// How long a settled lease is remembered, to answer retries with `duplicate`.
+    tombstone_ttl_ms: i64,
+    negative_ttl_ms: i64,
+}
+
+/// A lease record outlives its lease by this much: an upstream call that outran the lease TTL
+/// can still be settled (and charged) this long after the lease expired.
+pub const LATE_SETTLE_GRACE: Duration = Duration::from_secs(3600);
+/// An unknown key hash is remembered as unknown for this long.
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn parse_failure(_: redis::ParsingError) -> RedisFailure {
+    RedisFailure::Command("unexpected script reply".into())
+}
+
+fn strings(v: Value) -> Result<Vec<String>, RedisFailure> {
+    Vec::<String>::from_redis_value(v).map_err(parse_failure)
+}
+
+fn int(s: Option<&String>) -> i64 {
+    s.and_then(|s| s.parse().ok()).unwrap_or(-1)
+}
+
+fn limit(n: i64) -> Option<u64> {
+    u64::try_from(n).ok().filter(|n| *n > 0)
+}
+
+fn balance(n: i64) -> Option<Money> {
+    (n >= 0).then_some(Money::from_nanos(n))
+}
+
+/// `\x1fa\x1fb\x1f`, or empty for "any": what admit.lua matches with one `string.find`.
+fn allow_list(list: &Option<Vec<String>>) -> String {
+    match list {
+        Some(items) if !items.is_empty() => {
+            let mut s = String::from('\u{1f}');
+            for i in items {
+                s.push_str(i);
+                s.push('\u{1f}');
+            }
+            s
+        }
+        _ => String::new(),
+    }
+}
+
+impl HotPath {
+    pub fn new(redis: Redis, namespace: &str, window: Duration, lease_ttl: Duration) -> Self {
+        HotPath {
+            redis,
+            layout: Layout::new(namespace),
+            scripts: std::sync::Arc::new(Scripts::default()),
+            window_ms: ms(window),
+            lease_ttl_ms: ms(lease_ttl),
+            record_ttl_ms: ms(lease_ttl + LATE_SETTLE_GRACE),
+            tombstone_ttl_ms: ms(lease_ttl + LATE_SETTLE_GRACE),
+            negative_ttl_ms: ms(NEGATIVE_TTL),
+        }
+    }
+
+    pub fn scripts(&self) -> &Scripts {
+        &self.scripts
+    }
+
+    pub fn keys_for(&self, key_hash: &str) -> KeyRedisKeys {
+        self.layout.for_hash(key_hash)
+    }
+
+    pub async fn admit(&self, a: AdmitArgs<'_>) -> Result<ScriptAdmit, RedisFailure> {
+        let k = self.layout.for_hash(a.key_hash);
+        let nonce = new_nonce();
+        let lease = k.lease(&nonce);
+        let v = self
+            .scripts
+            .admit
+            .run(
+                &self.redis,
+                &[&k.state, &k.rate, &k.live, &k.holds, &lease],
+                &[
+                    ScriptArg::Int(self.window_ms),
+                    ScriptArg::Int(self.lease_ttl_ms),
+                    ScriptArg::Int(self.record_ttl_ms),
+                    ScriptArg::Str(&nonce),
+                    ScriptArg::Str(a.provider),
+                    ScriptArg::Str(a.api_format),
+                    ScriptArg::Str(a.model),
+                    ScriptArg::Int(a.reserve.nanos().max(0)),
+                ],
+            )
+            .await?;
+        let r = strings(v)?;
+        match r.first().map(String::as_str) {
+            Some("miss") => Ok(ScriptAdmit::Miss),
+            Some("deny") => {
+                let code = r
+                    .get(1)
+                    .and_then(|c| DenyCode::from_code(c))
+                    .ok_or_else(|| RedisFailure::Command("unknown denial".into()))?;
+                Ok(ScriptAdmit::Denied {
+                    code,
+                    retry_after_ms: u64::try_from(int(r.get(2))).unwrap_or(0),
+                })
+            }
+            Some("ok") if r.len() >= 9 => {
+                let rl = limit(int(r.get(3)));
+                Ok(ScriptAdmit::Allowed(Grant {
+                    key_id: r[1].clone(),
+                    user_id: r[2].clone(),
+                    lease_id: k.lease_id(&nonce),
+                    rate_limit: rl,
+                    rate_remaining: rl.map(|_| u64::try_from(int(r.get(4))).unwrap_or(0)),
+                    reset_ms: u64::try_from(int(r.get(5))).unwrap_or(0),
+                    concurrent_limit: limit(int(r.get(6))),
+                    in_flight: u64::try_from(int(r.get(7))).unwrap_or(0),
+                    balance_available: balance(int(r.get(8))),
+                }))
+            }
+            _ => Err(RedisFailure::Command("unexpected admit reply".into())),
+        }
+    }
+
+    pub fn lease(&self, lease_id: &str) -> Option<LeaseRef> {
+        self.layout.lease(lease_id)
+    }
+
+    pub async fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
+        let Some(l) = self.layout.lease(a.lease_id) else {
+            return Ok(SettleOutcome::Unknown);
+        };
+        let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
+        let (p, f, m) = (given(a.provider), given(a.api_format), given(a.model));
+        let n = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        let v = self
+            .scripts
+            .settle
+            .run(
+                &self.redis,
+                &[
+                    &l.keys.state,
+                    &l.keys.live,
+                    &l.keys.holds,
+                    &l.keys.lease(&l.nonce),
+                    &l.keys.stream(),
+                ],
+                &[
+                    ScriptArg::Int(a.cost.nanos()),
+                    ScriptArg::Int(n(Some(a.input_tokens))),
+                    ScriptArg::Int(n(Some(a.output_tokens))),
+                    ScriptArg::Int(n(a.total_tokens)),
+                    ScriptArg::Int(n(a.response_time_ms)),
+                    ScriptArg::Int(n(a.status_code.map(u64::from))),
+                    ScriptArg::Str(&p),
+                    ScriptArg::Str(&f),
+                    ScriptArg::Str(&m),
+                    ScriptArg::Int(self.tombstone_ttl_ms),
+                    ScriptArg::Str(&l.lease_id),
+                ],
+            )
+            .await?;
+        let r = strings(v)?;
+        match r.first().map(String::as_str) {
+            Some("unknown") => Ok(SettleOutcome::Unknown),
+            Some("duplicate") => Ok(SettleOutcome::Duplicate {
+                available: balance(int(r.get(1))),
+            }),
+            Some("settled") => Ok(SettleOutcome::Settled {
+                lease_expired: r.get(1).map(String::as_str) == Some("1"),
+                available: balance(int(r.get(2))),
+            }),
+            _ => Err(RedisFailure::Command("unexpected settle reply".into())),
+        }
+    }
+
+    pub async fn release(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
+        let Some(l) = self.layout.lease(lease_id) else {
+            return Ok(ReleaseOutcome::Unknown);
+        };
+        let v = self
+            .scripts
+            .release
+            .run(
+                &self.redis,
+                &[
+                    &l.keys.state,
+                    &l.keys.live,
+                    &l.keys.holds,
+                    &l.keys.lease(&l.nonce),
+                ],
+                &[ScriptArg::Str(&l.nonce)],
+            )
+            .await?;
+        match strings(v)?.first().map(String::as_str) {
+            Some("released") => Ok(ReleaseOutcome::Released),
+            Some("unknown") => Ok(ReleaseOutcome::Unknown),
+            _ => Err(RedisFailure::Command("unexpected release reply".into())),
+        }
+    }
+
+    /// Writes a key's configuration into Redis (newest version wins).
+    pub async fn hydrate(&self, row: &KeyRow) -> Result<(), RedisFailure> {
+        let k = self.layout.for_hash(&row.key_hash);
+        let exp = row
+            .expires_at
+            .map(|t| t.timestamp_millis().to_string())
+            .unwrap_or_default();
+        let (prov, fmt, mdl) = (
+            allow_list(&row.allowed_providers),
+            allow_list(&row.allowed_api_formats),
+            allow_list(&row.allowed_models),
+        );
+        let key_id = row.id.to_string();
+        let bal = if row.is_standalone {
+            row.current_balance_nanos.unwrap_or(-1)
+        } else {
+            -1
+        };
+        self.scripts
+            .hydrate
+            .run(
+                &self.redis,
+                &[&k.state],
+                &[
+                    ScriptArg::Str("key"),
+                    ScriptArg::Int(row.version),
+                    ScriptArg::Str(&key_id),
+                    ScriptArg::Str(&row.user_id),
+                    ScriptArg::Int(i64::from(row.is_active)),
+                    ScriptArg::Str(&exp),
+                    ScriptArg::Str(&prov),
+                    ScriptArg::Str(&fmt),
+                    ScriptArg::Str(&mdl),
+                    ScriptArg::Int(row.rate_limit.map_or(-1, i64::from)),
+                    ScriptArg::Int(row.concurrent_limit.map_or(-1, i64::from)),
+                    ScriptArg::Int(i64::from(row.is_standalone)),
+                    ScriptArg::Int(bal),
+                    ScriptArg::Int(row.balance_used_nanos),
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Remembers, briefly, that no key has this hash.
+    pub async fn hydrate_unknown(&self, key_hash: &str) -> Result<(), RedisFailure> {
+        let k = self.layout.for_hash(key_hash);
+        self.scripts
+            .hydrate
+            .run(
+                &self.redis,
+                &[&k.state],
+                &[ScriptArg::Str("none"), ScriptArg::Int(self.negative_ttl_ms)],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Removes a physically deleted key's state.
+    pub async fn forget(&self, key_hash: &str) -> Result<(), RedisFailure> {
+        let k = self.layout.for_hash(key_hash);
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(&k.state).arg(&k.rate).arg(&k.live).arg(&k.holds);
+        self.redis.query(&cmd).await?;
+        Ok(())
+    }
+
+    /// `used` as Redis knows it now (synced or not); `None` when the key is not hydrated.
+    pub async fn used(&self, key_hash: &str) -> Result<Option<Money>, RedisFailure> {
+        let k = self.layout.for_hash(key_hash);
+        let mut cmd = redis::cmd("HGET");
+        cmd.arg(&k.state).arg("used");
+        let v = self.redis.query(&cmd).await?;
+        let s = Option::<String>::from_redis_value(v).map_err(parse_failure)?;
+        Ok(s.and_then(|s| s.parse().ok()).map(Money::from_nanos))
+    }
+
+    /// The readiness probe: runs the real settle script against a lease that cannot exist.
+    /// Proves Redis answers, the script loads and runs, and touches nothing.
+    pub async fn probe(&self) -> Result<(), RedisFailure> {
+        let probe = format!("{}.{}", "0".repeat(32), "A".repeat(22));
+        match self
+            .settle(&SettleArgs {
+                lease_id: &probe,
+                ..Default::default()
+            })
+            .await?
+        {
+            SettleOutcome::Unknown => Ok(()),
+            _ => Err(RedisFailure::Command("probe lease exists".into())),
+        }
+    }
+}

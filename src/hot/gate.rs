@@ -1,0 +1,253 @@
+//! The admission decision as a service: the admit script, and what happens around it.
+//!
+//! - A miss (key not in Redis) reads Postgres once, hydrates, and runs the script again. Unknown
+//!   hashes are cached as unknown in Redis, and Postgres look-ups are throttled per process, so a
+//!   flood of random keys costs Postgres at most [`LOOKUPS_PER_SECOND`] queries a second.
+//! - When Redis cannot be reached, `closed` answers `unavailable`; `open` admits keys this process
+//!   validated within the lease TTL, except keys with a balance, which always fail closed.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+
+use super::admission::{AdmitArgs, Grant, HotPath, ScriptAdmit};
+use super::layout::new_nonce;
+use crate::config::FailMode;
+use crate::decision::DenyCode;
+use crate::metrics::Metrics;
+use crate::store;
+
+/// Sustained rate of Postgres look-ups for keys Redis does not know, per process.
+pub const LOOKUPS_PER_SECOND: f64 = 100.0;
+/// Burst allowance on top of the sustained rate.
+pub const LOOKUP_BURST: f64 = 200.0;
+/// Bound of the fail-open memory; beyond it the oldest half is dropped.
+const VALIDATED_MAX: usize = 100_000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allowed { grant: Grant, fail_open: bool },
+    Denied { code: DenyCode, retry_after_ms: u64 },
+}
+
+impl Decision {
+    fn deny(code: DenyCode) -> Self {
+        Decision::Denied {
+            code,
+            retry_after_ms: 0,
+        }
+    }
+}
+
+struct Validated {
+    at: Instant,
+    key_id: String,
+    user_id: String,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+pub struct Gate {
+    pub hot: HotPath,
+    db: PgPool,
+    metrics: Metrics,
+    fail_mode: FailMode,
+    lease_ttl: Duration,
+    /// Keys admitted recently, without a balance: who may pass while Redis is down.
+    validated: Mutex<HashMap<String, Validated>>,
+    lookups: Mutex<Bucket>,
+}
+
+impl Gate {
+    pub fn new(
+        hot: HotPath,
+        db: PgPool,
+        metrics: Metrics,
+        fail_mode: FailMode,
+        lease_ttl: Duration,
+    ) -> Self {
+        Gate {
+            hot,
+            db,
+            metrics,
+            fail_mode,
+            lease_ttl,
+            validated: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(Bucket {
+                tokens: LOOKUP_BURST,
+                at: Instant::now(),
+            }),
+        }
+    }
+
+    /// Decides one admission. Counts it in the metrics.
+    pub async fn admit(&self, args: AdmitArgs<'_>) -> Decision {
+        let started = Instant::now();
+        let decision = self.decide(args).await;
+        self.metrics
+            .admission_duration
+            .record(started.elapsed().as_secs_f64());
+        match &decision {
+            Decision::Allowed { .. } => self.metrics.admission(None),
+            Decision::Denied { code, .. } => self.metrics.admission(Some(*code)),
+        }
+        decision
+    }
+
+    async fn decide(&self, args: AdmitArgs<'_>) -> Decision {
+        match self.hot.admit(args).await {
+            Ok(ScriptAdmit::Allowed(grant)) => {
+                self.remember(args.key_hash, &grant);
+                Decision::Allowed {
+                    grant,
+                    fail_open: false,
+                }
+            }
+            Ok(ScriptAdmit::Denied {
+                code,
+                retry_after_ms,
+            }) => Decision::Denied {
+                code,
+                retry_after_ms,
+            },
+            Ok(ScriptAdmit::Miss) => self.after_miss(args).await,
+            Err(e) => {
+                self.metrics.redis_error(e.kind());
+                tracing::warn!(error = %e, "admission could not reach redis");
+                if self.fail_mode == FailMode::Open && e.is_transient() {
+                    if let Some(grant) = self.fail_open(args.key_hash) {
+                        self.metrics.fail_open.increment(1);
+                        return Decision::Allowed {
+                            grant,
+                            fail_open: true,
+                        };
+                    }
+                }
+                Decision::deny(DenyCode::Unavailable)
+            }
+        }
+    }
+
+    async fn after_miss(&self, args: AdmitArgs<'_>) -> Decision {
+        if !self.take_lookup() {
+            self.metrics.key_lookup_throttled.increment(1);
+            return Decision::Denied {
+                code: DenyCode::Unavailable,
+                retry_after_ms: 1000,
+            };
+        }
+        let row = match store::keys::by_hash(&self.db, args.key_hash).await {
+            Ok(row) => row,
+            Err(e) => {
+                tracing::warn!(error = %e, "key look-up in postgres failed");
+                return Decision::deny(DenyCode::Unavailable);
+            }
+        };
+        let hydrated = match &row {
+            Some(row) => {
+                self.metrics.key_lookup_found.increment(1);
+                self.hot.hydrate(row).await
+            }
+            None => {
+                self.metrics.key_lookup_unknown.increment(1);
+                self.hot.hydrate_unknown(args.key_hash).await
+            }
+        };
+        if let Err(e) = hydrated {
+            self.metrics.redis_error(e.kind());
+            return Decision::deny(DenyCode::Unavailable);
+        }
+        if row.is_none() {
+            return Decision::deny(DenyCode::KeyInvalid);
+        }
+        match self.hot.admit(args).await {
+            Ok(ScriptAdmit::Allowed(grant)) => {
+                self.remember(args.key_hash, &grant);
+                Decision::Allowed {
+                    grant,
+                    fail_open: false,
+                }
+            }
+            Ok(ScriptAdmit::Denied {
+                code,
+                retry_after_ms,
+            }) => Decision::Denied {
+                code,
+                retry_after_ms,
+            },
+            // Deleted between the hydration and now.
+            Ok(ScriptAdmit::Miss) => Decision::deny(DenyCode::Unavailable),
+            Err(e) => {
+                self.metrics.redis_error(e.kind());
+                Decision::deny(DenyCode::Unavailable)
+            }
+        }
+    }
+
+    fn take_lookup(&self) -> bool {
+        let Ok(mut b) = self.lookups.lock() else {
+            return false;
+        };
+        let now = Instant::now();
+        let refill = now.duration_since(b.at).as_secs_f64() * LOOKUPS_PER_SECOND;
+        b.tokens = (b.tokens + refill).min(LOOKUP_BURST);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn remember(&self, key_hash: &str, grant: &Grant) {
+        if self.fail_mode != FailMode::Open {
+            return;
+        }
+        let Ok(mut v) = self.validated.lock() else {
+            return;
+        };
+        if grant.balance_available.is_some() {
+            // A key with a balance never fails open; forget any earlier entry.
+            v.remove(key_hash);
+            return;
+        }
+        if v.len() >= VALIDATED_MAX && !v.contains_key(key_hash) {
+            let ttl = self.lease_ttl;
+            v.retain(|_, e| e.at.elapsed() < ttl);
+            if v.len() >= VALIDATED_MAX {
+                v.clear();
+            }
+        }
+        v.insert(
+            key_hash.to_string(),
+            Validated {
+                at: Instant::now(),
+                key_id: grant.key_id.clone(),
+                user_id: grant.user_id.clone(),
+            },
+        );
+    }
+
+    fn fail_open(&self, key_hash: &str) -> Option<Grant> {
+        let v = self.validated.lock().ok()?;
+        let e = v.get(key_hash).filter(|e| e.at.elapsed() < self.lease_ttl)?;
+        Some(Grant {
+            key_id: e.key_id.clone(),
+            user_id: e.user_id.clone(),
+            // Not a Redis lease: settling it answers lease_unknown (there is nothing to charge).
+            lease_id: format!("failopen.{}", new_nonce()),
+            rate_limit: None,
+            rate_remaining: None,
+            reset_ms: 0,
+            concurrent_limit: None,
+            in_flight: 0,
+            balance_available: None,
+        })
+    }
+}

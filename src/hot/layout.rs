@@ -1,0 +1,165 @@
+//! Redis key names: which hash slot an API key's state lives in.
+//!
+//! Every key of one API key — its state, rate log, live leases, holds, lease records — and the
+//! usage stream of its shard carry the same hash tag `{<ns>.<shard>}`, so each script touches a
+//! single slot and runs unchanged on Redis Cluster. The shard (16 of them) is the first hex
+//! digit of the key's SHA-256; the per-key name is the first 128 bits of that hash (the
+//! "state id"), which also prefixes every lease id so that a settlement finds the key's slot
+//! from the lease id alone.
+
+use base64::Engine as _;
+use rand::RngCore;
+
+/// Usage-stream shards. Fixed: changing it would strand events in streams nobody reads.
+pub const SHARDS: u8 = 16;
+const SID_LEN: usize = 32;
+const NONCE_BYTES: usize = 16;
+const NONCE_LEN: usize = 22;
+
+#[derive(Debug, Clone)]
+pub struct Layout {
+    ns: String,
+}
+
+/// The Redis keys of one API key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRedisKeys {
+    pub state: String,
+    pub rate: String,
+    pub live: String,
+    pub holds: String,
+    prefix: String,
+    sid: String,
+}
+
+impl KeyRedisKeys {
+    pub fn lease(&self, nonce: &str) -> String {
+        format!("{}l:{nonce}", self.prefix)
+    }
+    pub fn stream(&self) -> String {
+        format!("{}u", self.prefix)
+    }
+    pub fn lease_id(&self, nonce: &str) -> String {
+        format!("{}.{nonce}", self.sid)
+    }
+}
+
+/// A lease id taken apart: the key it belongs to and its nonce.
+#[derive(Debug, Clone)]
+pub struct LeaseRef {
+    pub keys: KeyRedisKeys,
+    pub nonce: String,
+    pub lease_id: String,
+}
+
+impl Layout {
+    pub fn new(ns: &str) -> Self {
+        Layout { ns: ns.to_string() }
+    }
+
+    pub fn namespace(&self) -> &str {
+        &self.ns
+    }
+
+    fn shard_prefix(&self, shard: u8) -> String {
+        format!("{ns}:{{{ns}.{shard:x}}}:", ns = self.ns)
+    }
+
+    /// Keys of the API key whose SHA-256 hex is `key_hash`.
+    pub fn for_hash(&self, key_hash: &str) -> KeyRedisKeys {
+        self.for_sid(&key_hash[..SID_LEN.min(key_hash.len())])
+    }
+
+    fn for_sid(&self, sid: &str) -> KeyRedisKeys {
+        let shard = sid
+            .chars()
+            .next()
+            .and_then(|c| c.to_digit(16))
+            .unwrap_or(0) as u8;
+        let prefix = self.shard_prefix(shard);
+        KeyRedisKeys {
+            state: format!("{prefix}k:{sid}"),
+            rate: format!("{prefix}r:{sid}"),
+            live: format!("{prefix}c:{sid}"),
+            holds: format!("{prefix}h:{sid}"),
+            sid: sid.to_string(),
+            prefix,
+        }
+    }
+
+    /// The usage stream of each shard.
+    pub fn streams(&self) -> Vec<String> {
+        (0..SHARDS)
+            .map(|s| format!("{}u", self.shard_prefix(s)))
+            .collect()
+    }
+
+    /// Parses a lease id; `None` for anything tollgate could not have issued.
+    pub fn lease(&self, lease_id: &str) -> Option<LeaseRef> {
+        let (sid, nonce) = lease_id.split_once('.')?;
+        let sid_ok = sid.len() == SID_LEN
+            && sid
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        let nonce_ok = nonce.len() == NONCE_LEN
+            && nonce
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !(sid_ok && nonce_ok) {
+            return None;
+        }
+        Some(LeaseRef {
+            keys: self.for_sid(sid),
+            nonce: nonce.to_string(),
+            lease_id: lease_id.to_string(),
+        })
+    }
+
+    /// Prefix of every key in this namespace (for SCAN-based cleanup in tests and tools).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.ns)
+    }
+}
+
+/// A fresh lease nonce: 128 random bits, URL-safe.
+pub fn new_nonce() -> String {
+    let mut bytes = [0u8; NONCE_BYTES];
+    rand::thread_rng().fill_bytes(&mut bytes);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_keys_of_a_key_share_one_hash_tag() {
+        let layout = Layout::new("tg");
+        let hash = "a3".repeat(32);
+        let k = layout.for_hash(&hash);
+        let tag = |s: &str| {
+            let open = s.find('{').unwrap();
+            let close = s[open..].find('}').unwrap() + open;
+            s[open + 1..close].to_string()
+        };
+        let nonce = new_nonce();
+        for name in [&k.state, &k.rate, &k.live, &k.holds, &k.lease(&nonce), &k.stream()] {
+            assert!(name.starts_with("tg:"), "{name}");
+            assert_eq!(tag(name), "tg.a");
+        }
+    }
+
+    #[test]
+    fn lease_ids_round_trip_and_garbage_is_refused() {
+        let layout = Layout::new("tg");
+        let k = layout.for_hash(&"0f".repeat(32));
+        let nonce = new_nonce();
+        let id = k.lease_id(&nonce);
+        let parsed = layout.lease(&id).unwrap();
+        assert_eq!(parsed.keys, k);
+        assert_eq!(parsed.nonce, nonce);
+        for bad in ["", "x.y", "not-a-lease", &format!("{}.short", "0".repeat(32)), &id.to_uppercase()] {
+            assert!(layout.lease(bad).is_none(), "{bad}");
+        }
+    }
+}

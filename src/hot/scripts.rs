@@ -1,0 +1,117 @@
+//! The Lua scripts in `lua/`, compiled into the binary, called by SHA.
+//!
+//! Every call is one `EVALSHA`. When Redis answers NOSCRIPT (a restart, a failover to a replica
+//! that never saw the script, `SCRIPT FLUSH`), the same call is sent once as `EVAL` with the
+//! source, which both answers it and caches the script on that node again: recovery costs one
+//! extra round trip, once per node, and needs no cluster-wide `SCRIPT LOAD` routing.
+
+use redis::{Cmd, ToRedisArgs, Value};
+
+use super::redis::{Redis, RedisFailure};
+
+#[derive(Debug)]
+pub struct Script {
+    pub name: &'static str,
+    source: &'static str,
+    sha: String,
+}
+
+impl Script {
+    fn new(name: &'static str, source: &'static str) -> Self {
+        let sha = redis::Script::new(source).get_hash().to_string();
+        Script { name, source, sha }
+    }
+
+    pub fn sha(&self) -> &str {
+        &self.sha
+    }
+
+    fn command(&self, verb: &str, body: &str, keys: &[&str], args: &[ScriptArg<'_>]) -> Cmd {
+        let mut cmd = redis::cmd(verb);
+        cmd.arg(body).arg(keys.len()).arg(keys);
+        for a in args {
+            a.write(&mut cmd);
+        }
+        cmd
+    }
+
+    /// Runs the script: `EVALSHA`, falling back to `EVAL` on NOSCRIPT.
+    pub async fn run(
+        &self,
+        redis: &Redis,
+        keys: &[&str],
+        args: &[ScriptArg<'_>],
+    ) -> Result<Value, RedisFailure> {
+        match redis
+            .query(&self.command("EVALSHA", &self.sha, keys, args))
+            .await
+        {
+            Err(RedisFailure::Command(code)) if code == "NOSCRIPT" => {
+                metrics::counter!("tollgate_script_reloads_total", "script" => self.name)
+                    .increment(1);
+                redis
+                    .query(&self.command("EVAL", self.source, keys, args))
+                    .await
+            }
+            other => other,
+        }
+    }
+}
+
+/// One script argument; numbers go as decimal text, which is what Lua's `tonumber` reads.
+#[derive(Debug, Clone, Copy)]
+pub enum ScriptArg<'a> {
+    Str(&'a str),
+    Int(i64),
+}
+
+impl ScriptArg<'_> {
+    fn write(&self, cmd: &mut Cmd) {
+        match self {
+            ScriptArg::Str(s) => {
+                cmd.arg(*s);
+            }
+            ScriptArg::Int(n) => {
+                cmd.arg(n.to_redis_args());
+            }
+        }
+    }
+}
+
+/// The scripts tollgate runs.
+#[derive(Debug)]
+pub struct Scripts {
+    pub admit: Script,
+    pub settle: Script,
+    pub release: Script,
+    pub hydrate: Script,
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Scripts {
+            admit: Script::new("admit", include_str!("../../lua/admit.lua")),
+            settle: Script::new("settle", include_str!("../../lua/settle.lua")),
+            release: Script::new("release", include_str!("../../lua/release.lua")),
+            hydrate: Script::new("hydrate", include_str!("../../lua/hydrate.lua")),
+        }
+    }
+}
+
+impl Scripts {
+    /// `SCRIPT LOAD`s every script so the first requests do not pay the NOSCRIPT detour.
+    /// Best effort: on a cluster, or while Redis is down, the fallback loads them later.
+    pub async fn preload(&self, redis: &Redis) {
+        if redis.is_cluster() {
+            return;
+        }
+        for s in [&self.admit, &self.settle, &self.release, &self.hydrate] {
+            let mut cmd = redis::cmd("SCRIPT");
+            cmd.arg("LOAD").arg(s.source);
+            if let Err(e) = redis.query(&cmd).await {
+                tracing::warn!(script = s.name, error = %e, "could not preload script");
+            }
+        }
+    }
+}
+

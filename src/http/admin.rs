@@ -1,0 +1,536 @@
+//! `/admin/*`: key lifecycle, balances, stats, expiry clean-up. Every write goes to Postgres
+//! first, then is pushed to Redis so the next admission on any replica sees it.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::json::{nullable, StrictJson};
+use super::AppState;
+use crate::keys;
+use crate::money::Money;
+use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
+use crate::sync::{reconcile, sweeper};
+use crate::store::{self, stats};
+
+/// Bearer-token check for every `/admin/*` call, in constant time.
+pub async fn require_token(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(expected) = &state.config.admin_token else {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admin_disabled",
+            "the admin API is disabled: TOLLGATE_ADMIN_TOKEN is not set",
+        )
+        .into_response();
+    };
+    let given = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
+        .unwrap_or("");
+    if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
+        next.run(req).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin bearer token",
+        )
+        .into_response()
+    }
+}
+
+/// The contract's `ApiKey` object.
+#[derive(Debug, Serialize)]
+pub struct ApiKey {
+    id: Uuid,
+    user_id: String,
+    name: String,
+    display: String,
+    allowed_providers: Option<Vec<String>>,
+    allowed_api_formats: Option<Vec<String>>,
+    allowed_models: Option<Vec<String>>,
+    rate_limit: Option<i32>,
+    concurrent_limit: Option<i32>,
+    expires_at: Option<DateTime<Utc>>,
+    is_standalone: bool,
+    current_balance_usd: Option<Money>,
+    balance_used_usd: Money,
+    remaining_balance_usd: Option<Money>,
+    auto_delete_on_expiry: Option<bool>,
+    is_active: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    last_used_at: Option<DateTime<Utc>>,
+}
+
+impl From<&KeyRow> for ApiKey {
+    fn from(r: &KeyRow) -> Self {
+        ApiKey {
+            id: r.id,
+            user_id: r.user_id.clone(),
+            name: r.name.clone(),
+            display: r.key_display.clone(),
+            allowed_providers: r.allowed_providers.clone(),
+            allowed_api_formats: r.allowed_api_formats.clone(),
+            allowed_models: r.allowed_models.clone(),
+            rate_limit: r.rate_limit,
+            concurrent_limit: r.concurrent_limit,
+            expires_at: r.expires_at,
+            is_standalone: r.is_standalone,
+            current_balance_usd: r
+                .current_balance_nanos
+                .filter(|_| r.is_standalone)
+                .map(Money::from_nanos),
+            balance_used_usd: Money::from_nanos(r.balance_used_nanos),
+            remaining_balance_usd: r.remaining_nanos().map(Money::from_nanos),
+            auto_delete_on_expiry: r.auto_delete_on_expiry,
+            is_active: r.is_active,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            last_used_at: r.last_used_at,
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::not_found("no such key"))
+}
+
+fn key_not_found() -> ApiError {
+    ApiError::not_found("no such key")
+}
+
+async fn push(state: &AppState, row: &KeyRow) {
+    reconcile::push(&state.gate.hot, &state.db, &state.metrics, row).await;
+}
+
+/// `[]` means unrestricted, stored as null; entries must be non-empty strings.
+fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
+    let Some(list) = v else { return Ok(None) };
+    if list.is_empty() {
+        return Ok(None);
+    }
+    if list.len() > 1000 {
+        return Err(ApiError::bad_request(format!("{field}: at most 1000 entries")));
+    }
+    for item in &list {
+        if item.is_empty() || item.len() > 256 || item.contains('\u{1f}') {
+            return Err(ApiError::bad_request(format!(
+                "{field}: entries must be 1-256 characters"
+            )));
+        }
+    }
+    Ok(Some(list))
+}
+
+fn limit(field: &str, v: Option<i64>) -> Result<Option<i32>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(n) if n >= 1 => i32::try_from(n)
+            .map(Some)
+            .map_err(|_| ApiError::bad_request(format!("{field}: too large"))),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "{field} must be at least 1, or null for unlimited"
+        ))),
+    }
+}
+
+fn name(v: &str) -> Result<String, ApiError> {
+    let v = v.trim();
+    if v.is_empty() || v.chars().count() > 255 {
+        return Err(ApiError::bad_request("name must be 1-255 characters"));
+    }
+    Ok(v.to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateBody {
+    user_id: String,
+    name: Option<String>,
+    allowed_providers: Option<Vec<String>>,
+    allowed_api_formats: Option<Vec<String>>,
+    allowed_models: Option<Vec<String>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rate_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    concurrent_limit: Option<Option<i64>>,
+    expire_days: Option<i64>,
+    initial_balance_usd: Option<Money>,
+    #[serde(default)]
+    is_standalone: bool,
+    #[serde(default, deserialize_with = "nullable")]
+    auto_delete_on_expiry: Option<Option<bool>>,
+}
+
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    StrictJson(b): StrictJson<CreateBody>,
+) -> Result<Response, ApiError> {
+    let Some(enc) = &state.config.encryption_key else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "encryption_unavailable",
+            "TOLLGATE_ENCRYPTION_KEY is not set: keys cannot be stored recoverably",
+        ));
+    };
+    let user_id = b.user_id.trim();
+    if user_id.is_empty() || user_id.chars().count() > 128 {
+        return Err(ApiError::bad_request("user_id must be 1-128 characters"));
+    }
+    let now = Utc::now();
+    let name = match b.name {
+        Some(n) => name(&n)?,
+        None => format!("API Key {}", now.format("%Y%m%d%H%M%S")),
+    };
+    let expires_at = match b.expire_days {
+        None => None,
+        Some(d) if (1..=36_500).contains(&d) => Some(now + Duration::days(d)),
+        Some(_) => return Err(ApiError::bad_request("expire_days must be 1-36500, or null")),
+    };
+    if b.initial_balance_usd.is_some() && !b.is_standalone {
+        return Err(ApiError::bad_request(
+            "initial_balance_usd is only for standalone keys (is_standalone: true)",
+        ));
+    }
+    let balance = match b.initial_balance_usd {
+        Some(m) if m.is_negative() => {
+            return Err(ApiError::bad_request("initial_balance_usd must not be negative"))
+        }
+        Some(m) if m.nanos() > MAX_BALANCE_NANOS => {
+            return Err(ApiError::bad_request("initial_balance_usd is too large"))
+        }
+        Some(m) => Some(m.nanos()),
+        None => None,
+    };
+    let id = Uuid::new_v4();
+    let key = keys::generate(&state.config.key_prefix);
+    let new = NewKey {
+        id,
+        user_id: user_id.to_string(),
+        name,
+        key_hash: keys::hash(key.expose()),
+        key_sealed: enc.seal(id, &key),
+        key_display: keys::display(key.expose()),
+        allowed_providers: allow_list("allowed_providers", b.allowed_providers)?,
+        allowed_api_formats: allow_list("allowed_api_formats", b.allowed_api_formats)?,
+        allowed_models: allow_list("allowed_models", b.allowed_models)?,
+        rate_limit: limit("rate_limit", b.rate_limit.unwrap_or(Some(100)))?,
+        concurrent_limit: limit("concurrent_limit", b.concurrent_limit.unwrap_or(Some(5)))?,
+        expires_at,
+        is_standalone: b.is_standalone,
+        current_balance_nanos: balance,
+        auto_delete_on_expiry: b.auto_delete_on_expiry.unwrap_or(Some(false)),
+    };
+    let row = store::keys::insert(&state.db, &new).await?;
+    push(&state, &row).await;
+    tracing::info!(key_id = %row.id, user_id = %row.user_id, standalone = row.is_standalone, "key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"key": key.expose(), "api_key": ApiKey::from(&row)})),
+    )
+        .into_response())
+}
+
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let row = store::keys::get(&state.db, parse_id(&id)?)
+        .await?
+        .ok_or_else(key_not_found)?;
+    Ok(Json(ApiKey::from(&row)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupBody {
+    key: String,
+}
+
+pub async fn lookup(
+    State(state): State<Arc<AppState>>,
+    StrictJson(b): StrictJson<LookupBody>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let row = store::keys::by_hash(&state.db, &keys::hash(b.key.trim()))
+        .await?
+        .ok_or_else(key_not_found)?;
+    Ok(Json(ApiKey::from(&row)))
+}
+
+pub async fn secret(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let row = store::keys::get(&state.db, parse_id(&id)?)
+        .await?
+        .ok_or_else(key_not_found)?;
+    let Some(enc) = &state.config.encryption_key else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "encryption_unavailable",
+            "TOLLGATE_ENCRYPTION_KEY is not set",
+        ));
+    };
+    let key = enc.open(row.id, &row.key_sealed).map_err(|e| {
+        tracing::error!(key_id = %row.id, error = %e, "sealed key does not open");
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "secret_unrecoverable",
+            "the stored copy of this key cannot be opened with the configured encryption key",
+        )
+    })?;
+    tracing::info!(key_id = %row.id, "key secret revealed to an admin");
+    Ok(Json(json!({"key": key.expose()})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ActiveFilter {
+    is_active: Option<String>,
+}
+
+fn active_filter(q: &ActiveFilter) -> Result<Option<bool>, ApiError> {
+    match q.is_active.as_deref() {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(ApiError::bad_request("is_active must be true or false")),
+    }
+}
+
+pub async fn list_user(
+    State(state): State<Arc<AppState>>,
+    Path(user_id): Path<String>,
+    Query(q): Query<ActiveFilter>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = store::keys::list_user(&state.db, &user_id, active_filter(&q)?).await?;
+    let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
+    Ok(Json(json!({ "keys": keys })))
+}
+
+pub async fn list_standalone(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ActiveFilter>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let rows = store::keys::list_standalone(&state.db, active_filter(&q)?).await?;
+    let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
+    Ok(Json(json!({ "keys": keys })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchBody {
+    name: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_providers: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_api_formats: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    allowed_models: Option<Option<Vec<String>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    rate_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    concurrent_limit: Option<Option<i64>>,
+    is_active: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    expires_at: Option<Option<DateTime<Utc>>>,
+    #[serde(default, deserialize_with = "nullable")]
+    auto_delete_on_expiry: Option<Option<bool>>,
+}
+
+pub async fn update(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    StrictJson(b): StrictJson<PatchBody>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let id = parse_id(&id)?;
+    let list = |field: &str, v: Option<Option<Vec<String>>>| {
+        v.map(|inner| allow_list(field, inner)).transpose()
+    };
+    let patch = KeyPatch {
+        name: b.name.as_deref().map(name).transpose()?,
+        allowed_providers: list("allowed_providers", b.allowed_providers)?,
+        allowed_api_formats: list("allowed_api_formats", b.allowed_api_formats)?,
+        allowed_models: list("allowed_models", b.allowed_models)?,
+        rate_limit: b.rate_limit.map(|v| limit("rate_limit", v)).transpose()?,
+        concurrent_limit: b
+            .concurrent_limit
+            .map(|v| limit("concurrent_limit", v))
+            .transpose()?,
+        is_active: b.is_active,
+        expires_at: b.expires_at,
+        auto_delete_on_expiry: b.auto_delete_on_expiry,
+    };
+    let row = store::keys::update(&state.db, id, patch)
+        .await?
+        .ok_or_else(key_not_found)?;
+    push(&state, &row).await;
+    Ok(Json(ApiKey::from(&row)))
+}
+
+pub async fn delete(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let patch = KeyPatch {
+        is_active: Some(false),
+        ..KeyPatch::default()
+    };
+    let row = store::keys::update(&state.db, parse_id(&id)?, patch)
+        .await?
+        .ok_or_else(key_not_found)?;
+    push(&state, &row).await;
+    tracing::info!(key_id = %row.id, "key disabled (soft delete)");
+    Ok(Json(ApiKey::from(&row)))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalanceBody {
+    amount_usd: Money,
+}
+
+pub async fn adjust_balance(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    StrictJson(b): StrictJson<BalanceBody>,
+) -> Result<Json<ApiKey>, ApiError> {
+    let id = parse_id(&id)?;
+    if b.amount_usd == Money::ZERO {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "zero_amount",
+            "amount_usd must not be zero",
+        ));
+    }
+    // What Redis has charged so far runs ahead of Postgres; a deduction is checked against it.
+    let used_now = if b.amount_usd.is_negative() {
+        let row = store::keys::get(&state.db, id)
+            .await?
+            .ok_or_else(key_not_found)?;
+        state
+            .gate
+            .hot
+            .used(&row.key_hash)
+            .await
+            .map_err(ApiError::from)?
+            .map(Money::nanos)
+    } else {
+        None
+    };
+    let row = store::keys::adjust_balance(&state.db, id, b.amount_usd.nanos(), used_now)
+        .await
+        .map_err(|e| match e {
+            BalanceError::NotFound => key_not_found(),
+            BalanceError::NotStandalone => ApiError::new(
+                StatusCode::CONFLICT,
+                "not_standalone",
+                "only standalone keys have a balance",
+            ),
+            BalanceError::Insufficient => ApiError::new(
+                StatusCode::CONFLICT,
+                "insufficient_balance",
+                "the deduction exceeds the remaining balance",
+            ),
+            BalanceError::TooLarge => {
+                ApiError::bad_request("the balance would exceed the supported maximum")
+            }
+            BalanceError::Store(e) => e.into(),
+        })?;
+    push(&state, &row).await;
+    tracing::info!(key_id = %row.id, amount = %b.amount_usd, "balance adjusted");
+    Ok(Json(ApiKey::from(&row)))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StatsQuery {
+    start: Option<String>,
+    end: Option<String>,
+}
+
+fn instant(field: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    v.map(|s| {
+        DateTime::parse_from_rfc3339(s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|_| ApiError::bad_request(format!("{field} must be an RFC 3339 timestamp")))
+    })
+    .transpose()
+}
+
+pub async fn key_stats(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    Query(q): Query<StatsQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let start = instant("start", q.start.as_deref())?;
+    let end = instant("end", q.end.as_deref())?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if s > e {
+            return Err(ApiError::bad_request("start is after end"));
+        }
+    }
+    let row = store::keys::get(&state.db, id)
+        .await?
+        .ok_or_else(key_not_found)?;
+    let s = stats::key_stats(&state.db, id, start, end).await?;
+    let avg = if s.total.response_time_count > 0 {
+        s.total.response_time_sum as f64 / s.total.response_time_count as f64
+    } else {
+        0.0
+    };
+    let daily: Vec<serde_json::Value> = s
+        .daily
+        .iter()
+        .map(|(day, t)| {
+            json!({
+                "date": day.format("%Y-%m-%d").to_string(),
+                "requests": t.requests,
+                "tokens": t.tokens,
+                "cost_usd": Money::from_nanos(t.cost_nanos),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
+        "key_id": row.id,
+        "key_name": row.name,
+        "total_requests": s.total.requests,
+        "total_tokens": s.total.tokens,
+        "total_cost_usd": Money::from_nanos(s.total.cost_nanos),
+        "avg_response_time_ms": avg,
+        "daily_stats": daily,
+    })))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CleanupBody {
+    auto_delete: Option<bool>,
+}
+
+pub async fn cleanup_expired(
+    State(state): State<Arc<AppState>>,
+    StrictJson(b): StrictJson<CleanupBody>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let default_delete = b.auto_delete.unwrap_or(state.config.auto_delete_expired);
+    let cleaned = sweeper::sweep(&state.gate.hot, &state.db, &state.metrics, default_delete).await?;
+    Ok(Json(json!({ "cleaned": cleaned })))
+}

@@ -1,0 +1,240 @@
+//! `/v1/admit`, `/v1/settle`, `/v1/release`: the gateway's JSON API.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::json::{parse, StrictJson};
+use super::AppState;
+use crate::decision::DenyCode;
+use crate::hot::admission::{AdmitArgs, ReleaseOutcome, SettleArgs, SettleOutcome};
+use crate::hot::gate::Decision;
+use crate::keys;
+use crate::money::Money;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmitBody {
+    key: Option<String>,
+    provider: Option<String>,
+    api_format: Option<String>,
+    model: Option<String>,
+    reserve_usd: Option<Money>,
+}
+
+/// The API key of a request: `Authorization: Bearer`, then `x-api-key`, then `api-key`.
+pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
+    let bearer = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let (scheme, rest) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+        });
+    bearer
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
+        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+}
+
+/// What an admission asks, whoever asked it (JSON API or a proxy subrequest).
+#[derive(Debug, Default)]
+pub struct AdmitQuery {
+    pub key: Option<String>,
+    pub provider: String,
+    pub api_format: String,
+    pub model: String,
+    pub reserve: Money,
+}
+
+/// Runs an admission: hashes the key and asks the gate. A missing key is decided here.
+pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
+    let Some(key) = q.key.as_deref() else {
+        state.metrics.admission(Some(DenyCode::KeyMissing));
+        return Decision::Denied {
+            code: DenyCode::KeyMissing,
+            retry_after_ms: 0,
+        };
+    };
+    let key_hash = keys::hash(key);
+    state
+        .gate
+        .admit(AdmitArgs {
+            key_hash: &key_hash,
+            provider: &q.provider,
+            api_format: &q.api_format,
+            model: &q.model,
+            reserve: q.reserve,
+        })
+        .await
+}
+
+/// `Retry-After` in whole seconds, rounded up.
+pub fn retry_after_header(retry_after_ms: u64) -> HeaderValue {
+    HeaderValue::from(retry_after_ms.div_ceil(1000).max(1))
+}
+
+/// The JSON body of a denial.
+pub fn denial_body(code: DenyCode, retry_after_ms: u64) -> serde_json::Value {
+    let mut body = json!({"allowed": false, "code": code.as_str(), "message": code.message()});
+    if retry_after_ms > 0 {
+        body["retry_after_ms"] = json!(retry_after_ms);
+    }
+    body
+}
+
+pub fn allowed_body(d: &crate::hot::admission::Grant) -> serde_json::Value {
+    json!({
+        "allowed": true,
+        "key_id": d.key_id,
+        "user_id": d.user_id,
+        "lease_id": d.lease_id,
+        "rate_limit": {"limit": d.rate_limit, "remaining": d.rate_remaining, "reset_ms": d.reset_ms},
+        "concurrency": {"limit": d.concurrent_limit, "in_flight": d.in_flight},
+        "balance_remaining_usd": d.balance_available,
+    })
+}
+
+pub async fn admit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let body: AdmitBody = match parse(&body) {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    let reserve = body.reserve_usd.unwrap_or_default();
+    if reserve.is_negative() {
+        return ApiError::bad_request("reserve_usd must not be negative").into_response();
+    }
+    let q = AdmitQuery {
+        key: body
+            .key
+            .filter(|k| !k.trim().is_empty())
+            .or_else(|| key_from_headers(&headers).map(str::to_string)),
+        provider: body.provider.unwrap_or_default(),
+        api_format: body.api_format.unwrap_or_default(),
+        model: body.model.unwrap_or_default(),
+        reserve,
+    };
+    match decide(&state, &q).await {
+        Decision::Allowed { grant, .. } => (StatusCode::OK, Json(allowed_body(&grant))).into_response(),
+        Decision::Denied {
+            code,
+            retry_after_ms,
+        } => {
+            let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::FORBIDDEN);
+            let mut res = (status, Json(denial_body(code, retry_after_ms))).into_response();
+            if retry_after_ms > 0 {
+                res.headers_mut()
+                    .insert("retry-after", retry_after_header(retry_after_ms));
+            }
+            res
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SettleBody {
+    lease_id: String,
+    cost_usd: Money,
+    input_tokens: Option<u64>,
+    output_tokens: Option<u64>,
+    total_tokens: Option<u64>,
+    response_time_ms: Option<u64>,
+    status_code: Option<u16>,
+    provider: Option<String>,
+    api_format: Option<String>,
+    model: Option<String>,
+}
+
+fn lease_unknown() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "lease_unknown",
+        "no such lease was issued",
+    )
+}
+
+pub async fn settle(
+    State(state): State<Arc<AppState>>,
+    StrictJson(b): StrictJson<SettleBody>,
+) -> Result<Response, ApiError> {
+    if b.cost_usd.is_negative() {
+        return Err(ApiError::bad_request("cost_usd must not be negative"));
+    }
+    let outcome = state
+        .gate
+        .hot
+        .settle(&SettleArgs {
+            lease_id: &b.lease_id,
+            cost: b.cost_usd,
+            input_tokens: b.input_tokens.unwrap_or(0),
+            output_tokens: b.output_tokens.unwrap_or(0),
+            total_tokens: b.total_tokens,
+            response_time_ms: b.response_time_ms,
+            status_code: b.status_code,
+            provider: b.provider.as_deref(),
+            api_format: b.api_format.as_deref(),
+            model: b.model.as_deref(),
+        })
+        .await
+        .inspect_err(|e| state.metrics.redis_error(e.kind()))?;
+    let m = &state.metrics;
+    let (duplicate, expired, available) = match outcome {
+        SettleOutcome::Unknown => {
+            m.settle_lease_unknown.increment(1);
+            return Err(lease_unknown());
+        }
+        SettleOutcome::Duplicate { available } => {
+            m.settle_duplicate.increment(1);
+            (true, false, available)
+        }
+        SettleOutcome::Settled {
+            lease_expired,
+            available,
+        } => {
+            if lease_expired {
+                m.settle_lease_expired.increment(1);
+            } else {
+                m.settled.increment(1);
+            }
+            (false, lease_expired, available)
+        }
+    };
+    Ok(Json(json!({
+        "settled": true,
+        "duplicate": duplicate,
+        "lease_expired": expired,
+        "balance_remaining_usd": available,
+    }))
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseBody {
+    lease_id: String,
+}
+
+pub async fn release(
+    State(state): State<Arc<AppState>>,
+    StrictJson(b): StrictJson<ReleaseBody>,
+) -> Result<Response, ApiError> {
+    match state
+        .gate
+        .hot
+        .release(&b.lease_id)
+        .await
+        .inspect_err(|e| state.metrics.redis_error(e.kind()))?
+    {
+        ReleaseOutcome::Released => Ok(Json(json!({"released": true})).into_response()),
+        ReleaseOutcome::Unknown => Err(lease_unknown()),
+    }
+}

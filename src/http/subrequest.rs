@@ -1,0 +1,187 @@
+//! Reverse-proxy auth subrequests: `/auth` (Traefik, Caddy, generic), `/auth/nginx`
+//! (`auth_request`), `/auth/envoy/<path>` (Envoy `ext_authz`).
+//!
+//! The key comes from `Authorization: Bearer`, `x-api-key` or `api-key`. Provider, API format
+//! and model come from `X-Tollgate-*` headers, else from the original path through the
+//! [`Inference`] table, and the model also from a forwarded JSON body.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+
+use super::data_plane::{
+    allowed_body, decide, denial_body, key_from_headers, retry_after_header, AdmitQuery,
+};
+use super::AppState;
+use crate::decision::DenyCode;
+use crate::hot::admission::Grant;
+use crate::hot::gate::Decision;
+use crate::inference::Inferred;
+use crate::money::Money;
+
+/// How a proxy wants denials shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    /// Real status, JSON body, `Retry-After`.
+    Plain,
+    /// nginx passes only 2xx/401/403 from a subrequest: 401 for key problems, 403 otherwise,
+    /// the real status in `X-Tollgate-Status`.
+    Nginx,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+#[derive(Deserialize)]
+struct ModelOnly {
+    model: Option<serde_json::Value>,
+}
+
+fn model_from_body(headers: &HeaderMap, body: &[u8]) -> Option<String> {
+    if body.is_empty() {
+        return None;
+    }
+    let is_json = header(headers, "content-type")
+        .map(|c| c.to_ascii_lowercase().contains("json"))
+        .unwrap_or(true);
+    if !is_json {
+        return None;
+    }
+    match serde_json::from_slice::<ModelOnly>(body).ok()?.model? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s),
+        _ => None,
+    }
+}
+
+fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8]) -> AdmitQuery {
+    let original = header(headers, "x-original-uri")
+        .or_else(|| header(headers, "x-forwarded-uri"))
+        .or(path);
+    let inferred = original
+        .map(|p| state.inference.infer(p))
+        .unwrap_or_default();
+    let Inferred {
+        provider,
+        api_format,
+        model,
+    } = inferred;
+    let pick = |h: &str, v: Option<String>| header(headers, h).map(str::to_string).or(v);
+    AdmitQuery {
+        key: key_from_headers(headers).map(str::to_string),
+        provider: pick("x-tollgate-provider", provider).unwrap_or_default(),
+        api_format: pick("x-tollgate-api-format", api_format).unwrap_or_default(),
+        model: pick(
+            "x-tollgate-model",
+            model.or_else(|| model_from_body(headers, body)),
+        )
+        .unwrap_or_default(),
+        reserve: header(headers, "x-tollgate-reserve-usd")
+            .and_then(|v| Money::parse(v).ok())
+            .filter(|m| !m.is_negative())
+            .unwrap_or_default(),
+    }
+}
+
+/// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields).
+fn rate_headers(g: &Grant, window_secs: u64) -> Option<(HeaderValue, HeaderValue)> {
+    let limit = g.rate_limit?;
+    let policy = format!("\"default\";q={limit};w={window_secs}");
+    let now = format!(
+        "\"default\";r={};t={}",
+        g.rate_remaining.unwrap_or(0),
+        g.reset_ms.div_ceil(1000)
+    );
+    Some((
+        HeaderValue::from_str(&policy).ok()?,
+        HeaderValue::from_str(&now).ok()?,
+    ))
+}
+
+fn set(res: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        res.headers_mut().insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
+    match decision {
+        Decision::Allowed { grant, .. } => {
+            let mut res = (StatusCode::OK, Json(allowed_body(&grant))).into_response();
+            set(&mut res, "x-tollgate-key-id", &grant.key_id);
+            set(&mut res, "x-tollgate-user-id", &grant.user_id);
+            set(&mut res, "x-tollgate-lease-id", &grant.lease_id);
+            if let Some((policy, now)) = rate_headers(&grant, state.config.rate_window.as_secs()) {
+                res.headers_mut().insert("ratelimit-policy", policy);
+                res.headers_mut().insert("ratelimit", now);
+            }
+            res
+        }
+        Decision::Denied {
+            code,
+            retry_after_ms,
+        } => {
+            let real = code.status();
+            let status = match flavor {
+                Flavor::Plain => real,
+                Flavor::Nginx if real == 401 => 401,
+                Flavor::Nginx => 403,
+            };
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+            let mut res = (status, Json(denial_body(code, retry_after_ms))).into_response();
+            if retry_after_ms > 0 {
+                res.headers_mut()
+                    .insert("retry-after", retry_after_header(retry_after_ms));
+                if code == DenyCode::RateLimited {
+                    set(
+                        &mut res,
+                        "ratelimit",
+                        &format!("\"default\";r=0;t={}", retry_after_ms.div_ceil(1000)),
+                    );
+                }
+            }
+            if flavor == Flavor::Nginx {
+                set(&mut res, "x-tollgate-status", &real.to_string());
+                set(&mut res, "x-tollgate-code", code.as_str());
+            }
+            res
+        }
+    }
+}
+
+pub async fn auth(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    let q = query(&state, &headers, None, &body);
+    let d = decide(&state, &q).await;
+    answer(&state, d, Flavor::Plain)
+}
+
+pub async fn auth_nginx(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let q = query(&state, &headers, None, &body);
+    let d = decide(&state, &q).await;
+    answer(&state, d, Flavor::Nginx)
+}
+
+pub async fn auth_envoy(
+    State(state): State<Arc<AppState>>,
+    path: Option<Path<String>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let original = path.map(|Path(p)| format!("/{p}"));
+    let q = query(&state, &headers, original.as_deref(), &body);
+    let d = decide(&state, &q).await;
+    answer(&state, d, Flavor::Plain)
+}

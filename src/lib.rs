@@ -1,0 +1,28 @@
+//! tollgate: an admission sidecar for API and LLM gateways.
+//!
+//! Before a gateway forwards a request upstream it asks tollgate whether this API key may make
+//! this call now; tollgate answers from Redis in one atomic script. After the call the gateway
+//! settles the lease with the real cost; the charge and its usage event are written by one
+//! script, and a syncer moves the events into Postgres, the durable home of keys and usage.
+//!
+//! Module map (see `docs/ARCHITECTURE.md` for the data flow):
+//!
+//! - [`config`]: every setting, flag and `TOLLGATE_*` variable, validated in one place
+//! - [`app`]: wiring of pools, scripts, background tasks and both listeners
+//! - [`http`]: where HTTP ends — routers, handlers, the one error-to-response mapping
+//! - [`hot`]: where a decision is made — Redis key layout, Lua scripts, the gate
+//! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
+//! - [`sync`]: where usage goes to Postgres, and key state back to Redis
+//! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
+
+pub mod app;
+pub mod config;
+pub mod decision;
+pub mod hot;
+pub mod http;
+pub mod inference;
+pub mod keys;
+pub mod metrics;
+pub mod money;
+pub mod store;
+pub mod sync;

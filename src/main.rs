@@ -1,0 +1,55 @@
+//! The `tollgate` binary: parse settings, start logging, hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tollgate::app::{self, App};
+use tollgate::config::{Cli, Command, Config, LogFormat};
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("tollgate: {message}");
+    ExitCode::FAILURE
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (raw, serve) = match &cli.command {
+        Command::Serve(raw) => (raw, true),
+        Command::Migrate(raw) => (raw, false),
+    };
+    let config = match Config::from_raw(raw) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    init_logging(config.log_format);
+    if !serve {
+        return match app::migrate(&config).await {
+            Ok(()) => {
+                tracing::info!("migrations applied");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        };
+    }
+    let app = match App::build(config).await {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    match app.run(app::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}

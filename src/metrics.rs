@@ -1,0 +1,123 @@
+//! Every Prometheus series tollgate exports, registered in one place.
+//!
+//! Handles are created once at start-up, so the hot path never hashes a label set; labels are
+//! closed enums (decision codes, results, error kinds), never a key or user id.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::decision::DenyCode;
+
+pub const ADMISSIONS: &str = "tollgate_admissions_total";
+pub const ADMISSION_DURATION: &str = "tollgate_admission_duration_seconds";
+pub const SETTLEMENTS: &str = "tollgate_settlements_total";
+pub const SYNC_LAG: &str = "tollgate_usage_sync_lag_seconds";
+pub const EVENTS_PENDING: &str = "tollgate_usage_events_pending";
+pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
+pub const FAIL_OPEN: &str = "tollgate_fail_open_admissions_total";
+pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
+pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
+
+/// Buckets for sub-millisecond admissions, up to the Redis timeout range.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+/// Installs the process-wide recorder once; later calls return the same handle (tests start
+/// many servers in one process).
+pub fn install() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(ADMISSION_DURATION.into()), LATENCY_BUCKETS)
+                .unwrap_or_else(|_| PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Fails only when another recorder is installed already; then ours just renders
+            // nothing, which the metrics test would catch.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Pre-registered handles.
+#[derive(Clone)]
+pub struct Metrics {
+    allowed: Counter,
+    denied: [Counter; DenyCode::ALL.len()],
+    pub admission_duration: Histogram,
+    pub settled: Counter,
+    pub settle_duplicate: Counter,
+    pub settle_lease_expired: Counter,
+    pub settle_lease_unknown: Counter,
+    pub fail_open: Counter,
+    pub sync_lag: Gauge,
+    pub events_pending: Gauge,
+    pub events_synced: Counter,
+    pub key_lookup_found: Counter,
+    pub key_lookup_unknown: Counter,
+    pub key_lookup_throttled: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let m = Metrics {
+            allowed: metrics::counter!(ADMISSIONS, "decision" => "allowed"),
+            denied: DenyCode::ALL.map(|c| metrics::counter!(ADMISSIONS, "decision" => c.as_str())),
+            admission_duration: metrics::histogram!(ADMISSION_DURATION),
+            settled: metrics::counter!(SETTLEMENTS, "result" => "settled"),
+            settle_duplicate: metrics::counter!(SETTLEMENTS, "result" => "duplicate"),
+            settle_lease_expired: metrics::counter!(SETTLEMENTS, "result" => "lease_expired"),
+            settle_lease_unknown: metrics::counter!(SETTLEMENTS, "result" => "lease_unknown"),
+            fail_open: metrics::counter!(FAIL_OPEN),
+            sync_lag: metrics::gauge!(SYNC_LAG),
+            events_pending: metrics::gauge!(EVENTS_PENDING),
+            events_synced: metrics::counter!(EVENTS_SYNCED),
+            key_lookup_found: metrics::counter!(KEY_LOOKUPS, "result" => "found"),
+            key_lookup_unknown: metrics::counter!(KEY_LOOKUPS, "result" => "unknown"),
+            key_lookup_throttled: metrics::counter!(KEY_LOOKUPS, "result" => "throttled"),
+        };
+        // Make every series visible from the first scrape, at zero.
+        m.allowed.increment(0);
+        m.denied.iter().for_each(|c| c.increment(0));
+        for c in [
+            &m.settled,
+            &m.settle_duplicate,
+            &m.settle_lease_expired,
+            &m.settle_lease_unknown,
+            &m.fail_open,
+            &m.events_synced,
+        ] {
+            c.increment(0);
+        }
+        for kind in ["timeout", "connection", "command"] {
+            metrics::counter!(REDIS_ERRORS, "kind" => kind).increment(0);
+        }
+        m
+    }
+
+    pub fn admission(&self, decision: Option<DenyCode>) {
+        match decision {
+            None => self.allowed.increment(1),
+            Some(code) => {
+                if let Some(i) = DenyCode::ALL.iter().position(|c| *c == code) {
+                    self.denied[i].increment(1);
+                }
+            }
+        }
+    }
+
+    pub fn redis_error(&self, kind: &'static str) {
+        metrics::counter!(REDIS_ERRORS, "kind" => kind).increment(1);
+    }
+}

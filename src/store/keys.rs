@@ -1,0 +1,343 @@
+//! API keys in Postgres: create, read, admin writes, balance adjustments, expiry.
+//!
+//! Every admin write increments `version`; the caller then pushes the row to Redis and marks
+//! it pushed. If tollgate dies in between, `sync::reconcile` finds `pushed_version < version`
+//! and pushes it again, so Redis never keeps a stale configuration or balance for long.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::StoreError;
+
+const COLUMNS: &str = "id, user_id, name, key_hash, key_sealed, key_display, allowed_providers, \
+     allowed_api_formats, allowed_models, rate_limit, concurrent_limit, expires_at, is_standalone, \
+     current_balance_nanos, balance_used_nanos, auto_delete_on_expiry, is_active, version, \
+     created_at, updated_at, last_used_at";
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct KeyRow {
+    pub id: Uuid,
+    pub user_id: String,
+    pub name: String,
+    pub key_hash: String,
+    pub key_sealed: Vec<u8>,
+    pub key_display: String,
+    pub allowed_providers: Option<Vec<String>>,
+    pub allowed_api_formats: Option<Vec<String>>,
+    pub allowed_models: Option<Vec<String>>,
+    pub rate_limit: Option<i32>,
+    pub concurrent_limit: Option<i32>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub is_standalone: bool,
+    pub current_balance_nanos: Option<i64>,
+    pub balance_used_nanos: i64,
+    pub auto_delete_on_expiry: Option<bool>,
+    pub is_active: bool,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+impl KeyRow {
+    /// `max(0, balance − used)` for standalone keys with a balance; `None` otherwise.
+    pub fn remaining_nanos(&self) -> Option<i64> {
+        if !self.is_standalone {
+            return None;
+        }
+        self.current_balance_nanos
+            .map(|b| (b.saturating_sub(self.balance_used_nanos)).max(0))
+    }
+}
+
+/// A key about to be created.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    pub id: Uuid,
+    pub user_id: String,
+    pub name: String,
+    pub key_hash: String,
+    pub key_sealed: Vec<u8>,
+    pub key_display: String,
+    pub allowed_providers: Option<Vec<String>>,
+    pub allowed_api_formats: Option<Vec<String>>,
+    pub allowed_models: Option<Vec<String>>,
+    pub rate_limit: Option<i32>,
+    pub concurrent_limit: Option<i32>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub is_standalone: bool,
+    pub current_balance_nanos: Option<i64>,
+    pub auto_delete_on_expiry: Option<bool>,
+}
+
+/// A PATCH: outer `None` = leave unchanged, `Some(None)` = clear.
+#[derive(Debug, Clone, Default)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub allowed_providers: Option<Option<Vec<String>>>,
+    pub allowed_api_formats: Option<Option<Vec<String>>>,
+    pub allowed_models: Option<Option<Vec<String>>>,
+    pub rate_limit: Option<Option<i32>>,
+    pub concurrent_limit: Option<Option<i32>>,
+    pub is_active: Option<bool>,
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub auto_delete_on_expiry: Option<Option<bool>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BalanceError {
+    #[error("no such key")]
+    NotFound,
+    #[error("key is not standalone")]
+    NotStandalone,
+    #[error("deduction exceeds the remaining balance")]
+    Insufficient,
+    #[error("balance would exceed the supported maximum")]
+    TooLarge,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The largest balance a key may hold, in nano-USD: admit.lua compares balances as Lua
+/// numbers (doubles), which are exact integers up to 2^53.
+pub const MAX_BALANCE_NANOS: i64 = (1 << 53) - 1;
+
+pub async fn insert(pool: &PgPool, k: &NewKey) -> Result<KeyRow, StoreError> {
+    let sql = format!(
+        "INSERT INTO api_keys (id, user_id, name, key_hash, key_sealed, key_display, \
+         allowed_providers, allowed_api_formats, allowed_models, rate_limit, concurrent_limit, \
+         expires_at, is_standalone, current_balance_nanos, auto_delete_on_expiry) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15) RETURNING {COLUMNS}"
+    );
+    Ok(sqlx::query_as::<_, KeyRow>(&sql)
+        .bind(k.id)
+        .bind(&k.user_id)
+        .bind(&k.name)
+        .bind(&k.key_hash)
+        .bind(&k.key_sealed)
+        .bind(&k.key_display)
+        .bind(&k.allowed_providers)
+        .bind(&k.allowed_api_formats)
+        .bind(&k.allowed_models)
+        .bind(k.rate_limit)
+        .bind(k.concurrent_limit)
+        .bind(k.expires_at)
+        .bind(k.is_standalone)
+        .bind(k.current_balance_nanos)
+        .bind(k.auto_delete_on_expiry)
+        .fetch_one(pool)
+        .await?)
+}
+
+pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1");
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?)
+}
+
+pub async fn by_hash(pool: &PgPool, key_hash: &str) -> Result<Option<KeyRow>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1");
+    Ok(sqlx::query_as(&sql)
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await?)
+}
+
+/// A user's keys, standalone keys excluded, newest first.
+pub async fn list_user(
+    pool: &PgPool,
+    user_id: &str,
+    active: Option<bool>,
+) -> Result<Vec<KeyRow>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE user_id = $1 AND NOT is_standalone \
+         AND ($2::boolean IS NULL OR is_active = $2) ORDER BY created_at DESC, id"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(user_id)
+        .bind(active)
+        .fetch_all(pool)
+        .await?)
+}
+
+/// All standalone keys, newest first.
+pub async fn list_standalone(
+    pool: &PgPool,
+    active: Option<bool>,
+) -> Result<Vec<KeyRow>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE is_standalone \
+         AND ($1::boolean IS NULL OR is_active = $1) ORDER BY created_at DESC, id"
+    );
+    Ok(sqlx::query_as(&sql).bind(active).fetch_all(pool).await?)
+}
+
+async fn lock(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE");
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(&mut **tx).await?)
+}
+
+async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<KeyRow, StoreError> {
+    let sql = format!(
+        "UPDATE api_keys SET name = $2, allowed_providers = $3, allowed_api_formats = $4, \
+         allowed_models = $5, rate_limit = $6, concurrent_limit = $7, is_active = $8, \
+         expires_at = $9, auto_delete_on_expiry = $10, current_balance_nanos = $11, \
+         version = version + 1, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(r.id)
+        .bind(&r.name)
+        .bind(&r.allowed_providers)
+        .bind(&r.allowed_api_formats)
+        .bind(&r.allowed_models)
+        .bind(r.rate_limit)
+        .bind(r.concurrent_limit)
+        .bind(r.is_active)
+        .bind(r.expires_at)
+        .bind(r.auto_delete_on_expiry)
+        .bind(r.current_balance_nanos)
+        .fetch_one(&mut **tx)
+        .await?)
+}
+
+/// Applies a PATCH under a row lock; `None` when the key does not exist.
+pub async fn update(pool: &PgPool, id: Uuid, p: KeyPatch) -> Result<Option<KeyRow>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let Some(mut r) = lock(&mut tx, id).await? else {
+        return Ok(None);
+    };
+    if let Some(v) = p.name {
+        r.name = v;
+    }
+    if let Some(v) = p.allowed_providers {
+        r.allowed_providers = v;
+    }
+    if let Some(v) = p.allowed_api_formats {
+        r.allowed_api_formats = v;
+    }
+    if let Some(v) = p.allowed_models {
+        r.allowed_models = v;
+    }
+    if let Some(v) = p.rate_limit {
+        r.rate_limit = v;
+    }
+    if let Some(v) = p.concurrent_limit {
+        r.concurrent_limit = v;
+    }
+    if let Some(v) = p.is_active {
+        r.is_active = v;
+    }
+    if let Some(v) = p.expires_at {
+        r.expires_at = v;
+    }
+    if let Some(v) = p.auto_delete_on_expiry {
+        r.auto_delete_on_expiry = v;
+    }
+    let row = write_back(&mut tx, &r).await?;
+    tx.commit().await?;
+    Ok(Some(row))
+}
+
+/// Adjusts a standalone key's balance and writes the ledger row, atomically.
+///
+/// `used_now` is what Redis says the key has spent (it runs ahead of Postgres by the sync lag);
+/// a deduction is checked against the larger of the two, so it cannot take the balance below
+/// what has really been spent.
+pub async fn adjust_balance(
+    pool: &PgPool,
+    id: Uuid,
+    amount_nanos: i64,
+    used_now: Option<i64>,
+) -> Result<KeyRow, BalanceError> {
+    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let Some(mut r) = lock(&mut tx, id).await? else {
+        return Err(BalanceError::NotFound);
+    };
+    if !r.is_standalone {
+        return Err(BalanceError::NotStandalone);
+    }
+    let current = r.current_balance_nanos;
+    let new_balance = if amount_nanos > 0 {
+        current
+            .unwrap_or(0)
+            .checked_add(amount_nanos)
+            .filter(|b| *b <= MAX_BALANCE_NANOS)
+            .ok_or(BalanceError::TooLarge)?
+    } else {
+        let used = r.balance_used_nanos.max(used_now.unwrap_or(0));
+        let remaining = current.unwrap_or(0).saturating_sub(used).max(0);
+        if amount_nanos.unsigned_abs() > remaining.unsigned_abs() {
+            return Err(BalanceError::Insufficient);
+        }
+        (current.unwrap_or(0) + amount_nanos).max(0)
+    };
+    r.current_balance_nanos = Some(new_balance);
+    let row = write_back(&mut tx, &r).await?;
+    sqlx::query(
+        "INSERT INTO balance_ledger (key_id, amount_nanos, balance_after_nanos) VALUES ($1, $2, $3)",
+    )
+    .bind(id)
+    .bind(amount_nanos)
+    .bind(new_balance)
+    .execute(&mut *tx)
+    .await
+    .map_err(StoreError::from)?;
+    tx.commit().await.map_err(StoreError::from)?;
+    Ok(row)
+}
+
+/// Records that Redis holds `version` of this key (never moves backwards).
+pub async fn mark_pushed(pool: &PgPool, id: Uuid, version: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE api_keys SET pushed_version = GREATEST(pushed_version, $2) WHERE id = $1")
+        .bind(id)
+        .bind(version)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Keys whose latest write Redis has not acknowledged.
+pub async fn unpushed(pool: &PgPool, limit: i64) -> Result<Vec<KeyRow>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE pushed_version < version \
+         AND updated_at < now() - interval '2 seconds' LIMIT $1"
+    );
+    Ok(sqlx::query_as(&sql).bind(limit).fetch_all(pool).await?)
+}
+
+/// What happened to one expired key.
+#[derive(Debug, Clone)]
+pub enum Expired {
+    Deleted(KeyRow),
+    Disabled(KeyRow),
+}
+
+/// Active keys with `expires_at <= now`: physically deleted when their own
+/// `auto_delete_on_expiry` (else `default_delete`) says so, else disabled. Usage rows stay.
+pub async fn cleanup_expired(
+    pool: &PgPool,
+    default_delete: bool,
+) -> Result<Vec<Expired>, StoreError> {
+    let mut tx = pool.begin().await?;
+    let deleted: Vec<KeyRow> = sqlx::query_as(&format!(
+        "DELETE FROM api_keys WHERE is_active AND expires_at <= now() \
+         AND COALESCE(auto_delete_on_expiry, $1) RETURNING {COLUMNS}"
+    ))
+    .bind(default_delete)
+    .fetch_all(&mut *tx)
+    .await?;
+    let disabled: Vec<KeyRow> = sqlx::query_as(&format!(
+        "UPDATE api_keys SET is_active = FALSE, version = version + 1, updated_at = now() \
+         WHERE is_active AND expires_at <= now() AND NOT COALESCE(auto_delete_on_expiry, $1) \
+         RETURNING {COLUMNS}"
+    ))
+    .bind(default_delete)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(deleted
+        .into_iter()
+        .map(Expired::Deleted)
+        .chain(disabled.into_iter().map(Expired::Disabled))
+        .collect())
+}

@@ -1,0 +1,75 @@
+//! Postgres through sqlx: the durable home of keys, usage, balances and statistics. Never on
+//! the hot path — admission reads it only on a Redis miss.
+//!
+//! - [`keys`]: API keys, admin writes, the balance ledger, expiry
+//! - [`usage`]: batched, idempotent insertion of usage events (used by `sync`)
+//! - [`stats`]: per-key statistics from the daily roll-up plus the raw rows at range edges
+
+pub mod keys;
+pub mod stats;
+pub mod usage;
+
+use std::time::Duration;
+
+use sqlx::migrate::MigrateDatabase;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error")]
+    Query(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_) => StoreError::Unavailable(e),
+            other => StoreError::Query(other),
+        }
+    }
+}
+
+/// Opens the pool, creating the database first when it does not exist (so the default URL
+/// works on a fresh machine). Connections are made lazily: a replica starts, and keeps
+/// admitting from Redis, while Postgres is down.
+pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = url.parse().map_err(StoreError::Query)?;
+    Ok(PgPoolOptions::new()
+        .max_connections(16)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(2))
+        .idle_timeout(Duration::from_secs(300))
+        .connect_lazy_with(options))
+}
+
+/// Creates the database if needed. Several replicas may race here: losing the race is fine.
+pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
+    if Postgres::database_exists(url).await? {
+        return Ok(());
+    }
+    match Postgres::create_database(url).await {
+        Ok(()) => Ok(()),
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => Ok(()),
+        // A concurrent CREATE DATABASE can also collide on the catalog's unique index.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("23505") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Applies pending migrations. sqlx holds a Postgres advisory lock meanwhile, so replicas
+/// starting together apply each migration once.
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
