@@ -10,6 +10,12 @@
 
 #![allow(dead_code)]
 
+pub mod hot_suite;
+pub mod private_pg;
+pub mod private_redis;
+pub mod process;
+pub mod proxies;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
