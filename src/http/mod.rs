@@ -3,7 +3,7 @@
 //!
 //! - [`data_plane`]: `/v1/admit`, `/v1/settle`, `/v1/release`
 //! - [`subrequest`]: `/auth`, `/auth/nginx`, `/auth/envoy/*` for reverse proxies
-//! - [`admin`]: `/admin/*`
+//! - [`admin`]: the `/admin/*` routes
 //! - [`health`]: `/healthz`, `/readyz`
 //! - [`error`]: the one place errors become responses; [`json`]: strict request bodies
 
