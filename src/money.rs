@@ -71,6 +71,10 @@ impl Money {
         // All digits as one integer, with the decimal point `scale` places from the right.
         let digits: String = format!("{int_part}{frac_part}");
         let digits = digits.trim_start_matches('0');
+        if digits.is_empty() {
+            // Zero at any exponent; returning here also keeps `0e2147483647` from looping.
+            return Ok(Money::ZERO);
+        }
         let scale = frac_part.len() as i64 - i64::from(exponent);
         // value = digits * 10^(9 - scale) nanos
         let shift = 9 - scale;
@@ -154,9 +158,20 @@ mod tests {
         assert_eq!(Money::parse("1e-9").unwrap().nanos(), 1);
         assert_eq!(Money::parse("1.5E2").unwrap().nanos(), 150_000_000_000);
         assert_eq!(Money::parse("0.000000001").unwrap().nanos(), 1);
-        assert_eq!(Money::parse("9000000000.000000001").unwrap().nanos(), 9_000_000_000_000_000_001);
+        assert_eq!(
+            Money::parse("9000000000.000000001").unwrap().nanos(),
+            9_000_000_000_000_000_001
+        );
         assert_eq!(Money::parse("0").unwrap(), Money::ZERO);
         assert_eq!(Money::parse("0.10000000000").unwrap().nanos(), 100_000_000);
+        assert_eq!(Money::parse("0e2147483647").unwrap(), Money::ZERO);
+        assert_eq!(Money::parse("-0.0e-2147483647").unwrap().nanos(), 0);
+    }
+
+    #[test]
+    fn huge_exponents_are_refused() {
+        assert_eq!(Money::parse("1e2147483647"), Err(MoneyError::Range));
+        assert_eq!(Money::parse("1e-2147483647"), Err(MoneyError::TooPrecise));
     }
 
     #[test]
