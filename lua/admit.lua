@@ -25,13 +25,21 @@
 --   {'deny', code, retry_after_ms}
 --   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
 --          in_flight, balance_available}              (-1 = unlimited / no balance)
--- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact.
+-- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact. They are printed
+-- with '%.0f', never tostring(), which keeps only 14 digits (a balance of 100,000 USD is 1e14
+-- nano-USD) and would hand the caller an unparsable '1e+14'.
+--
+-- Invariant: state.held is the sum of `holds`, and `holds` has an entry only for a lease in
+-- `live`. `live` and `holds` are given the same expiry on every grant (the latest lease's), so
+-- on a key left idle past its leases' TTL both vanish together, and a missing `live` means no
+-- lease is live and nothing can be held.
 
 local state, rate, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local nonce = ARGV[4]
 local reserve = tonumber(ARGV[8])
+local function int(n) return string.format('%.0f', n) end
 
 local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
   'rl', 'cl', 'bal', 'used', 'held', 'user')
@@ -47,9 +55,10 @@ if s[3] ~= '1' then return {'deny', 'key_disabled', '0'} end
 if s[4] ~= '' and now >= tonumber(s[4]) then return {'deny', 'key_expired', '0'} end
 
 -- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
+-- A value holding the separator could span several entries ('a\31b' matches '\31a\31b\31').
 local function allowed(list, value)
   if list == '' then return true end
-  if value == '' then return false end
+  if value == '' or string.find(value, '\31', 1, true) then return false end
   return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
 end
 if not allowed(s[5], ARGV[5]) then return {'deny', 'provider_not_allowed', '0'} end
@@ -68,7 +77,15 @@ for _, m in ipairs(expired) do
   end
   redis.call('ZREM', live, m)
 end
-if #expired > 0 then redis.call('HSET', state, 'held', held) end
+local repaired = #expired > 0
+-- No live lease left: nothing is held. This is also where the holds of an idle key's leases
+-- come back when `live` and `holds` expired as whole keys and the loop above saw nothing.
+if held ~= 0 and redis.call('EXISTS', live) == 0 then
+  held = 0
+  redis.call('DEL', holds)
+  repaired = true
+end
+if repaired then redis.call('HSET', state, 'held', int(held)) end
 
 local bal = tonumber(s[10])
 local available = -1
@@ -89,7 +106,7 @@ if rl > 0 then
     local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
     local retry = tonumber(oldest[2]) + window - now
     if retry < 1 then retry = 1 end
-    return {'deny', 'rate_limited', tostring(retry)}
+    return {'deny', 'rate_limited', int(retry)}
   end
   remaining = rl - count - 1
 end
@@ -101,29 +118,37 @@ if cl > 0 and in_flight >= cl then
   local retry = tonumber(soonest[2]) - now
   if retry > 1000 then retry = 1000 end
   if retry < 1 then retry = 1 end
-  return {'deny', 'concurrency_limited', tostring(retry)}
+  return {'deny', 'concurrency_limited', int(retry)}
 end
 
--- Every check passed: grant.
+-- Every check passed: grant. Expiries only ever move later, so a replica configured with a
+-- shorter window or TTL cannot drop entries another replica still counts.
+local function keep(key, ms)
+  local left = redis.call('PTTL', key)
+  if left > ms then return left end
+  return ms
+end
 if rl > 0 then
   redis.call('ZADD', rate, now, nonce)
-  redis.call('PEXPIRE', rate, window)
+  redis.call('PEXPIRE', rate, keep(rate, window))
   local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
   reset = tonumber(oldest[2]) + window - now
 end
+local lease_keys_ttl = keep(live, ttl)
 redis.call('ZADD', live, now + ttl, nonce)
-redis.call('PEXPIRE', live, ttl)
+redis.call('PEXPIRE', live, lease_keys_ttl)
 local hold = 0
 if bal >= 0 and reserve > 0 then
   hold = reserve
-  redis.call('HSET', holds, nonce, hold)
-  redis.call('PEXPIRE', holds, ttl)
-  redis.call('HINCRBY', state, 'held', hold)
+  redis.call('HSET', holds, nonce, int(hold))
+  redis.call('HINCRBY', state, 'held', int(hold))
   available = available - hold
 end
+-- Same expiry as `live` (see the invariant above); a no-op when the key holds nothing.
+redis.call('PEXPIRE', holds, lease_keys_ttl)
 redis.call('HSET', lease, 'id', s[1], 'u', s[13], 'p', ARGV[5], 'f', ARGV[6], 'm', ARGV[7],
   'at', now, 'exp', now + ttl)
 redis.call('PEXPIRE', lease, tonumber(ARGV[3]))
 
-return {'ok', s[1], s[13], tostring(rl), tostring(remaining), tostring(reset), tostring(cl),
-  tostring(in_flight + 1), tostring(available)}
+return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl),
+  int(in_flight + 1), int(available)}

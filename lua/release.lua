@@ -27,5 +27,13 @@ if redis.call('ZREM', live, nonce) == 1 then
     if redis.call('EXISTS', state) == 1 then redis.call('HINCRBY', state, 'held', -tonumber(h)) end
   end
 end
+-- No live lease left: nothing is held (admit.lua's invariant; repairs an idle key's `held`).
+if redis.call('EXISTS', live) == 0 then
+  local stale = redis.call('HGET', state, 'held')
+  if stale and stale ~= '0' then
+    redis.call('HSET', state, 'held', 0)
+    redis.call('DEL', holds)
+  end
+end
 redis.call('HSET', lease, 's', 'released')
 return {'released'}

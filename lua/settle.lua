@@ -13,28 +13,36 @@
 -- KEYS[4] lease   HASH  this lease's record (field s set once settled or released)
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
 -- ARGV[1] cost (nano-USD)   ARGV[2] input tokens   ARGV[3] output tokens
--- ARGV[4] total tokens (-1 = input + output)   ARGV[5] response time ms (-1 = unknown)
+-- ARGV[4] total tokens (-1 = input + output; tollgate itself always sends the sum, which it
+--         computes exactly in Rust)   ARGV[5] response time ms (-1 = unknown)
 -- ARGV[6] status code (-1 = unknown)
 -- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
 -- ARGV[10] tombstone TTL (ms): how long a settled lease is remembered for duplicate detection
 -- ARGV[11] lease id (the event's idempotency id in Postgres)
+-- ARGV[12..19] only for a lease granted in fail-open mode, which has no record because Redis
+--         was down when it was granted: 'failopen', key id, user id, provider, api format,
+--         model, admitted at (ms), expires at (ms) — the record's fields, from the granting
+--         process's memory.
 --
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
+-- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
 
 local state, live, holds, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
 
 local r = redis.call('HMGET', lease, 's', 'id', 'u', 'p', 'f', 'm', 'at', 'exp')
+local function int(n) return string.format('%.0f', n) end
 local function available()
   local b = redis.call('HMGET', state, 'bal', 'used', 'held', 'none')
   if b[1] == false or b[4] ~= false or tonumber(b[1]) < 0 then return '-1' end
   local a = tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
   if a < 0 then a = 0 end
-  return tostring(a)
+  return int(a)
 end
 if r[2] == false then
   if r[1] == 'settled' then return {'duplicate', available()} end
-  return {'unknown'}
+  if ARGV[12] ~= 'failopen' then return {'unknown'} end
+  r = {false, ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]}
 end
 
 local t = redis.call('TIME')
@@ -48,6 +56,15 @@ if redis.call('ZREM', live, nonce) == 1 then
     if redis.call('EXISTS', state) == 1 then redis.call('HINCRBY', state, 'held', -tonumber(h)) end
   end
 end
+-- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
+-- keys of an idle key expired whole, so the balance answered below is right.
+if redis.call('EXISTS', live) == 0 then
+  local stale = redis.call('HGET', state, 'held')
+  if stale and stale ~= '0' then
+    redis.call('HSET', state, 'held', 0)
+    redis.call('DEL', holds)
+  end
+end
 local expired = '0'
 if now >= tonumber(r[8]) then expired = '1' end
 
@@ -59,9 +76,8 @@ local function pick(given, from_lease)
   if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
   return from_lease
 end
-local input, output = ARGV[2], ARGV[3]
-local total = ARGV[4]
-if total == '-1' then total = tostring(tonumber(input) + tonumber(output)) end
+local input, output, total = ARGV[2], ARGV[3], ARGV[4]
+if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 
 redis.call('XADD', stream, '*',
   'e', ARGV[11], 'k', r[2], 'u', r[3], 'c', cost,

@@ -27,6 +27,8 @@ use crate::sync;
 pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
 /// Part of the bound given to the syncer's final flush.
 const SYNC_DRAIN: Duration = Duration::from_secs(5);
+/// Headroom for the tasks to notice the stop and return after their own bounds.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(1);
 /// How long start-up waits for Postgres to accept connections.
 const DB_START_WAIT: Duration = Duration::from_secs(30);
 
@@ -56,7 +58,9 @@ async fn database(config: &Config) -> Result<PgPool, StartError> {
         .await;
         match attempt {
             Ok(pool) => return Ok(pool),
-            Err(e @ store::StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
+            Err(e @ store::StoreError::Unavailable(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
                 tracing::warn!(error = %e, "waiting for postgres");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -138,7 +142,9 @@ impl App {
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin.local_addr().unwrap_or(self.state.config.admin_listen)
+        self.admin
+            .local_addr()
+            .unwrap_or(self.state.config.admin_listen)
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -146,7 +152,10 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves, then shuts down gracefully.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = self.state.clone();
         let config = state.config.clone();
@@ -165,7 +174,11 @@ impl App {
             consumer,
         )
         .with_claim_idle(config.sync_claim_idle);
-        let syncer = tokio::spawn(syncer.run(stop_rx.clone(), SYNC_DRAIN));
+        // The syncer gets its own stop signal, sent only after both listeners have drained:
+        // a settlement still in flight when the shutdown starts writes its event after the
+        // listeners stop accepting, and the final flush must see it.
+        let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
+        let syncer = tokio::spawn(syncer.run(sync_stop_rx, SYNC_DRAIN));
         let reconciler = tokio::spawn(sync::reconcile::run(
             hot.clone(),
             state.db.clone(),
@@ -197,27 +210,33 @@ impl App {
         shutdown.await;
         tracing::info!("shutting down: draining requests and usage");
         let _ = stop_tx.send(true);
-        let drained = tokio::time::timeout(SHUTDOWN_BOUND, async {
-            let (d, a) = tokio::join!(data, admin);
+        // Requests first (bounded so a client that never lets go cannot eat the syncer's
+        // share), then the syncer's flush, which then sees every event those requests wrote.
+        let requests_bound = SHUTDOWN_BOUND.saturating_sub(SYNC_DRAIN + SHUTDOWN_SLACK);
+        let served =
+            tokio::time::timeout(requests_bound, async { tokio::join!(data, admin) }).await;
+        let _ = sync_stop_tx.send(true);
+        let background = tokio::time::timeout(SYNC_DRAIN + SHUTDOWN_SLACK, async {
             let _ = syncer.await;
             let _ = reconciler.await;
             if let Some(s) = sweeper {
                 let _ = s.await;
             }
-            (d, a)
         })
         .await;
-        match drained {
-            Ok((Ok(Err(e)), _)) | Ok((_, Ok(Err(e)))) => Err(StartError::Serve(e)),
-            Ok(_) => {
-                tracing::info!("shutdown complete");
-                Ok(())
-            }
+        match served {
+            Ok((Ok(Err(e)), _)) | Ok((_, Ok(Err(e)))) => return Err(StartError::Serve(e)),
+            Ok(_) => {}
             Err(_) => {
-                tracing::warn!("shutdown bound reached; exiting with work in flight");
-                Ok(())
+                tracing::warn!("requests still in flight at the shutdown bound; closing them")
             }
         }
+        if background.is_err() {
+            tracing::warn!("usage flush did not finish in time; unsynced events stay in redis");
+        } else {
+            tracing::info!("shutdown complete");
+        }
+        Ok(())
     }
 }
 

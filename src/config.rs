@@ -8,13 +8,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::inference::Inference;
 use crate::keys::{EncryptionKey, Secret};
 
 #[derive(Debug, Parser)]
-#[command(name = "tollgate", version, about = "Admission sidecar for API and LLM gateways")]
+#[command(
+    name = "tollgate",
+    version,
+    about = "Admission sidecar for API and LLM gateways"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -38,18 +42,28 @@ pub struct RawSettings {
     #[arg(long, env = "TOLLGATE_ADMIN_LISTEN", default_value = "127.0.0.1:8081")]
     pub admin_listen: String,
     /// Redis URL; several comma-separated redis:// URLs mean Redis Cluster seed nodes
-    #[arg(long, env = "TOLLGATE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "TOLLGATE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: String,
     /// Postgres URL (the database is created when it does not exist)
-    #[arg(long, env = "TOLLGATE_DATABASE_URL", default_value = "postgres://localhost/tollgate")]
+    #[arg(
+        long,
+        env = "TOLLGATE_DATABASE_URL",
+        default_value = "postgres://localhost/tollgate"
+    )]
     pub database_url: String,
     /// Prefix of every Redis key this process creates
     #[arg(long, env = "TOLLGATE_REDIS_NAMESPACE", default_value = "tollgate")]
     pub redis_namespace: String,
-    /// Bearer token for /admin/*; unset means the admin API refuses everything
+    /// Bearer token for /admin/* (at least 16 characters); unset means the admin API refuses
+    /// everything [default: none]
     #[arg(long, env = "TOLLGATE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Base64 of 32 bytes: AES-256-GCM key for the recoverable copy of each API key
+    /// Base64 of 32 bytes: AES-256-GCM key for the recoverable copy of each API key; keys
+    /// cannot be created without it [default: none]
     #[arg(long, env = "TOLLGATE_ENCRYPTION_KEY", hide_env_values = true)]
     pub encryption_key: Option<String>,
     /// Generated keys look like <prefix>- followed by 32 characters of [A-Za-z0-9]
@@ -77,6 +91,7 @@ pub struct RawSettings {
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
     /// JSON file of extra path-inference rules: [{"path", "provider", "api_format"}]
+    /// [default: none]
     #[arg(long, env = "TOLLGATE_INFERENCE_RULES")]
     pub inference_rules: Option<String>,
     /// Name of this replica's usage-stream consumer [default: <hostname>:<admin port>]
@@ -85,6 +100,54 @@ pub struct RawSettings {
     /// Seconds before another replica's unacknowledged usage events are taken over
     #[arg(long, env = "TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", default_value = "15")]
     pub sync_claim_idle_seconds: String,
+}
+
+/// Every setting with its default and meaning, for `tollgate --help`: the settings are flags of
+/// `serve`, so the top-level help would otherwise not show them. Built from the `serve` flags
+/// themselves, so it cannot drift from them.
+pub fn settings_help() -> String {
+    let serve = RawSettings::augment_args(clap::Command::new("serve"));
+    let mut out = String::from(
+        "Settings (each is a flag of `serve` and an environment variable; the flag wins):\n",
+    );
+    for arg in serve.get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let help = arg
+            .get_long_help()
+            .or_else(|| arg.get_help())
+            .map(|h| h.to_string())
+            .unwrap_or_default();
+        let help = help.split_whitespace().collect::<Vec<_>>().join(" ");
+        // A default that is not a fixed value is written into the help text itself.
+        let (help, default) = match help.split_once(" [default: ") {
+            Some((text, rest)) => (text.to_string(), rest.trim_end_matches(']').to_string()),
+            None => {
+                let values: Vec<String> = arg
+                    .get_default_values()
+                    .iter()
+                    .map(|v| v.to_string_lossy().into_owned())
+                    .collect();
+                let default = if values.is_empty() {
+                    "none".to_string()
+                } else {
+                    values.join(",")
+                };
+                (help, default)
+            }
+        };
+        let flag = arg.get_long().map(|l| format!("--{l}")).unwrap_or_default();
+        out.push_str(&format!(
+            "  {} ({flag}) [default: {default}]\n      {help}\n",
+            env.to_string_lossy()
+        ));
+    }
+    out
+}
+
+/// Parses the command line, with the settings listed in `tollgate --help`.
+pub fn parse_cli() -> Cli {
+    let matches = Cli::command().after_help(settings_help()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,10 +217,12 @@ fn positive_seconds(name: &'static str, text: &str, allow_zero: bool) -> Result<
 
 impl Config {
     pub fn from_raw(raw: &RawSettings) -> Result<Config, ConfigError> {
-        let listen = raw
-            .listen
-            .parse()
-            .map_err(|_| bad("TOLLGATE_LISTEN", format!("{:?} is not host:port", raw.listen)))?;
+        let listen = raw.listen.parse().map_err(|_| {
+            bad(
+                "TOLLGATE_LISTEN",
+                format!("{:?} is not host:port", raw.listen),
+            )
+        })?;
         let admin_listen = raw.admin_listen.parse().map_err(|_| {
             bad(
                 "TOLLGATE_ADMIN_LISTEN",
@@ -178,8 +243,14 @@ impl Config {
                 .filter(|u| matches!(u.scheme(), "redis" | "rediss"))
                 .ok_or_else(|| bad("TOLLGATE_REDIS_URL", "not a redis:// URL"))?;
         }
+        // sqlx reads any scheme as Postgres: `mysql://host/x` would create and migrate `x`.
+        let scheme = raw.database_url.trim().split_once("://").map(|(s, _)| s);
+        if !matches!(scheme, Some("postgres" | "postgresql")) {
+            return Err(bad("TOLLGATE_DATABASE_URL", "not a postgres:// URL"));
+        }
         let db: sqlx::postgres::PgConnectOptions = raw
             .database_url
+            .trim()
             .parse()
             .map_err(|_| bad("TOLLGATE_DATABASE_URL", "not a postgres:// URL"))?;
         drop(db);
@@ -198,7 +269,10 @@ impl Config {
         let admin_token = match raw.admin_token.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(t) if t.len() < 16 => {
-                return Err(bad("TOLLGATE_ADMIN_TOKEN", "must be at least 16 characters"))
+                return Err(bad(
+                    "TOLLGATE_ADMIN_TOKEN",
+                    "must be at least 16 characters",
+                ))
             }
             Some(t) => Some(Secret::new(t)),
         };
@@ -212,7 +286,9 @@ impl Config {
         let prefix = raw.key_prefix.trim();
         if prefix.is_empty()
             || prefix.len() > 16
-            || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
         {
             return Err(bad(
                 "TOLLGATE_KEY_PREFIX",
@@ -266,7 +342,10 @@ impl Config {
             None | Some("") => Inference::default(),
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
-                    bad("TOLLGATE_INFERENCE_RULES", format!("cannot read {path}: {e}"))
+                    bad(
+                        "TOLLGATE_INFERENCE_RULES",
+                        format!("cannot read {path}: {e}"),
+                    )
                 })?;
                 Inference::with_extra_json(&text)
                     .map_err(|e| bad("TOLLGATE_INFERENCE_RULES", e.to_string()))?
@@ -395,7 +474,10 @@ mod tests {
     fn secrets_never_print() {
         let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [1u8; 32]);
         let c = Config::from_map(&HashMap::from([
-            ("TOLLGATE_ADMIN_TOKEN", "super-secret-admin-token".to_string()),
+            (
+                "TOLLGATE_ADMIN_TOKEN",
+                "super-secret-admin-token".to_string(),
+            ),
             ("TOLLGATE_ENCRYPTION_KEY", key.clone()),
         ]))
         .unwrap();

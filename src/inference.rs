@@ -78,8 +78,7 @@ impl Inference {
     /// The built-in table with `extra` rules (a JSON array of `{path, provider, api_format}`)
     /// tried first.
     pub fn with_extra_json(json: &str) -> Result<Self, RulesError> {
-        let extra: Vec<Rule> =
-            serde_json::from_str(json).map_err(|e| RulesError(e.to_string()))?;
+        let extra: Vec<Rule> = serde_json::from_str(json).map_err(|e| RulesError(e.to_string()))?;
         for r in &extra {
             if !r.path.starts_with('/') || r.path.matches("{model}").count() > 1 {
                 return Err(RulesError(format!(
@@ -95,6 +94,14 @@ impl Inference {
 
     pub fn infer(&self, uri: &str) -> Inferred {
         let path = uri.split(['?', '#']).next().unwrap_or("");
+        // Some HTTP clients percent-encode the `:` of Gemini's `models/<model>:<method>`.
+        let decoded;
+        let path = if path.contains('%') {
+            decoded = path.replace("%3A", ":").replace("%3a", ":");
+            decoded.as_str()
+        } else {
+            path
+        };
         let path = path.trim_end_matches('/');
         for r in &self.rules {
             if let Some(model) = matches(&r.path, path) {
@@ -141,22 +148,53 @@ mod tests {
 
     #[test]
     fn the_builtin_table() {
-        assert_eq!(inf("/v1/chat/completions"), (s("openai"), s("openai:chat"), None));
-        assert_eq!(inf("/v1/completions?x=1"), (s("openai"), s("openai:completions"), None));
-        assert_eq!(inf("/v1/responses"), (s("openai"), s("openai:responses"), None));
-        assert_eq!(inf("/v1/embeddings/"), (s("openai"), s("openai:embeddings"), None));
-        assert_eq!(inf("/v1/messages"), (s("anthropic"), s("anthropic:messages"), None));
+        assert_eq!(
+            inf("/v1/chat/completions"),
+            (s("openai"), s("openai:chat"), None)
+        );
+        assert_eq!(
+            inf("/v1/completions?x=1"),
+            (s("openai"), s("openai:completions"), None)
+        );
+        assert_eq!(
+            inf("/v1/responses"),
+            (s("openai"), s("openai:responses"), None)
+        );
+        assert_eq!(
+            inf("/v1/embeddings/"),
+            (s("openai"), s("openai:embeddings"), None)
+        );
+        assert_eq!(
+            inf("/v1/messages"),
+            (s("anthropic"), s("anthropic:messages"), None)
+        );
         assert_eq!(
             inf("/v1beta/models/gemini-2.0-flash:generateContent"),
-            (s("gemini"), s("gemini:generateContent"), s("gemini-2.0-flash"))
+            (
+                s("gemini"),
+                s("gemini:generateContent"),
+                s("gemini-2.0-flash")
+            )
         );
         assert_eq!(
             inf("/v1beta/models/gemini-pro:streamGenerateContent?alt=sse"),
-            (s("gemini"), s("gemini:streamGenerateContent"), s("gemini-pro"))
+            (
+                s("gemini"),
+                s("gemini:streamGenerateContent"),
+                s("gemini-pro")
+            )
         );
         assert_eq!(
             inf("/openai/v1/chat/completions"),
             (s("openai"), s("openai:chat"), None)
+        );
+        assert_eq!(
+            inf("/v1beta/models/gemini-2.0-flash%3AgenerateContent"),
+            (
+                s("gemini"),
+                s("gemini:generateContent"),
+                s("gemini-2.0-flash")
+            )
         );
         assert_eq!(inf("/healthz"), (None, None, None));
         assert_eq!(inf("/v1/chat/completionsX"), (None, None, None));

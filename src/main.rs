@@ -2,9 +2,8 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
 use tollgate::app::{self, App};
-use tollgate::config::{Cli, Command, Config, LogFormat};
+use tollgate::config::{parse_cli, Command, Config, LogFormat};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
@@ -25,7 +24,7 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let (raw, serve) = match &cli.command {
         Command::Serve(raw) => (raw, true),
         Command::Migrate(raw) => (raw, false),

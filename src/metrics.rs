@@ -4,6 +4,7 @@
 //! closed enums (decision codes, results, error kinds), never a key or user id.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -19,11 +20,16 @@ pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
 pub const FAIL_OPEN: &str = "tollgate_fail_open_admissions_total";
 pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
 pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
+pub const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
 
 /// Buckets for sub-millisecond admissions, up to the Redis timeout range.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 ];
+
+/// How often histogram samples are folded into their buckets when nobody scrapes: without
+/// it, every admission's sample would be kept until the next scrape.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
 /// Installs the process-wide recorder once; later calls return the same handle (tests start
 /// many servers in one process).
@@ -39,9 +45,64 @@ pub fn install() -> PrometheusHandle {
             // Fails only when another recorder is installed already; then ours just renders
             // nothing, which the metrics test would catch.
             let _ = metrics::set_global_recorder(recorder);
+            describe();
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || loop {
+                    std::thread::sleep(UPKEEP_EVERY);
+                    upkeep.run_upkeep();
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "no metrics upkeep thread; samples wait for a scrape");
+            }
             handle
         })
         .clone()
+}
+
+/// `# HELP` lines, so a scrape explains itself.
+fn describe() {
+    metrics::describe_counter!(
+        ADMISSIONS,
+        "Admission decisions, by decision: allowed or the denial code"
+    );
+    metrics::describe_histogram!(
+        ADMISSION_DURATION,
+        "Time to decide one admission, in seconds (Redis script, and Postgres on a cache miss)"
+    );
+    metrics::describe_counter!(
+        SETTLEMENTS,
+        "Settlements, by result: settled, duplicate, lease_expired, lease_unknown"
+    );
+    metrics::describe_gauge!(
+        SYNC_LAG,
+        "Age in seconds of the oldest usage event not yet in Postgres (0 when none waits)"
+    );
+    metrics::describe_gauge!(
+        EVENTS_PENDING,
+        "Usage events waiting in Redis streams to be written to Postgres"
+    );
+    metrics::describe_counter!(
+        REDIS_ERRORS,
+        "Failed Redis calls, by kind: timeout, connection, command"
+    );
+    metrics::describe_counter!(
+        FAIL_OPEN,
+        "Admissions allowed without Redis because TOLLGATE_FAIL_MODE=open"
+    );
+    metrics::describe_counter!(
+        KEY_LOOKUPS,
+        "Postgres look-ups of keys Redis did not know, by result: found, unknown, throttled"
+    );
+    metrics::describe_counter!(
+        EVENTS_SYNCED,
+        "Usage events newly written to Postgres by this process"
+    );
+    metrics::describe_counter!(
+        EVENTS_DEAD,
+        "Usage events Postgres refused for their data, moved to a shard's <stream>:dead"
+    );
 }
 
 /// Pre-registered handles.
@@ -58,6 +119,7 @@ pub struct Metrics {
     pub sync_lag: Gauge,
     pub events_pending: Gauge,
     pub events_synced: Counter,
+    pub events_dead_lettered: Counter,
     pub key_lookup_found: Counter,
     pub key_lookup_unknown: Counter,
     pub key_lookup_throttled: Counter,
@@ -83,6 +145,7 @@ impl Metrics {
             sync_lag: metrics::gauge!(SYNC_LAG),
             events_pending: metrics::gauge!(EVENTS_PENDING),
             events_synced: metrics::counter!(EVENTS_SYNCED),
+            events_dead_lettered: metrics::counter!(EVENTS_DEAD),
             key_lookup_found: metrics::counter!(KEY_LOOKUPS, "result" => "found"),
             key_lookup_unknown: metrics::counter!(KEY_LOOKUPS, "result" => "unknown"),
             key_lookup_throttled: metrics::counter!(KEY_LOOKUPS, "result" => "throttled"),
@@ -97,6 +160,7 @@ impl Metrics {
             &m.settle_lease_unknown,
             &m.fail_open,
             &m.events_synced,
+            &m.events_dead_lettered,
         ] {
             c.increment(0);
         }

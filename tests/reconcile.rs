@@ -19,10 +19,15 @@ async fn a_write_that_missed_redis_is_reconciled() {
         .await;
     let id = uuid::Uuid::parse_str(api_key["id"].as_str().unwrap()).unwrap();
     let (status, body) = app.admit(&key, json!({})).await;
-    assert_eq!((status, body["code"].as_str()), (402, Some("balance_exhausted")));
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (402, Some("balance_exhausted"))
+    );
 
     // Exactly what the admin call does in Postgres, without the push that follows it.
-    let row = keys::adjust_balance(&app.db, id, 2_000_000_000, None).await.unwrap();
+    let row = keys::adjust_balance(&app.db, id, 2_000_000_000, None)
+        .await
+        .unwrap();
     assert_eq!(row.current_balance_nanos, Some(2_000_000_000));
     let (status, _) = app.admit(&key, json!({})).await;
     assert_eq!(status, 402, "redis has not seen the write yet");
@@ -56,7 +61,10 @@ async fn pushes_are_idempotent_and_never_go_back_in_time() {
 
     let old = keys::get(&app.db, id).await.unwrap().unwrap();
     let res = app
-        .admin_post(&format!("/admin/keys/{id}/balance"), json!({"amount_usd": 1}))
+        .admin_post(
+            &format!("/admin/keys/{id}/balance"),
+            json!({"amount_usd": 1}),
+        )
         .await;
     assert_eq!(res.status(), 200);
     let new = keys::get(&app.db, id).await.unwrap().unwrap();

@@ -40,7 +40,10 @@ pub struct Grant {
 pub enum ScriptAdmit {
     /// The key's state is not in Redis yet.
     Miss,
-    Denied { code: DenyCode, retry_after_ms: u64 },
+    Denied {
+        code: DenyCode,
+        retry_after_ms: u64,
+    },
     Allowed(Grant),
 }
 
@@ -57,6 +60,19 @@ pub struct SettleArgs<'a> {
     pub provider: Option<&'a str>,
     pub api_format: Option<&'a str>,
     pub model: Option<&'a str>,
+}
+
+/// What a fail-open admission knew about its lease. It has no record in Redis (Redis was
+/// unreachable), so its settlement carries these facts to settle.lua instead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailOpenLease {
+    pub key_id: String,
+    pub user_id: String,
+    pub provider: String,
+    pub api_format: String,
+    pub model: String,
+    pub admitted_at_ms: i64,
+    pub expires_at_ms: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -218,37 +234,60 @@ impl HotPath {
     }
 
     pub async fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
+        self.settle_lease(a, None).await
+    }
+
+    /// Settles a lease; `fail_open` supplies the record of a lease granted while Redis was down.
+    pub async fn settle_lease(
+        &self,
+        a: &SettleArgs<'_>,
+        fail_open: Option<&FailOpenLease>,
+    ) -> Result<SettleOutcome, RedisFailure> {
         let Some(l) = self.layout.lease(a.lease_id) else {
             return Ok(SettleOutcome::Unknown);
         };
         let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
         let (p, f, m) = (given(a.provider), given(a.api_format), given(a.model));
         let n = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        // Summed here, not in Lua: Lua's doubles lose digits past 2^53 and print them as
+        // `1e+15`, which the syncer could not read back.
+        let total = a
+            .total_tokens
+            .unwrap_or_else(|| a.input_tokens.saturating_add(a.output_tokens));
+        let mut args = vec![
+            ScriptArg::Int(a.cost.nanos()),
+            ScriptArg::Int(n(Some(a.input_tokens))),
+            ScriptArg::Int(n(Some(a.output_tokens))),
+            ScriptArg::Int(n(Some(total))),
+            ScriptArg::Int(n(a.response_time_ms)),
+            ScriptArg::Int(n(a.status_code.map(u64::from))),
+            ScriptArg::Str(&p),
+            ScriptArg::Str(&f),
+            ScriptArg::Str(&m),
+            ScriptArg::Int(self.tombstone_ttl_ms),
+            ScriptArg::Str(&l.lease_id),
+        ];
+        if let Some(fo) = fail_open {
+            args.extend([
+                ScriptArg::Str("failopen"),
+                ScriptArg::Str(&fo.key_id),
+                ScriptArg::Str(&fo.user_id),
+                ScriptArg::Str(&fo.provider),
+                ScriptArg::Str(&fo.api_format),
+                ScriptArg::Str(&fo.model),
+                ScriptArg::Int(fo.admitted_at_ms),
+                ScriptArg::Int(fo.expires_at_ms),
+            ]);
+        }
+        let lease = l.keys.lease(&l.nonce);
+        let stream = l.keys.stream();
         let v = self
             .scripts
             .settle
             .run(
                 &self.redis,
-                &[
-                    &l.keys.state,
-                    &l.keys.live,
-                    &l.keys.holds,
-                    &l.keys.lease(&l.nonce),
-                    &l.keys.stream(),
-                ],
-                &[
-                    ScriptArg::Int(a.cost.nanos()),
-                    ScriptArg::Int(n(Some(a.input_tokens))),
-                    ScriptArg::Int(n(Some(a.output_tokens))),
-                    ScriptArg::Int(n(a.total_tokens)),
-                    ScriptArg::Int(n(a.response_time_ms)),
-                    ScriptArg::Int(n(a.status_code.map(u64::from))),
-                    ScriptArg::Str(&p),
-                    ScriptArg::Str(&f),
-                    ScriptArg::Str(&m),
-                    ScriptArg::Int(self.tombstone_ttl_ms),
-                    ScriptArg::Str(&l.lease_id),
-                ],
+                &[&l.keys.state, &l.keys.live, &l.keys.holds, &lease, &stream],
+                &args,
             )
             .await?;
         let r = strings(v)?;

@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::admission::{AdmitArgs, Grant, HotPath, ScriptAdmit};
+use super::admission::{
+    AdmitArgs, FailOpenLease, Grant, HotPath, ScriptAdmit, SettleArgs, SettleOutcome,
+    LATE_SETTLE_GRACE,
+};
 use super::layout::new_nonce;
+use super::redis::RedisFailure;
 use crate::config::FailMode;
 use crate::decision::DenyCode;
 use crate::metrics::Metrics;
@@ -34,9 +38,15 @@ pub enum Decision {
 
 impl Decision {
     fn deny(code: DenyCode) -> Self {
+        // An outage is worth retrying shortly; other denials carry their own hint or none.
+        let retry_after_ms = if code == DenyCode::Unavailable {
+            1000
+        } else {
+            0
+        };
         Decision::Denied {
             code,
-            retry_after_ms: 0,
+            retry_after_ms,
         }
     }
 }
@@ -60,6 +70,9 @@ pub struct Gate {
     lease_ttl: Duration,
     /// Keys admitted recently, without a balance: who may pass while Redis is down.
     validated: Mutex<HashMap<String, Validated>>,
+    /// Leases granted in fail-open mode, by lease id, until settled: Redis holds no record of
+    /// them, so their settlement brings these facts along and their usage is still recorded.
+    open_leases: Mutex<HashMap<String, (Instant, FailOpenLease)>>,
     lookups: Mutex<Bucket>,
 }
 
@@ -78,6 +91,7 @@ impl Gate {
             fail_mode,
             lease_ttl,
             validated: Mutex::new(HashMap::new()),
+            open_leases: Mutex::new(HashMap::new()),
             lookups: Mutex::new(Bucket {
                 tokens: LOOKUP_BURST,
                 at: Instant::now(),
@@ -120,7 +134,7 @@ impl Gate {
                 self.metrics.redis_error(e.kind());
                 tracing::warn!(error = %e, "admission could not reach redis");
                 if self.fail_mode == FailMode::Open && e.is_transient() {
-                    if let Some(grant) = self.fail_open(args.key_hash) {
+                    if let Some(grant) = self.fail_open(&args) {
                         self.metrics.fail_open.increment(1);
                         return Decision::Allowed {
                             grant,
@@ -234,14 +248,39 @@ impl Gate {
         );
     }
 
-    fn fail_open(&self, key_hash: &str) -> Option<Grant> {
-        let v = self.validated.lock().ok()?;
-        let e = v.get(key_hash).filter(|e| e.at.elapsed() < self.lease_ttl)?;
+    fn fail_open(&self, args: &AdmitArgs<'_>) -> Option<Grant> {
+        let (key_id, user_id) = {
+            let v = self.validated.lock().ok()?;
+            let e = v
+                .get(args.key_hash)
+                .filter(|e| e.at.elapsed() < self.lease_ttl)?;
+            (e.key_id.clone(), e.user_id.clone())
+        };
+        // A lease id of the usual form, so its settlement lands in the key's slot.
+        let lease_id = self.hot.keys_for(args.key_hash).lease_id(&new_nonce());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let facts = FailOpenLease {
+            key_id: key_id.clone(),
+            user_id: user_id.clone(),
+            provider: args.provider.to_string(),
+            api_format: args.api_format.to_string(),
+            model: args.model.to_string(),
+            admitted_at_ms: now_ms,
+            expires_at_ms: now_ms + i64::try_from(self.lease_ttl.as_millis()).unwrap_or(0),
+        };
+        if let Ok(mut open) = self.open_leases.lock() {
+            if open.len() >= VALIDATED_MAX {
+                let keep = self.lease_ttl + LATE_SETTLE_GRACE;
+                open.retain(|_, (at, _)| at.elapsed() < keep);
+            }
+            if open.len() < VALIDATED_MAX {
+                open.insert(lease_id.clone(), (Instant::now(), facts));
+            }
+        }
         Some(Grant {
-            key_id: e.key_id.clone(),
-            user_id: e.user_id.clone(),
-            // Not a Redis lease: settling it answers lease_unknown (there is nothing to charge).
-            lease_id: format!("failopen.{}", new_nonce()),
+            key_id,
+            user_id,
+            lease_id,
             rate_limit: None,
             rate_remaining: None,
             reset_ms: 0,
@@ -249,5 +288,22 @@ impl Gate {
             in_flight: 0,
             balance_available: None,
         })
+    }
+
+    /// Settles a lease. A lease this process granted in fail-open mode is settled with the
+    /// facts it remembered, so its usage is recorded like any other.
+    pub async fn settle(&self, args: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
+        let open = self
+            .open_leases
+            .lock()
+            .ok()
+            .and_then(|m| m.get(args.lease_id).map(|(_, f)| f.clone()));
+        let outcome = self.hot.settle_lease(args, open.as_ref()).await?;
+        if open.is_some() && outcome != SettleOutcome::Unknown {
+            if let Ok(mut m) = self.open_leases.lock() {
+                m.remove(args.lease_id);
+            }
+        }
+        Ok(outcome)
     }
 }

@@ -71,11 +71,7 @@ impl Layout {
     }
 
     fn for_sid(&self, sid: &str) -> KeyRedisKeys {
-        let shard = sid
-            .chars()
-            .next()
-            .and_then(|c| c.to_digit(16))
-            .unwrap_or(0) as u8;
+        let shard = sid.chars().next().and_then(|c| c.to_digit(16)).unwrap_or(0) as u8;
         let prefix = self.shard_prefix(shard);
         KeyRedisKeys {
             state: format!("{prefix}k:{sid}"),
@@ -143,7 +139,14 @@ mod tests {
             s[open + 1..close].to_string()
         };
         let nonce = new_nonce();
-        for name in [&k.state, &k.rate, &k.live, &k.holds, &k.lease(&nonce), &k.stream()] {
+        for name in [
+            &k.state,
+            &k.rate,
+            &k.live,
+            &k.holds,
+            &k.lease(&nonce),
+            &k.stream(),
+        ] {
             assert!(name.starts_with("tg:"), "{name}");
             assert_eq!(tag(name), "tg.a");
         }
@@ -158,7 +161,13 @@ mod tests {
         let parsed = layout.lease(&id).unwrap();
         assert_eq!(parsed.keys, k);
         assert_eq!(parsed.nonce, nonce);
-        for bad in ["", "x.y", "not-a-lease", &format!("{}.short", "0".repeat(32)), &id.to_uppercase()] {
+        for bad in [
+            "",
+            "x.y",
+            "not-a-lease",
+            &format!("{}.short", "0".repeat(32)),
+            &id.to_uppercase(),
+        ] {
             assert!(layout.lease(bad).is_none(), "{bad}");
         }
     }

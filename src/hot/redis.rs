@@ -3,16 +3,22 @@
 //! Admission and settlement share one multiplexed connection (single node: an auto-reconnecting
 //! `ConnectionManager`; cluster: a `ClusterConnection`), which pipelines every concurrent
 //! request over one socket. A checkout pool would add nothing here and cost a round trip:
-//! deadpool recycles each checkout with `PING`. Background work that blocks (stream reads)
-//! uses its own pooled connections instead (see `sync`), so it can never stall admissions.
+//! deadpool recycles each checkout with `PING`. The syncer shares it too: its stream reads
+//! never `BLOCK`, so they cannot stall admissions.
+//!
+//! Every call is bounded by `TOLLGATE_REDIS_TIMEOUT_MS`, connecting included: while Redis is
+//! unreachable, each call fails within that deadline and the next call tries again, so service
+//! resumes by itself when Redis is back.
 
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use tokio::sync::Notify;
 
 /// Why a Redis call failed, split the way an operator acts on it.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -87,7 +93,23 @@ struct Inner {
     urls: Vec<String>,
     timeout: Duration,
     conn: RwLock<Option<Conn>>,
-    connecting: tokio::sync::Mutex<()>,
+    /// True while a background task is connecting to the cluster.
+    connecting: AtomicBool,
+    /// Wakes the callers waiting for that task, whether it succeeded or not.
+    attempt_done: Notify,
+    /// Why the last cluster connection attempt failed.
+    last_failure: Mutex<Option<RedisFailure>>,
+}
+
+/// Ends a cluster connection attempt even when its task is cancelled (runtime shutdown), so
+/// a later call can start another one.
+struct Attempt(Arc<Inner>);
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.0.connecting.store(false, Ordering::Release);
+        self.0.attempt_done.notify_waiters();
+    }
 }
 
 impl Redis {
@@ -99,7 +121,9 @@ impl Redis {
                 urls,
                 timeout,
                 conn: RwLock::new(None),
-                connecting: tokio::sync::Mutex::new(()),
+                connecting: AtomicBool::new(false),
+                attempt_done: Notify::new(),
+                last_failure: Mutex::new(None),
             }),
         }
     }
@@ -116,76 +140,129 @@ impl Redis {
         self.inner.conn.read().ok().and_then(|g| g.clone())
     }
 
+    /// The shared connection. Callers bound this with their own deadline.
     async fn connection(&self) -> Result<Conn, RedisFailure> {
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        let _guard = self.inner.connecting.lock().await;
+        if !self.is_cluster() {
+            return self.single();
+        }
+        // Learning the slot map takes several round trips and may outlast one call's deadline.
+        // It runs in its own task, started by the first caller; every caller waits for it only
+        // as long as its own deadline allows. Callers that queued behind each other's attempts
+        // instead would each wait for all the attempts before theirs while the cluster is
+        // unreachable.
+        let done = self.inner.attempt_done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
         if let Some(c) = self.current() {
             return Ok(c);
         }
-        let timeout = self.inner.timeout;
-        let conn = if self.is_cluster() {
-            let client = ClusterClientBuilder::new(self.inner.urls.clone())
-                .connection_timeout(timeout)
-                .response_timeout(timeout)
-                .retries(1)
-                .build()?;
-            let c = tokio::time::timeout(timeout * 4, client.get_async_connection())
-                .await
-                .map_err(|_| RedisFailure::Timeout)??;
-            Conn::Cluster(c)
-        } else {
-            let client = redis::Client::open(self.inner.urls[0].as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(timeout))
-                .set_response_timeout(Some(timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?)
-        };
-        if let Ok(mut slot) = self.inner.conn.write() {
-            *slot = Some(conn.clone());
+        if !self.inner.connecting.swap(true, Ordering::AcqRel) {
+            let attempt = Attempt(self.inner.clone());
+            tokio::spawn(connect_cluster(attempt));
         }
+        done.await;
+        self.current().ok_or_else(|| {
+            self.inner
+                .last_failure
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or(RedisFailure::Connection)
+        })
+    }
+
+    /// A single node: the connection manager connects lazily and reconnects by itself.
+    fn single(&self) -> Result<Conn, RedisFailure> {
+        let mut slot = self
+            .inner
+            .conn
+            .write()
+            .map_err(|_| RedisFailure::Connection)?;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let timeout = self.inner.timeout;
+        let client = redis::Client::open(self.inner.urls[0].as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = Conn::Single(ConnectionManager::new_lazy_with_config(client, config)?);
+        *slot = Some(conn.clone());
         Ok(conn)
     }
 
-    /// Sends one command, bounded by the configured deadline.
+    /// Sends one command, bounded by the configured deadline (connecting included).
     pub async fn query(&self, cmd: &Cmd) -> Result<Value, RedisFailure> {
-        let conn = self.connection().await?;
-        let fut = async move {
-            match conn {
-                Conn::Single(mut c) => c.req_packed_command(cmd).await,
-                Conn::Cluster(mut c) => c.req_packed_command(cmd).await,
+        let call = async {
+            let value = match self.connection().await? {
+                Conn::Single(mut c) => c.req_packed_command(cmd).await?,
+                Conn::Cluster(mut c) => c.req_packed_command(cmd).await?,
+            };
+            match value {
+                Value::ServerError(e) => Err(RedisError::from(e).into()),
+                v => Ok(v),
             }
         };
-        match tokio::time::timeout(self.inner.timeout, fut).await {
-            Ok(Ok(Value::ServerError(e))) => Err(RedisError::from(e).into()),
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(RedisFailure::Timeout),
-        }
+        tokio::time::timeout(self.inner.timeout, call)
+            .await
+            .unwrap_or(Err(RedisFailure::Timeout))
     }
 
-    /// Sends a pipeline (one round trip), bounded by the configured deadline.
+    /// Sends a pipeline (one round trip), bounded by the configured deadline (connecting
+    /// included).
     pub async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, RedisFailure> {
-        let conn = self.connection().await?;
         let n = pipe.len();
-        let fut = async move {
-            match conn {
-                Conn::Single(mut c) => c.req_packed_commands(pipe, 0, n).await,
-                Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, n).await,
+        let call = async {
+            let values = match self.connection().await? {
+                Conn::Single(mut c) => c.req_packed_commands(pipe, 0, n).await?,
+                Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, n).await?,
+            };
+            for v in &values {
+                if let Value::ServerError(e) = v {
+                    return Err(RedisError::from(e.clone()).into());
+                }
             }
+            Ok(values)
         };
-        let values = match tokio::time::timeout(self.inner.timeout, fut).await {
-            Ok(r) => r?,
-            Err(_) => return Err(RedisFailure::Timeout),
-        };
-        for v in &values {
-            if let Value::ServerError(e) = v {
-                return Err(RedisError::from(e.clone()).into());
+        tokio::time::timeout(self.inner.timeout, call)
+            .await
+            .unwrap_or(Err(RedisFailure::Timeout))
+    }
+}
+
+/// One attempt to connect to the cluster; stores the connection, or why there is none.
+async fn connect_cluster(attempt: Attempt) {
+    let inner = &attempt.0;
+    let timeout = inner.timeout;
+    let result = async {
+        let client = ClusterClientBuilder::new(inner.urls.clone())
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .retries(1)
+            .build()?;
+        tokio::time::timeout(timeout * 4, client.get_async_connection())
+            .await
+            .map_err(|_| RedisFailure::Timeout)?
+            .map_err(RedisFailure::from)
+    }
+    .await;
+    match result {
+        Ok(c) => {
+            if let Ok(mut slot) = inner.conn.write() {
+                *slot = Some(Conn::Cluster(c));
             }
         }
-        Ok(values)
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot connect to the redis cluster");
+            if let Ok(mut f) = inner.last_failure.lock() {
+                *f = Some(e);
+            }
+        }
     }
+    // Dropping `attempt` wakes the waiters.
 }

@@ -20,8 +20,8 @@ use super::AppState;
 use crate::keys;
 use crate::money::Money;
 use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
-use crate::sync::{reconcile, sweeper};
 use crate::store::{self, stats};
+use crate::sync::{reconcile, sweeper};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
 pub async fn require_token(
@@ -129,12 +129,14 @@ fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<Vec<String>>
         return Ok(None);
     }
     if list.len() > 1000 {
-        return Err(ApiError::bad_request(format!("{field}: at most 1000 entries")));
+        return Err(ApiError::bad_request(format!(
+            "{field}: at most 1000 entries"
+        )));
     }
     for item in &list {
-        if item.is_empty() || item.len() > 256 || item.contains('\u{1f}') {
+        if item.is_empty() || item.len() > 256 || has_control(item) {
             return Err(ApiError::bad_request(format!(
-                "{field}: entries must be 1-256 characters"
+                "{field}: entries must be 1-256 characters, without control characters"
             )));
         }
     }
@@ -153,12 +155,31 @@ fn limit(field: &str, v: Option<i64>) -> Result<Option<i32>, ApiError> {
     }
 }
 
+/// Postgres text cannot hold NUL (the insert would fail as an internal error), and control
+/// characters in ids and names only garble logs and UIs: such strings are refused up front.
+/// For allow-list entries this also keeps out admit.lua's separator, `\x1f`.
+fn has_control(s: &str) -> bool {
+    s.chars().any(char::is_control)
+}
+
 fn name(v: &str) -> Result<String, ApiError> {
     let v = v.trim();
-    if v.is_empty() || v.chars().count() > 255 {
-        return Err(ApiError::bad_request("name must be 1-255 characters"));
+    if v.is_empty() || v.chars().count() > 255 || has_control(v) {
+        return Err(ApiError::bad_request(
+            "name must be 1-255 characters, without control characters",
+        ));
     }
     Ok(v.to_string())
+}
+
+fn user_id(v: &str) -> Result<&str, ApiError> {
+    let v = v.trim();
+    if v.is_empty() || v.chars().count() > 128 || has_control(v) {
+        return Err(ApiError::bad_request(
+            "user_id must be 1-128 characters, without control characters",
+        ));
+    }
+    Ok(v)
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,10 +213,7 @@ pub async fn create(
             "TOLLGATE_ENCRYPTION_KEY is not set: keys cannot be stored recoverably",
         ));
     };
-    let user_id = b.user_id.trim();
-    if user_id.is_empty() || user_id.chars().count() > 128 {
-        return Err(ApiError::bad_request("user_id must be 1-128 characters"));
-    }
+    let user_id = user_id(&b.user_id)?;
     let now = Utc::now();
     let name = match b.name {
         Some(n) => name(&n)?,
@@ -204,7 +222,11 @@ pub async fn create(
     let expires_at = match b.expire_days {
         None => None,
         Some(d) if (1..=36_500).contains(&d) => Some(now + Duration::days(d)),
-        Some(_) => return Err(ApiError::bad_request("expire_days must be 1-36500, or null")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "expire_days must be 1-36500, or null",
+            ))
+        }
     };
     if b.initial_balance_usd.is_some() && !b.is_standalone {
         return Err(ApiError::bad_request(
@@ -213,7 +235,9 @@ pub async fn create(
     }
     let balance = match b.initial_balance_usd {
         Some(m) if m.is_negative() => {
-            return Err(ApiError::bad_request("initial_balance_usd must not be negative"))
+            return Err(ApiError::bad_request(
+                "initial_balance_usd must not be negative",
+            ))
         }
         Some(m) if m.nanos() > MAX_BALANCE_NANOS => {
             return Err(ApiError::bad_request("initial_balance_usd is too large"))
@@ -318,10 +342,10 @@ fn active_filter(q: &ActiveFilter) -> Result<Option<bool>, ApiError> {
 
 pub async fn list_user(
     State(state): State<Arc<AppState>>,
-    Path(user_id): Path<String>,
+    Path(user): Path<String>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = store::keys::list_user(&state.db, &user_id, active_filter(&q)?).await?;
+    let rows = store::keys::list_user(&state.db, user_id(&user)?, active_filter(&q)?).await?;
     let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -338,7 +362,8 @@ pub async fn list_standalone(
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PatchBody {
-    name: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
     allowed_providers: Option<Option<Vec<String>>>,
     #[serde(default, deserialize_with = "nullable")]
@@ -349,11 +374,34 @@ pub struct PatchBody {
     rate_limit: Option<Option<i64>>,
     #[serde(default, deserialize_with = "nullable")]
     concurrent_limit: Option<Option<i64>>,
-    is_active: Option<bool>,
+    #[serde(default, deserialize_with = "nullable")]
+    is_active: Option<Option<bool>>,
     #[serde(default, deserialize_with = "nullable")]
     expires_at: Option<Option<DateTime<Utc>>>,
     #[serde(default, deserialize_with = "nullable")]
     auto_delete_on_expiry: Option<Option<bool>>,
+}
+
+/// `null` clears a field; a name or an active flag cannot be cleared, and silently ignoring
+/// the `null` would tell the caller nothing.
+fn not_null<T>(field: &str, v: Option<Option<T>>) -> Result<Option<T>, ApiError> {
+    match v {
+        Some(None) => Err(ApiError::bad_request(format!("{field} cannot be null"))),
+        Some(Some(x)) => Ok(Some(x)),
+        None => Ok(None),
+    }
+}
+
+/// RFC 3339 has four-digit years; chrono also reads `+200000-01-01`, which Postgres may store
+/// or refuse. Expiries stay within years 1-9999.
+fn expiry(v: Option<DateTime<Utc>>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    use chrono::Datelike;
+    match v {
+        Some(t) if !(1..=9999).contains(&t.year()) => Err(ApiError::bad_request(
+            "expires_at must be an RFC 3339 timestamp in the years 1-9999",
+        )),
+        other => Ok(other),
+    }
 }
 
 pub async fn update(
@@ -366,7 +414,7 @@ pub async fn update(
         v.map(|inner| allow_list(field, inner)).transpose()
     };
     let patch = KeyPatch {
-        name: b.name.as_deref().map(name).transpose()?,
+        name: not_null("name", b.name)?.as_deref().map(name).transpose()?,
         allowed_providers: list("allowed_providers", b.allowed_providers)?,
         allowed_api_formats: list("allowed_api_formats", b.allowed_api_formats)?,
         allowed_models: list("allowed_models", b.allowed_models)?,
@@ -375,8 +423,8 @@ pub async fn update(
             .concurrent_limit
             .map(|v| limit("concurrent_limit", v))
             .transpose()?,
-        is_active: b.is_active,
-        expires_at: b.expires_at,
+        is_active: not_null("is_active", b.is_active)?,
+        expires_at: b.expires_at.map(expiry).transpose()?,
         auto_delete_on_expiry: b.auto_delete_on_expiry,
     };
     let row = store::keys::update(&state.db, id, patch)
@@ -469,6 +517,16 @@ pub struct StatsQuery {
 fn instant(field: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
     v.map(|s| {
         DateTime::parse_from_rfc3339(s)
+            .or_else(|e| {
+                // An unencoded `+01:00` in a query string arrives as ` 01:00`: a caller who
+                // forgot to percent-encode the `+` means the positive offset.
+                match s.rsplit_once(' ') {
+                    Some((head, offset)) if offset.len() == 5 && offset.as_bytes()[2] == b':' => {
+                        DateTime::parse_from_rfc3339(&format!("{head}+{offset}"))
+                    }
+                    _ => Err(e),
+                }
+            })
             .map(|t| t.with_timezone(&Utc))
             .map_err(|_| ApiError::bad_request(format!("{field} must be an RFC 3339 timestamp")))
     })
@@ -531,6 +589,7 @@ pub async fn cleanup_expired(
     StrictJson(b): StrictJson<CleanupBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let default_delete = b.auto_delete.unwrap_or(state.config.auto_delete_expired);
-    let cleaned = sweeper::sweep(&state.gate.hot, &state.db, &state.metrics, default_delete).await?;
+    let cleaned =
+        sweeper::sweep(&state.gate.hot, &state.db, &state.metrics, default_delete).await?;
     Ok(Json(json!({ "cleaned": cleaned })))
 }

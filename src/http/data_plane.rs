@@ -18,6 +18,7 @@ use crate::hot::admission::{AdmitArgs, ReleaseOutcome, SettleArgs, SettleOutcome
 use crate::hot::gate::Decision;
 use crate::keys;
 use crate::money::Money;
+use crate::store::keys::MAX_BALANCE_NANOS;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,6 +78,47 @@ pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
         .await
 }
 
+/// Longest provider, API format or model name accepted.
+pub const MAX_LABEL_LEN: usize = 256;
+/// Bounds on what one settlement may report. Far above any real request, they keep a hostile
+/// or buggy caller from overflowing the running sums (Redis `used`, the Postgres roll-ups).
+const MAX_TOKENS: u64 = 1 << 40;
+const MAX_RESPONSE_TIME_MS: u64 = 1 << 31;
+
+/// A provider / API format / model name fit to be stored: bounded, no control characters
+/// (Postgres text cannot hold NUL; the allow-list separator is a control character too).
+pub fn is_label(value: &str) -> bool {
+    value.len() <= MAX_LABEL_LEN && !value.chars().any(char::is_control)
+}
+
+fn check_label(field: &str, value: Option<&str>) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !is_label(v) => Err(ApiError::bad_request(format!(
+            "{field} must be at most {MAX_LABEL_LEN} characters without control characters"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+fn check_amount(field: &str, m: Money) -> Result<(), ApiError> {
+    if m.is_negative() {
+        return Err(ApiError::bad_request(format!(
+            "{field} must not be negative"
+        )));
+    }
+    if m.nanos() > MAX_BALANCE_NANOS {
+        return Err(ApiError::bad_request(format!("{field} is too large")));
+    }
+    Ok(())
+}
+
+fn check_count(field: &str, v: Option<u64>, max: u64) -> Result<(), ApiError> {
+    match v {
+        Some(n) if n > max => Err(ApiError::bad_request(format!("{field} is too large"))),
+        _ => Ok(()),
+    }
+}
+
 /// `Retry-After` in whole seconds, rounded up.
 pub fn retry_after_header(retry_after_ms: u64) -> HeaderValue {
     HeaderValue::from(retry_after_ms.div_ceil(1000).max(1))
@@ -103,14 +145,22 @@ pub fn allowed_body(d: &crate::hot::admission::Grant) -> serde_json::Value {
     })
 }
 
-pub async fn admit(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn admit(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let body: AdmitBody = match parse(&body) {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
     let reserve = body.reserve_usd.unwrap_or_default();
-    if reserve.is_negative() {
-        return ApiError::bad_request("reserve_usd must not be negative").into_response();
+    let checked = check_amount("reserve_usd", reserve)
+        .and_then(|()| check_label("provider", body.provider.as_deref()))
+        .and_then(|()| check_label("api_format", body.api_format.as_deref()))
+        .and_then(|()| check_label("model", body.model.as_deref()));
+    if let Err(e) = checked {
+        return e.into_response();
     }
     let q = AdmitQuery {
         key: body
@@ -123,7 +173,9 @@ pub async fn admit(State(state): State<Arc<AppState>>, headers: HeaderMap, body:
         reserve,
     };
     match decide(&state, &q).await {
-        Decision::Allowed { grant, .. } => (StatusCode::OK, Json(allowed_body(&grant))).into_response(),
+        Decision::Allowed { grant, .. } => {
+            (StatusCode::OK, Json(allowed_body(&grant))).into_response()
+        }
         Decision::Denied {
             code,
             retry_after_ms,
@@ -166,12 +218,16 @@ pub async fn settle(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<SettleBody>,
 ) -> Result<Response, ApiError> {
-    if b.cost_usd.is_negative() {
-        return Err(ApiError::bad_request("cost_usd must not be negative"));
-    }
+    check_amount("cost_usd", b.cost_usd)?;
+    check_label("provider", b.provider.as_deref())?;
+    check_label("api_format", b.api_format.as_deref())?;
+    check_label("model", b.model.as_deref())?;
+    check_count("input_tokens", b.input_tokens, MAX_TOKENS)?;
+    check_count("output_tokens", b.output_tokens, MAX_TOKENS)?;
+    check_count("total_tokens", b.total_tokens, MAX_TOKENS)?;
+    check_count("response_time_ms", b.response_time_ms, MAX_RESPONSE_TIME_MS)?;
     let outcome = state
         .gate
-        .hot
         .settle(&SettleArgs {
             lease_id: &b.lease_id,
             cost: b.cost_usd,

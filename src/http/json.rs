@@ -17,12 +17,19 @@ pub const BODY_LIMIT: usize = 1024 * 1024;
 
 pub struct StrictJson<T>(pub T);
 
-/// Parses a JSON body; an empty body parses as `{}`.
+/// Parses a JSON body, which must be an object; an empty body parses as `{}`.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let body: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-        b"{}"
-    } else {
-        bytes
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    let body: &[u8] = match first {
+        None => b"{}",
+        Some(b'{') => bytes,
+        // serde would also read a struct from an array of its fields in order, so `[]` would
+        // be a valid PATCH that changes nothing: only an object is a request body.
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "the request body must be a JSON object",
+            ))
+        }
     };
     serde_json::from_slice(body).map_err(|e| {
         let text = e.to_string();
@@ -68,21 +75,14 @@ where
     }
 }
 
-/// serde_json quotes offending values (`invalid type: string "…"`); a value may be a key.
+/// serde_json quotes offending values (`invalid type: string "…"`); a value may be a key. The
+/// value is printed with its own quotes escaped, so quotes cannot be paired up: everything from
+/// the first quote to the last goes.
 fn redact_quoted(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut inside = false;
-    for c in text.chars() {
-        if c == '"' {
-            if !inside {
-                out.push_str("\"…\"");
-            }
-            inside = !inside;
-        } else if !inside {
-            out.push(c);
-        }
+    match (text.find('"'), text.rfind('"')) {
+        (Some(first), Some(last)) => format!("{}\"…\"{}", &text[..first], &text[last + 1..]),
+        _ => text.to_string(),
     }
-    out
 }
 
 /// For `Option<Option<T>>` fields: absent → `None`, `null` → `Some(None)`.

@@ -91,8 +91,12 @@ fn finish(router: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {
                 tracing::error!("handler panicked");
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
-                    .into_response()
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "internal error",
+                )
+                .into_response()
             },
         ))
         .with_state(state)
@@ -107,6 +111,9 @@ pub fn data_router(state: Arc<AppState>) -> Router {
         .route("/auth", get(subrequest::auth).post(subrequest::auth))
         .route("/auth/nginx", get(subrequest::auth_nginx))
         .route("/auth/envoy", any(subrequest::auth_envoy))
+        // Envoy forwards a request for the gateway's root as `/auth/envoy/`, which the
+        // wildcard below does not match.
+        .route("/auth/envoy/", any(subrequest::auth_envoy))
         .route("/auth/envoy/{*path}", any(subrequest::auth_envoy));
     finish(r, state)
 }
@@ -138,8 +145,6 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
             state.clone(),
             admin::require_token,
         ));
-    let r = Router::new()
-        .merge(admin)
-        .route("/metrics", get(metrics));
+    let r = Router::new().merge(admin).route("/metrics", get(metrics));
     finish(r, state)
 }

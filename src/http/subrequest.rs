@@ -5,6 +5,7 @@
 //! and model come from `X-Tollgate-*` headers, else from the original path through the
 //! [`Inference`] table, and the model also from a forwarded JSON body.
 
+use std::fmt;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -12,10 +13,10 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
 use super::data_plane::{
-    allowed_body, decide, denial_body, key_from_headers, retry_after_header, AdmitQuery,
+    allowed_body, decide, denial_body, is_label, key_from_headers, retry_after_header, AdmitQuery,
 };
 use super::AppState;
 use crate::decision::DenyCode;
@@ -42,25 +43,50 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
-#[derive(Deserialize)]
-struct ModelOnly {
-    model: Option<serde_json::Value>,
+/// Finds the top-level `"model"` of a JSON object and stops reading there.
+struct ModelFinder<'a>(&'a mut Option<String>);
+
+impl<'de> Visitor<'de> for ModelFinder<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<String>()? {
+            if key == "model" {
+                if let serde_json::Value::String(s) = map.next_value()? {
+                    *self.0 = Some(s);
+                }
+                // What follows need not be read, nor even be complete.
+                return Err(de::Error::custom("model found"));
+            }
+            map.next_value::<IgnoredAny>()?;
+        }
+        Ok(())
+    }
 }
 
+/// The model named by a forwarded JSON body. The body is read only up to its top-level
+/// `model` field, so a body the proxy cut short (Envoy's `allow_partial_message`) still
+/// names its model when the field comes before the cut.
 fn model_from_body(headers: &HeaderMap, body: &[u8]) -> Option<String> {
     if body.is_empty() {
         return None;
     }
+    // Envoy forwards no Content-Type unless told to; a body without one is tried as JSON.
     let is_json = header(headers, "content-type")
         .map(|c| c.to_ascii_lowercase().contains("json"))
         .unwrap_or(true);
     if !is_json {
         return None;
     }
-    match serde_json::from_slice::<ModelOnly>(body).ok()?.model? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s),
-        _ => None,
-    }
+    let mut found = None;
+    let mut de = serde_json::Deserializer::from_slice(body);
+    // The finder ends the parse with an error once it has the model; only `found` counts.
+    let _ = serde::Deserializer::deserialize_map(&mut de, ModelFinder(&mut found));
+    found.filter(|m| !m.is_empty())
 }
 
 fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8]) -> AdmitQuery {
@@ -75,7 +101,14 @@ fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8])
         api_format,
         model,
     } = inferred;
-    let pick = |h: &str, v: Option<String>| header(headers, h).map(str::to_string).or(v);
+    // A value unfit to store (control characters, over-long) counts as not given: the key's
+    // allow-lists then decide, and nothing unstorable reaches the usage record.
+    let pick = |h: &str, v: Option<String>| {
+        header(headers, h)
+            .map(str::to_string)
+            .or(v)
+            .filter(|v| is_label(v))
+    };
     AdmitQuery {
         key: key_from_headers(headers).map(str::to_string),
         provider: pick("x-tollgate-provider", provider).unwrap_or_default(),
@@ -184,4 +217,45 @@ pub async fn auth_envoy(
     let q = query(&state, &headers, original.as_deref(), &body);
     let d = decide(&state, &q).await;
     answer(&state, d, Flavor::Plain)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn model(body: &str, content_type: Option<&str>) -> Option<String> {
+        let mut h = HeaderMap::new();
+        if let Some(ct) = content_type {
+            h.insert("content-type", HeaderValue::from_str(ct).unwrap());
+        }
+        model_from_body(&h, body.as_bytes())
+    }
+
+    #[test]
+    fn the_top_level_model_of_a_json_body() {
+        let j = Some("application/json");
+        assert_eq!(model(r#"{"model":"gpt-4o"}"#, j).as_deref(), Some("gpt-4o"));
+        let nested =
+            r#"{"messages":[{"model":"x","content":"{\"model\":1}"}],"stream":true,"model":"m1"}"#;
+        assert_eq!(model(nested, j).as_deref(), Some("m1"));
+        assert_eq!(model(r#"{"model":"m2"}"#, None).as_deref(), Some("m2"));
+        assert_eq!(
+            model(r#"{"model":"m3"}"#, Some("application/vnd.api+json")).as_deref(),
+            Some("m3")
+        );
+        // Cut short after the model: still found; before it: nothing.
+        assert_eq!(
+            model(r#"{"model":"m4","messages":[{"role":"us"#, j).as_deref(),
+            Some("m4")
+        );
+        assert_eq!(model(r#"{"messages":[{"role":"user"}],"mod"#, j), None);
+        assert_eq!(model(r#"{"model":"unterminat"#, j), None);
+        // Not a model.
+        assert_eq!(model(r#"{"model":42}"#, j), None);
+        assert_eq!(model(r#"{"model":""}"#, j), None);
+        assert_eq!(model(r#"{"engine":"gpt-4o"}"#, j), None);
+        assert_eq!(model(r#"["model","gpt-4o"]"#, j), None);
+        assert_eq!(model(r#"{"model":"gpt-4o"}"#, Some("text/plain")), None);
+        assert_eq!(model("", j), None);
+    }
 }

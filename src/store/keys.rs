@@ -174,7 +174,10 @@ pub async fn list_standalone(
 
 async fn lock(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1 FOR UPDATE");
-    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(&mut **tx).await?)
+    Ok(sqlx::query_as(&sql)
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?)
 }
 
 async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<KeyRow, StoreError> {

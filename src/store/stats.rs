@@ -87,10 +87,14 @@ pub async fn key_stats(
          COALESCE(sum(response_time_ms), 0)::int8, count(response_time_ms)::int8 \
          FROM usage_events WHERE key_id = $1 AND created_at >= $2 AND created_at < $3 \
          GROUP BY 1";
+    // Half-open [from, to). `end` is inclusive, so its edge runs to `end` + 1µs (timestamps
+    // have microsecond precision); the start edge stops exactly where the whole days begin,
+    // or a row at that midnight would be counted by both the edge and the roll-up.
+    let after_end = |e: DateTime<Utc>| e + Duration::microseconds(1);
     let mut edges: Vec<(DateTime<Utc>, DateTime<Utc>)> = Vec::new();
     if empty_full_range {
         if let (Some(s), Some(e)) = (start, end) {
-            edges.push((s, e));
+            edges.push((s, after_end(e)));
         }
     } else {
         if let (Some(s), Some(f)) = (start, full_from) {
@@ -99,12 +103,10 @@ pub async fn key_stats(
             }
         }
         if let (Some(t), Some(e)) = (full_to, end) {
-            edges.push((t, e));
+            edges.push((t, after_end(e)));
         }
     }
-    for (from, to_inclusive) in edges {
-        // `end` is inclusive; timestamps have microsecond precision.
-        let to = to_inclusive + Duration::microseconds(1);
+    for (from, to) in edges {
         let part: Vec<Row> = sqlx::query_as(edge_sql)
             .bind(key_id)
             .bind(from)

@@ -34,7 +34,11 @@ pub async fn push(hot: &HotPath, db: &PgPool, metrics: &Metrics, row: &KeyRow) -
 }
 
 /// One reconciliation pass; returns how many keys were pushed.
-pub async fn reconcile_once(hot: &HotPath, db: &PgPool, metrics: &Metrics) -> Result<usize, StoreError> {
+pub async fn reconcile_once(
+    hot: &HotPath,
+    db: &PgPool,
+    metrics: &Metrics,
+) -> Result<usize, StoreError> {
     let rows = keys::unpushed(db, 500).await?;
     let mut pushed = 0;
     for row in &rows {

@@ -21,6 +21,7 @@ use uuid::Uuid;
 use crate::hot::redis::{Redis, RedisFailure};
 use crate::metrics::Metrics;
 use crate::store::usage::{insert_batch, UsageEvent};
+use crate::store::StoreError;
 
 pub const GROUP: &str = "tollgate-sync";
 const BATCH: usize = 500;
@@ -60,6 +61,16 @@ fn ms_time(ms: i64) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(ms).single()
 }
 
+/// Postgres's "data exception" and "integrity constraint" classes: the row itself is at fault.
+fn is_data_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("22") || c.starts_with("23")),
+        _ => false,
+    }
+}
+
 /// Reads one stream entry written by settle.lua.
 pub fn parse_event(e: &StreamId) -> Option<UsageEvent> {
     let opt = |v: Option<i64>| v.filter(|n| *n >= 0);
@@ -87,7 +98,13 @@ fn entry_ms(id: &str) -> Option<i64> {
 }
 
 impl Syncer {
-    pub fn new(redis: Redis, db: PgPool, metrics: Metrics, streams: Vec<String>, consumer: String) -> Self {
+    pub fn new(
+        redis: Redis,
+        db: PgPool,
+        metrics: Metrics,
+        streams: Vec<String>,
+        consumer: String,
+    ) -> Self {
         let n = streams.len();
         Syncer {
             redis,
@@ -108,7 +125,11 @@ impl Syncer {
 
     async fn ensure_group(&self, stream: &str) -> Result<(), RedisFailure> {
         let mut cmd = redis::cmd("XGROUP");
-        cmd.arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM");
+        cmd.arg("CREATE")
+            .arg(stream)
+            .arg(GROUP)
+            .arg("0")
+            .arg("MKSTREAM");
         match self.redis.query(&cmd).await {
             Ok(_) => Ok(()),
             Err(RedisFailure::Command(code)) if code == "BUSYGROUP" => Ok(()),
@@ -168,8 +189,15 @@ impl Syncer {
         Ok(())
     }
 
-    /// Syncs one batch of entries; returns how many were new in Postgres.
-    async fn sync(&mut self, shard: usize, entries: Vec<StreamId>) -> Result<u64, SyncError> {
+    /// Syncs one batch of entries; returns how many were new in Postgres. `fresh`: the batch
+    /// is a `>` read made while this consumer held nothing else, so after its acknowledgement
+    /// the consumer holds nothing in this shard.
+    async fn sync(
+        &mut self,
+        shard: usize,
+        entries: Vec<StreamId>,
+        fresh: bool,
+    ) -> Result<u64, SyncError> {
         let stream = self.streams[shard].clone();
         let mut events = Vec::with_capacity(entries.len());
         let mut ids = Vec::with_capacity(entries.len());
@@ -178,15 +206,66 @@ impl Syncer {
                 Some(ev) => events.push(ev),
                 // Only settle.lua writes here; an unreadable entry is corruption. It is logged
                 // and acknowledged, or it would block its shard forever.
-                None => tracing::error!(stream = %stream, id = %e.id, "unreadable usage entry dropped"),
+                None => {
+                    tracing::error!(stream = %stream, id = %e.id, "unreadable usage entry dropped")
+                }
             }
             ids.push(e.id.clone());
         }
         self.own_pending[shard] = true;
-        let new = insert_batch(&self.db, &events).await?;
+        let new = match insert_batch(&self.db, &events).await {
+            Ok(new) => new,
+            // Postgres refused the batch for what is in it, not for being down: retrying it
+            // whole would block the shard forever. Find the culprits one event at a time.
+            Err(StoreError::Query(e)) if is_data_error(&e) => {
+                self.insert_one_by_one(&stream, &entries, events).await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.ack(&stream, &ids).await?;
-        self.own_pending[shard] = false;
+        // A re-read or claimed batch may not have been all this consumer holds (a claim adds
+        // to what it already had): look again next pass, until a re-read comes back empty.
+        if fresh {
+            self.own_pending[shard] = false;
+        }
         self.metrics.events_synced.increment(new);
+        Ok(new)
+    }
+
+    /// Inserts events singly; one Postgres refuses for its data moves, with its original
+    /// fields and the reason, to the shard's dead-letter stream (`<stream>:dead`, same slot)
+    /// for an operator to inspect, instead of being retried forever.
+    async fn insert_one_by_one(
+        &self,
+        stream: &str,
+        entries: &[StreamId],
+        events: Vec<UsageEvent>,
+    ) -> Result<u64, SyncError> {
+        let mut new = 0;
+        for ev in events {
+            match insert_batch(&self.db, std::slice::from_ref(&ev)).await {
+                Ok(n) => new += n,
+                Err(StoreError::Query(e)) if is_data_error(&e) => {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(format!("{stream}:dead")).arg("*");
+                    if let Some(entry) = entries
+                        .iter()
+                        .find(|en| en.get::<String>("e").as_deref() == Some(ev.event_id.as_str()))
+                    {
+                        for field in entry.map.keys() {
+                            let value = entry.get::<String>(field).unwrap_or_default();
+                            cmd.arg(field).arg(value);
+                        }
+                    }
+                    cmd.arg("error").arg(e.to_string());
+                    self.redis.query(&cmd).await?;
+                    self.metrics.events_dead_lettered.increment(1);
+                    tracing::error!(stream = %stream, event = %ev.event_id, error = %e,
+                        "usage event refused by postgres; moved to the dead-letter stream");
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         Ok(new)
     }
 
@@ -195,22 +274,29 @@ impl Syncer {
         let mut busy = false;
         for shard in 0..self.streams.len() {
             let stream = self.streams[shard].clone();
-            let mut entries = Vec::new();
-            if self.own_pending[shard] {
-                entries = self.read(&stream, "0").await?;
-                if entries.is_empty() {
-                    self.own_pending[shard] = false;
+            // Claims come first, not only when a shard is idle: under steady traffic a shard is
+            // never idle, and a dead replica's entries would wait forever.
+            if claim {
+                let claimed = self.claim(&stream).await?;
+                if !claimed.is_empty() {
+                    busy = true;
+                    self.sync(shard, claimed, false).await?;
                 }
             }
-            if entries.is_empty() {
-                entries = self.read(&stream, ">").await?;
+            if self.own_pending[shard] {
+                let entries = self.read(&stream, "0").await?;
+                if entries.is_empty() {
+                    self.own_pending[shard] = false;
+                } else {
+                    busy = true;
+                    self.sync(shard, entries, false).await?;
+                    continue;
+                }
             }
-            if entries.is_empty() && claim {
-                entries = self.claim(&stream).await?;
-            }
+            let entries = self.read(&stream, ">").await?;
             if !entries.is_empty() {
                 busy = true;
-                self.sync(shard, entries).await?;
+                self.sync(shard, entries, true).await?;
             }
         }
         Ok(busy)
@@ -249,8 +335,10 @@ impl Syncer {
             }
         }
         let mut backoff = Duration::from_millis(200);
-        let mut last_claim = Instant::now() - self.claim_idle;
-        let mut last_gauge = Instant::now() - GAUGE_EVERY;
+        // `Instant - Duration` panics on a machine booted more recently than the duration.
+        let start = Instant::now();
+        let mut last_claim = start.checked_sub(self.claim_idle).unwrap_or(start);
+        let mut last_gauge = start.checked_sub(GAUGE_EVERY).unwrap_or(start);
         loop {
             if *shutdown.borrow() {
                 break;
@@ -296,11 +384,17 @@ impl Syncer {
         while Instant::now() < deadline {
             match tokio::time::timeout(deadline - Instant::now(), self.pass(false)).await {
                 Ok(Ok(true)) => continue,
-                _ => break,
+                Ok(Ok(false)) | Err(_) => break,
+                // A transient failure (a deadlock with another replica's batch, a Redis
+                // hiccup) is worth another try while the bound allows; what is left stays in
+                // Redis for the next process.
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "usage flush retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
             }
         }
         let _ = self.gauges().await;
         tracing::info!("usage syncer stopped");
     }
 }
-

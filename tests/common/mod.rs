@@ -36,7 +36,8 @@ pub fn redis_url() -> String {
 }
 
 pub fn pg_server_url() -> String {
-    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -65,11 +66,17 @@ pub fn base_settings() -> HashMap<&'static str, String> {
 /// Fails the test loudly if Redis or Postgres is not there.
 pub async fn require_services() {
     let client = redis::Client::open(redis_url()).expect("TEST_REDIS_URL is not a redis URL");
-    let mut c = tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .expect("Redis did not answer within 5s: start it (see README)")
+    .expect("Redis is not reachable: start it (see README)");
+    let _: String = redis::cmd("PING")
+        .query_async(&mut c)
         .await
-        .expect("Redis did not answer within 5s: start it (see README)")
-        .expect("Redis is not reachable: start it (see README)");
-    let _: String = redis::cmd("PING").query_async(&mut c).await.expect("Redis PING failed");
+        .expect("Redis PING failed");
     let pg = format!("{}/postgres", pg_server_url());
     let pool = tokio::time::timeout(Duration::from_secs(5), PgPool::connect(&pg))
         .await
@@ -124,10 +131,20 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
         .expect("tollgate runs");
     });
     let db_url = settings["TOLLGATE_DATABASE_URL"].clone();
-    let db = PgPool::connect(&db_url).await.expect("test database reachable");
-    let client = redis::Client::open(settings["TOLLGATE_REDIS_URL"].split(',').next().unwrap_or_default())
-        .expect("redis url");
-    let redis = client.get_multiplexed_async_connection().await.expect("redis reachable");
+    let db = PgPool::connect(&db_url)
+        .await
+        .expect("test database reachable");
+    let client = redis::Client::open(
+        settings["TOLLGATE_REDIS_URL"]
+            .split(',')
+            .next()
+            .unwrap_or_default(),
+    )
+    .expect("redis url");
+    let redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis reachable");
     TestApp {
         data: format!("http://{data_addr}"),
         admin: format!("http://{admin_addr}"),
@@ -219,7 +236,10 @@ impl TestApp {
         let res = self.admin_post("/admin/keys", body).await;
         assert_eq!(res.status(), 201, "create key");
         let v: Value = res.json().await.expect("json");
-        (v["key"].as_str().expect("key").to_string(), v["api_key"].clone())
+        (
+            v["key"].as_str().expect("key").to_string(),
+            v["api_key"].clone(),
+        )
     }
 
     pub async fn post_data(&self, path: &str, body: Value) -> reqwest::Response {
@@ -246,14 +266,19 @@ impl TestApp {
 
     pub async fn settle(&self, lease_id: &str, cost_usd: f64) -> (u16, Value) {
         let res = self
-            .post_data("/v1/settle", json!({"lease_id": lease_id, "cost_usd": cost_usd}))
+            .post_data(
+                "/v1/settle",
+                json!({"lease_id": lease_id, "cost_usd": cost_usd}),
+            )
             .await;
         let status = res.status().as_u16();
         (status, res.json().await.expect("settle answers JSON"))
     }
 
     pub async fn release(&self, lease_id: &str) -> (u16, Value) {
-        let res = self.post_data("/v1/release", json!({"lease_id": lease_id})).await;
+        let res = self
+            .post_data("/v1/release", json!({"lease_id": lease_id}))
+            .await;
         let status = res.status().as_u16();
         (status, res.json().await.expect("release answers JSON"))
     }
@@ -285,7 +310,11 @@ impl TestApp {
     pub async fn wipe_namespace(&self) {
         let mut c = self.redis.clone();
         for k in self.namespace_keys().await {
-            let _: i64 = redis::cmd("DEL").arg(&k).query_async(&mut c).await.expect("del");
+            let _: i64 = redis::cmd("DEL")
+                .arg(&k)
+                .query_async(&mut c)
+                .await
+                .expect("del");
         }
     }
 
@@ -324,15 +353,20 @@ pub fn cleanup_blocking(
             .expect("runtime");
         rt.block_on(async move {
             if let Some(server) = server {
-                if tokio::time::timeout(Duration::from_secs(25), server).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(25), server)
+                    .await
+                    .is_err()
+                {
                     eprintln!("test server did not stop within 25s");
                 }
             }
             let Some(db_name) = db_name else { return };
             if let Ok(pool) = PgPool::connect(&format!("{}/postgres", pg_server_url())).await {
-                let r = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"))
-                    .execute(&pool)
-                    .await;
+                let r = sqlx::query(&format!(
+                    "DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)"
+                ))
+                .execute(&pool)
+                .await;
                 if let Err(e) = r {
                     eprintln!("drop database {db_name}: {e}");
                 }
@@ -352,7 +386,8 @@ pub fn cleanup_blocking(
                             .await;
                         let Ok((next, keys)) = r else { break };
                         if !keys.is_empty() {
-                            let _: Result<i64, _> = redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
+                            let _: Result<i64, _> =
+                                redis::cmd("DEL").arg(&keys).query_async(&mut c).await;
                         }
                         if next == 0 {
                             break;

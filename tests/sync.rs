@@ -1,0 +1,1266 @@
+//! The durable usage pipeline: every settled event reaches Postgres exactly once — within two
+//! seconds normally, and whatever crashes, restarts, outages or shutdowns happen in between.
+//!
+//! Crash and shutdown tests run the real binary as a child process (`common::process`) so a
+//! kill -9 is a real crash; outage tests stop a private Postgres (`common::private_pg`), never
+//! the shared one. "Exactly once" is checked the same way everywhere ([`verify_exactly_once`]):
+//! every acknowledged settlement has its row, no row exists for a lease that was never
+//! settled, each row carries the cost that was sent, and each key's `balance_used` and the
+//! daily roll-up agree with the rows, so an event applied twice would show.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::private_pg::PrivatePg;
+use common::process::{cleanup_state, TollgateProcess};
+use common::*;
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tollgate::hot::layout::Layout;
+use tollgate::money::Money;
+use tollgate::store::usage::{insert_batch, UsageEvent};
+use tollgate::sync::usage::GROUP;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn nanos(v: &Value) -> i64 {
+    Money::parse(&v.to_string())
+        .unwrap_or_else(|e| panic!("{v} is not an amount: {e}"))
+        .nanos()
+}
+
+/// Distinct, irregular costs with all nine decimals used, so any float rounding would show.
+fn cost_of(i: usize) -> i64 {
+    1_000_001 + (i as i64 * 7_919_113) % 90_000_007
+}
+
+fn tokens_of(i: usize) -> (i64, i64) {
+    ((i % 50) as i64 + 1, (i * 2 % 70) as i64 + 3)
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    key_id: String,
+    cost: i64,
+    tokens: i64,
+}
+
+/// What the test sent: every settlement attempted (lease → what it reported) and the ones the
+/// server acknowledged with 200.
+#[derive(Default)]
+struct Ledger {
+    attempted: HashMap<String, Attempt>,
+    acked: HashSet<String>,
+}
+
+type Shared = Arc<Mutex<Ledger>>;
+
+fn merged(ledgers: &[&Shared]) -> Ledger {
+    let mut out = Ledger::default();
+    for l in ledgers {
+        let l = l.lock().unwrap();
+        out.attempted
+            .extend(l.attempted.iter().map(|(k, v)| (k.clone(), v.clone())));
+        out.acked.extend(l.acked.iter().cloned());
+    }
+    out
+}
+
+fn acked(l: &Shared) -> usize {
+    l.lock().unwrap().acked.len()
+}
+
+/// (plaintext, key id)
+type Key = (String, String);
+
+/// One admission and its settlement against `data`. `Err` only when the server could not be
+/// reached or hung up (it was killed or is shutting down); any answer it gives must be a 200.
+async fn admit_and_settle(
+    http: &reqwest::Client,
+    data: &str,
+    key: &Key,
+    i: usize,
+    ledger: &Shared,
+) -> Result<(), String> {
+    let res = http
+        .post(format!("{data}/v1/admit"))
+        .json(&json!({"key": key.0, "provider": "openai", "api_format": "openai:chat", "model": "gpt-4o"}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.map_err(|e| e.to_string())?;
+    assert_eq!(status, 200, "admit: {body}");
+    let lease = body["lease_id"].as_str().expect("lease_id").to_string();
+    let cost = cost_of(i);
+    let (input, output) = tokens_of(i);
+    ledger.lock().unwrap().attempted.insert(
+        lease.clone(),
+        Attempt {
+            key_id: key.1.clone(),
+            cost,
+            tokens: input + output,
+        },
+    );
+    // Written by hand so the cost crosses as the exact decimal, not via a float.
+    let text = format!(
+        r#"{{"lease_id":"{lease}","cost_usd":{},"input_tokens":{input},"output_tokens":{output},"response_time_ms":{},"status_code":200}}"#,
+        Money::from_nanos(cost),
+        100 + i % 900
+    );
+    let res = http
+        .post(format!("{data}/v1/settle"))
+        .header("content-type", "application/json")
+        .body(text)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.map_err(|e| e.to_string())?;
+    assert_eq!(status, 200, "settle: {body}");
+    assert_eq!(body["settled"], true, "{body}");
+    assert_eq!(body["duplicate"], false, "{body}");
+    ledger.lock().unwrap().acked.insert(lease);
+    Ok(())
+}
+
+/// Runs the rounds `range` over `keys` with `workers` concurrent workers. A worker stops at its
+/// first connection failure (the server died or is stopping); returns how many failed so.
+async fn drive(
+    http: reqwest::Client,
+    data: String,
+    keys: Arc<Vec<Key>>,
+    range: Range<usize>,
+    workers: usize,
+    ledger: Shared,
+) -> usize {
+    let next = Arc::new(AtomicUsize::new(range.start));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (http, data, keys, next, ledger) = (
+            http.clone(),
+            data.clone(),
+            keys.clone(),
+            next.clone(),
+            ledger.clone(),
+        );
+        let end = range.end;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= end {
+                    return 0;
+                }
+                let key = &keys[i % keys.len()];
+                if admit_and_settle(&http, &data, key, i, &ledger)
+                    .await
+                    .is_err()
+                {
+                    return 1;
+                }
+            }
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += t.await.expect("driver worker panicked");
+    }
+    failed
+}
+
+async fn create_keys(p: &TollgateProcess, n: usize) -> Vec<Key> {
+    let mut keys = Vec::new();
+    for _ in 0..n {
+        let (key, api_key) = p
+            .create_key(json!({"user_id": "u-sync", "rate_limit": null, "concurrent_limit": null}))
+            .await;
+        keys.push((key, api_key["id"].as_str().expect("id").to_string()));
+    }
+    keys
+}
+
+/// Keys whose state lives in at least `shards` different shards (so several usage streams and
+/// several consumers are involved).
+async fn create_keys_in_shards(p: &TollgateProcess, shards: usize) -> Vec<Key> {
+    let mut keys = Vec::new();
+    let mut seen = HashSet::new();
+    while seen.len() < shards {
+        let mut k = create_keys(p, 1).await;
+        let key = k.remove(0);
+        if seen.insert(tollgate::keys::hash(&key.0)[..1].to_string()) {
+            keys.push(key);
+        }
+    }
+    keys
+}
+
+async fn redis_conn() -> MultiplexedConnection {
+    redis::Client::open(redis_url())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis reachable")
+}
+
+/// Events still in the namespace's usage streams (an entry is deleted once it is in Postgres).
+async fn unsynced(redis: &mut MultiplexedConnection, ns: &str) -> i64 {
+    let mut n = 0;
+    for s in Layout::new(ns).streams() {
+        let len: i64 = redis::cmd("XLEN")
+            .arg(&s)
+            .query_async(redis)
+            .await
+            .expect("xlen");
+        n += len;
+    }
+    n
+}
+
+/// Entries delivered to `consumer` and not acknowledged, over every shard.
+async fn pending_of(redis: &mut MultiplexedConnection, ns: &str, consumer: &str) -> usize {
+    let mut n = 0;
+    for s in Layout::new(ns).streams() {
+        let r: redis::RedisResult<Vec<(String, String, i64, i64)>> = redis::cmd("XPENDING")
+            .arg(&s)
+            .arg(GROUP)
+            .arg("-")
+            .arg("+")
+            .arg(100_000)
+            .arg(consumer)
+            .query_async(redis)
+            .await;
+        n += r.map(|v| v.len()).unwrap_or(0);
+    }
+    n
+}
+
+async fn poll_until<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn rows_present(db: &PgPool, leases: &[String]) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = ANY($1)")
+        .bind(leases)
+        .fetch_one(db)
+        .await
+        .unwrap_or(-1)
+}
+
+/// Waits until every acknowledged settlement has its row and the streams are empty.
+async fn wait_synced(db: &PgPool, ns: &str, ledger: &Ledger, within: Duration) {
+    let mut redis = redis_conn().await;
+    let acked: Vec<String> = ledger.acked.iter().cloned().collect();
+    let ok = poll_until(within, || {
+        let (db, acked) = (db.clone(), acked.clone());
+        let mut redis = redis.clone();
+        async move {
+            rows_present(&db, &acked).await == acked.len() as i64
+                && unsynced(&mut redis, ns).await == 0
+        }
+    })
+    .await;
+    assert!(
+        ok,
+        "within {within:?}: {} of {} acknowledged events in postgres, {} still in the streams",
+        rows_present(db, &acked).await,
+        acked.len(),
+        unsynced(&mut redis, ns).await
+    );
+}
+
+/// Every acknowledged settlement is in Postgres once with what was sent; nothing else is; the
+/// per-key balances and the daily roll-up agree with the rows.
+async fn verify_exactly_once(db: &PgPool, ledger: &Ledger) {
+    let rows: Vec<(String, Option<uuid::Uuid>, i64, i64)> =
+        sqlx::query_as("SELECT event_id, key_id, cost_nanos, total_tokens FROM usage_events")
+            .fetch_all(db)
+            .await
+            .expect("usage rows");
+    let mut seen = HashSet::new();
+    let mut per_key: HashMap<String, i64> = HashMap::new();
+    for (event_id, key_id, cost, tokens) in &rows {
+        assert!(
+            seen.insert(event_id.clone()),
+            "event {event_id} stored twice"
+        );
+        let a = ledger
+            .attempted
+            .get(event_id)
+            .unwrap_or_else(|| panic!("row {event_id} is for a lease the test never settled"));
+        assert_eq!(
+            key_id.map(|k| k.to_string()).as_deref(),
+            Some(a.key_id.as_str()),
+            "{event_id}"
+        );
+        assert_eq!(*cost, a.cost, "cost of {event_id}");
+        assert_eq!(*tokens, a.tokens, "tokens of {event_id}");
+        *per_key.entry(a.key_id.clone()).or_default() += cost;
+    }
+    let missing: Vec<&String> = ledger.acked.iter().filter(|l| !seen.contains(*l)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events missing: {missing:?}",
+        missing.len()
+    );
+
+    let balances: Vec<(String, i64)> =
+        sqlx::query_as("SELECT id::text, balance_used_nanos FROM api_keys")
+            .fetch_all(db)
+            .await
+            .expect("keys");
+    for (id, used) in balances {
+        assert_eq!(
+            used,
+            per_key.get(&id).copied().unwrap_or(0),
+            "balance_used of key {id} differs from the sum of its events"
+        );
+    }
+
+    let disagreeing: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (
+            SELECT key_id, (created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS r,
+                   sum(total_tokens) AS t, sum(cost_nanos) AS c,
+                   COALESCE(sum(response_time_ms), 0) AS rs, count(response_time_ms) AS rc
+            FROM usage_events WHERE key_id IS NOT NULL GROUP BY 1, 2) e
+         FULL JOIN usage_daily d USING (key_id, day)
+         WHERE e.r IS DISTINCT FROM d.requests OR e.t IS DISTINCT FROM d.tokens
+            OR e.c IS DISTINCT FROM d.cost_nanos OR e.rs IS DISTINCT FROM d.response_time_sum
+            OR e.rc IS DISTINCT FROM d.response_time_count",
+    )
+    .fetch_one(db)
+    .await
+    .expect("roll-up comparison");
+    assert_eq!(disagreeing, 0, "usage_daily disagrees with usage_events");
+}
+
+/// Removes the shared database and namespace of a test's processes when the test ends.
+struct Cleanup(HashMap<&'static str, String>);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        cleanup_state(&self.0);
+    }
+}
+
+async fn connect_db(url: &str) -> PgPool {
+    PgPool::connect(url).await.expect("test database reachable")
+}
+
+async fn start_private_pg() -> PrivatePg {
+    tokio::task::spawn_blocking(PrivatePg::start)
+        .await
+        .expect("private postgres started")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normal operation
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() {
+    let app = spawn_app().await;
+    let (key, api_key) = app
+        .create_key(json!({"user_id": "u-sync", "is_standalone": true, "initial_balance_usd": 5}))
+        .await;
+    let id = api_key["id"].as_str().unwrap().to_string();
+    let before = Utc::now();
+    for (cost, input, output, rt) in [(0.012345678, 120, 380, 840), (0.5, 10, 20, 160)] {
+        let (status, admitted) = app
+            .admit(&key, json!({"provider": "openai", "model": "gpt-4o"}))
+            .await;
+        assert_eq!(status, 200, "{admitted}");
+        let res = app
+            .post_data(
+                "/v1/settle",
+                json!({"lease_id": admitted["lease_id"], "cost_usd": cost, "input_tokens": input,
+                       "output_tokens": output, "response_time_ms": rt}),
+            )
+            .await;
+        assert_eq!(res.status(), 200);
+    }
+    let settled = Instant::now();
+
+    let arrived = app
+        .eventually(Duration::from_secs(2), || async {
+            let k: Value = app
+                .admin_get(&format!("/admin/keys/{id}"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            let s: Value = app
+                .admin_get(&format!("/admin/keys/{id}/stats"))
+                .await
+                .json()
+                .await
+                .unwrap();
+            nanos(&k["balance_used_usd"]) == 512_345_678
+                && !k["last_used_at"].is_null()
+                && s["total_requests"] == 2
+        })
+        .await;
+    assert!(arrived, "usage not visible within 2 s of settling");
+    eprintln!(
+        "usage visible {:?} after the last settlement",
+        settled.elapsed()
+    );
+
+    let after = Utc::now();
+    let k: Value = app
+        .admin_get(&format!("/admin/keys/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        nanos(&k["remaining_balance_usd"]),
+        5_000_000_000 - 512_345_678,
+        "{k}"
+    );
+    let last: DateTime<Utc> = k["last_used_at"].as_str().unwrap().parse().unwrap();
+    assert!(
+        last >= before - chrono::Duration::seconds(2)
+            && last <= after + chrono::Duration::seconds(2),
+        "last_used_at {last} outside [{before}, {after}]"
+    );
+
+    let check_stats = |s: &Value| {
+        assert_eq!(s["key_id"], id.as_str(), "{s}");
+        assert_eq!(s["total_requests"], 2, "{s}");
+        assert_eq!(s["total_tokens"], 530, "{s}");
+        assert_eq!(nanos(&s["total_cost_usd"]), 512_345_678, "{s}");
+        assert_eq!(s["avg_response_time_ms"].as_f64(), Some(500.0), "{s}");
+        let daily = s["daily_stats"].as_array().expect("daily_stats");
+        assert!(!daily.is_empty(), "{s}");
+        let (mut r, mut t, mut c) = (0, 0, 0);
+        for d in daily {
+            let date = d["date"].as_str().unwrap();
+            assert!(
+                date >= before.format("%Y-%m-%d").to_string().as_str()
+                    && date <= after.format("%Y-%m-%d").to_string().as_str(),
+                "{s}"
+            );
+            r += d["requests"].as_i64().unwrap();
+            t += d["tokens"].as_i64().unwrap();
+            c += nanos(&d["cost_usd"]);
+        }
+        assert_eq!((r, t, c), (2, 530, 512_345_678), "{s}");
+    };
+    let all: Value = app
+        .admin_get(&format!("/admin/keys/{id}/stats"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    check_stats(&all);
+    // A range that cuts the day on both sides reads the raw rows at the edges: same totals.
+    let range = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    let cut: Value = app
+        .admin_get(&format!(
+            "/admin/keys/{id}/stats?start={}&end={}",
+            range(before - chrono::Duration::seconds(5)),
+            range(after + chrono::Duration::seconds(5))
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    check_stats(&cut);
+    let later: Value = app
+        .admin_get(&format!(
+            "/admin/keys/{id}/stats?start={}",
+            range(after + chrono::Duration::seconds(5))
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(later["total_requests"], 0, "{later}");
+    assert_eq!(later["daily_stats"], json!([]), "{later}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_ranges_count_rows_at_day_boundaries_exactly_once() {
+    let app = spawn_app().await;
+    let (_, api_key) = app.create_key(json!({"user_id": "u-stats"})).await;
+    let id = api_key["id"].as_str().unwrap().to_string();
+    let key = uuid::Uuid::parse_str(&id).unwrap();
+    // Rows on both sides of two midnights, and exactly on them; the roll-up built from them
+    // as the syncer keeps it.
+    let times = [
+        "2025-01-09T12:00:00Z",
+        "2025-01-10T00:00:00Z",
+        "2025-01-10T12:00:00Z",
+        "2025-01-11T00:00:00Z",
+    ];
+    for (i, t) in times.iter().enumerate() {
+        let at: DateTime<Utc> = t.parse().unwrap();
+        sqlx::query(
+            "INSERT INTO usage_events (event_id, key_id, user_id, provider, api_format, model,
+                 input_tokens, output_tokens, total_tokens, cost_nanos, response_time_ms,
+                 status_code, lease_expired, admitted_at, created_at)
+             VALUES ($1, $2, 'u-stats', 'openai', 'openai:chat', 'gpt-4o', 1, 1, 2, $3, 100, 200,
+                 false, $4, $4)",
+        )
+        .bind(format!("boundary-{i}"))
+        .bind(key)
+        .bind(10_i64.pow(i as u32))
+        .bind(at)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    }
+    sqlx::query(
+        "INSERT INTO usage_daily SELECT key_id, (created_at AT TIME ZONE 'UTC')::date, count(*),
+             sum(total_tokens), sum(cost_nanos), sum(response_time_ms), count(response_time_ms)
+         FROM usage_events GROUP BY 1, 2",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    // (start, end, rows counted: bit i = the row at times[i])
+    let cases: [(Option<&str>, Option<&str>, &[usize]); 6] = [
+        (None, None, &[0, 1, 2, 3]),
+        (
+            Some("2025-01-09T06:00:00Z"),
+            Some("2025-01-11T18:00:00Z"),
+            &[0, 1, 2, 3],
+        ),
+        (
+            Some("2025-01-09T06:00:00Z"),
+            Some("2025-01-11T00:00:00Z"),
+            &[0, 1, 2, 3],
+        ),
+        (Some("2025-01-10T00:00:00Z"), None, &[1, 2, 3]),
+        (
+            Some("2025-01-09T13:00:00Z"),
+            Some("2025-01-10T23:59:59.999999Z"),
+            &[1, 2],
+        ),
+        (
+            Some("2025-01-10T00:00:00.000001Z"),
+            Some("2025-01-10T23:59:59Z"),
+            &[2],
+        ),
+    ];
+    for (start, end, rows) in cases {
+        let mut q = Vec::new();
+        if let Some(s) = start {
+            q.push(format!("start={s}"));
+        }
+        if let Some(e) = end {
+            q.push(format!("end={e}"));
+        }
+        let s: Value = app
+            .admin_get(&format!("/admin/keys/{id}/stats?{}", q.join("&")))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let cost: i64 = rows.iter().map(|i| 10_i64.pow(*i as u32)).sum();
+        assert_eq!(s["total_requests"], rows.len(), "{start:?}..{end:?}: {s}");
+        assert_eq!(nanos(&s["total_cost_usd"]), cost, "{start:?}..{end:?}: {s}");
+        let daily_requests: i64 = s["daily_stats"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["requests"].as_i64().unwrap())
+            .sum();
+        assert_eq!(daily_requests, rows.len() as i64, "{start:?}..{end:?}: {s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_batch_changes_nothing_and_a_partly_new_one_counts_only_the_new_events() {
+    // What a crash between the Postgres commit and XACK produces: the batch comes again,
+    // alone or mixed with entries that are new.
+    let app = spawn_app().await;
+    let (_, api_key) = app.create_key(json!({"user_id": "u-redeliver"})).await;
+    let id = api_key["id"].as_str().unwrap().to_string();
+    let key = uuid::Uuid::parse_str(&id).unwrap();
+    let event = |i: usize| {
+        let (input, output) = tokens_of(i);
+        let at = Utc::now();
+        UsageEvent {
+            event_id: format!("redelivered-{i}"),
+            key_id: Some(key),
+            user_id: "u-redeliver".into(),
+            provider: "openai".into(),
+            api_format: "openai:chat".into(),
+            model: "gpt-4o".into(),
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: input + output,
+            cost_nanos: cost_of(i),
+            response_time_ms: Some(100 + i as i64),
+            status_code: Some(200),
+            lease_expired: false,
+            admitted_at: at,
+            settled_at: at,
+        }
+    };
+    let first: Vec<UsageEvent> = (0..10).map(event).collect();
+    assert_eq!(insert_batch(&app.db, &first).await.unwrap(), 10);
+    assert_eq!(insert_batch(&app.db, &first).await.unwrap(), 0);
+    let mixed: Vec<UsageEvent> = (5..20).map(event).collect();
+    assert_eq!(insert_batch(&app.db, &mixed).await.unwrap(), 10);
+
+    let mut ledger = Ledger::default();
+    for e in first.iter().chain(&mixed) {
+        ledger.attempted.insert(
+            e.event_id.clone(),
+            Attempt {
+                key_id: id.clone(),
+                cost: e.cost_nanos,
+                tokens: e.total_tokens,
+            },
+        );
+        ledger.acked.insert(e.event_id.clone());
+    }
+    assert_eq!(ledger.acked.len(), 20);
+    verify_exactly_once(&app.db, &ledger).await;
+    let k: Value = app
+        .admin_get(&format!("/admin/keys/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        nanos(&k["balance_used_usd"]),
+        (0..20).map(cost_of).sum::<i64>(),
+        "{k}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Crashes
+
+/// Settles 300 events, kills the process with SIGKILL at once, starts a new one on the same
+/// database and namespace, and checks every event arrives exactly once.
+async fn crash_and_restart(same_consumer: bool) {
+    let mut settings = base_settings();
+    if same_consumer {
+        // Only the restarted consumer's re-read of its own pending entries can recover what the
+        // dead one held: a claim would wait a minute.
+        settings.insert("TOLLGATE_SYNC_CONSUMER", "crash-replica".into());
+        settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "60".into());
+    } else {
+        // The new process is a new consumer (its name carries its port): it must claim.
+        settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "1".into());
+    }
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut first = TollgateProcess::start(&settings).await;
+    let keys = Arc::new(create_keys_in_shards(&first, 4).await);
+    let ledger = Shared::default();
+    let failed = drive(
+        first.http.clone(),
+        first.data.clone(),
+        keys,
+        0..300,
+        16,
+        ledger.clone(),
+    )
+    .await;
+    assert_eq!(failed, 0, "the server was up throughout");
+    first.kill9();
+
+    let db = connect_db(&settings["TOLLGATE_DATABASE_URL"]).await;
+    let mut redis = redis_conn().await;
+    let at_kill: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    eprintln!(
+        "at the kill: {at_kill} of 300 in postgres, {} in the streams",
+        unsynced(&mut redis, &ns).await
+    );
+
+    let second = TollgateProcess::start(&settings).await;
+    let ledger = merged(&[&ledger]);
+    assert_eq!(ledger.acked.len(), 300);
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(40)).await;
+    verify_exactly_once(&db, &ledger).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(total, 300);
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_9_a_new_replica_syncs_every_event_exactly_once() {
+    crash_and_restart(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_kill_9_a_restart_under_the_same_consumer_name_syncs_every_event_exactly_once() {
+    crash_and_restart(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowledged_deliveries() {
+    // With Postgres down the consumer certainly holds delivered, unacknowledged entries when
+    // it is killed; a claim would take a minute, so only its own re-read can recover them.
+    let mut pg = start_private_pg().await;
+    let mut settings = base_settings();
+    let db_url = pg.url(&unique("tollgate_t_"));
+    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    settings.insert("TOLLGATE_SYNC_CONSUMER", "solo".into());
+    settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "60".into());
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut first = TollgateProcess::start(&settings).await;
+    let keys = Arc::new(create_keys_in_shards(&first, 3).await);
+    let db = connect_db(&db_url).await;
+    let warm = Shared::default();
+    assert_eq!(
+        drive(
+            first.http.clone(),
+            first.data.clone(),
+            keys.clone(),
+            0..6,
+            3,
+            warm.clone()
+        )
+        .await,
+        0
+    );
+    wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
+    db.close().await;
+
+    tokio::task::block_in_place(|| pg.stop());
+    let during = Shared::default();
+    assert_eq!(
+        drive(
+            first.http.clone(),
+            first.data.clone(),
+            keys.clone(),
+            6..66,
+            4,
+            during.clone()
+        )
+        .await,
+        0
+    );
+    let mut redis = redis_conn().await;
+    let held = poll_until(Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        let ns = ns.clone();
+        async move { pending_of(&mut redis, &ns, "solo").await > 0 }
+    })
+    .await;
+    assert!(
+        held,
+        "the consumer never took delivery of an event\n{}",
+        first.logs()
+    );
+    first.kill9();
+    let orphaned = pending_of(&mut redis, &ns, "solo").await;
+    eprintln!("killed holding {orphaned} entries");
+
+    tokio::task::block_in_place(|| pg.restart());
+    let started = Instant::now();
+    let second = TollgateProcess::start(&settings).await;
+    let db = connect_db(&db_url).await;
+    let ledger = merged(&[&warm, &during]);
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(40)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(55),
+        "recovered by a claim, not by the re-read"
+    );
+    verify_exactly_once(&db, &ledger).await;
+    assert_eq!(pending_of(&mut redis, &ns, "solo").await, 0);
+    db.close().await;
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_one_of_two_replicas_is_killed_mid_burst_every_event_arrives_exactly_once() {
+    let mut settings = base_settings();
+    settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "1".into());
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut a_settings = settings.clone();
+    a_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-a".into());
+    let mut b_settings = settings.clone();
+    b_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-b".into());
+    let mut a = TollgateProcess::start(&a_settings).await;
+    let b = TollgateProcess::start(&b_settings).await;
+    let keys = Arc::new(create_keys_in_shards(&a, 4).await);
+
+    let (la, lb) = (Shared::default(), Shared::default());
+    let drive_a = tokio::spawn(drive(
+        a.http.clone(),
+        a.data.clone(),
+        keys.clone(),
+        0..400,
+        8,
+        la.clone(),
+    ));
+    let drive_b = tokio::spawn(drive(
+        b.http.clone(),
+        b.data.clone(),
+        keys.clone(),
+        400..700,
+        8,
+        lb.clone(),
+    ));
+    let midway = poll_until(Duration::from_secs(60), || {
+        let la = la.clone();
+        async move { acked(&la) >= 120 }
+    })
+    .await;
+    assert!(midway, "replica a settled only {} in 60 s", acked(&la));
+    a.kill9();
+    let mut redis = redis_conn().await;
+    eprintln!(
+        "killed replica a after {} settlements; it held {} unacknowledged entries",
+        acked(&la),
+        pending_of(&mut redis, &ns, "replica-a").await
+    );
+    let failed_a = drive_a.await.unwrap();
+    assert!(failed_a > 0, "replica a's driver saw the kill");
+    let failed_b = drive_b.await.unwrap();
+    assert_eq!(failed_b, 0, "replica b stayed up");
+    assert_eq!(acked(&lb), 300);
+
+    let db = connect_db(&settings["TOLLGATE_DATABASE_URL"]).await;
+    let ledger = merged(&[&la, &lb]);
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(60)).await;
+    verify_exactly_once(&db, &ledger).await;
+    assert_eq!(
+        pending_of(&mut redis, &ns, "replica-a").await,
+        0,
+        "the dead replica's entries were claimed"
+    );
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_replicas_delivered_but_unsynced_events_are_claimed_by_the_survivor() {
+    // Postgres down makes both consumers hold delivered, unacknowledged entries for certain;
+    // then one of them dies.
+    let mut pg = start_private_pg().await;
+    let mut settings = base_settings();
+    let db_url = pg.url(&unique("tollgate_t_"));
+    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    // Longer than a live consumer's retry cycle (its re-reads keep its entries fresh), so the
+    // survivor claims only from the dead.
+    settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "10".into());
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut a_settings = settings.clone();
+    a_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-a".into());
+    let mut b_settings = settings.clone();
+    b_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-b".into());
+    let mut a = TollgateProcess::start(&a_settings).await;
+    let b = TollgateProcess::start(&b_settings).await;
+    let keys = Arc::new(create_keys_in_shards(&a, 4).await);
+    let db = connect_db(&db_url).await;
+
+    // Hydrate every key while Postgres is up.
+    let warm = Shared::default();
+    assert_eq!(
+        drive(
+            a.http.clone(),
+            a.data.clone(),
+            keys.clone(),
+            0..8,
+            4,
+            warm.clone()
+        )
+        .await,
+        0
+    );
+    wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
+    db.close().await;
+
+    tokio::task::block_in_place(|| pg.stop());
+    let (la, lb) = (Shared::default(), Shared::default());
+    let (fa, fb) = tokio::join!(
+        drive(
+            a.http.clone(),
+            a.data.clone(),
+            keys.clone(),
+            8..68,
+            4,
+            la.clone()
+        ),
+        drive(
+            b.http.clone(),
+            b.data.clone(),
+            keys.clone(),
+            68..128,
+            4,
+            lb.clone()
+        ),
+    );
+    assert_eq!((fa, fb), (0, 0), "settlements go on while postgres is down");
+    let mut redis = redis_conn().await;
+    let held = poll_until(Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        let ns = ns.clone();
+        async move { pending_of(&mut redis, &ns, "replica-a").await > 0 }
+    })
+    .await;
+    assert!(
+        held,
+        "replica a never took delivery of an event\n{}",
+        a.logs()
+    );
+    a.kill9();
+    let orphaned = pending_of(&mut redis, &ns, "replica-a").await;
+    assert!(orphaned > 0);
+    eprintln!("replica a died holding {orphaned} entries");
+
+    tokio::task::block_in_place(|| pg.restart());
+    let db = connect_db(&db_url).await;
+    let ledger = merged(&[&warm, &la, &lb]);
+    assert_eq!(ledger.acked.len(), 128);
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(90)).await;
+    verify_exactly_once(&db, &ledger).await;
+    assert_eq!(pending_of(&mut redis, &ns, "replica-a").await, 0);
+    db.close().await;
+    drop(b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outages
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_postgres_is_down_admission_and_settlement_go_on_and_usage_waits_in_redis() {
+    let mut pg = start_private_pg().await;
+    let mut settings = base_settings();
+    let db_url = pg.url(&unique("tollgate_t_"));
+    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let p = TollgateProcess::start(&settings).await;
+    let keys = Arc::new(create_keys_in_shards(&p, 3).await);
+    let db = connect_db(&db_url).await;
+
+    let before = Shared::default();
+    assert_eq!(
+        drive(
+            p.http.clone(),
+            p.data.clone(),
+            keys.clone(),
+            0..30,
+            4,
+            before.clone()
+        )
+        .await,
+        0
+    );
+    wait_synced(&db, &ns, &merged(&[&before]), Duration::from_secs(20)).await;
+    db.close().await;
+
+    tokio::task::block_in_place(|| pg.stop());
+    let during = Shared::default();
+    let failed = drive(
+        p.http.clone(),
+        p.data.clone(),
+        keys.clone(),
+        30..130,
+        4,
+        during.clone(),
+    )
+    .await;
+    assert_eq!(failed, 0);
+    assert_eq!(
+        acked(&during),
+        100,
+        "every admission and settlement answered 200"
+    );
+    // Nothing can sync, so the gauge must come to exactly what was settled meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut pending = p.metric("tollgate_usage_events_pending").await;
+    while pending != Some(100.0) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pending = p.metric("tollgate_usage_events_pending").await;
+    }
+    assert_eq!(
+        pending,
+        Some(100.0),
+        "tollgate_usage_events_pending while postgres is down"
+    );
+    let lag = p
+        .metric("tollgate_usage_sync_lag_seconds")
+        .await
+        .expect("lag gauge");
+    assert!(lag > 0.0, "sync lag {lag} while postgres is down");
+
+    tokio::task::block_in_place(|| pg.restart());
+    let db = connect_db(&db_url).await;
+    let ledger = merged(&[&before, &during]);
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(60)).await;
+    verify_exactly_once(&db, &ledger).await;
+    let drained = poll_until(Duration::from_secs(20), || async {
+        p.metric("tollgate_usage_events_pending").await == Some(0.0)
+    })
+    .await;
+    assert!(drained, "pending gauge did not return to 0");
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_redis_rehydrates_keys_with_the_synced_balance_and_charges_nothing_twice() {
+    let app = spawn_app().await;
+    let (key, api_key) = app
+        .create_key(
+            json!({"user_id": "u-sync", "is_standalone": true, "initial_balance_usd": 10,
+                           "rate_limit": null, "concurrent_limit": null}),
+        )
+        .await;
+    let id = api_key["id"].as_str().unwrap().to_string();
+    let keys = Arc::new(vec![(key.clone(), id.clone())]);
+    let ledger = Shared::default();
+    assert_eq!(
+        drive(
+            app.http.clone(),
+            app.data.clone(),
+            keys.clone(),
+            0..15,
+            3,
+            ledger.clone()
+        )
+        .await,
+        0
+    );
+    let first: i64 = (0..15).map(cost_of).sum();
+    wait_synced(
+        &app.db,
+        &app.namespace,
+        &merged(&[&ledger]),
+        Duration::from_secs(20),
+    )
+    .await;
+
+    app.wipe_namespace().await;
+    // The syncer may already have re-created its (empty) streams; no key state may survive.
+    let left: Vec<String> = app
+        .namespace_keys()
+        .await
+        .into_iter()
+        .filter(|k| !k.ends_with("}:u"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // The next admission rehydrates from Postgres: the balance already used is what was synced.
+    let (status, admitted) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "{admitted}");
+    assert_eq!(
+        nanos(&admitted["balance_remaining_usd"]),
+        10_000_000_000 - first,
+        "{admitted}"
+    );
+    let (status, _) = app.release(admitted["lease_id"].as_str().unwrap()).await;
+    assert_eq!(status, 200);
+
+    assert_eq!(
+        drive(
+            app.http.clone(),
+            app.data.clone(),
+            keys.clone(),
+            15..30,
+            3,
+            ledger.clone()
+        )
+        .await,
+        0
+    );
+    let all: i64 = (0..30).map(cost_of).sum();
+    let ledger = merged(&[&ledger]);
+    wait_synced(&app.db, &app.namespace, &ledger, Duration::from_secs(20)).await;
+    verify_exactly_once(&app.db, &ledger).await;
+
+    let k: Value = app
+        .admin_get(&format!("/admin/keys/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(nanos(&k["balance_used_usd"]), all, "{k}");
+    let (status, admitted) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "{admitted}");
+    assert_eq!(
+        nanos(&admitted["balance_remaining_usd"]),
+        10_000_000_000 - all,
+        "{admitted}"
+    );
+    let stats: Value = app
+        .admin_get(&format!("/admin/keys/{id}/stats"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(stats["total_requests"], 30, "{stats}");
+    assert_eq!(nanos(&stats["total_cost_usd"]), all, "{stats}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shutdown
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_burst_exits_0_with_everything_settled_in_postgres() {
+    let settings = base_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut p = TollgateProcess::start(&settings).await;
+    let keys = Arc::new(create_keys_in_shards(&p, 4).await);
+    let ledger = Shared::default();
+    let burst = tokio::spawn(drive(
+        p.http.clone(),
+        p.data.clone(),
+        keys,
+        0..1_000_000,
+        12,
+        ledger.clone(),
+    ));
+    let busy = poll_until(Duration::from_secs(60), || {
+        let l = ledger.clone();
+        async move { acked(&l) >= 200 }
+    })
+    .await;
+    assert!(busy, "only {} settlements in 60 s", acked(&ledger));
+    let before_signal: Vec<String> = ledger.lock().unwrap().acked.iter().cloned().collect();
+    let signalled = Instant::now();
+    p.signal_term();
+    let status = p.wait_exit(Duration::from_secs(25)).await;
+    let Some(status) = status else {
+        panic!("no exit within 25 s of SIGTERM\n{}", p.logs());
+    };
+    eprintln!("exited {:?} after SIGTERM: {status}", signalled.elapsed());
+    assert!(status.success(), "exit status {status}\n{}", p.logs());
+    assert!(
+        burst.await.unwrap() > 0,
+        "the burst was still running at the signal"
+    );
+
+    // The process is gone: what is in Postgres now is what its shutdown flushed.
+    let db = connect_db(&settings["TOLLGATE_DATABASE_URL"]).await;
+    assert_eq!(
+        rows_present(&db, &before_signal).await,
+        before_signal.len() as i64,
+        "settlements acknowledged before the signal are in postgres"
+    );
+    let mut redis = redis_conn().await;
+    assert_eq!(
+        unsynced(&mut redis, &ns).await,
+        0,
+        "the shutdown left events behind in redis\n{}",
+        p.logs()
+    );
+    verify_exactly_once(&db, &merged(&[&ledger])).await;
+    db.close().await;
+}
+
+/// An event Postgres refuses for its data (here a NUL byte, which Postgres text cannot hold)
+/// does not block its shard: the batch is retried event by event, the bad one moves to the
+/// shard's dead-letter stream with the reason, and the good ones of the same batch, and later
+/// ones, still arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing() {
+    let app = spawn_app().await;
+    let (key, api_key) = app.create_key(serde_json::json!({"user_id": "u-dl"})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let layout = tollgate::hot::layout::Layout::new(&app.namespace);
+    let stream = layout.for_hash(&tollgate::keys::hash(&key)).stream();
+    let mut c = app.redis.clone();
+    let now = chrono::Utc::now().timestamp_millis().to_string();
+    for (event, model) in [("poison-1", "bad\u{0}model"), ("good-1", "gpt-4o")] {
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg(&[
+                ("e", event),
+                ("k", key_id.as_str()),
+                ("u", "u-dl"),
+                ("c", "1000"),
+                ("it", "1"),
+                ("ot", "1"),
+                ("tt", "2"),
+                ("rt", "5"),
+                ("sc", "200"),
+                ("p", "openai"),
+                ("f", "openai:chat"),
+                ("m", model),
+                ("at", now.as_str()),
+                ("ts", now.as_str()),
+                ("x", "0"),
+            ])
+            .query_async(&mut c)
+            .await
+            .expect("xadd");
+    }
+    let arrived = app
+        .eventually(std::time::Duration::from_secs(10), || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = 'good-1'")
+                    .fetch_one(&app.db)
+                    .await
+                    .expect("count");
+            n == 1
+        })
+        .await;
+    assert!(
+        arrived,
+        "the good event of the poisoned batch reached Postgres"
+    );
+    let dead: Vec<redis::streams::StreamId> = {
+        let r: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(format!("{stream}:dead"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut c)
+            .await
+            .expect("xrange");
+        r.ids
+    };
+    assert_eq!(dead.len(), 1, "one dead-lettered event");
+    assert_eq!(dead[0].get::<String>("e").as_deref(), Some("poison-1"));
+    assert!(dead[0]
+        .get::<String>("error")
+        .is_some_and(|e| !e.is_empty()));
+
+    // The shard still flows: a real settlement after the poison arrives too.
+    let (_, body) = app.admit(&key, serde_json::json!({})).await;
+    let lease = body["lease_id"].as_str().expect("lease").to_string();
+    let (status, _) = app.settle(&lease, 0.5).await;
+    assert_eq!(status, 200);
+    let arrived = app
+        .eventually(std::time::Duration::from_secs(10), || async {
+            let n: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = $1")
+                    .bind(&lease)
+                    .fetch_one(&app.db)
+                    .await
+                    .expect("count");
+            n == 1
+        })
+        .await;
+    assert!(arrived, "later events of the shard still arrive");
+}
