@@ -113,23 +113,33 @@ impl Gate {
         decision
     }
 
-    async fn decide(&self, args: AdmitArgs<'_>) -> Decision {
-        match self.hot.admit(args).await {
-            Ok(ScriptAdmit::Allowed(grant)) => {
-                self.remember(args.key_hash, &grant);
-                Decision::Allowed {
+    /// The script's answer as a decision; `None` for a miss.
+    fn answered(&self, key_hash: &str, answer: ScriptAdmit) -> Option<Decision> {
+        match answer {
+            ScriptAdmit::Allowed(grant) => {
+                self.remember(key_hash, &grant);
+                Some(Decision::Allowed {
                     grant,
                     fail_open: false,
-                }
+                })
             }
-            Ok(ScriptAdmit::Denied {
+            ScriptAdmit::Denied {
                 code,
                 retry_after_ms,
-            }) => Decision::Denied {
+            } => Some(Decision::Denied {
                 code,
                 retry_after_ms,
+            }),
+            ScriptAdmit::Miss => None,
+        }
+    }
+
+    async fn decide(&self, args: AdmitArgs<'_>) -> Decision {
+        match self.hot.admit(args).await {
+            Ok(answer) => match self.answered(args.key_hash, answer) {
+                Some(decision) => decision,
+                None => self.after_miss(args).await,
             },
-            Ok(ScriptAdmit::Miss) => self.after_miss(args).await,
             Err(e) => {
                 self.metrics.redis_error(e.kind());
                 tracing::warn!(error = %e, "admission could not reach redis");
@@ -180,22 +190,10 @@ impl Gate {
             return Decision::deny(DenyCode::KeyInvalid);
         }
         match self.hot.admit(args).await {
-            Ok(ScriptAdmit::Allowed(grant)) => {
-                self.remember(args.key_hash, &grant);
-                Decision::Allowed {
-                    grant,
-                    fail_open: false,
-                }
-            }
-            Ok(ScriptAdmit::Denied {
-                code,
-                retry_after_ms,
-            }) => Decision::Denied {
-                code,
-                retry_after_ms,
-            },
-            // Deleted between the hydration and now.
-            Ok(ScriptAdmit::Miss) => Decision::deny(DenyCode::Unavailable),
+            // A miss again: deleted between the hydration and now.
+            Ok(answer) => self
+                .answered(args.key_hash, answer)
+                .unwrap_or_else(|| Decision::deny(DenyCode::Unavailable)),
             Err(e) => {
                 self.metrics.redis_error(e.kind());
                 Decision::deny(DenyCode::Unavailable)

@@ -209,33 +209,21 @@ pub async fn update(pool: &PgPool, id: Uuid, p: KeyPatch) -> Result<Option<KeyRo
     let Some(mut r) = lock(&mut tx, id).await? else {
         return Ok(None);
     };
-    if let Some(v) = p.name {
-        r.name = v;
+    // Absent fields stay; present ones (including `null`, already `Some(None)`) replace.
+    macro_rules! apply {
+        ($($field:ident),*) => { $( if let Some(v) = p.$field { r.$field = v; } )* };
     }
-    if let Some(v) = p.allowed_providers {
-        r.allowed_providers = v;
-    }
-    if let Some(v) = p.allowed_api_formats {
-        r.allowed_api_formats = v;
-    }
-    if let Some(v) = p.allowed_models {
-        r.allowed_models = v;
-    }
-    if let Some(v) = p.rate_limit {
-        r.rate_limit = v;
-    }
-    if let Some(v) = p.concurrent_limit {
-        r.concurrent_limit = v;
-    }
-    if let Some(v) = p.is_active {
-        r.is_active = v;
-    }
-    if let Some(v) = p.expires_at {
-        r.expires_at = v;
-    }
-    if let Some(v) = p.auto_delete_on_expiry {
-        r.auto_delete_on_expiry = v;
-    }
+    apply!(
+        name,
+        allowed_providers,
+        allowed_api_formats,
+        allowed_models,
+        rate_limit,
+        concurrent_limit,
+        is_active,
+        expires_at,
+        auto_delete_on_expiry
+    );
     let row = write_back(&mut tx, &r).await?;
     tx.commit().await?;
     Ok(Some(row))
