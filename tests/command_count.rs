@@ -2,8 +2,9 @@
 //!
 //! A TCP proxy between tollgate and Redis parses every RESP command the client sends and counts
 //! it by name. `INFO commandstats` would not do: it also counts the commands a script runs.
-//! tollgate's usage syncer shares the connection and polls the streams with X* commands; those
-//! are allowed during the measured phases, anything else (EVAL, SCRIPT, HGET, PING …) is not.
+//! tollgate's usage syncer shares the connection: it polls the streams with X* commands and
+//! acknowledges with its own script (`lua/ack.lua`, told apart by its SHA); those are allowed
+//! during the measured phases, anything else (EVAL, SCRIPT, HGET, PING …) is not.
 
 mod common;
 
@@ -28,7 +29,20 @@ const SYNCER_COMMANDS: &[&str] = &[
     "XACK",
     "XDEL",
     "XGROUP",
+    ACK,
 ];
+
+/// How the counter names an `EVALSHA` of the syncer's acknowledgement script.
+const ACK: &str = "EVALSHA(ack)";
+
+fn ack_sha() -> &'static str {
+    static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SHA.get_or_init(|| {
+        redis::Script::new(include_str!("../lua/ack.lua"))
+            .get_hash()
+            .to_string()
+    })
+}
 
 /// A counting proxy in front of the test Redis.
 struct RespCounter {
@@ -142,6 +156,9 @@ fn parse_command(buf: &[u8]) -> Option<(usize, String)> {
         }
         if i == 0 {
             name = String::from_utf8_lossy(&buf[next..next + len]).to_uppercase();
+        }
+        if i == 1 && name == "EVALSHA" && &buf[next..next + len] == ack_sha().as_bytes() {
+            name = ACK.to_string();
         }
         at = next + len + 2;
     }

@@ -17,7 +17,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
 use tokio::sync::Notify;
 
 /// Why a Redis call failed, split the way an operator acts on it.
@@ -207,27 +207,6 @@ impl Redis {
                 Value::ServerError(e) => Err(RedisError::from(e).into()),
                 v => Ok(v),
             }
-        };
-        tokio::time::timeout(self.inner.timeout, call)
-            .await
-            .unwrap_or(Err(RedisFailure::Timeout))
-    }
-
-    /// Sends a pipeline (one round trip), bounded by the configured deadline (connecting
-    /// included).
-    pub async fn pipeline(&self, pipe: &Pipeline) -> Result<Vec<Value>, RedisFailure> {
-        let n = pipe.len();
-        let call = async {
-            let values = match self.connection().await? {
-                Conn::Single(mut c) => c.req_packed_commands(pipe, 0, n).await?,
-                Conn::Cluster(mut c) => c.req_packed_commands(pipe, 0, n).await?,
-            };
-            for v in &values {
-                if let Value::ServerError(e) = v {
-                    return Err(RedisError::from(e.clone()).into());
-                }
-            }
-            Ok(values)
         };
         tokio::time::timeout(self.inner.timeout, call)
             .await

@@ -85,6 +85,7 @@ pub struct Scripts {
     pub settle: Script,
     pub release: Script,
     pub hydrate: Script,
+    pub ack: Script,
 }
 
 impl Default for Scripts {
@@ -94,6 +95,7 @@ impl Default for Scripts {
             settle: Script::new("settle", include_str!("../../lua/settle.lua")),
             release: Script::new("release", include_str!("../../lua/release.lua")),
             hydrate: Script::new("hydrate", include_str!("../../lua/hydrate.lua")),
+            ack: Script::new("ack", include_str!("../../lua/ack.lua")),
         }
     }
 }
@@ -105,7 +107,13 @@ impl Scripts {
         if redis.is_cluster() {
             return;
         }
-        for s in [&self.admit, &self.settle, &self.release, &self.hydrate] {
+        for s in [
+            &self.admit,
+            &self.settle,
+            &self.release,
+            &self.hydrate,
+            &self.ack,
+        ] {
             let mut cmd = redis::cmd("SCRIPT");
             cmd.arg("LOAD").arg(s.source);
             if let Err(e) = redis.query(&cmd).await {

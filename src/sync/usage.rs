@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::hot::redis::{Redis, RedisFailure};
+use crate::hot::scripts::{ScriptArg, Scripts};
 use crate::metrics::Metrics;
 use crate::store::usage::{insert_batch, UsageEvent};
 use crate::store::StoreError;
@@ -39,6 +40,7 @@ pub struct Syncer {
     /// Shards where this consumer may hold delivered-but-unacknowledged entries.
     own_pending: Vec<bool>,
     claim_idle: Duration,
+    scripts: Scripts,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,7 @@ impl Syncer {
             consumer,
             own_pending: vec![true; n],
             claim_idle: CLAIM_IDLE,
+            scripts: Scripts::default(),
         }
     }
 
@@ -181,11 +184,11 @@ impl Syncer {
     }
 
     async fn ack(&self, stream: &str, ids: &[String]) -> Result<(), RedisFailure> {
-        // XACK then XDEL in one pipeline: one round trip, one slot.
-        let mut pipe = redis::pipe();
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids);
-        pipe.cmd("XDEL").arg(stream).arg(ids);
-        self.redis.pipeline(&pipe).await?;
+        // XACK and XDEL together, atomically (lua/ack.lua).
+        let mut args = Vec::with_capacity(ids.len() + 1);
+        args.push(ScriptArg::Str(GROUP));
+        args.extend(ids.iter().map(|id| ScriptArg::Str(id)));
+        self.scripts.ack.run(&self.redis, &[stream], &args).await?;
         Ok(())
     }
 
