@@ -112,6 +112,11 @@ pub struct HotPath {
 /// A lease record outlives its lease by this much: an upstream call that outran the lease TTL
 /// can still be settled (and charged) this long after the lease expired.
 pub const LATE_SETTLE_GRACE: Duration = Duration::from_secs(3600);
+/// A settled lease is remembered this long, so a retried settlement answers `duplicate`
+/// (later it answers `lease_unknown`; either way nothing is charged twice). Every settlement
+/// leaves one such tombstone, so this window, times the settlement rate, is what they cost in
+/// Redis memory (about 150 bytes each).
+pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 /// An unknown key hash is remembered as unknown for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
 
@@ -163,7 +168,7 @@ impl HotPath {
             window_ms: ms(window),
             lease_ttl_ms: ms(lease_ttl),
             record_ttl_ms: ms(lease_ttl + LATE_SETTLE_GRACE),
-            tombstone_ttl_ms: ms(lease_ttl + LATE_SETTLE_GRACE),
+            tombstone_ttl_ms: ms(DUPLICATE_WINDOW),
             negative_ttl_ms: ms(NEGATIVE_TTL),
         }
     }

@@ -1,0 +1,288 @@
+//! The Redis ceiling: tollgate's own scripts run straight on Redis, pipelined over many
+//! connections, with nothing in between. What one Redis can do for this work bounds what
+//! tollgate can do through HTTP; the report shows the HTTP phase as a share of it.
+//!
+//! Two measurements, on keys that tollgate created and hydrated (so the state hash is the one
+//! tollgate wrote) and that never deny (so every call takes the whole allow path):
+//! - `admit`: `admit.lua` alone, the admission decision;
+//! - `flow`: `admit.lua` then `settle.lua` for the same lease, exactly the Redis work of one
+//!   admit-and-settle flow of the HTTP phase (the settle appends the usage event to the shard
+//!   stream, which tollgate's syncer then drains into Postgres as it would in production).
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use redis::{FromRedisValue, Value};
+use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
+
+use crate::load::histogram;
+
+pub const ADMIT_LUA: &str = include_str!("../../lua/admit.lua");
+pub const SETTLE_LUA: &str = include_str!("../../lua/settle.lua");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    Admit,
+    Flow,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub redis_url: String,
+    pub keys: Vec<KeyRedisKeys>,
+    pub connections: usize,
+    pub pipeline: usize,
+    pub duration: Duration,
+    pub window_ms: u64,
+    pub lease_ttl_ms: u64,
+    pub record_ttl_ms: u64,
+    pub max_cost_nanos: i64,
+}
+
+pub struct Outcome {
+    pub elapsed: Duration,
+    /// Flows (or admissions) that completed the allow path.
+    pub completed: u64,
+    /// Replies other than a grant/settlement, by kind: must stay empty.
+    pub other: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub error_sample: Option<String>,
+    /// Round trip of one pipeline.
+    pub batch: Histogram<u64>,
+    /// Per key index: settled cost and count (flow only).
+    pub cost: HashMap<usize, (i64, u64)>,
+    /// Lease records left behind (admit only), for clean-up.
+    pub leftovers: Vec<String>,
+}
+
+pub async fn load_scripts(redis_url: &str) -> Result<(String, String), String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let mut shas = Vec::new();
+    for src in [ADMIT_LUA, SETTLE_LUA] {
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(src)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
+        shas.push(sha);
+    }
+    Ok((shas[0].clone(), shas[1].clone()))
+}
+
+fn kind(v: &Value) -> String {
+    match Vec::<String>::from_redis_value(v.clone()) {
+        Ok(parts) => match parts.as_slice() {
+            [first, code, ..] if first == "deny" => format!("deny:{code}"),
+            [first, ..] => first.clone(),
+            [] => "empty".into(),
+        },
+        Err(_) => format!("{v:?}").chars().take(80).collect(),
+    }
+}
+
+fn first_is(v: &Value, what: &str) -> bool {
+    match v {
+        Value::Array(items) => {
+            matches!(items.first(), Some(Value::BulkString(b)) if b == what.as_bytes())
+        }
+        _ => false,
+    }
+}
+
+pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
+    let (admit_sha, settle_sha) = load_scripts(&plan.redis_url).await?;
+    let client = redis::Client::open(plan.redis_url.as_str()).map_err(|e| e.to_string())?;
+    let mut conns = Vec::new();
+    for _ in 0..plan.connections.max(1) {
+        conns.push(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("redis: {e}"))?,
+        );
+    }
+    let started = Instant::now();
+    let deadline = started + plan.duration;
+    let mut tasks = Vec::new();
+    for (ci, mut conn) in conns.into_iter().enumerate() {
+        let plan = plan.clone();
+        let (admit_sha, settle_sha) = (admit_sha.clone(), settle_sha.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome {
+                elapsed: Duration::ZERO,
+                completed: 0,
+                other: BTreeMap::new(),
+                errors: 0,
+                error_sample: None,
+                batch: histogram(),
+                cost: HashMap::new(),
+                leftovers: Vec::new(),
+            };
+            let mut rng = SmallRng::from_entropy();
+            let mut next = ci * 7919;
+            while Instant::now() < deadline {
+                let mut pipe = redis::pipe();
+                let mut batch: Vec<(usize, String)> = Vec::with_capacity(plan.pipeline);
+                for _ in 0..plan.pipeline {
+                    next = (next + 1) % plan.keys.len();
+                    let k = &plan.keys[next];
+                    let nonce = new_nonce();
+                    pipe.cmd("EVALSHA")
+                        .arg(&admit_sha)
+                        .arg(5)
+                        .arg(&k.state)
+                        .arg(&k.rate)
+                        .arg(&k.live)
+                        .arg(&k.holds)
+                        .arg(k.lease(&nonce))
+                        .arg(plan.window_ms)
+                        .arg(plan.lease_ttl_ms)
+                        .arg(plan.record_ttl_ms)
+                        .arg(&nonce)
+                        .arg("openai")
+                        .arg("openai:chat")
+                        .arg("gpt-4o")
+                        .arg(0);
+                    batch.push((next, nonce));
+                }
+                let t0 = Instant::now();
+                let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        out.errors += 1;
+                        out.error_sample.get_or_insert_with(|| e.to_string());
+                        continue;
+                    }
+                };
+                let mut granted = Vec::with_capacity(batch.len());
+                for (v, (idx, nonce)) in replies.iter().zip(batch) {
+                    if first_is(v, "ok") {
+                        granted.push((idx, nonce));
+                    } else {
+                        *out.other.entry(kind(v)).or_default() += 1;
+                    }
+                }
+                if work == Work::Admit {
+                    out.batch
+                        .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
+                    out.completed += granted.len() as u64;
+                    out.leftovers
+                        .extend(granted.iter().map(|(i, n)| plan.keys[*i].lease(n)));
+                    continue;
+                }
+                let mut pipe = redis::pipe();
+                let mut costs = Vec::with_capacity(granted.len());
+                for (idx, nonce) in &granted {
+                    let k = &plan.keys[*idx];
+                    let cost = rng.gen_range(0..=plan.max_cost_nanos);
+                    costs.push((*idx, cost));
+                    pipe.cmd("EVALSHA")
+                        .arg(&settle_sha)
+                        .arg(5)
+                        .arg(&k.state)
+                        .arg(&k.live)
+                        .arg(&k.holds)
+                        .arg(k.lease(nonce))
+                        .arg(k.stream())
+                        .arg(cost)
+                        .arg(120)
+                        .arg(380)
+                        .arg(-1)
+                        .arg(840)
+                        .arg(200)
+                        .arg("")
+                        .arg("")
+                        .arg("")
+                        .arg(plan.record_ttl_ms)
+                        .arg(k.lease_id(nonce));
+                }
+                let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        out.errors += 1;
+                        out.error_sample.get_or_insert_with(|| e.to_string());
+                        continue;
+                    }
+                };
+                out.batch
+                    .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
+                for (v, (idx, cost)) in replies.iter().zip(costs) {
+                    if first_is(v, "settled") {
+                        out.completed += 1;
+                        let e = out.cost.entry(idx).or_default();
+                        e.0 += cost;
+                        e.1 += 1;
+                    } else {
+                        *out.other.entry(format!("settle:{}", kind(v))).or_default() += 1;
+                    }
+                }
+            }
+            out
+        }));
+    }
+    let mut all = Outcome {
+        elapsed: Duration::ZERO,
+        completed: 0,
+        other: BTreeMap::new(),
+        errors: 0,
+        error_sample: None,
+        batch: histogram(),
+        cost: HashMap::new(),
+        leftovers: Vec::new(),
+    };
+    for t in tasks {
+        let o = t.await.map_err(|e| e.to_string())?;
+        all.completed += o.completed;
+        for (k, v) in o.other {
+            *all.other.entry(k).or_default() += v;
+        }
+        all.errors += o.errors;
+        if all.error_sample.is_none() {
+            all.error_sample = o.error_sample;
+        }
+        let _ = all.batch.add(&o.batch);
+        for (k, (c, n)) in o.cost {
+            let e = all.cost.entry(k).or_default();
+            e.0 += c;
+            e.1 += n;
+        }
+        all.leftovers.extend(o.leftovers);
+    }
+    all.elapsed = started.elapsed();
+    Ok(all)
+}
+
+/// Removes what the admit-only measurement left: its lease records, and the ceiling keys'
+/// live-lease and rate logs (nobody else uses those keys).
+pub async fn clean_up(
+    redis_url: &str,
+    keys: &[KeyRedisKeys],
+    leftovers: &[String],
+) -> Result<(), String> {
+    let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+    let mut c = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let mut names: Vec<&str> = leftovers.iter().map(String::as_str).collect();
+    for k in keys {
+        names.push(&k.live);
+        names.push(&k.rate);
+    }
+    for chunk in names.chunks(1000) {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut c)
+            .await
+            .map_err(|e| format!("UNLINK: {e}"))?;
+    }
+    Ok(())
+}

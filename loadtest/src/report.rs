@@ -1,0 +1,630 @@
+//! The report: a serialisable record of the run, printed for people or as JSON.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::ceiling;
+use crate::load::Outcome;
+use crate::memory::MemoryReport;
+use crate::observe::{self, HostCpu, RedisSnapshot, Sample};
+use crate::verify::Invariant;
+
+/// Latency percentiles, microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        let us = |ns: u64| ns as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            mean_us: h.mean() / 1000.0,
+            p50_us: us(h.value_at_quantile(0.50)),
+            p90_us: us(h.value_at_quantile(0.90)),
+            p99_us: us(h.value_at_quantile(0.99)),
+            p999_us: us(h.value_at_quantile(0.999)),
+            max_us: us(h.max()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingPart {
+    pub seconds: f64,
+    pub completed: u64,
+    pub per_second: f64,
+    /// EVALSHA round trips per completed unit (1 for admit, 2 for a flow).
+    pub evalsha_per_unit: f64,
+    /// Round trip of one pipeline.
+    pub pipeline: Latency,
+    pub redis_cpu_seconds: f64,
+    /// Busy share of each CPU of the host during the measurement.
+    pub host_cpu_busy: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingReport {
+    pub keys: usize,
+    pub connections: usize,
+    pub pipeline_depth: usize,
+    pub admit: CeilingPart,
+    pub flow: Option<CeilingPart>,
+    /// How long the syncer took to move the flow phase's usage events to Postgres.
+    pub sync_drain_seconds: Option<f64>,
+}
+
+fn part(
+    o: &ceiling::Outcome,
+    before: &RedisSnapshot,
+    after: &RedisSnapshot,
+    host: (&HostCpu, &HostCpu),
+    per: f64,
+) -> CeilingPart {
+    let calls = observe::delta(before, after);
+    let secs = o.elapsed.as_secs_f64();
+    let evalsha = hot_path_evalsha(&calls) as f64;
+    CeilingPart {
+        seconds: secs,
+        completed: o.completed,
+        per_second: o.completed as f64 / secs.max(1e-9),
+        evalsha_per_unit: if o.completed > 0 {
+            evalsha / o.completed as f64
+        } else {
+            per
+        },
+        pipeline: Latency::of(&o.batch),
+        redis_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+        host_cpu_busy: observe::host_delta(host.0, host.1, secs).1,
+    }
+}
+
+impl CeilingReport {
+    pub fn new(
+        plan: &ceiling::Plan,
+        admit: &ceiling::Outcome,
+        before: &RedisSnapshot,
+        after: &RedisSnapshot,
+        host: (&HostCpu, &HostCpu),
+    ) -> CeilingReport {
+        CeilingReport {
+            keys: plan.keys.len(),
+            connections: plan.connections,
+            pipeline_depth: plan.pipeline,
+            admit: part(admit, before, after, host, 1.0),
+            flow: None,
+            sync_drain_seconds: None,
+        }
+    }
+
+    pub fn add_flow(
+        &mut self,
+        flow: &ceiling::Outcome,
+        before: &RedisSnapshot,
+        after: &RedisSnapshot,
+        host: (&HostCpu, &HostCpu),
+        drained: Option<Duration>,
+    ) {
+        self.flow = Some(part(flow, before, after, host, 2.0));
+        self.sync_drain_seconds = drained.map(|d| d.as_secs_f64());
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisUse {
+    /// EVALSHA calls during the phase (each is one round trip running one script), less the
+    /// syncer's `ack.lua` runs.
+    pub evalsha: u64,
+    /// The syncer's `ack.lua` runs, counted by the one `XACK` each runs (the syncer sends no
+    /// `XACK` of its own): background work per batch of usage events, not per request.
+    pub syncer_ack_scripts: u64,
+    /// EVAL calls: the NOSCRIPT fallback; should be 0.
+    pub eval: u64,
+    /// Script calls the harness caused: admissions + settlements (+ repeats) + releases.
+    pub script_calls_expected: u64,
+    /// evalsha / script_calls_expected: 1.0 = one Redis command per admission and settlement.
+    pub evalsha_per_call: f64,
+    /// Every command Redis executed, by name. `INFO commandstats` also counts the commands
+    /// scripts run (hmget, zadd, xadd, …), so these are not round trips.
+    pub all_commands: BTreeMap<String, u64>,
+    pub cpu_seconds: f64,
+    pub used_memory_before: u64,
+    pub used_memory_after: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessUse {
+    pub pid: Option<u32>,
+    pub rss_start: Option<u64>,
+    pub rss_middle: Option<u64>,
+    pub rss_end: Option<u64>,
+    pub rss_max: Option<u64>,
+    pub cpu_seconds: Option<f64>,
+    pub loadgen_cpu_seconds: Option<f64>,
+}
+
+/// Upper bounds (histogram buckets) of tollgate's own admission-duration percentiles.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ServerSide {
+    pub p50_at_most: Option<f64>,
+    pub p90_at_most: Option<f64>,
+    pub p99_at_most: Option<f64>,
+    pub p999_at_most: Option<f64>,
+}
+
+/// The host's CPU during the phase, to tell a clean measurement from a disturbed one.
+#[derive(Debug, Clone, Serialize)]
+pub struct HostUse {
+    /// Cores busy on the whole host.
+    pub busy_cores: f64,
+    /// Busy share of each CPU.
+    pub per_cpu_busy: Vec<f64>,
+    /// Cores used by processes named `postgres` (the syncer's inserts, and any other
+    /// database work on the host).
+    pub postgres_cores: f64,
+    /// Cores of the Postgres backends serving tollgate's database (`--postgres-db`).
+    pub postgres_db_cores: Option<f64>,
+    /// Busy cores not accounted for by tollgate, Redis, Postgres or the load generator
+    /// (interrupts, and anything else running on the host).
+    pub other_cores: Option<f64>,
+    /// CPU cost per unit of work, microseconds: robust to a busy host where throughput is not.
+    pub tollgate_cpu_us_per_request: Option<f64>,
+    pub loadgen_cpu_us_per_request: Option<f64>,
+    pub redis_cpu_us_per_script_call: Option<f64>,
+    /// The busiest command names on the host during the phase, cores.
+    pub top_processes: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HttpReport {
+    pub settings: serde_json::Value,
+    pub seconds: f64,
+    pub admissions: u64,
+    pub admissions_per_second: f64,
+    pub allowed: u64,
+    pub denials: BTreeMap<String, u64>,
+    pub settlements: u64,
+    pub repeated_settlements: u64,
+    pub releases: u64,
+    /// Admitted flows completed (settled or released) per second.
+    pub flows_per_second: f64,
+    /// HTTP requests of every kind per second.
+    pub requests_per_second: f64,
+    pub latency: BTreeMap<String, Latency>,
+    pub errors: BTreeMap<String, u64>,
+    pub error_samples: Vec<String>,
+    pub reconnects: u64,
+    pub redis: Option<RedisUse>,
+    pub tollgate: Option<ProcessUse>,
+    pub samples: Vec<Sample>,
+    pub host: Option<HostUse>,
+    pub sync_drain_seconds: Option<f64>,
+    /// tollgate's own admission duration (`tollgate_admission_duration_seconds`: the gate,
+    /// its Redis call included, HTTP excluded), as histogram bucket bounds, microseconds.
+    pub server_admission_us: ServerSide,
+    /// flows_per_second / the ceiling's flows per second.
+    pub flows_vs_ceiling: Option<f64>,
+    /// Script calls per second through HTTP / the ceiling's script calls per second.
+    pub script_calls_vs_ceiling: Option<f64>,
+}
+
+impl HttpReport {
+    pub fn new(settings: &serde_json::Value, o: &Outcome, elapsed: Duration) -> HttpReport {
+        let secs = elapsed.as_secs_f64().max(1e-9);
+        let mut latency = BTreeMap::new();
+        latency.insert("admit".to_string(), Latency::of(&o.admit));
+        latency.insert("settle".to_string(), Latency::of(&o.settle));
+        latency.insert("release".to_string(), Latency::of(&o.release));
+        let requests = o.admits + o.settles + o.resettles + o.releases;
+        HttpReport {
+            settings: settings.clone(),
+            seconds: secs,
+            admissions: o.admits,
+            admissions_per_second: o.admits as f64 / secs,
+            allowed: o.allowed,
+            denials: o.denials.clone(),
+            settlements: o.settles,
+            repeated_settlements: o.resettles,
+            releases: o.releases,
+            flows_per_second: (o.settles + o.releases) as f64 / secs,
+            requests_per_second: requests as f64 / secs,
+            latency,
+            errors: o.errors.clone(),
+            error_samples: o.error_samples.clone(),
+            reconnects: o.reconnects,
+            redis: None,
+            tollgate: None,
+            samples: Vec::new(),
+            host: None,
+            sync_drain_seconds: None,
+            server_admission_us: ServerSide::default(),
+            flows_vs_ceiling: None,
+            script_calls_vs_ceiling: None,
+        }
+    }
+
+    pub fn set_redis(&mut self, before: &RedisSnapshot, after: &RedisSnapshot, o: &Outcome) {
+        let calls = observe::delta(before, after);
+        let evalsha = hot_path_evalsha(&calls);
+        let expected = o.admits + o.settles + o.resettles + o.releases;
+        self.redis = Some(RedisUse {
+            evalsha,
+            syncer_ack_scripts: *calls.get("xack").unwrap_or(&0),
+            eval: *calls.get("eval").unwrap_or(&0),
+            script_calls_expected: expected,
+            evalsha_per_call: evalsha as f64 / (expected.max(1)) as f64,
+            all_commands: calls,
+            cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+            used_memory_before: before.used_memory,
+            used_memory_after: after.used_memory,
+        });
+    }
+
+    pub fn set_process(
+        &mut self,
+        pid: Option<u32>,
+        cpu: Option<f64>,
+        self_cpu: Option<f64>,
+        samples: Vec<Sample>,
+    ) {
+        let rss: Vec<u64> = samples.iter().filter_map(|s| s.rss_bytes).collect();
+        self.tollgate = Some(ProcessUse {
+            pid,
+            rss_start: rss.first().copied(),
+            rss_middle: rss.get(rss.len() / 2).copied(),
+            rss_end: rss.last().copied(),
+            rss_max: rss.iter().max().copied(),
+            cpu_seconds: cpu,
+            loadgen_cpu_seconds: self_cpu,
+        });
+        self.samples = samples;
+    }
+
+    pub fn set_host(&mut self, a: &HostCpu, b: &HostCpu, processes: Vec<(String, f64)>) {
+        let postgres_cpu_seconds: f64 = processes
+            .iter()
+            .filter(|(c, _)| c == "postgres")
+            .map(|(_, s)| s)
+            .sum();
+        let (busy, per_cpu) = observe::host_delta(a, b, self.seconds);
+        let ours = self.redis.as_ref().map(|r| r.cpu_seconds).zip(
+            self.tollgate
+                .as_ref()
+                .and_then(|p| p.cpu_seconds.zip(p.loadgen_cpu_seconds)),
+        );
+        let pg = postgres_cpu_seconds / self.seconds;
+        let requests = self.requests_per_second * self.seconds;
+        let per = |cpu: Option<f64>, n: f64| cpu.filter(|_| n > 0.0).map(|c| c * 1e6 / n);
+        let calls = self.redis.as_ref().map_or(0.0, |r| r.evalsha as f64);
+        self.host = Some(HostUse {
+            tollgate_cpu_us_per_request: per(
+                self.tollgate.as_ref().and_then(|p| p.cpu_seconds),
+                requests,
+            ),
+            loadgen_cpu_us_per_request: per(
+                self.tollgate.as_ref().and_then(|p| p.loadgen_cpu_seconds),
+                requests,
+            ),
+            redis_cpu_us_per_script_call: per(self.redis.as_ref().map(|r| r.cpu_seconds), calls),
+            busy_cores: busy,
+            per_cpu_busy: per_cpu,
+            postgres_cores: pg,
+            postgres_db_cores: None,
+            other_cores: ours.map(|(r, (t, l))| (busy - pg - (r + t + l) / self.seconds).max(0.0)),
+            top_processes: processes
+                .into_iter()
+                .take(6)
+                .map(|(c, s)| (c, s / self.seconds))
+                .collect(),
+        });
+    }
+
+    pub fn set_server_side(
+        &mut self,
+        before: &[(f64, u64)],
+        after: &[(f64, u64)],
+        postgres_db_cpu_seconds: Option<f64>,
+    ) {
+        let q = |q| observe::bucket_quantile(before, after, q).map(|s| s * 1e6);
+        self.server_admission_us = ServerSide {
+            p50_at_most: q(0.5),
+            p90_at_most: q(0.9),
+            p99_at_most: q(0.99),
+            p999_at_most: q(0.999),
+        };
+        if let (Some(h), Some(pg)) = (self.host.as_mut(), postgres_db_cpu_seconds) {
+            h.postgres_db_cores = Some(pg / self.seconds);
+        }
+    }
+
+    pub fn set_ceiling(&mut self, c: &CeilingReport) {
+        if let Some(f) = &c.flow {
+            if f.per_second > 0.0 {
+                self.flows_vs_ceiling = Some(self.flows_per_second / f.per_second);
+                let calls = self.redis.as_ref().map_or(0, |r| r.script_calls_expected) as f64;
+                self.script_calls_vs_ceiling = Some(calls / self.seconds / (2.0 * f.per_second));
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    #[serde(skip)]
+    pub json: bool,
+    pub mode: String,
+    pub run_id: String,
+    pub rate_window_ms: u64,
+    pub ceiling: Option<CeilingReport>,
+    pub http: Option<HttpReport>,
+    pub memory: Option<MemoryReport>,
+    pub invariants: Vec<Invariant>,
+    pub passed: bool,
+}
+
+impl Report {
+    pub fn new(json: bool, mode: String, run_id: String) -> Report {
+        Report {
+            json,
+            mode,
+            run_id,
+            rate_window_ms: 0,
+            ceiling: None,
+            http: None,
+            memory: None,
+            invariants: Vec::new(),
+            passed: false,
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(m) = &self.memory {
+            self.invariants.push(Invariant::new(
+                "full_window_denies_next",
+                format!(
+                    "admission {} of a key limited to {}",
+                    m.rate_limit + 1,
+                    m.rate_limit
+                ),
+                if m.next_admission_rate_limited {
+                    vec![]
+                } else {
+                    vec!["was not rate_limited".into()]
+                },
+            ));
+        }
+        self.passed = self.invariants.iter().all(|i| i.ok);
+    }
+
+    pub fn print(&self) {
+        println!(
+            "tollgate load test {} (mode {}, rate window {} ms)",
+            self.run_id, self.mode, self.rate_window_ms
+        );
+        if let Some(c) = &self.ceiling {
+            println!();
+            println!(
+                "Redis ceiling ({} keys, {} connections × pipeline {}):",
+                c.keys, c.connections, c.pipeline_depth
+            );
+            print_part("admit.lua alone", "admissions", &c.admit);
+            if let Some(f) = &c.flow {
+                print_part("admit.lua + settle.lua", "flows", f);
+            }
+            if let Some(s) = c.sync_drain_seconds {
+                println!("  syncer drained the ceiling's usage events {s:.1} s after it ended");
+            }
+        }
+        if let Some(h) = &self.http {
+            println!();
+            println!(
+                "HTTP phase: {:.1} s, settings {}",
+                h.seconds,
+                serde_json::to_string(&h.settings).unwrap_or_default()
+            );
+            println!(
+                "  admissions {} ({:.0}/s): allowed {}, denied {}",
+                h.admissions,
+                h.admissions_per_second,
+                h.allowed,
+                h.admissions - h.allowed
+            );
+            let denials: Vec<String> = h.denials.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            println!(
+                "  denials by code: {}",
+                if denials.is_empty() {
+                    "none".into()
+                } else {
+                    denials.join(", ")
+                }
+            );
+            println!(
+                "  settlements {} (+{} repeated), releases {}: {:.0} flows/s, {:.0} HTTP requests/s",
+                h.settlements, h.repeated_settlements, h.releases, h.flows_per_second, h.requests_per_second
+            );
+            println!("  latency (µs)      count      p50      p90      p99    p99.9      max");
+            for (name, l) in &h.latency {
+                if l.count > 0 {
+                    println!(
+                        "    {name:<10} {:>10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0}",
+                        l.count, l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+                    );
+                }
+            }
+            let s = &h.server_admission_us;
+            let b = |v: Option<f64>| {
+                v.map_or("?".to_string(), |v| {
+                    if v.is_finite() {
+                        format!("≤{v:.0}")
+                    } else {
+                        ">max".to_string()
+                    }
+                })
+            };
+            println!(
+                "    tollgate's own admission time (its histogram buckets): p50 {} p90 {} p99 {} p99.9 {}",
+                b(s.p50_at_most),
+                b(s.p90_at_most),
+                b(s.p99_at_most),
+                b(s.p999_at_most)
+            );
+            if h.settings["rate_flows_per_second"].is_number() {
+                println!(
+                    "    (open loop: an admission that had to wait counts from its scheduled time)"
+                );
+            }
+            if !h.errors.is_empty() {
+                println!("  errors: {:?}; e.g. {:?}", h.errors, h.error_samples);
+            }
+            if let Some(r) = &h.redis {
+                println!(
+                    "  Redis: {} EVALSHA for {} admit/settle/release calls = {:.3} per call; EVAL {}; Redis CPU {:.1} s",
+                    r.evalsha, r.script_calls_expected, r.evalsha_per_call, r.eval, r.cpu_seconds
+                );
+                println!(
+                    "    (not counted above: {} EVALSHA of the syncer's ack.lua, one per batch of usage events)",
+                    r.syncer_ack_scripts
+                );
+                println!("    (INFO commandstats; commands run inside scripts are counted there too, so only EVALSHA/EVAL are round trips)");
+                println!(
+                    "    used_memory {:.1} MiB → {:.1} MiB",
+                    mib(r.used_memory_before),
+                    mib(r.used_memory_after)
+                );
+            }
+            if let (Some(f), Some(c)) = (h.flows_vs_ceiling, h.script_calls_vs_ceiling) {
+                println!("  vs the Redis ceiling: flows {f:.2}×, script calls {c:.2}×");
+            }
+            if let Some(p) = &h.tollgate {
+                if let Some(pid) = p.pid {
+                    println!(
+                        "  tollgate pid {pid}: RSS start {} / middle {} / end {} / max {} MiB; CPU {}",
+                        opt_mib(p.rss_start),
+                        opt_mib(p.rss_middle),
+                        opt_mib(p.rss_end),
+                        opt_mib(p.rss_max),
+                        p.cpu_seconds
+                            .map_or("?".into(), |c| format!("{c:.1} s = {:.2} cores", c / h.seconds))
+                    );
+                }
+                if let Some(c) = p.loadgen_cpu_seconds {
+                    println!("  load generator CPU {c:.1} s = {:.2} cores", c / h.seconds);
+                }
+            }
+            if let Some(host) = &h.host {
+                println!(
+                    "  host CPU: {:.2} cores busy (per CPU {}); Postgres {:.2} cores{}{}",
+                    host.busy_cores,
+                    percents(&host.per_cpu_busy),
+                    host.postgres_cores,
+                    host.postgres_db_cores.map_or(String::new(), |c| format!(
+                        " ({c:.2} for tollgate's database)"
+                    )),
+                    host.other_cores.map_or(String::new(), |o| format!(
+                        "; {o:.2} cores outside tollgate, Redis, Postgres and the load generator"
+                    ))
+                );
+                let top: Vec<String> = host
+                    .top_processes
+                    .iter()
+                    .map(|(c, v)| format!("{c} {v:.2}"))
+                    .collect();
+                println!("  busiest processes (cores): {}", top.join(", "));
+                let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
+                println!(
+                    "  CPU per unit (µs): tollgate {} per HTTP request, Redis {} per script call, load generator {} per request",
+                    us(host.tollgate_cpu_us_per_request),
+                    us(host.redis_cpu_us_per_script_call),
+                    us(host.loadgen_cpu_us_per_request)
+                );
+            }
+            if let Some(s) = h.sync_drain_seconds {
+                println!("  syncer drained the usage streams {s:.1} s after the load ended");
+            }
+        }
+        if let Some(m) = &self.memory {
+            println!();
+            println!("Redis memory per key (MEMORY USAGE, bytes):");
+            println!(
+                "  state hash at rest {} (after use {})",
+                m.state_at_rest, m.state_after_use
+            );
+            println!(
+                "  rate log with {} entries {} ({:.0}/entry); live-lease set with {} {} ({:.0}/entry)",
+                m.rate_limit,
+                m.rate_log_full,
+                m.rate_log_full as f64 / m.rate_limit as f64,
+                m.rate_limit,
+                m.live_set_full,
+                m.live_set_full as f64 / m.rate_limit as f64
+            );
+            println!(
+                "  lease record {}; settled-lease tombstone {} (as a string key it would be {})",
+                m.lease_record, m.tombstone, m.tombstone_as_string
+            );
+            println!(
+                "  key with a full window: {}; with all {} leases live: {}",
+                m.key_with_full_window, m.rate_limit, m.key_with_full_window_all_live
+            );
+        }
+        println!();
+        println!("Invariants:");
+        for i in &self.invariants {
+            println!(
+                "  {} {:<34} {}",
+                if i.ok { "ok  " } else { "FAIL" },
+                i.name,
+                i.scope
+            );
+            for f in &i.failures {
+                println!("         {f}");
+            }
+        }
+        println!();
+        println!("{}", if self.passed { "PASSED" } else { "FAILED" });
+    }
+}
+
+/// EVALSHA calls less the syncer's `ack.lua` runs (one inner `XACK` each).
+fn hot_path_evalsha(calls: &BTreeMap<String, u64>) -> u64 {
+    let evalsha = *calls.get("evalsha").unwrap_or(&0);
+    evalsha.saturating_sub(*calls.get("xack").unwrap_or(&0))
+}
+
+fn print_part(name: &str, unit: &str, p: &CeilingPart) {
+    println!(
+        "  {name:<24} {:.0} {unit}/s ({} in {:.1} s), {:.2} EVALSHA each, pipeline round trip p50 {:.0} µs p99 {:.0} µs",
+        p.per_second, p.completed, p.seconds, p.evalsha_per_unit, p.pipeline.p50_us, p.pipeline.p99_us
+    );
+    println!(
+        "  {:<24} Redis CPU {:.2} cores; host CPUs busy {}",
+        "",
+        p.redis_cpu_seconds / p.seconds.max(1e-9),
+        percents(&p.host_cpu_busy)
+    );
+}
+
+fn percents(v: &[f64]) -> String {
+    v.iter()
+        .map(|f| format!("{:.0}%", f * 100.0))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+fn mib(b: u64) -> f64 {
+    b as f64 / (1024.0 * 1024.0)
+}
+
+fn opt_mib(b: Option<u64>) -> String {
+    b.map_or("?".into(), |b| format!("{:.1}", mib(b)))
+}
