@@ -7,7 +7,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
@@ -124,25 +124,68 @@ pub fn retry_after_header(retry_after_ms: u64) -> HeaderValue {
     HeaderValue::from(retry_after_ms.div_ceil(1000).max(1))
 }
 
-/// The JSON body of a denial.
-pub fn denial_body(code: DenyCode, retry_after_ms: u64) -> serde_json::Value {
-    let mut body = json!({"allowed": false, "code": code.as_str(), "message": code.message()});
-    if retry_after_ms > 0 {
-        body["retry_after_ms"] = json!(retry_after_ms);
-    }
-    body
+/// The JSON body of a denial. Typed rather than a `json!` tree: one of these is built per
+/// request, and a struct serializes without allocating a map.
+#[derive(Serialize)]
+pub struct DenialBody {
+    allowed: bool,
+    code: &'static str,
+    message: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
 }
 
-pub fn allowed_body(d: &crate::hot::admission::Grant) -> serde_json::Value {
-    json!({
-        "allowed": true,
-        "key_id": d.key_id,
-        "user_id": d.user_id,
-        "lease_id": d.lease_id,
-        "rate_limit": {"limit": d.rate_limit, "remaining": d.rate_remaining, "reset_ms": d.reset_ms},
-        "concurrency": {"limit": d.concurrent_limit, "in_flight": d.in_flight},
-        "balance_remaining_usd": d.balance_available,
-    })
+pub fn denial_body(code: DenyCode, retry_after_ms: u64) -> DenialBody {
+    DenialBody {
+        allowed: false,
+        code: code.as_str(),
+        message: code.message(),
+        retry_after_ms: (retry_after_ms > 0).then_some(retry_after_ms),
+    }
+}
+
+#[derive(Serialize)]
+struct RateLimitBody {
+    limit: Option<u64>,
+    remaining: Option<u64>,
+    reset_ms: u64,
+}
+
+#[derive(Serialize)]
+struct ConcurrencyBody {
+    limit: Option<u64>,
+    in_flight: u64,
+}
+
+/// The JSON body of an allowed admission.
+#[derive(Serialize)]
+pub struct AllowedBody<'a> {
+    allowed: bool,
+    key_id: &'a str,
+    user_id: &'a str,
+    lease_id: &'a str,
+    rate_limit: RateLimitBody,
+    concurrency: ConcurrencyBody,
+    balance_remaining_usd: Option<Money>,
+}
+
+pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
+    AllowedBody {
+        allowed: true,
+        key_id: &d.key_id,
+        user_id: &d.user_id,
+        lease_id: &d.lease_id,
+        rate_limit: RateLimitBody {
+            limit: d.rate_limit,
+            remaining: d.rate_remaining,
+            reset_ms: d.reset_ms,
+        },
+        concurrency: ConcurrencyBody {
+            limit: d.concurrent_limit,
+            in_flight: d.in_flight,
+        },
+        balance_remaining_usd: d.balance_available,
+    }
 }
 
 pub async fn admit(
