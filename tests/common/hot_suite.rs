@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tollgate::hot::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
 use tollgate::money::Money;
 
-use super::{unique, TestApp};
+use super::{unique, Api, TestApp};
 
 pub type Settings = HashMap<&'static str, String>;
 

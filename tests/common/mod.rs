@@ -167,6 +167,118 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
     }
 }
 
+/// HTTP helpers shared by an in-process [`TestApp`] and a [`process::TollgateProcess`].
+#[allow(async_fn_in_trait)]
+pub trait Api {
+    fn http(&self) -> &reqwest::Client;
+    /// Base URL of the data-plane listener.
+    fn data_url(&self) -> &str;
+    /// Base URL of the admin listener.
+    fn admin_url(&self) -> &str;
+
+    async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http()
+            .post(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    async fn admin_get(&self, path: &str) -> reqwest::Response {
+        self.http()
+            .get(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    async fn admin_patch(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http()
+            .patch(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    async fn admin_delete(&self, path: &str) -> reqwest::Response {
+        self.http()
+            .delete(format!("{}{path}", self.admin_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .expect("admin request")
+    }
+
+    /// Creates a key; returns (plaintext key, ApiKey JSON).
+    async fn create_key(&self, body: Value) -> (String, Value) {
+        let res = self.admin_post("/admin/keys", body).await;
+        assert_eq!(res.status(), 201, "create key");
+        let v: Value = res.json().await.expect("json");
+        (
+            v["key"].as_str().expect("key").to_string(),
+            v["api_key"].clone(),
+        )
+    }
+
+    async fn post_data(&self, path: &str, body: Value) -> reqwest::Response {
+        self.http()
+            .post(format!("{}{path}", self.data_url()))
+            .json(&body)
+            .send()
+            .await
+            .expect("data-plane request")
+    }
+
+    /// `POST /v1/admit` with the key in the body plus `extra` fields; returns (status, JSON).
+    async fn admit(&self, key: &str, extra: Value) -> (u16, Value) {
+        let mut body = json!({ "key": key });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let res = self.post_data("/v1/admit", body).await;
+        let status = res.status().as_u16();
+        (status, res.json().await.expect("admit answers JSON"))
+    }
+
+    async fn settle(&self, lease_id: &str, cost_usd: f64) -> (u16, Value) {
+        let res = self
+            .post_data(
+                "/v1/settle",
+                json!({"lease_id": lease_id, "cost_usd": cost_usd}),
+            )
+            .await;
+        let status = res.status().as_u16();
+        (status, res.json().await.expect("settle answers JSON"))
+    }
+
+    async fn release(&self, lease_id: &str) -> (u16, Value) {
+        let res = self
+            .post_data("/v1/release", json!({"lease_id": lease_id}))
+            .await;
+        let status = res.status().as_u16();
+        (status, res.json().await.expect("release answers JSON"))
+    }
+}
+
+impl Api for TestApp {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+    fn data_url(&self) -> &str {
+        &self.data
+    }
+    fn admin_url(&self) -> &str {
+        &self.admin
+    }
+}
+
 impl TestApp {
     /// Settings for a second replica sharing this one's database and namespace.
     pub fn replica_settings(&self) -> HashMap<&'static str, String> {
@@ -191,96 +303,6 @@ impl TestApp {
         if let Some(t) = self.task.take() {
             let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
         }
-    }
-
-    pub async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    pub async fn admin_patch(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .patch(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    pub async fn admin_delete(&self, path: &str) -> reqwest::Response {
-        self.http
-            .delete(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    /// Creates a key; returns (plaintext key, ApiKey JSON).
-    pub async fn create_key(&self, body: Value) -> (String, Value) {
-        let res = self.admin_post("/admin/keys", body).await;
-        assert_eq!(res.status(), 201, "create key");
-        let v: Value = res.json().await.expect("json");
-        (
-            v["key"].as_str().expect("key").to_string(),
-            v["api_key"].clone(),
-        )
-    }
-
-    pub async fn post_data(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.data))
-            .json(&body)
-            .send()
-            .await
-            .expect("data-plane request")
-    }
-
-    /// `POST /v1/admit` with the key in the body plus `extra` fields; returns (status, JSON).
-    pub async fn admit(&self, key: &str, extra: Value) -> (u16, Value) {
-        let mut body = json!({ "key": key });
-        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-            for (k, v) in e {
-                b.insert(k.clone(), v.clone());
-            }
-        }
-        let res = self.post_data("/v1/admit", body).await;
-        let status = res.status().as_u16();
-        (status, res.json().await.expect("admit answers JSON"))
-    }
-
-    pub async fn settle(&self, lease_id: &str, cost_usd: f64) -> (u16, Value) {
-        let res = self
-            .post_data(
-                "/v1/settle",
-                json!({"lease_id": lease_id, "cost_usd": cost_usd}),
-            )
-            .await;
-        let status = res.status().as_u16();
-        (status, res.json().await.expect("settle answers JSON"))
-    }
-
-    pub async fn release(&self, lease_id: &str) -> (u16, Value) {
-        let res = self
-            .post_data("/v1/release", json!({"lease_id": lease_id}))
-            .await;
-        let status = res.status().as_u16();
-        (status, res.json().await.expect("release answers JSON"))
     }
 
     /// Every Redis key of this app's namespace.

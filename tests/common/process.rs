@@ -17,9 +17,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
-
-use super::ADMIN_TOKEN;
+use serde_json::Value;
 
 /// How long start-up (create database, migrate, bind) may take on a loaded machine.
 const START_BOUND: Duration = Duration::from_secs(90);
@@ -47,6 +45,18 @@ fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let listen = fields.get("listen")?.as_str()?.parse().ok()?;
     let admin = fields.get("admin")?.as_str()?.parse().ok()?;
     Some((listen, admin))
+}
+
+impl super::Api for TollgateProcess {
+    fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+    fn data_url(&self) -> &str {
+        &self.data
+    }
+    fn admin_url(&self) -> &str {
+        &self.admin
+    }
 }
 
 impl TollgateProcess {
@@ -192,55 +202,6 @@ impl TollgateProcess {
     pub async fn terminate(&mut self, bound: Duration) -> Option<ExitStatus> {
         self.signal_term();
         self.wait_exit(bound).await
-    }
-
-    pub async fn admin_post(&self, path: &str, body: Value) -> reqwest::Response {
-        self.http
-            .post(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    pub async fn admin_get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .await
-            .expect("admin request")
-    }
-
-    /// Creates a key; returns (plaintext key, ApiKey JSON).
-    pub async fn create_key(&self, body: Value) -> (String, Value) {
-        let res = self.admin_post("/admin/keys", body).await;
-        assert_eq!(res.status(), 201, "create key");
-        let v: Value = res.json().await.expect("json");
-        (
-            v["key"].as_str().expect("key").to_string(),
-            v["api_key"].clone(),
-        )
-    }
-
-    /// `POST /v1/admit` with the key in the body plus `extra` fields; returns (status, JSON).
-    pub async fn admit(&self, key: &str, extra: Value) -> (u16, Value) {
-        let mut body = json!({ "key": key });
-        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
-            for (k, v) in e {
-                b.insert(k.clone(), v.clone());
-            }
-        }
-        let res = self
-            .http
-            .post(format!("{}/v1/admit", self.data))
-            .json(&body)
-            .send()
-            .await
-            .expect("admit request");
-        let status = res.status().as_u16();
-        (status, res.json().await.expect("admit answers JSON"))
     }
 
     /// `POST /v1/settle` with a raw JSON body (so money can be written as an exact decimal).
