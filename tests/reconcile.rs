@@ -25,7 +25,7 @@ async fn a_write_that_missed_redis_is_reconciled() {
     );
 
     // Exactly what the admin call does in Postgres, without the push that follows it.
-    let row = keys::adjust_balance(&app.db, id, 2_000_000_000, None)
+    let row = keys::adjust_balance(&app.db, id, 2_000_000_000, None, None)
         .await
         .unwrap();
     assert_eq!(row.current_balance_nanos, Some(2_000_000_000));

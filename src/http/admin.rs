@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -456,12 +456,29 @@ pub struct BalanceBody {
     amount_usd: Money,
 }
 
+/// The optional `Idempotency-Key` header: 1-128 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    match v.to_str() {
+        Ok(k) if !k.is_empty() && k.len() <= 128 && k.bytes().all(|b| b.is_ascii_graphic()) => {
+            Ok(Some(k.to_string()))
+        }
+        _ => Err(ApiError::bad_request(
+            "Idempotency-Key must be 1-128 visible ASCII characters",
+        )),
+    }
+}
+
 pub async fn adjust_balance(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     StrictJson(b): StrictJson<BalanceBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
     let id = parse_id(&id)?;
+    let idempotency = idempotency_key(&headers)?;
     if b.amount_usd == Money::ZERO {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -484,25 +501,36 @@ pub async fn adjust_balance(
     } else {
         None
     };
-    let row = store::keys::adjust_balance(&state.db, id, b.amount_usd.nanos(), used_now)
-        .await
-        .map_err(|e| match e {
-            BalanceError::NotFound => key_not_found(),
-            BalanceError::NotStandalone => ApiError::new(
-                StatusCode::CONFLICT,
-                "not_standalone",
-                "only standalone keys have a balance",
-            ),
-            BalanceError::Insufficient => ApiError::new(
-                StatusCode::CONFLICT,
-                "insufficient_balance",
-                "the deduction exceeds the remaining balance",
-            ),
-            BalanceError::TooLarge => {
-                ApiError::bad_request("the balance would exceed the supported maximum")
-            }
-            BalanceError::Store(e) => e.into(),
-        })?;
+    let row = store::keys::adjust_balance(
+        &state.db,
+        id,
+        b.amount_usd.nanos(),
+        used_now,
+        idempotency.as_deref(),
+    )
+    .await
+    .map_err(|e| match e {
+        BalanceError::NotFound => key_not_found(),
+        BalanceError::NotStandalone => ApiError::new(
+            StatusCode::CONFLICT,
+            "not_standalone",
+            "only standalone keys have a balance",
+        ),
+        BalanceError::Insufficient => ApiError::new(
+            StatusCode::CONFLICT,
+            "insufficient_balance",
+            "the deduction exceeds the remaining balance",
+        ),
+        BalanceError::TooLarge => {
+            ApiError::bad_request("the balance would exceed the supported maximum")
+        }
+        BalanceError::IdempotencyConflict => ApiError::new(
+            StatusCode::CONFLICT,
+            "idempotency_conflict",
+            "this Idempotency-Key was used for a different amount",
+        ),
+        BalanceError::Store(e) => e.into(),
+    })?;
     push(&state, &row).await;
     tracing::info!(key_id = %row.id, amount = %b.amount_usd, "balance adjusted");
     Ok(Json(ApiKey::from(&row)))

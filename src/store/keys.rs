@@ -95,6 +95,8 @@ pub enum BalanceError {
     Insufficient,
     #[error("balance would exceed the supported maximum")]
     TooLarge,
+    #[error("the idempotency key was used for a different amount")]
+    IdempotencyConflict,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -229,7 +231,9 @@ pub async fn update(pool: &PgPool, id: Uuid, p: KeyPatch) -> Result<Option<KeyRo
     Ok(Some(row))
 }
 
-/// Adjusts a standalone key's balance and writes the ledger row, atomically.
+/// Adjusts a standalone key's balance and writes the ledger row, atomically. With an
+/// `idempotency_key` already recorded for this key, nothing is applied again: the key's current
+/// row is returned (or a conflict, when the earlier call named another amount).
 ///
 /// `used_now` is what Redis says the key has spent (it runs ahead of Postgres by the sync lag);
 /// a deduction is checked against the larger of the two, so it cannot take the balance below
@@ -239,6 +243,7 @@ pub async fn adjust_balance(
     id: Uuid,
     amount_nanos: i64,
     used_now: Option<i64>,
+    idempotency_key: Option<&str>,
 ) -> Result<KeyRow, BalanceError> {
     let mut tx = pool.begin().await.map_err(StoreError::from)?;
     let Some(mut r) = lock(&mut tx, id).await? else {
@@ -246,6 +251,22 @@ pub async fn adjust_balance(
     };
     if !r.is_standalone {
         return Err(BalanceError::NotStandalone);
+    }
+    if let Some(k) = idempotency_key {
+        // Under the row lock, so a concurrent retry waits for the first one and sees it.
+        let earlier: Option<i64> = sqlx::query_scalar(
+            "SELECT amount_nanos FROM balance_ledger WHERE key_id = $1 AND idempotency_key = $2",
+        )
+        .bind(id)
+        .bind(k)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(StoreError::from)?;
+        match earlier {
+            Some(amount) if amount == amount_nanos => return Ok(r),
+            Some(_) => return Err(BalanceError::IdempotencyConflict),
+            None => {}
+        }
     }
     let current = r.current_balance_nanos;
     let new_balance = if amount_nanos > 0 {
@@ -265,11 +286,13 @@ pub async fn adjust_balance(
     r.current_balance_nanos = Some(new_balance);
     let row = write_back(&mut tx, &r).await?;
     sqlx::query(
-        "INSERT INTO balance_ledger (key_id, amount_nanos, balance_after_nanos) VALUES ($1, $2, $3)",
+        "INSERT INTO balance_ledger (key_id, amount_nanos, balance_after_nanos, idempotency_key) \
+         VALUES ($1, $2, $3, $4)",
     )
     .bind(id)
     .bind(amount_nanos)
     .bind(new_balance)
+    .bind(idempotency_key)
     .execute(&mut *tx)
     .await
     .map_err(StoreError::from)?;
