@@ -29,6 +29,8 @@ pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
 const SYNC_DRAIN: Duration = Duration::from_secs(5);
 /// Headroom for the tasks to notice the stop and return after their own bounds.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(1);
+/// How long start-up spends loading keys into an empty namespace before serving anyway.
+const RELOAD_AT_START: Duration = Duration::from_secs(30);
 /// How long start-up waits for Postgres to accept connections.
 const DB_START_WAIT: Duration = Duration::from_secs(30);
 
@@ -179,6 +181,19 @@ impl App {
         // listeners stop accepting, and the final flush must see it.
         let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
         let syncer = tokio::spawn(syncer.run(sync_stop_rx, SYNC_DRAIN));
+        // A namespace with no state yet (first start, or Redis lost everything) gets every key
+        // before the first request, not one throttled cache miss at a time. Bounded, so a
+        // Redis or Postgres outage does not hold start-up; the reconciler retries.
+        match tokio::time::timeout(
+            RELOAD_AT_START,
+            sync::reconcile::reload_if_wiped(&hot, &state.db),
+        )
+        .await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not load keys into redis at start"),
+            Err(_) => tracing::warn!("loading keys into redis at start timed out; continuing"),
+        }
         let reconciler = tokio::spawn(sync::reconcile::run(
             hot.clone(),
             state.db.clone(),

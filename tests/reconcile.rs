@@ -80,3 +80,56 @@ async fn pushes_are_idempotent_and_never_go_back_in_time() {
     // 1 + 1 credited, 0.25 charged: a double-applied top-up would show 2.75, a stale push 0.75.
     assert_eq!(body["balance_remaining_usd"].to_string(), "1.75");
 }
+
+/// After the namespace's Redis state is lost, every key is written back from Postgres by the
+/// reconciler — without waiting for each key's first admission (whose Postgres look-ups are
+/// throttled) — with its synced `balance_used`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_namespace_is_reloaded_from_postgres_in_bulk() {
+    let app = spawn_app().await;
+    let mut keys = Vec::new();
+    for i in 0..40 {
+        let (key, _) = app
+            .create_key(json!({"user_id": format!("u-{i}"), "is_standalone": true, "initial_balance_usd": 1}))
+            .await;
+        keys.push(key);
+    }
+    let (_, body) = app.admit(&keys[0], json!({})).await;
+    let (status, _) = app.settle(body["lease_id"].as_str().unwrap(), 0.25).await;
+    assert_eq!(status, 200);
+    let synced = app
+        .eventually(Duration::from_secs(10), || async {
+            let used: i64 =
+                sqlx::query_scalar("SELECT sum(balance_used_nanos)::int8 FROM api_keys")
+                    .fetch_one(&app.db)
+                    .await
+                    .unwrap();
+            used == 250_000_000
+        })
+        .await;
+    assert!(synced, "usage synced before the wipe");
+
+    app.wipe_namespace().await;
+    let layout = tollgate::hot::layout::Layout::new(&app.namespace);
+    let states: Vec<String> = keys
+        .iter()
+        .map(|k| layout.for_hash(&tollgate::keys::hash(k)).state)
+        .collect();
+    let reloaded = app
+        .eventually(Duration::from_secs(15), || async {
+            let present = app.namespace_keys().await;
+            states.iter().all(|s| present.contains(s))
+        })
+        .await;
+    assert!(
+        reloaded,
+        "every key's state is back in Redis without any admission"
+    );
+    let (status, body) = app.admit(&keys[0], json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["balance_remaining_usd"].to_string(),
+        "0.75",
+        "synced usage kept"
+    );
+}

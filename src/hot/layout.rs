@@ -83,6 +83,17 @@ impl Layout {
         }
     }
 
+    /// Set once every key of the namespace has been loaded into Redis; its absence means the
+    /// namespace lost its state. Tagged like shard 0, so every key of a namespace has a tag.
+    pub fn loaded_marker(&self) -> String {
+        format!("{}loaded", self.shard_prefix(0))
+    }
+
+    /// Held, with a TTL, by the replica that is loading the namespace.
+    pub fn loading_lock(&self) -> String {
+        format!("{}loading", self.shard_prefix(0))
+    }
+
     /// The usage stream of each shard.
     pub fn streams(&self) -> Vec<String> {
         (0..SHARDS)

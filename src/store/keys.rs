@@ -300,6 +300,22 @@ pub async fn adjust_balance(
     Ok(row)
 }
 
+/// Keys in id order after `after`, at most `limit`: a full scan in pages.
+pub async fn page(
+    pool: &PgPool,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<KeyRow>, StoreError> {
+    let sql = format!(
+        "SELECT {COLUMNS} FROM api_keys WHERE ($1::uuid IS NULL OR id > $1) ORDER BY id LIMIT $2"
+    );
+    Ok(sqlx::query_as(&sql)
+        .bind(after)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?)
+}
+
 /// Records that Redis holds `version` of this key (never moves backwards).
 pub async fn mark_pushed(pool: &PgPool, id: Uuid, version: i64) -> Result<(), StoreError> {
     sqlx::query("UPDATE api_keys SET pushed_version = GREATEST(pushed_version, $2) WHERE id = $1")
@@ -307,6 +323,20 @@ pub async fn mark_pushed(pool: &PgPool, id: Uuid, version: i64) -> Result<(), St
         .bind(version)
         .execute(pool)
         .await?;
+    Ok(())
+}
+
+/// [`mark_pushed`] for many keys in one statement.
+pub async fn mark_pushed_many(pool: &PgPool, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+    let (ids, versions): (Vec<Uuid>, Vec<i64>) = pushed.iter().copied().unzip();
+    sqlx::query(
+        "UPDATE api_keys k SET pushed_version = GREATEST(k.pushed_version, p.version) \
+         FROM UNNEST($1::uuid[], $2::int8[]) AS p(id, version) WHERE k.id = p.id",
+    )
+    .bind(ids)
+    .bind(versions)
+    .execute(pool)
+    .await?;
     Ok(())
 }
 

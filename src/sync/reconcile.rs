@@ -9,6 +9,7 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 
 use crate::hot::admission::HotPath;
+use crate::hot::redis::RedisFailure;
 use crate::metrics::Metrics;
 use crate::store::keys::{self, KeyRow};
 use crate::store::StoreError;
@@ -52,11 +53,79 @@ pub async fn reconcile_once(
     Ok(pushed)
 }
 
+/// Why a reload did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("redis: {0}")]
+    Redis(#[from] RedisFailure),
+    #[error("postgres: {0}")]
+    Postgres(#[from] StoreError),
+}
+
+/// Keys pushed concurrently while reloading (one EVALSHA each, pipelined on the connection).
+const RELOAD_BATCH: i64 = 500;
+
+/// If the namespace lost its state (a Redis restart without persistence, a failover to an
+/// empty replica, a flush), writes every key from Postgres back into Redis at once, instead of
+/// leaving each to a cache miss (which is throttled, to protect Postgres from unknown-key
+/// floods). The namespace's `loaded` marker says the load is done; the `loading` lock, held
+/// with a TTL, keeps replicas from all reloading at once (see `Layout::loaded_marker`). Returns how many keys were written.
+pub async fn reload_if_wiped(hot: &HotPath, db: &PgPool) -> Result<usize, ReloadError> {
+    let (marker, lock) = (hot.layout.loaded_marker(), hot.layout.loading_lock());
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(&marker);
+    if hot.redis.query(&exists).await? == redis::Value::Int(1) {
+        return Ok(0);
+    }
+    let mut take = redis::cmd("SET");
+    take.arg(&lock).arg("1").arg("NX").arg("PX").arg(60_000);
+    if hot.redis.query(&take).await? == redis::Value::Nil {
+        return Ok(0);
+    }
+    let mut loaded = 0;
+    let mut after = None;
+    loop {
+        let rows = keys::page(db, after, RELOAD_BATCH).await?;
+        let Some(last) = rows.last() else { break };
+        after = Some(last.id);
+        let mut pushes = tokio::task::JoinSet::new();
+        for row in rows {
+            let hot = hot.clone();
+            pushes.spawn(async move { hot.hydrate(&row).await.map(|()| (row.id, row.version)) });
+        }
+        let mut pushed = Vec::new();
+        while let Some(done) = pushes.join_next().await {
+            if let Ok(r) = done {
+                pushed.push(r?);
+            }
+        }
+        keys::mark_pushed_many(db, &pushed).await?;
+        loaded += pushed.len();
+    }
+    let mut mark = redis::cmd("SET");
+    mark.arg(&marker).arg("1");
+    hot.redis.query(&mark).await?;
+    let mut release = redis::cmd("DEL");
+    release.arg(&lock);
+    hot.redis.query(&release).await?;
+    tracing::info!(
+        keys = loaded,
+        "redis state of the namespace (re)loaded from postgres"
+    );
+    Ok(loaded)
+}
+
 pub async fn run(hot: HotPath, db: PgPool, metrics: Metrics, mut shutdown: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
             _ = shutdown.changed() => return,
+        }
+        if let Err(e) = reload_if_wiped(&hot, &db).await {
+            if let ReloadError::Redis(r) = &e {
+                metrics.redis_error(r.kind());
+            }
+            tracing::debug!(error = %e, "namespace reload check failed");
         }
         if let Err(e) = reconcile_once(&hot, &db, &metrics).await {
             tracing::debug!(error = %e, "reconciler could not read postgres");
