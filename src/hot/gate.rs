@@ -291,10 +291,10 @@ impl Gate {
     /// Settles a lease. A lease this process granted in fail-open mode is settled with the
     /// facts it remembered, so its usage is recorded like any other.
     pub async fn settle(&self, args: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
-        let open = self
-            .open_leases
-            .lock()
-            .ok()
+        // Only fail-open mode ever grants such leases; closed mode skips the lock.
+        let open = (self.fail_mode == FailMode::Open)
+            .then(|| self.open_leases.lock().ok())
+            .flatten()
             .and_then(|m| m.get(args.lease_id).map(|(_, f)| f.clone()));
         let outcome = self.hot.settle_lease(args, open.as_ref()).await?;
         if open.is_some() && outcome != SettleOutcome::Unknown {
