@@ -106,22 +106,6 @@ fn shard_of(key: &str) -> usize {
     usize::from_str_radix(&hash[..1], 16).expect("hex")
 }
 
-async fn metric(app: &TestApp, name: &str, label: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 async fn stats(app: &TestApp, key_id: &str) -> Value {
     let res = app.admin_get(&format!("/admin/keys/{key_id}/stats")).await;
     assert_eq!(res.status(), 200);
@@ -132,7 +116,9 @@ async fn stats(app: &TestApp, key_id: &str) -> Value {
 async fn admit_settle_release_work_on_a_three_master_cluster() {
     let cluster = shared_cluster().await;
     let app = cluster_app(cluster, None).await;
-    let command_errors = metric(&app, "tollgate_redis_errors_total", "kind=\"command\"").await;
+    let command_errors = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"command\""))
+        .await;
 
     let (key, api_key) = app
         .create_key(json!({"user_id": "u-c1", "rate_limit": 3, "concurrent_limit": 2}))
@@ -220,8 +206,10 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
         .await
         .expect("readyz");
     assert_eq!(res.status(), 200, "ready on a cluster");
-    let errors =
-        metric(&app, "tollgate_redis_errors_total", "kind=\"command\"").await - command_errors;
+    let errors = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"command\""))
+        .await
+        - command_errors;
     assert_eq!(
         errors, 0.0,
         "no command errors (CROSSSLOT, MOVED) on the cluster"

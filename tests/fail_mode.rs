@@ -32,27 +32,6 @@ async fn app_on(redis: &PrivateRedis, fail_mode: &str, lease_ttl_seconds: Option
     .await
 }
 
-/// Sum of every series of `name` (all label sets, or those containing `label` when given).
-async fn metric(app: &TestApp, name: &str, label: Option<&str>) -> f64 {
-    let res = app
-        .http
-        .get(format!("{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics request");
-    assert_eq!(res.status(), 200);
-    let text = res.text().await.expect("metrics text");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| label.is_none_or(|want| l.contains(want)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// An admission and how long it took.
 async fn timed_admit(app: &TestApp, key: &str) -> (u16, Value, Duration) {
     let started = Instant::now();
@@ -106,19 +85,16 @@ async fn closed_mode_answers_unavailable_fast_while_redis_is_down_and_resumes_by
     let (status, body) = readyz(&app).await;
     assert_eq!(status, 200, "ready before the outage: {body}");
 
-    let errors_before = metric(&app, "tollgate_redis_errors_total", None).await;
-    let connection_errors_before = metric(
-        &app,
-        "tollgate_redis_errors_total",
-        Some("kind=\"connection\""),
-    )
-    .await;
-    let denied_before = metric(
-        &app,
-        "tollgate_admissions_total",
-        Some("decision=\"unavailable\""),
-    )
-    .await;
+    let errors_before = app.metric_sum("tollgate_redis_errors_total", None).await;
+    let connection_errors_before = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"connection\""))
+        .await;
+    let denied_before = app
+        .metric_sum(
+            "tollgate_admissions_total",
+            Some("decision=\"unavailable\""),
+        )
+        .await;
     redis.stop();
 
     const TRIES: usize = 5;
@@ -173,28 +149,25 @@ async fn closed_mode_answers_unavailable_fast_while_redis_is_down_and_resumes_by
         .expect("healthz");
     assert_eq!(res.status(), 200, "alive while redis is down");
 
-    let errors = metric(&app, "tollgate_redis_errors_total", None).await - errors_before;
+    let errors = app.metric_sum("tollgate_redis_errors_total", None).await - errors_before;
     assert!(
         errors >= TRIES as f64,
         "redis errors grew by {errors}, expected ≥ {TRIES}"
     );
-    let connection_errors = metric(
-        &app,
-        "tollgate_redis_errors_total",
-        Some("kind=\"connection\""),
-    )
-    .await
+    let connection_errors = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"connection\""))
+        .await
         - connection_errors_before;
     assert!(
         connection_errors >= 1.0,
         "a refused connection counts as kind=connection"
     );
-    let denied = metric(
-        &app,
-        "tollgate_admissions_total",
-        Some("decision=\"unavailable\""),
-    )
-    .await
+    let denied = app
+        .metric_sum(
+            "tollgate_admissions_total",
+            Some("decision=\"unavailable\""),
+        )
+        .await
         - denied_before;
     assert!(
         denied >= TRIES as f64,
@@ -239,12 +212,9 @@ async fn a_hung_redis_is_bounded_by_the_deadline_and_counted_as_timeouts() {
     let (status, body) = app.admit(&key, json!({})).await;
     assert_eq!(status, 200, "{body}");
 
-    let timeouts_before = metric(
-        &app,
-        "tollgate_redis_errors_total",
-        Some("kind=\"timeout\""),
-    )
-    .await;
+    let timeouts_before = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"timeout\""))
+        .await;
     // Frozen, not dead: connections stay open and nothing answers.
     redis.freeze();
     for i in 0..3 {
@@ -255,12 +225,9 @@ async fn a_hung_redis_is_bounded_by_the_deadline_and_counted_as_timeouts() {
             "admission {i} took {took:?}: should wait for about the {REDIS_TIMEOUT_MS}ms deadline"
         );
     }
-    let timeouts = metric(
-        &app,
-        "tollgate_redis_errors_total",
-        Some("kind=\"timeout\""),
-    )
-    .await
+    let timeouts = app
+        .metric_sum("tollgate_redis_errors_total", Some("kind=\"timeout\""))
+        .await
         - timeouts_before;
     assert!(timeouts >= 3.0, "timeouts grew by {timeouts}");
     redis.thaw();
@@ -290,7 +257,9 @@ async fn open_mode_admits_only_recently_validated_keys_without_a_balance() {
     let (status, body) = app.admit(&seen, json!({})).await;
     assert_eq!(status, 429, "{body}");
 
-    let fail_open_before = metric(&app, "tollgate_fail_open_admissions_total", None).await;
+    let fail_open_before = app
+        .metric_sum("tollgate_fail_open_admissions_total", None)
+        .await;
     redis.stop();
 
     // A validated key passes unlimited: its rate and concurrency limits are not enforced.
@@ -330,8 +299,10 @@ async fn open_mode_admits_only_recently_validated_keys_without_a_balance() {
         .expect("admit");
     assert_eq!(res.status(), 200, "the key may come in a header as well");
 
-    let fail_open =
-        metric(&app, "tollgate_fail_open_admissions_total", None).await - fail_open_before;
+    let fail_open = app
+        .metric_sum("tollgate_fail_open_admissions_total", None)
+        .await
+        - fail_open_before;
     assert!(
         fail_open >= (OPEN + 1) as f64,
         "fail-open admissions grew by {fail_open}, expected ≥ {}",

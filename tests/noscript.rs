@@ -39,20 +39,9 @@ fn flush_scripts(redis: &PrivateRedis, shas: &[&str]) {
 }
 
 async fn reloads(app: &TestApp, script: &str) -> f64 {
-    let text = app
-        .http
-        .get(format!("{}/metrics", app.admin))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
     let label = format!("script=\"{script}\"");
-    text.lines()
-        .filter(|l| l.starts_with("tollgate_script_reloads_total{") && l.contains(&label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    app.metric_sum("tollgate_script_reloads_total", Some(&label))
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

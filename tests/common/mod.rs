@@ -167,6 +167,20 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
     }
 }
 
+/// Sum of every sample of the series `name` in Prometheus text (all label sets, or only those
+/// containing `label`, e.g. `kind="timeout"`); 0 when absent.
+pub fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| label.is_none_or(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// HTTP helpers shared by an in-process [`TestApp`] and a [`process::TollgateProcess`].
 #[allow(async_fn_in_trait)]
 pub trait Api {
@@ -264,6 +278,23 @@ pub trait Api {
             .await;
         let status = res.status().as_u16();
         (status, res.json().await.expect("release answers JSON"))
+    }
+
+    /// The `/metrics` text of the admin listener (no token needed).
+    async fn metrics_text(&self) -> String {
+        let res = self
+            .http()
+            .get(format!("{}/metrics", self.admin_url()))
+            .send()
+            .await
+            .expect("metrics request");
+        assert_eq!(res.status(), 200, "metrics answers");
+        res.text().await.expect("metrics text")
+    }
+
+    /// [`metric_sum`] over a fresh scrape.
+    async fn metric_sum(&self, name: &str, label: Option<&str>) -> f64 {
+        metric_sum(&self.metrics_text().await, name, label)
     }
 }
 

@@ -217,21 +217,9 @@ impl TollgateProcess {
         Ok((status, res.json().await?))
     }
 
-    /// The `/metrics` text of this process.
-    pub async fn metrics(&self) -> String {
-        self.http
-            .get(format!("{}/metrics", self.admin))
-            .send()
-            .await
-            .expect("metrics request")
-            .text()
-            .await
-            .expect("metrics text")
-    }
-
     /// Value of an unlabelled series in `/metrics`, if present.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        metric_value(&self.metrics().await, name)
+        metric_value(&super::Api::metrics_text(self).await, name)
     }
 }
 
