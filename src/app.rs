@@ -168,8 +168,11 @@ impl App {
             .sync_consumer
             .clone()
             .unwrap_or_else(|| format!("{}:{}", hostname(), admin_addr.port()));
+        // The syncer has a connection of its own: its replies (hundreds of stream entries) on
+        // the hot path's multiplexed connection would hold back the admission replies queued
+        // behind them, on the socket and in the reply parser.
         let syncer = sync::usage::Syncer::new(
-            hot.redis.clone(),
+            Redis::new(config.redis_urls.clone(), config.redis_timeout),
             state.db.clone(),
             state.metrics.clone(),
             hot.layout.streams(),

@@ -3,8 +3,8 @@
 //! Admission and settlement share one multiplexed connection (single node: an auto-reconnecting
 //! `ConnectionManager`; cluster: a `ClusterConnection`), which pipelines every concurrent
 //! request over one socket. A checkout pool would add nothing here and cost a round trip:
-//! deadpool recycles each checkout with `PING`. The syncer shares it too: its stream reads
-//! never `BLOCK`, so they cannot stall admissions.
+//! deadpool recycles each checkout with `PING`. The syncer opens a second handle of its own,
+//! so its large stream replies never queue in front of admission replies.
 //!
 //! Every call is bounded by `TOLLGATE_REDIS_TIMEOUT_MS`, connecting included: while Redis is
 //! unreachable, each call fails within that deadline and the next call tries again, so service

@@ -25,10 +25,17 @@ use crate::store::usage::{insert_batch, UsageEvent};
 use crate::store::StoreError;
 
 pub const GROUP: &str = "tollgate-sync";
+/// Most entries one pass gathers, across all shards: what one insert statement writes. It
+/// also bounds the syncer's memory (a parsed entry takes about 2 KB until its batch is done).
 const BATCH: usize = 500;
 /// Entries a consumer has held this long without acknowledging are presumed orphaned.
 const CLAIM_IDLE: Duration = Duration::from_secs(15);
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// Pause after a pass that found events but filled no batch. Without it, steady traffic
+/// would be synced as a stream of tiny transactions as fast as they can commit; with it, a
+/// pass gathers what 50 ms of settlements left in every shard, and the sync lag stays far
+/// under a second.
+const BUSY_POLL: Duration = Duration::from_millis(50);
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
 
 pub struct Syncer {
@@ -39,8 +46,29 @@ pub struct Syncer {
     consumer: String,
     /// Shards where this consumer may hold delivered-but-unacknowledged entries.
     own_pending: Vec<bool>,
+    /// Where the next pass starts: passes take turns, so that when one pass cannot take every
+    /// shard's entries (see [`BATCH`]) no shard waits behind the others.
+    next_shard: usize,
     claim_idle: Duration,
     scripts: Scripts,
+}
+
+/// Entries read from one shard in a pass.
+struct Gathered {
+    shard: usize,
+    entries: Vec<StreamId>,
+    /// A `>` read made while this consumer held nothing else in the shard: once these are
+    /// acknowledged it holds nothing there.
+    fresh: bool,
+}
+
+/// What a pass found.
+enum Pass {
+    Idle,
+    /// Events, but fewer than a batch: the streams are drained.
+    Partial,
+    /// The pass filled its batch: more is probably waiting.
+    Full,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +143,7 @@ impl Syncer {
             streams,
             consumer,
             own_pending: vec![true; n],
+            next_shard: 0,
             claim_idle: CLAIM_IDLE,
             scripts: Scripts::default(),
         }
@@ -140,13 +169,18 @@ impl Syncer {
         }
     }
 
-    async fn read(&self, stream: &str, from: &str) -> Result<Vec<StreamId>, RedisFailure> {
+    async fn read(
+        &self,
+        stream: &str,
+        from: &str,
+        count: usize,
+    ) -> Result<Vec<StreamId>, RedisFailure> {
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(GROUP)
             .arg(&self.consumer)
             .arg("COUNT")
-            .arg(BATCH)
+            .arg(count)
             .arg("STREAMS")
             .arg(stream)
             .arg(from);
@@ -165,7 +199,7 @@ impl Syncer {
         Ok(reply.keys.into_iter().flat_map(|k| k.ids).collect())
     }
 
-    async fn claim(&self, stream: &str) -> Result<Vec<StreamId>, RedisFailure> {
+    async fn claim(&self, stream: &str, count: usize) -> Result<Vec<StreamId>, RedisFailure> {
         let mut cmd = redis::cmd("XAUTOCLAIM");
         cmd.arg(stream)
             .arg(GROUP)
@@ -173,7 +207,7 @@ impl Syncer {
             .arg(self.claim_idle.as_millis() as u64)
             .arg("0-0")
             .arg("COUNT")
-            .arg(BATCH);
+            .arg(count);
         let v = match self.redis.query(&cmd).await {
             Err(RedisFailure::Command(code)) if code == "NOGROUP" => return Ok(Vec::new()),
             other => other?,
@@ -183,7 +217,7 @@ impl Syncer {
         Ok(reply.claimed)
     }
 
-    async fn ack(&self, stream: &str, ids: &[String]) -> Result<(), RedisFailure> {
+    async fn ack(&self, stream: &str, ids: &[&str]) -> Result<(), RedisFailure> {
         // XACK and XDEL together, atomically (lua/ack.lua).
         let mut args = Vec::with_capacity(ids.len() + 1);
         args.push(ScriptArg::Str(GROUP));
@@ -192,73 +226,77 @@ impl Syncer {
         Ok(())
     }
 
-    /// Syncs one batch of entries; returns how many were new in Postgres. `fresh`: the batch
-    /// is a `>` read made while this consumer held nothing else, so after its acknowledgement
-    /// the consumer holds nothing in this shard.
-    async fn sync(
-        &mut self,
-        shard: usize,
-        entries: Vec<StreamId>,
-        fresh: bool,
-    ) -> Result<u64, SyncError> {
-        let stream = self.streams[shard].clone();
-        let mut events = Vec::with_capacity(entries.len());
-        let mut ids = Vec::with_capacity(entries.len());
-        for e in &entries {
-            match parse_event(e) {
-                Some(ev) => events.push(ev),
-                // Only settle.lua writes here; an unreadable entry is corruption. It is logged
-                // and acknowledged, or it would block its shard forever.
-                None => {
-                    tracing::error!(stream = %stream, id = %e.id, "unreadable usage entry dropped")
+    /// Syncs what one pass gathered from every shard: one insert for all of it, then each
+    /// shard's acknowledgement. Returns how many events were new in Postgres.
+    ///
+    /// One statement per pass rather than per shard: under steady traffic every shard holds a
+    /// few events at each pass, and sixteen small transactions cost Postgres several times the
+    /// CPU of one larger one (measured at 3,500 settlements/s: about 100 µs of Postgres CPU per
+    /// event against 30).
+    async fn sync(&mut self, gathered: Vec<Gathered>) -> Result<u64, SyncError> {
+        let mut events = Vec::with_capacity(gathered.iter().map(|g| g.entries.len()).sum());
+        for g in &gathered {
+            self.own_pending[g.shard] = true;
+            for e in &g.entries {
+                match parse_event(e) {
+                    Some(ev) => events.push(ev),
+                    // Only settle.lua writes here; an unreadable entry is corruption. It is
+                    // logged and acknowledged, or it would block its shard forever.
+                    None => tracing::error!(stream = %self.streams[g.shard], id = %e.id,
+                        "unreadable usage entry dropped"),
                 }
             }
-            ids.push(e.id.clone());
         }
-        self.own_pending[shard] = true;
         let new = match insert_batch(&self.db, &events).await {
             Ok(new) => new,
             // Postgres refused the batch for what is in it, not for being down: retrying it
-            // whole would block the shard forever. Find the culprits one event at a time.
+            // whole would block the shards forever. Find the culprits one event at a time.
             Err(StoreError::Query(e)) if is_data_error(&e) => {
-                self.insert_one_by_one(&stream, &entries, events).await?
+                let mut new = 0;
+                for g in &gathered {
+                    new += self
+                        .insert_one_by_one(&self.streams[g.shard], &g.entries)
+                        .await?;
+                }
+                new
             }
             Err(e) => return Err(e.into()),
         };
-        self.ack(&stream, &ids).await?;
-        // A re-read or claimed batch may not have been all this consumer holds (a claim adds
-        // to what it already had): look again next pass, until a re-read comes back empty.
-        if fresh {
-            self.own_pending[shard] = false;
-        }
         self.metrics.events_synced.increment(new);
+        for g in &gathered {
+            let ids: Vec<&str> = g.entries.iter().map(|e| e.id.as_str()).collect();
+            self.ack(&self.streams[g.shard], &ids).await?;
+            // A re-read or claimed batch may not have been all this consumer holds (a claim
+            // adds to what it already had): look again next pass, until a re-read comes back
+            // empty.
+            if g.fresh {
+                self.own_pending[g.shard] = false;
+            }
+        }
         Ok(new)
     }
 
-    /// Inserts events singly; one Postgres refuses for its data moves, with its original
-    /// fields and the reason, to the shard's dead-letter stream (`<stream>:dead`, same slot)
-    /// for an operator to inspect, instead of being retried forever.
+    /// Inserts a shard's events singly; one Postgres refuses for its data moves, with its
+    /// original fields and the reason, to the shard's dead-letter stream (`<stream>:dead`,
+    /// same slot) for an operator to inspect, instead of being retried forever.
     async fn insert_one_by_one(
         &self,
         stream: &str,
         entries: &[StreamId],
-        events: Vec<UsageEvent>,
     ) -> Result<u64, SyncError> {
         let mut new = 0;
-        for ev in events {
+        for entry in entries {
+            let Some(ev) = parse_event(entry) else {
+                continue;
+            };
             match insert_batch(&self.db, std::slice::from_ref(&ev)).await {
                 Ok(n) => new += n,
                 Err(StoreError::Query(e)) if is_data_error(&e) => {
                     let mut cmd = redis::cmd("XADD");
                     cmd.arg(format!("{stream}:dead")).arg("*");
-                    if let Some(entry) = entries
-                        .iter()
-                        .find(|en| en.get::<String>("e").as_deref() == Some(ev.event_id.as_str()))
-                    {
-                        for field in entry.map.keys() {
-                            let value = entry.get::<String>(field).unwrap_or_default();
-                            cmd.arg(field).arg(value);
-                        }
+                    for field in entry.map.keys() {
+                        let value = entry.get::<String>(field).unwrap_or_default();
+                        cmd.arg(field).arg(value);
                     }
                     cmd.arg("error").arg(e.to_string());
                     self.redis.query(&cmd).await?;
@@ -272,37 +310,61 @@ impl Syncer {
         Ok(new)
     }
 
-    /// One pass over every shard. Returns whether any entry was handled.
-    async fn pass(&mut self, claim: bool) -> Result<bool, SyncError> {
-        let mut busy = false;
-        for shard in 0..self.streams.len() {
-            let stream = self.streams[shard].clone();
-            // Claims come first, not only when a shard is idle: under steady traffic a shard is
-            // never idle, and a dead replica's entries would wait forever.
-            if claim {
-                let claimed = self.claim(&stream).await?;
-                if !claimed.is_empty() {
-                    busy = true;
-                    self.sync(shard, claimed, false).await?;
-                }
-            }
-            if self.own_pending[shard] {
-                let entries = self.read(&stream, "0").await?;
-                if entries.is_empty() {
-                    self.own_pending[shard] = false;
-                } else {
-                    busy = true;
-                    self.sync(shard, entries, false).await?;
-                    continue;
-                }
-            }
-            let entries = self.read(&stream, ">").await?;
-            if !entries.is_empty() {
-                busy = true;
-                self.sync(shard, entries, true).await?;
+    /// What one shard gives this pass, at most `room` entries, and whether it is a fresh read.
+    async fn gather(
+        &mut self,
+        shard: usize,
+        stream: &str,
+        claim: bool,
+        room: usize,
+    ) -> Result<Option<(Vec<StreamId>, bool)>, RedisFailure> {
+        // Claims come first, not only when a shard is idle: under steady traffic a shard is
+        // never idle, and a dead replica's entries would wait forever. What this consumer held
+        // already is re-read next pass (a re-read now would return the claimed entries a
+        // second time).
+        if claim {
+            let claimed = self.claim(stream, room).await?;
+            if !claimed.is_empty() {
+                return Ok(Some((claimed, false)));
             }
         }
-        Ok(busy)
+        if self.own_pending[shard] {
+            let entries = self.read(stream, "0", room).await?;
+            if !entries.is_empty() {
+                return Ok(Some((entries, false)));
+            }
+            self.own_pending[shard] = false;
+        }
+        let entries = self.read(stream, ">", room).await?;
+        Ok((!entries.is_empty()).then_some((entries, true)))
+    }
+
+    /// One pass: gathers up to [`BATCH`] entries from the shards, then syncs them together.
+    async fn pass(&mut self, claim: bool) -> Result<Pass, SyncError> {
+        let mut gathered = Vec::new();
+        let mut room = BATCH;
+        let n = self.streams.len();
+        let first = self.next_shard % n.max(1);
+        self.next_shard = first + 1;
+        for shard in (first..n).chain(0..first) {
+            if room == 0 {
+                break;
+            }
+            let stream = self.streams[shard].clone();
+            if let Some((entries, fresh)) = self.gather(shard, &stream, claim, room).await? {
+                room = room.saturating_sub(entries.len());
+                gathered.push(Gathered {
+                    shard,
+                    entries,
+                    fresh,
+                });
+            }
+        }
+        if gathered.is_empty() {
+            return Ok(Pass::Idle);
+        }
+        self.sync(gathered).await?;
+        Ok(if room == 0 { Pass::Full } else { Pass::Partial })
     }
 
     /// Publishes how far Postgres is behind: unsynced entries, and the age of the oldest.
@@ -351,13 +413,13 @@ impl Syncer {
                 last_claim = Instant::now();
             }
             let wait = match self.pass(claim).await {
-                Ok(true) => {
+                Ok(pass) => {
                     backoff = Duration::from_millis(200);
-                    Duration::ZERO
-                }
-                Ok(false) => {
-                    backoff = Duration::from_millis(200);
-                    IDLE_POLL
+                    match pass {
+                        Pass::Full => Duration::ZERO,
+                        Pass::Partial => BUSY_POLL,
+                        Pass::Idle => IDLE_POLL,
+                    }
                 }
                 Err(e) => {
                     if let SyncError::Redis(r) = &e {
@@ -386,8 +448,8 @@ impl Syncer {
         let deadline = Instant::now() + drain;
         while Instant::now() < deadline {
             match tokio::time::timeout(deadline - Instant::now(), self.pass(false)).await {
-                Ok(Ok(true)) => continue,
-                Ok(Ok(false)) | Err(_) => break,
+                Ok(Ok(Pass::Full | Pass::Partial)) => continue,
+                Ok(Ok(Pass::Idle)) | Err(_) => break,
                 // A transient failure (a deadlock with another replica's batch, a Redis
                 // hiccup) is worth another try while the bound allows; what is left stays in
                 // Redis for the next process.

@@ -359,16 +359,23 @@ impl TestApp {
         }
     }
 
-    /// Deletes every Redis key of this namespace (a Redis that lost everything).
-    pub async fn wipe_namespace(&self) {
+    /// Deletes every Redis key of this namespace (a Redis that lost everything); returns the
+    /// names deleted. tollgate's background tasks may re-create some at once (streams, the
+    /// `loaded` marker, reloaded key state), so the namespace need not stay empty.
+    pub async fn wipe_namespace(&self) -> Vec<String> {
         let mut c = self.redis.clone();
+        let mut deleted = Vec::new();
         for k in self.namespace_keys().await {
-            let _: i64 = redis::cmd("DEL")
+            let n: i64 = redis::cmd("DEL")
                 .arg(&k)
                 .query_async(&mut c)
                 .await
                 .expect("del");
+            if n == 1 {
+                deleted.push(k);
+            }
         }
+        deleted
     }
 
     /// Polls `check` until it returns true or `within` passes.
