@@ -12,7 +12,11 @@
 -- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
 -- KEYS[3] live    ZSET  live leases: member = lease nonce, score = lease expiry (ms)
 -- KEYS[4] holds   HASH  lease nonce -> balance held by that lease (nano-USD)
--- KEYS[5] lease   HASH  the new lease's record, read by settle.lua / release.lua
+-- KEYS[5] lease   STRING the new lease's record, read by settle.lua / release.lua:
+--                 'L' .. cmsgpack(key id, user id, provider, api format, model, admitted at ms,
+--                 expires at ms); release.lua turns the 'L' into 'R', settle.lua replaces the
+--                 whole record with the tombstone 'S'. One string, so that writing it with its
+--                 expiry is one command (SET … PX), and msgpack, so that no label can break it.
 -- ARGV[1] rate window (ms)
 -- ARGV[2] lease TTL (ms)
 -- ARGV[3] lease record TTL (ms): how long an expired lease can still be settled
@@ -33,6 +37,11 @@
 -- `live`. `live` and `holds` are given the same expiry on every grant (the latest lease's), so
 -- on a key left idle past its leases' TTL both vanish together, and a missing `live` means no
 -- lease is live and nothing can be held.
+--
+-- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
+-- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
+-- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
+-- `holds` is empty.
 
 local state, rate, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local window = tonumber(ARGV[1])
@@ -99,9 +108,10 @@ end
 local rl = tonumber(s[8])
 local remaining = -1
 local reset = 0
+local count = 0
 if rl > 0 then
   redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
-  local count = redis.call('ZCARD', rate)
+  count = redis.call('ZCARD', rate)
   if count >= rl then
     local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
     local retry = tonumber(oldest[2]) + window - now
@@ -121,34 +131,41 @@ if cl > 0 and in_flight >= cl then
   return {'deny', 'concurrency_limited', int(retry)}
 end
 
--- Every check passed: grant. Expiries only ever move later, so a replica configured with a
--- shorter window or TTL cannot drop entries another replica still counts.
-local function keep(key, ms)
-  local left = redis.call('PTTL', key)
-  if left > ms then return left end
-  return ms
+-- Every check passed: grant. Expiries only ever move later (GT), so a replica configured with
+-- a shorter window or TTL cannot drop entries another replica still counts. GT leaves a key
+-- without an expiry as it is, so a key this grant creates gets its expiry plainly; every key
+-- created here gets one at once, so an existing key always has one.
+local function expire(key, existed, ms)
+  if existed then
+    redis.call('PEXPIRE', key, ms, 'GT')
+  else
+    redis.call('PEXPIRE', key, ms)
+  end
 end
 if rl > 0 then
   redis.call('ZADD', rate, now, nonce)
-  redis.call('PEXPIRE', rate, keep(rate, window))
-  local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
-  reset = tonumber(oldest[2]) + window - now
+  expire(rate, count > 0, window)
+  if count > 0 then
+    local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
+    reset = tonumber(oldest[2]) + window - now
+  else
+    reset = window
+  end
 end
-local lease_keys_ttl = keep(live, ttl)
 redis.call('ZADD', live, now + ttl, nonce)
-redis.call('PEXPIRE', live, lease_keys_ttl)
-local hold = 0
+expire(live, in_flight > 0, ttl)
 if bal >= 0 and reserve > 0 then
-  hold = reserve
-  redis.call('HSET', holds, nonce, int(hold))
-  redis.call('HINCRBY', state, 'held', int(hold))
-  available = available - hold
+  redis.call('HSET', holds, nonce, int(reserve))
+  redis.call('HINCRBY', state, 'held', int(reserve))
+  available = available - reserve
+  -- Exactly `live`'s expiry (see the invariant above), which may be later than this TTL.
+  redis.call('PEXPIRE', holds, redis.call('PTTL', live))
+elseif held ~= 0 then
+  -- `holds` had `live`'s expiry before this grant; GT moves both the same way.
+  redis.call('PEXPIRE', holds, ttl, 'GT')
 end
--- Same expiry as `live` (see the invariant above); a no-op when the key holds nothing.
-redis.call('PEXPIRE', holds, lease_keys_ttl)
-redis.call('HSET', lease, 'id', s[1], 'u', s[13], 'p', ARGV[5], 'f', ARGV[6], 'm', ARGV[7],
-  'at', now, 'exp', now + ttl)
-redis.call('PEXPIRE', lease, tonumber(ARGV[3]))
+redis.call('SET', lease, 'L' .. cmsgpack.pack(s[1], s[13], ARGV[5], ARGV[6], ARGV[7], int(now),
+  int(now + ttl)), 'PX', ARGV[3])
 
 return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl),
   int(in_flight + 1), int(available)}

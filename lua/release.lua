@@ -7,7 +7,7 @@
 -- KEYS[1] state   HASH  key state
 -- KEYS[2] live    ZSET  live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
--- KEYS[4] lease   HASH  this lease's record
+-- KEYS[4] lease   STRING this lease's record (see admit.lua)
 -- ARGV[1] lease nonce
 --
 -- Returns {'unknown'} | {'released'}. Releasing twice, or after a settle, is a no-op that
@@ -16,24 +16,28 @@
 local state, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nonce = ARGV[1]
 
-local r = redis.call('HMGET', lease, 's', 'id')
-if r[1] == false and r[2] == false then return {'unknown'} end
-if r[1] ~= false then return {'released'} end
+local rec = redis.call('GET', lease)
+if rec == false then return {'unknown'} end
+-- Settled ('S') or released ('R…') already.
+if string.sub(rec, 1, 1) ~= 'L' then return {'released'} end
 
-if redis.call('ZREM', live, nonce) == 1 then
+local s = redis.call('HMGET', state, 'id', 'held')
+local held = tonumber(s[2]) or 0
+-- Nothing is held when `held` is 0 (admit.lua's invariant).
+if redis.call('ZREM', live, nonce) == 1 and held ~= 0 then
   local h = redis.call('HGET', holds, nonce)
   if h then
     redis.call('HDEL', holds, nonce)
-    if redis.call('EXISTS', state) == 1 then redis.call('HINCRBY', state, 'held', -tonumber(h)) end
+    if s[1] ~= false then
+      redis.call('HINCRBY', state, 'held', -tonumber(h))
+      held = held - tonumber(h)
+    end
   end
 end
--- No live lease left: nothing is held (admit.lua's invariant; repairs an idle key's `held`).
-if redis.call('EXISTS', live) == 0 then
-  local stale = redis.call('HGET', state, 'held')
-  if stale and stale ~= '0' then
-    redis.call('HSET', state, 'held', 0)
-    redis.call('DEL', holds)
-  end
+if held ~= 0 and redis.call('EXISTS', live) == 0 then
+  redis.call('HSET', state, 'held', 0)
+  redis.call('DEL', holds)
 end
-redis.call('HSET', lease, 's', 'released')
+-- Still settleable: the record keeps its fields and its expiry.
+redis.call('SET', lease, 'R' .. string.sub(rec, 2), 'KEEPTTL')
 return {'released'}

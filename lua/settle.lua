@@ -10,7 +10,8 @@
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
 -- KEYS[2] live    ZSET  live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
--- KEYS[4] lease   HASH  this lease's record (field s set once settled or released)
+-- KEYS[4] lease   STRING this lease's record (see admit.lua): 'L…' live, 'R…' released,
+--                 'S' settled (the tombstone)
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
 -- ARGV[1] cost (nano-USD)   ARGV[2] input tokens   ARGV[3] output tokens
 -- ARGV[4] total tokens (-1 = input + output; tollgate itself always sends the sum, which it
@@ -29,48 +30,61 @@
 
 local state, live, holds, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
-
-local r = redis.call('HMGET', lease, 's', 'id', 'u', 'p', 'f', 'm', 'at', 'exp')
 local function int(n) return string.format('%.0f', n) end
+
+local rec = redis.call('GET', lease)
+-- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
+local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none')
+local hydrated = s[1] ~= false
+local used = tonumber(s[3]) or 0
+local held = tonumber(s[4]) or 0
 local function available()
-  local b = redis.call('HMGET', state, 'bal', 'used', 'held', 'none')
-  if b[1] == false or b[4] ~= false or tonumber(b[1]) < 0 then return '-1' end
-  local a = tonumber(b[1]) - tonumber(b[2]) - tonumber(b[3])
+  if s[2] == false or s[5] ~= false or tonumber(s[2]) < 0 then return '-1' end
+  local a = tonumber(s[2]) - used - held
   if a < 0 then a = 0 end
   return int(a)
 end
-if r[2] == false then
-  if r[1] == 'settled' then return {'duplicate', available()} end
+
+-- r: key id, user id, provider, api format, model, admitted at, expires at
+local r
+if rec == 'S' then return {'duplicate', available()} end
+if rec == false then
   if ARGV[12] ~= 'failopen' then return {'unknown'} end
-  r = {false, ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]}
+  r = {ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]}
+else
+  r = {cmsgpack.unpack(string.sub(rec, 2))}
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
--- Free the slot and hold (a released lease has given them back already).
-if redis.call('ZREM', live, nonce) == 1 then
+-- Free the slot and hold (a released lease has given them back already). Nothing is held
+-- when `held` is 0 (admit.lua's invariant), so `holds` is only read when it can matter.
+if redis.call('ZREM', live, nonce) == 1 and held ~= 0 then
   local h = redis.call('HGET', holds, nonce)
   if h then
     redis.call('HDEL', holds, nonce)
-    if redis.call('EXISTS', state) == 1 then redis.call('HINCRBY', state, 'held', -tonumber(h)) end
+    if hydrated then
+      redis.call('HINCRBY', state, 'held', -tonumber(h))
+      held = held - tonumber(h)
+    end
   end
 end
 -- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
 -- keys of an idle key expired whole, so the balance answered below is right.
-if redis.call('EXISTS', live) == 0 then
-  local stale = redis.call('HGET', state, 'held')
-  if stale and stale ~= '0' then
-    redis.call('HSET', state, 'held', 0)
-    redis.call('DEL', holds)
-  end
+if held ~= 0 and redis.call('EXISTS', live) == 0 then
+  redis.call('HSET', state, 'held', 0)
+  redis.call('DEL', holds)
+  held = 0
 end
 local expired = '0'
-if now >= tonumber(r[8]) then expired = '1' end
+if now >= tonumber(r[7]) then expired = '1' end
 
 local cost = ARGV[1]
-local hydrated = redis.call('HEXISTS', state, 'id') == 1
-if hydrated then redis.call('HINCRBY', state, 'used', cost) end
+if hydrated then
+  redis.call('HINCRBY', state, 'used', cost)
+  used = used + tonumber(cost)
+end
 
 local function pick(given, from_lease)
   if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
@@ -80,14 +94,12 @@ local input, output, total = ARGV[2], ARGV[3], ARGV[4]
 if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 
 redis.call('XADD', stream, '*',
-  'e', ARGV[11], 'k', r[2], 'u', r[3], 'c', cost,
+  'e', ARGV[11], 'k', r[1], 'u', r[2], 'c', cost,
   'it', input, 'ot', output, 'tt', total, 'rt', ARGV[5], 'sc', ARGV[6],
-  'p', pick(ARGV[7], r[4]), 'f', pick(ARGV[8], r[5]), 'm', pick(ARGV[9], r[6]),
-  'at', r[7], 'ts', now, 'x', expired)
+  'p', pick(ARGV[7], r[3]), 'f', pick(ARGV[8], r[4]), 'm', pick(ARGV[9], r[5]),
+  'at', r[6], 'ts', now, 'x', expired)
 
--- The record shrinks to a tombstone that only answers "duplicate".
-redis.call('DEL', lease)
-redis.call('HSET', lease, 's', 'settled')
-redis.call('PEXPIRE', lease, tonumber(ARGV[10]))
+-- The record becomes a tombstone that only answers "duplicate".
+redis.call('SET', lease, 'S', 'PX', ARGV[10])
 
 return {'settled', expired, available()}

@@ -114,3 +114,108 @@ async fn unknown_keys_cost_bounded_postgres_lookups() {
     let app = spawn_app_with(|s| pg.route(s)).await;
     hot_suite::unknown_keys_cost_bounded_postgres_lookups(&app, &pg).await;
 }
+
+/// Milliseconds to live of a Redis key (-2 missing, -1 no expiry).
+async fn pttl(app: &TestApp, name: &str) -> i64 {
+    redis::cmd("PTTL")
+        .arg(name)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("PTTL")
+}
+
+async fn pexpire(app: &TestApp, name: &str, ms: i64) {
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(name)
+        .arg(ms)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("PEXPIRE");
+}
+
+/// Every key an admission writes carries an expiry; `holds` expires with `live`; and an expiry
+/// set by a replica with a longer window or lease TTL is never shortened. admit.lua relies on
+/// reasoning instead of reading TTLs (a count of 0 means a key is new, `held` = 0 means
+/// `holds` is empty), and this is where that reasoning is checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_keys_expire_and_expiries_only_move_later() {
+    let app = spawn_app().await;
+    let (window, ttl) = (60_000, 600_000);
+    let (key, _) = hot_suite::new_key(
+        &app,
+        serde_json::json!({"is_standalone": true, "initial_balance_usd": 1, "rate_limit": 100,
+                           "concurrent_limit": 10}),
+    )
+    .await;
+    let k =
+        tollgate::hot::layout::Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(&key));
+    let reserving = hot_suite::with_key(
+        &key,
+        serde_json::json!({"reserve_usd": hot_suite::amount("0.01")}),
+    );
+    let plain = hot_suite::with_key(&key, serde_json::json!({}));
+    let near = |got: i64, want: i64, what: &str| {
+        assert!(
+            got <= want && got > want - 2_000,
+            "{what}: PTTL {got} ms, expected just under {want}"
+        );
+    };
+
+    let first = hot_suite::admit(&app, reserving.clone())
+        .await
+        .lease("first");
+    near(pttl(&app, &k.rate).await, window, "a new rate log");
+    near(pttl(&app, &k.live).await, ttl, "a new live set");
+    near(pttl(&app, &k.holds).await, ttl, "a new holds hash");
+    let record = k.lease(first.split_once('.').expect("lease id").1);
+    assert!(
+        pttl(&app, &record).await > ttl,
+        "the lease record outlives its lease"
+    );
+
+    // Time passes (half the TTL, as if); a grant that reserves nothing still moves both
+    // expiries, together.
+    pexpire(&app, &k.live, ttl / 2).await;
+    pexpire(&app, &k.holds, ttl / 2).await;
+    let plain_lease = hot_suite::admit(&app, plain.clone())
+        .await
+        .lease("not reserving, later");
+    near(pttl(&app, &k.live).await, ttl, "the live set, extended");
+    near(pttl(&app, &k.holds).await, ttl, "holds, extended with live");
+
+    // Another replica, configured with a longer window and lease TTL, granted last.
+    for (name, ms) in [
+        (&k.rate, 10 * window),
+        (&k.live, 10 * ttl),
+        (&k.holds, 10 * ttl),
+    ] {
+        pexpire(&app, name, ms).await;
+    }
+    let second = hot_suite::admit(&app, reserving.clone())
+        .await
+        .lease("reserving");
+    let third = hot_suite::admit(&app, plain.clone())
+        .await
+        .lease("not reserving");
+    near(pttl(&app, &k.rate).await, 10 * window, "the rate log");
+    let live = pttl(&app, &k.live).await;
+    near(live, 10 * ttl, "the live set");
+    let holds = pttl(&app, &k.holds).await;
+    assert!(
+        (live - holds).abs() < 50,
+        "holds ({holds} ms) expires with live ({live} ms)"
+    );
+
+    // Once every lease is settled the live set and holds are gone; the next grant creates
+    // them again, and they must get an expiry although nothing had one to extend.
+    for l in [&first, &plain_lease, &second, &third] {
+        hot_suite::settle(&app, l, "0.001").await;
+    }
+    assert_eq!(pttl(&app, &k.live).await, -2, "no live lease left");
+    assert_eq!(pttl(&app, &k.holds).await, -2, "nothing held");
+    hot_suite::admit(&app, reserving)
+        .await
+        .lease("after the settlements");
+    near(pttl(&app, &k.live).await, ttl, "a re-created live set");
+    near(pttl(&app, &k.holds).await, ttl, "a re-created holds hash");
+}
