@@ -28,10 +28,8 @@ pub struct MemoryReport {
     pub live_set_full: u64,
     /// One live lease's record (mean over the leases).
     pub lease_record: u64,
-    /// One settled lease's tombstone, kept lease TTL + 1 h to answer retries (mean).
+    /// One settled lease's tombstone, kept 10 minutes to answer retries (mean).
     pub tombstone: u64,
-    /// What the same tombstone would take as a plain string key, for comparison.
-    pub tombstone_as_string: u64,
     /// State + full rate log: a busy key between bursts.
     pub key_with_full_window: u64,
     /// State + full rate log + live set + one record per live lease.
@@ -109,23 +107,6 @@ pub async fn measure(
     for n in &nonces {
         tombstones += memory_usage(redis, &k.lease(n)).await?;
     }
-    // A key name of the same length as a lease record's, holding the same fact as a string.
-    let probe = k.lease(&"Z".repeat(22));
-    let _: () = redis::cmd("SET")
-        .arg(&probe)
-        .arg("s")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(redis)
-        .await
-        .map_err(|e| format!("SET: {e}"))?;
-    let tombstone_as_string = memory_usage(redis, &probe).await?;
-    let _: i64 = redis::cmd("DEL")
-        .arg(&probe)
-        .query_async(redis)
-        .await
-        .map_err(|e| format!("DEL: {e}"))?;
-
     let n = FULL as u64;
     let lease_record = records / n;
     Ok((
@@ -137,7 +118,6 @@ pub async fn measure(
             live_set_full,
             lease_record,
             tombstone: tombstones / n,
-            tombstone_as_string,
             key_with_full_window: state_after_use + rate_log_full,
             key_with_full_window_all_live: state_after_use
                 + rate_log_full

@@ -42,6 +42,9 @@ pub struct RedisSnapshot {
     /// Command name → calls. `INFO commandstats` counts every command Redis executes, those a
     /// script runs (`hget`, `zadd`, …) included, so only `evalsha`/`eval` count round trips.
     pub calls: BTreeMap<String, u64>,
+    /// Command name → microseconds Redis spent executing it (`usec`): a script's whole run,
+    /// without reading the request and writing the reply.
+    pub usec: BTreeMap<String, u64>,
     pub cpu_seconds: f64,
     pub used_memory: u64,
 }
@@ -49,16 +52,19 @@ pub struct RedisSnapshot {
 pub async fn snapshot(c: &mut MultiplexedConnection) -> Result<RedisSnapshot, String> {
     let stats = info(c, "commandstats").await?;
     let mut calls = BTreeMap::new();
+    let mut usec = BTreeMap::new();
     for (k, v) in stats {
         let Some(name) = k.strip_prefix("cmdstat_") else {
             continue;
         };
-        let n = v
-            .split(',')
-            .find_map(|f| f.strip_prefix("calls="))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0);
-        calls.insert(name.to_string(), n);
+        let field = |f: &str| {
+            v.split(',')
+                .find_map(|kv| kv.strip_prefix(f))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        calls.insert(name.to_string(), field("calls="));
+        usec.insert(name.to_string(), field("usec="));
     }
     let cpu = info(c, "cpu").await?;
     let f = |k: &str| {
@@ -69,6 +75,7 @@ pub async fn snapshot(c: &mut MultiplexedConnection) -> Result<RedisSnapshot, St
     let mem = info(c, "memory").await?;
     Ok(RedisSnapshot {
         calls,
+        usec,
         cpu_seconds: f("used_cpu_sys") + f("used_cpu_user"),
         used_memory: mem
             .get("used_memory")

@@ -49,6 +49,8 @@ pub struct CeilingPart {
     /// Round trip of one pipeline.
     pub pipeline: Latency,
     pub redis_cpu_seconds: f64,
+    /// Mean time Redis spent running one script (commandstats `usec` / calls).
+    pub script_exec_us: f64,
     /// Busy share of each CPU of the host during the measurement.
     pub host_cpu_busy: Vec<f64>,
 }
@@ -85,6 +87,7 @@ fn part(
         },
         pipeline: Latency::of(&o.batch),
         redis_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+        script_exec_us: script_exec_us(before, after),
         host_cpu_busy: observe::host_delta(host.0, host.1, secs).1,
     }
 }
@@ -137,6 +140,9 @@ pub struct RedisUse {
     /// Every command Redis executed, by name. `INFO commandstats` also counts the commands
     /// scripts run (hmget, zadd, xadd, …), so these are not round trips.
     pub all_commands: BTreeMap<String, u64>,
+    /// Mean time Redis spent running one script (`EVALSHA` `usec` / calls, the syncer's
+    /// `ack.lua` included): execution alone; `cpu_seconds` adds the network I/O.
+    pub script_exec_us: f64,
     pub cpu_seconds: f64,
     pub used_memory_before: u64,
     pub used_memory_after: u64,
@@ -264,6 +270,7 @@ impl HttpReport {
             script_calls_expected: expected,
             evalsha_per_call: evalsha as f64 / (expected.max(1)) as f64,
             all_commands: calls,
+            script_exec_us: script_exec_us(before, after),
             cpu_seconds: after.cpu_seconds - before.cpu_seconds,
             used_memory_before: before.used_memory,
             used_memory_after: after.used_memory,
@@ -497,6 +504,10 @@ impl Report {
                 );
                 println!("    (INFO commandstats; commands run inside scripts are counted there too, so only EVALSHA/EVAL are round trips)");
                 println!(
+                    "    Redis ran each script in {:.1} µs on average (commandstats usec; CPU per call above adds network I/O)",
+                    r.script_exec_us
+                );
+                println!(
                     "    used_memory {:.1} MiB → {:.1} MiB",
                     mib(r.used_memory_before),
                     mib(r.used_memory_after)
@@ -569,8 +580,8 @@ impl Report {
                 m.live_set_full as f64 / m.rate_limit as f64
             );
             println!(
-                "  lease record {}; settled-lease tombstone {} (as a string key it would be {})",
-                m.lease_record, m.tombstone, m.tombstone_as_string
+                "  lease record {}; settled-lease tombstone {}",
+                m.lease_record, m.tombstone
             );
             println!(
                 "  key with a full window: {}; with all {} leases live: {}",
@@ -601,15 +612,24 @@ fn hot_path_evalsha(calls: &BTreeMap<String, u64>) -> u64 {
     evalsha.saturating_sub(*calls.get("xack").unwrap_or(&0))
 }
 
+/// Mean execution time of one `EVALSHA` between two snapshots, in µs.
+fn script_exec_us(before: &RedisSnapshot, after: &RedisSnapshot) -> f64 {
+    let d = |m: &BTreeMap<String, u64>| *m.get("evalsha").unwrap_or(&0);
+    let us = d(&after.usec).saturating_sub(d(&before.usec));
+    let n = d(&after.calls).saturating_sub(d(&before.calls));
+    us as f64 / n.max(1) as f64
+}
+
 fn print_part(name: &str, unit: &str, p: &CeilingPart) {
     println!(
         "  {name:<24} {:.0} {unit}/s ({} in {:.1} s), {:.2} EVALSHA each, pipeline round trip p50 {:.0} µs p99 {:.0} µs",
         p.per_second, p.completed, p.seconds, p.evalsha_per_unit, p.pipeline.p50_us, p.pipeline.p99_us
     );
     println!(
-        "  {:<24} Redis CPU {:.2} cores; host CPUs busy {}",
+        "  {:<24} Redis CPU {:.2} cores, {:.1} µs per script run; host CPUs busy {}",
         "",
         p.redis_cpu_seconds / p.seconds.max(1e-9),
+        p.script_exec_us,
         percents(&p.host_cpu_busy)
     );
 }
