@@ -1262,3 +1262,82 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing(
         .await;
     assert!(arrived, "later events of the shard still arrive");
 }
+
+/// A backlog several passes long, spread over every shard (a Postgres outage, a burst): each
+/// pass takes at most one batch, in turns from the shards, and everything arrives exactly
+/// once, with every shard's stream emptied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_of_several_passes_in_every_shard_drains_exactly_once() {
+    let app = spawn_app().await;
+    let (_, api_key) = app.create_key(json!({"user_id": "u-backlog"})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let streams = Layout::new(&app.namespace).streams();
+    let per_shard = 100;
+    let mut c = app.redis.clone();
+    let now = Utc::now().timestamp_millis().to_string();
+    let mut pipe = redis::pipe();
+    for (shard, stream) in streams.iter().enumerate() {
+        for i in 0..per_shard {
+            pipe.cmd("XADD")
+                .arg(stream)
+                .arg("*")
+                .arg(&[
+                    ("e", format!("backlog-{shard}-{i}")),
+                    ("k", key_id.clone()),
+                    ("u", "u-backlog".to_string()),
+                    ("c", "1000".to_string()),
+                    ("it", "1".to_string()),
+                    ("ot", "1".to_string()),
+                    ("tt", "2".to_string()),
+                    ("rt", "5".to_string()),
+                    ("sc", "200".to_string()),
+                    ("p", "openai".to_string()),
+                    ("f", "openai:chat".to_string()),
+                    ("m", "gpt-4o".to_string()),
+                    ("at", now.clone()),
+                    ("ts", now.clone()),
+                    ("x", "0".to_string()),
+                ])
+                .ignore();
+        }
+    }
+    let () = pipe.query_async(&mut c).await.expect("xadd");
+    let total = (streams.len() * per_shard) as i64;
+    assert!(total > 500 * 3, "the backlog must take several passes");
+
+    let drained = app
+        .eventually(Duration::from_secs(30), || async {
+            let n: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM usage_events WHERE event_id LIKE 'backlog-%'",
+            )
+            .fetch_one(&app.db)
+            .await
+            .expect("count");
+            n == total
+        })
+        .await;
+    assert!(drained, "all {total} events reached Postgres");
+    let used: i64 =
+        sqlx::query_scalar("SELECT balance_used_nanos FROM api_keys WHERE id = $1::uuid")
+            .bind(&key_id)
+            .fetch_one(&app.db)
+            .await
+            .expect("balance_used");
+    assert_eq!(used, total * 1000, "each event charged once");
+    let emptied = app
+        .eventually(Duration::from_secs(10), || async {
+            let mut c = app.redis.clone();
+            let mut left = 0;
+            for s in &streams {
+                let n: i64 = redis::cmd("XLEN")
+                    .arg(s)
+                    .query_async(&mut c)
+                    .await
+                    .expect("xlen");
+                left += n;
+            }
+            left == 0
+        })
+        .await;
+    assert!(emptied, "every shard's stream was acknowledged and emptied");
+}
