@@ -99,7 +99,12 @@ fn first_is(v: &Value, what: &str) -> bool {
 
 pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
     let (admit_sha, settle_sha) = load_scripts(&plan.redis_url).await?;
-    let client = redis::Client::open(plan.redis_url.as_str()).map_err(|e| e.to_string())?;
+    // TCP_NODELAY as tollgate sets it: the ceiling's connections must not be slower than
+    // tollgate's for a reason that has nothing to do with Redis.
+    let info = redis::IntoConnectionInfo::into_connection_info(plan.redis_url.as_str())
+        .map_err(|e| e.to_string())?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let mut conns = Vec::new();
     for _ in 0..plan.connections.max(1) {
         conns.push(

@@ -17,7 +17,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, ErrorKind, RedisError, ServerErrorKind, Value};
+use redis::io::tcp::TcpSettings;
+use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind, Value};
 use tokio::sync::Notify;
 
 /// Why a Redis call failed, split the way an operator acts on it.
@@ -185,7 +186,11 @@ impl Redis {
             return Ok(c.clone());
         }
         let timeout = self.inner.timeout;
-        let client = redis::Client::open(self.inner.urls[0].as_str())?;
+        let info = self.inner.urls[0]
+            .as_str()
+            .into_connection_info()?
+            .set_tcp_settings(tcp_settings());
+        let client = redis::Client::open(info)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -214,12 +219,20 @@ impl Redis {
     }
 }
 
+/// `TCP_NODELAY`, which redis-rs leaves off: with Nagle's algorithm on, a command written while
+/// an earlier one is unanswered waits in the kernel for that answer, so on a multiplexed
+/// connection every admission queued behind another pays an extra Redis round trip.
+fn tcp_settings() -> TcpSettings {
+    TcpSettings::default().set_nodelay(true)
+}
+
 /// One attempt to connect to the cluster; stores the connection, or why there is none.
 async fn connect_cluster(attempt: Attempt) {
     let inner = &attempt.0;
     let timeout = inner.timeout;
     let result = async {
         let client = ClusterClientBuilder::new(inner.urls.clone())
+            .tcp_settings(tcp_settings())
             .connection_timeout(timeout)
             .response_timeout(timeout)
             .retries(1)
