@@ -202,6 +202,34 @@ async fn create_keys_in_shards(p: &TollgateProcess, shards: usize) -> Vec<Key> {
     keys
 }
 
+/// The fields of one usage event as settle.lua appends it to a shard stream: $0.000001, 2
+/// tokens, 5 ms, status 200.
+fn usage_entry<'a>(
+    event: &'a str,
+    key_id: &'a str,
+    user: &'a str,
+    model: &'a str,
+    now_ms: &'a str,
+) -> [(&'static str, &'a str); 15] {
+    [
+        ("e", event),
+        ("k", key_id),
+        ("u", user),
+        ("c", "1000"),
+        ("it", "1"),
+        ("ot", "1"),
+        ("tt", "2"),
+        ("rt", "5"),
+        ("sc", "200"),
+        ("p", "openai"),
+        ("f", "openai:chat"),
+        ("m", model),
+        ("at", now_ms),
+        ("ts", now_ms),
+        ("x", "0"),
+    ]
+}
+
 async fn redis_conn() -> MultiplexedConnection {
     redis::Client::open(redis_url())
         .expect("redis url")
@@ -1193,23 +1221,7 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing(
         let _: String = redis::cmd("XADD")
             .arg(&stream)
             .arg("*")
-            .arg(&[
-                ("e", event),
-                ("k", key_id.as_str()),
-                ("u", "u-dl"),
-                ("c", "1000"),
-                ("it", "1"),
-                ("ot", "1"),
-                ("tt", "2"),
-                ("rt", "5"),
-                ("sc", "200"),
-                ("p", "openai"),
-                ("f", "openai:chat"),
-                ("m", model),
-                ("at", now.as_str()),
-                ("ts", now.as_str()),
-                ("x", "0"),
-            ])
+            .arg(&usage_entry(event, &key_id, "u-dl", model, &now))
             .query_async(&mut c)
             .await
             .expect("xadd");
@@ -1281,23 +1293,13 @@ async fn a_backlog_of_several_passes_in_every_shard_drains_exactly_once() {
             pipe.cmd("XADD")
                 .arg(stream)
                 .arg("*")
-                .arg(&[
-                    ("e", format!("backlog-{shard}-{i}")),
-                    ("k", key_id.clone()),
-                    ("u", "u-backlog".to_string()),
-                    ("c", "1000".to_string()),
-                    ("it", "1".to_string()),
-                    ("ot", "1".to_string()),
-                    ("tt", "2".to_string()),
-                    ("rt", "5".to_string()),
-                    ("sc", "200".to_string()),
-                    ("p", "openai".to_string()),
-                    ("f", "openai:chat".to_string()),
-                    ("m", "gpt-4o".to_string()),
-                    ("at", now.clone()),
-                    ("ts", now.clone()),
-                    ("x", "0".to_string()),
-                ])
+                .arg(&usage_entry(
+                    &format!("backlog-{shard}-{i}"),
+                    &key_id,
+                    "u-backlog",
+                    "gpt-4o",
+                    &now,
+                ))
                 .ignore();
         }
     }

@@ -58,6 +58,21 @@ pub struct Outcome {
     pub leftovers: Vec<String>,
 }
 
+impl Outcome {
+    fn empty() -> Outcome {
+        Outcome {
+            elapsed: Duration::ZERO,
+            completed: 0,
+            other: BTreeMap::new(),
+            errors: 0,
+            error_sample: None,
+            batch: histogram(),
+            cost: HashMap::new(),
+            leftovers: Vec::new(),
+        }
+    }
+}
+
 pub async fn load_scripts(redis_url: &str) -> Result<(String, String), String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let mut c = client
@@ -121,16 +136,7 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
         let plan = plan.clone();
         let (admit_sha, settle_sha) = (admit_sha.clone(), settle_sha.clone());
         tasks.push(tokio::spawn(async move {
-            let mut out = Outcome {
-                elapsed: Duration::ZERO,
-                completed: 0,
-                other: BTreeMap::new(),
-                errors: 0,
-                error_sample: None,
-                batch: histogram(),
-                cost: HashMap::new(),
-                leftovers: Vec::new(),
-            };
+            let mut out = Outcome::empty();
             let mut rng = SmallRng::from_entropy();
             let mut next = ci * 7919;
             while Instant::now() < deadline {
@@ -233,16 +239,7 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
             out
         }));
     }
-    let mut all = Outcome {
-        elapsed: Duration::ZERO,
-        completed: 0,
-        other: BTreeMap::new(),
-        errors: 0,
-        error_sample: None,
-        batch: histogram(),
-        cost: HashMap::new(),
-        leftovers: Vec::new(),
-    };
+    let mut all = Outcome::empty();
     for t in tasks {
         let o = t.await.map_err(|e| e.to_string())?;
         all.completed += o.completed;
