@@ -164,26 +164,31 @@ impl App {
         let hot = state.gate.hot.clone();
         let (data_addr, admin_addr) = (self.data_addr(), self.admin_addr());
 
-        let consumer = config
-            .sync_consumer
-            .clone()
-            .unwrap_or_else(|| format!("{}:{}", hostname(), admin_addr.port()));
-        // The syncer has a connection of its own: its replies (hundreds of stream entries) on
-        // the hot path's multiplexed connection would hold back the admission replies queued
-        // behind them, on the socket and in the reply parser.
-        let syncer = sync::usage::Syncer::new(
-            Redis::new(config.redis_urls.clone(), config.redis_timeout),
-            state.db.clone(),
-            state.metrics.clone(),
-            hot.layout.streams(),
-            consumer,
-        )
-        .with_claim_idle(config.sync_claim_idle);
         // The syncer gets its own stop signal, sent only after both listeners have drained:
         // a settlement still in flight when the shutdown starts writes its event after the
         // listeners stop accepting, and the final flush must see it.
         let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
-        let syncer = tokio::spawn(syncer.run(sync_stop_rx, SYNC_DRAIN));
+        let syncer = config.sync_enabled.then(|| {
+            let consumer = config
+                .sync_consumer
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", hostname(), admin_addr.port()));
+            // The syncer has a connection of its own: its replies (hundreds of stream entries)
+            // on the hot path's multiplexed connection would hold back the admission replies
+            // queued behind them, on the socket and in the reply parser.
+            let syncer = sync::usage::Syncer::new(
+                Redis::new(config.redis_urls.clone(), config.redis_timeout),
+                state.db.clone(),
+                state.metrics.clone(),
+                hot.layout.streams(),
+                consumer,
+            )
+            .with_claim_idle(config.sync_claim_idle);
+            tokio::spawn(syncer.run(sync_stop_rx, SYNC_DRAIN))
+        });
+        if syncer.is_none() {
+            tracing::info!("usage sync is off here (TOLLGATE_SYNC_ENABLED=false): events wait in redis for a process that has it on");
+        }
         // A namespace with no state yet (first start, or Redis lost everything) gets every key
         // before the first request, not one throttled cache miss at a time. Bounded, so a
         // Redis or Postgres outage does not hold start-up; the reconciler retries.
@@ -235,7 +240,9 @@ impl App {
             tokio::time::timeout(requests_bound, async { tokio::join!(data, admin) }).await;
         let _ = sync_stop_tx.send(true);
         let background = tokio::time::timeout(SYNC_DRAIN + SHUTDOWN_SLACK, async {
-            let _ = syncer.await;
+            if let Some(s) = syncer {
+                let _ = s.await;
+            }
             let _ = reconciler.await;
             if let Some(s) = sweeper {
                 let _ = s.await;

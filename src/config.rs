@@ -100,6 +100,10 @@ pub struct RawSettings {
     /// Seconds before another replica's unacknowledged usage events are taken over
     #[arg(long, env = "TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", default_value = "15")]
     pub sync_claim_idle_seconds: String,
+    /// false: this process never moves usage events to Postgres, leaving that to the
+    /// processes of the same namespace that have it true (at least one must)
+    #[arg(long, env = "TOLLGATE_SYNC_ENABLED", default_value = "true")]
+    pub sync_enabled: String,
 }
 
 /// Every setting with its default and meaning, for `tollgate --help`: the settings are flags of
@@ -185,6 +189,10 @@ pub struct Config {
     pub inference: Inference,
     pub sync_consumer: Option<String>,
     pub sync_claim_idle: Duration,
+    /// Whether this process runs the usage syncer. Off on a sidecar whose namespace is synced
+    /// by other processes: it then never puts Postgres inserts on the host of the hot path,
+    /// and a fleet of sidecars does not poll the usage streams once per replica.
+    pub sync_enabled: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -198,6 +206,14 @@ fn bad(name: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError {
         name,
         reason: reason.into(),
+    }
+}
+
+fn flag(name: &'static str, text: &str) -> Result<bool, ConfigError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        other => Err(bad(name, format!("{other:?}: expected true or false"))),
     }
 }
 
@@ -305,17 +321,8 @@ impl Config {
                 ))
             }
         };
-        let auto_delete_expired = match raw.auto_delete_expired.trim().to_ascii_lowercase().as_str()
-        {
-            "true" | "1" | "yes" => true,
-            "false" | "0" | "no" => false,
-            other => {
-                return Err(bad(
-                    "TOLLGATE_AUTO_DELETE_EXPIRED",
-                    format!("{other:?}: expected true or false"),
-                ))
-            }
-        };
+        let auto_delete_expired = flag("TOLLGATE_AUTO_DELETE_EXPIRED", &raw.auto_delete_expired)?;
+        let sync_enabled = flag("TOLLGATE_SYNC_ENABLED", &raw.sync_enabled)?;
         let log_format = match raw.log_format.trim().to_ascii_lowercase().as_str() {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -366,6 +373,7 @@ impl Config {
             inference,
             sync_consumer,
             sync_claim_idle: Duration::from_secs(claim_idle),
+            sync_enabled,
             listen,
             admin_listen,
             redis_urls,
@@ -420,6 +428,7 @@ impl Config {
             inference_rules: map.get("TOLLGATE_INFERENCE_RULES").cloned(),
             sync_consumer: map.get("TOLLGATE_SYNC_CONSUMER").cloned(),
             sync_claim_idle_seconds: get("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "15"),
+            sync_enabled: get("TOLLGATE_SYNC_ENABLED", "true"),
         };
         Config::from_raw(&raw)
     }
@@ -440,6 +449,7 @@ mod tests {
         assert_eq!(c.fail_mode, FailMode::Closed);
         assert_eq!(c.cleanup_interval, Some(Duration::from_secs(300)));
         assert!(!c.auto_delete_expired);
+        assert!(c.sync_enabled);
         assert!(c.admin_token.is_none() && c.encryption_key.is_none());
     }
 
@@ -453,6 +463,7 @@ mod tests {
             ("TOLLGATE_FAIL_MODE", "ajar"),
             ("TOLLGATE_RATE_WINDOW_SECONDS", "0"),
             ("TOLLGATE_AUTO_DELETE_EXPIRED", "maybe"),
+            ("TOLLGATE_SYNC_ENABLED", "off-ish"),
         ] {
             let err = Config::from_map(&HashMap::from([(name, value.to_string())])).unwrap_err();
             assert_eq!(err.name, name, "{value}");
@@ -468,6 +479,23 @@ mod tests {
         .unwrap();
         assert_eq!(c.redis_urls.len(), 2);
         assert_eq!(c.cleanup_interval, None);
+    }
+
+    #[test]
+    fn sync_can_be_left_to_other_processes() {
+        for (text, on) in [
+            ("false", false),
+            (" No ", false),
+            ("0", false),
+            ("TRUE", true),
+        ] {
+            let c = Config::from_map(&HashMap::from([(
+                "TOLLGATE_SYNC_ENABLED",
+                text.to_string(),
+            )]))
+            .unwrap();
+            assert_eq!(c.sync_enabled, on, "{text:?}");
+        }
     }
 
     #[test]

@@ -1343,3 +1343,70 @@ async fn a_backlog_of_several_passes_in_every_shard_drains_exactly_once() {
         .await;
     assert!(emptied, "every shard's stream was acknowledged and emptied");
 }
+
+/// `TOLLGATE_SYNC_ENABLED=false` (a sidecar whose namespace is synced elsewhere): its
+/// settlements wait in Redis untouched — no consumer group, nothing delivered, no row — and a
+/// process of the same namespace with the sync on moves every one of them to Postgres exactly
+/// once. The sidecar still shuts down cleanly on SIGTERM, with nothing to flush.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
+    let settings = base_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let mut sidecar_settings = settings.clone();
+    sidecar_settings.insert("TOLLGATE_SYNC_ENABLED", "false".into());
+    sidecar_settings.insert("TOLLGATE_SYNC_CONSUMER", "sidecar".into());
+    let mut sidecar = TollgateProcess::start(&sidecar_settings).await;
+    let keys = Arc::new(create_keys_in_shards(&sidecar, 4).await);
+    let ledger = Shared::default();
+    let failed = drive(
+        sidecar.http.clone(),
+        sidecar.data.clone(),
+        keys,
+        0..120,
+        6,
+        ledger.clone(),
+    )
+    .await;
+    assert_eq!(failed, 0);
+    assert_eq!(acked(&ledger), 120);
+
+    // Many of a syncer's poll intervals (100 ms when idle): long enough for one to have acted.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let db = connect_db(&settings["TOLLGATE_DATABASE_URL"]).await;
+    let ledger = merged(&[&ledger]);
+    let acked_leases: Vec<String> = ledger.acked.iter().cloned().collect();
+    assert_eq!(rows_present(&db, &acked_leases).await, 0, "nothing synced");
+    let mut redis = redis_conn().await;
+    assert_eq!(unsynced(&mut redis, &ns).await, 120, "every event waits in redis");
+    for s in Layout::new(&ns).streams() {
+        let groups: Vec<redis::Value> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&s)
+            .query_async(&mut redis)
+            .await
+            .unwrap_or_default();
+        assert!(groups.is_empty(), "{s} has a consumer group: {groups:?}");
+    }
+    assert!(
+        sidecar.logs().contains("usage sync is off here"),
+        "{}",
+        sidecar.logs()
+    );
+
+    let mut central_settings = settings.clone();
+    central_settings.insert("TOLLGATE_SYNC_CONSUMER", "central".into());
+    let central = TollgateProcess::start(&central_settings).await;
+    wait_synced(&db, &ns, &ledger, Duration::from_secs(30)).await;
+    verify_exactly_once(&db, &ledger).await;
+    assert_eq!(pending_of(&mut redis, &ns, "sidecar").await, 0);
+
+    let status = sidecar.terminate(Duration::from_secs(20)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "sidecar exit {status:?}\n{}",
+        sidecar.logs()
+    );
+    drop(central);
+    db.close().await;
+}
