@@ -14,6 +14,10 @@
 #   BENCH_REDIS_PORT  port of the private Redis (default: a free one from 16390)
 #   BENCH_TOLLGATE_ENV  extra VAR=value words for tollgate's environment
 #   BENCH_NO_BUILD=1  use target/release as it is
+#   BENCH_SYNC=after  the measured tollgate runs with TOLLGATE_SYNC_ENABLED=false and a second
+#                  tollgate (same namespace, sync on) starts when the load phase ends, to drain
+#                  the usage for the checks: it stands for a sync Deployment on another host, so
+#                  no Postgres writes share these cores while the load runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +29,7 @@ NS="bench${SUFFIX}"
 TOKEN="bench-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
 ENC_KEY="$(head -c 32 /dev/urandom | base64 | tr -d '\n')"
 WORK="$(mktemp -d)"
-TG_PID="" REDIS_PID=""
+TG_PID="" REDIS_PID="" SYNC_PID=""
 
 log() { echo "bench: $*" >&2; }
 # The taskset prefix for a CPU list ("none": no prefix). An array, not a function, so that a
@@ -42,6 +46,11 @@ cleanup() {
     kill -TERM "$TG_PID" 2>/dev/null || true
     for _ in $(seq 1 100); do kill -0 "$TG_PID" 2>/dev/null || break; sleep 0.2; done
     kill -KILL "$TG_PID" 2>/dev/null || true
+  fi
+  if [[ -n "$SYNC_PID" ]] && kill -0 "$SYNC_PID" 2>/dev/null; then
+    kill -TERM "$SYNC_PID" 2>/dev/null || true
+    for _ in $(seq 1 100); do kill -0 "$SYNC_PID" 2>/dev/null || break; sleep 0.2; done
+    kill -KILL "$SYNC_PID" 2>/dev/null || true
   fi
   if [[ -n "$REDIS_PID" ]] && kill -0 "$REDIS_PID" 2>/dev/null; then
     kill -TERM "$REDIS_PID" 2>/dev/null || true
@@ -73,13 +82,20 @@ for _ in $(seq 1 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sle
 redis-cli -p "$PORT" ping >/dev/null || { log "private Redis did not start"; exit 1; }
 REDIS_URL="redis://127.0.0.1:$PORT"
 
+# The settings both tollgates share (the late syncer's only differ in the sync switch).
+TG_ENV=(TOLLGATE_LISTEN=127.0.0.1:0 TOLLGATE_ADMIN_LISTEN=127.0.0.1:0
+  TOLLGATE_REDIS_URL="$REDIS_URL" TOLLGATE_DATABASE_URL="$PG_URL/$DB"
+  TOLLGATE_REDIS_NAMESPACE="$NS" TOLLGATE_ADMIN_TOKEN="$TOKEN" TOLLGATE_ENCRYPTION_KEY="$ENC_KEY"
+  TOLLGATE_CLEANUP_INTERVAL_SECONDS=0 TOLLGATE_LOG_FORMAT=json TOLLGATE_LOG=warn,tollgate::app=info)
+SYNC_SWITCH=()
+case "${BENCH_SYNC:-here}" in
+  here) ;;
+  after) SYNC_SWITCH=(TOLLGATE_SYNC_ENABLED=false) ;;
+  *) log "BENCH_SYNC must be here or after"; exit 1 ;;
+esac
 pin "$PIN_TG"
 # shellcheck disable=SC2086
-"${PIN[@]}" env TOLLGATE_LISTEN=127.0.0.1:0 TOLLGATE_ADMIN_LISTEN=127.0.0.1:0 \
-  TOLLGATE_REDIS_URL="$REDIS_URL" TOLLGATE_DATABASE_URL="$PG_URL/$DB" \
-  TOLLGATE_REDIS_NAMESPACE="$NS" TOLLGATE_ADMIN_TOKEN="$TOKEN" TOLLGATE_ENCRYPTION_KEY="$ENC_KEY" \
-  TOLLGATE_CLEANUP_INTERVAL_SECONDS=0 TOLLGATE_LOG_FORMAT=json TOLLGATE_LOG=warn,tollgate::app=info \
-  ${BENCH_TOLLGATE_ENV:-} \
+"${PIN[@]}" env "${TG_ENV[@]}" "${SYNC_SWITCH[@]}" ${BENCH_TOLLGATE_ENV:-} \
   target/release/tollgate serve >"$WORK/tollgate.log" 2>&1 &
 TG_PID=$!
 DATA="" ADMIN=""
@@ -96,11 +112,24 @@ done
 [[ -n "$DATA" ]] || { log "tollgate did not start"; exit 1; }
 log "redis $REDIS_URL (pid $REDIS_PID, cpus $PIN_REDIS), tollgate $DATA (pid $TG_PID, cpus $PIN_TG), loadtest cpus $PIN_LT; load $(cut -d' ' -f1-3 /proc/loadavg)"
 
+if [[ "${BENCH_SYNC:-here}" == after ]]; then
+  # Started when the load phase is over (the harness then checks invariants and waits for the
+  # streams to drain); until then nothing on this host writes usage to Postgres.
+  (
+    until grep -q 'loadtest: checking invariants' "$WORK/loadtest.err" 2>/dev/null; do
+      sleep 0.1
+    done
+    exec env "${TG_ENV[@]}" TOLLGATE_SYNC_CONSUMER=bench-late-syncer \
+      target/release/tollgate serve >"$WORK/syncer.log" 2>&1
+  ) &
+  SYNC_PID=$!
+fi
+
 set +e
 pin "$PIN_LT"
 TOLLGATE_ADMIN_TOKEN="$TOKEN" "${PIN[@]}" target/release/loadtest \
   --url "http://$DATA" --admin-url "http://$ADMIN" --redis-url "$REDIS_URL" --namespace "$NS" \
-  --pid "$TG_PID" --postgres-db "$DB" "$@"
+  --pid "$TG_PID" --postgres-db "$DB" "$@" 2> >(tee "$WORK/loadtest.err" >&2)
 rc=$?
 set -e
 # Redis-side stalls: events over 2 ms (LATENCY) and commands over 1 ms (SLOWLOG).

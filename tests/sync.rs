@@ -1378,7 +1378,11 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
     let acked_leases: Vec<String> = ledger.acked.iter().cloned().collect();
     assert_eq!(rows_present(&db, &acked_leases).await, 0, "nothing synced");
     let mut redis = redis_conn().await;
-    assert_eq!(unsynced(&mut redis, &ns).await, 120, "every event waits in redis");
+    assert_eq!(
+        unsynced(&mut redis, &ns).await,
+        120,
+        "every event waits in redis"
+    );
     for s in Layout::new(&ns).streams() {
         let groups: Vec<redis::Value> = redis::cmd("XINFO")
             .arg("GROUPS")

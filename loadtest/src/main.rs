@@ -253,10 +253,10 @@ fn main() -> ExitCode {
     }
 }
 
-fn progress(json: bool, msg: &str) {
-    if !json {
-        eprintln!("loadtest: {msg}");
-    }
+/// Progress goes to stderr even with `--json` (stdout holds the report): `loadtest/bench.sh`
+/// starts its late syncer on "checking invariants".
+fn progress(msg: &str) {
+    eprintln!("loadtest: {msg}");
 }
 
 /// The rate window, measured: a first admission on a fresh key reports `reset_ms` equal to
@@ -427,16 +427,10 @@ async fn run(args: Args) -> Result<Report, String> {
         }
     };
     report.rate_window_ms = window_ms;
-    progress(
-        args.json,
-        &format!("run {run_id}: rate window {window_ms} ms"),
-    );
+    progress(&format!("run {run_id}: rate window {window_ms} ms"));
 
     if matches!(args.mode, Mode::Ceiling | Mode::Both) {
-        progress(
-            args.json,
-            &format!("creating {} ceiling keys", args.ceiling_keys),
-        );
+        progress(&format!("creating {} ceiling keys", args.ceiling_keys));
         let spec = Spec {
             class: Class::Ceiling,
             rate_limit: Some(args.normal_rate_limit),
@@ -466,23 +460,20 @@ async fn run(args: Args) -> Result<Report, String> {
             record_ttl_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
             max_cost_nanos: args.max_cost_usd.nanos(),
         };
-        progress(args.json, "ceiling: admit.lua alone");
+        progress("ceiling: admit.lua alone");
         let before = observe::snapshot(&mut redis).await?;
         let host0 = observe::host_cpu();
         let admit = ceiling::run(&plan, ceiling::Work::Admit).await?;
         let host1 = observe::host_cpu();
         let after = observe::snapshot(&mut redis).await?;
         ceiling::clean_up(&args.redis_url, &plan.keys, &admit.leftovers).await?;
-        progress(args.json, "ceiling: admit.lua then settle.lua");
+        progress("ceiling: admit.lua then settle.lua");
         let before_flow = observe::snapshot(&mut redis).await?;
         let host2 = observe::host_cpu();
         let flow = ceiling::run(&plan, ceiling::Work::Flow).await?;
         let host3 = observe::host_cpu();
         let after_flow = observe::snapshot(&mut redis).await?;
-        progress(
-            args.json,
-            "waiting for the syncer to drain the ceiling's usage events",
-        );
+        progress("waiting for the syncer to drain the ceiling's usage events");
         let drained = drain(&mut redis, &layout, args.sync_timeout).await;
         let mut c = CeilingReport::new(&plan, &admit, &before, &after, (&host0, &host1));
         c.add_flow(
@@ -530,7 +521,7 @@ async fn run(args: Args) -> Result<Report, String> {
 
     if matches!(args.mode, Mode::Http | Mode::Both) {
         let specs = specs(&args);
-        progress(args.json, &format!("creating {} keys", specs.len()));
+        progress(&format!("creating {} keys", specs.len()));
         let keys = admin::create_many(&admin_ep, &token, &run_id, specs, 8).await?;
         created.extend(keys.iter().map(|k| k.id.clone()));
         let mut load_keys: Vec<load::LoadKey> = keys
@@ -584,17 +575,14 @@ async fn run(args: Args) -> Result<Report, String> {
             epoch,
             window_ms,
         };
-        progress(
-            args.json,
-            &format!(
-                "HTTP phase: {} connections, {:?}, {}",
-                args.concurrency,
-                args.duration,
-                args.rate.map_or("closed loop".to_string(), |r| format!(
-                    "open loop at {r} flows/s"
-                ))
-            ),
-        );
+        progress(&format!(
+            "HTTP phase: {} connections, {:?}, {}",
+            args.concurrency,
+            args.duration,
+            args.rate.map_or("closed loop".to_string(), |r| format!(
+                "open loop at {r} flows/s"
+            ))
+        ));
         let counter = Arc::new(AtomicU64::new(0));
         let redis_before = observe::snapshot(&mut redis).await?;
         let (tg_cpu0, self_cpu0) = (cpu_now(args.pid), observe::cpu_seconds("self"));
@@ -620,7 +608,7 @@ async fn run(args: Args) -> Result<Report, String> {
         let buckets1 = scrape_buckets(&admin_ep).await;
         let redis_after = observe::snapshot(&mut redis).await?;
 
-        progress(args.json, "checking invariants");
+        progress("checking invariants");
         let window_ns = window_ms * 1_000_000;
         report
             .invariants
@@ -682,7 +670,7 @@ async fn run(args: Args) -> Result<Report, String> {
     }
 
     if args.memory {
-        progress(args.json, "measuring Redis memory per key");
+        progress("measuring Redis memory per key");
         let (m, ids) =
             memory::measure(&data, &admin_ep, &token, &run_id, &layout, &mut redis).await?;
         created.extend(ids);
@@ -692,7 +680,7 @@ async fn run(args: Args) -> Result<Report, String> {
     if args.cleanup {
         let n = created.len();
         let done = admin::delete_many(&admin_ep, &token, created, 8).await;
-        progress(args.json, &format!("soft-deleted {done} of {n} keys"));
+        progress(&format!("soft-deleted {done} of {n} keys"));
     }
     report.finish();
     Ok(report)
