@@ -1,4 +1,5 @@
-//! Usage events into Postgres: one statement per batch, idempotent by event id.
+//! Usage events into Postgres: one transaction per batch (key rows locked in id order, then one
+//! statement), idempotent by event id.
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -31,10 +32,20 @@ pub struct UsageEvent {
 /// each key's `balance_used_nanos` / `last_used_at` — all in one statement, so a batch that is
 /// delivered twice (a crash before XACK) changes nothing the second time. Returns how many
 /// events were new.
+///
+/// The statement is preceded, in the same transaction, by locking the batch's key rows in id
+/// order. Two syncers writing batches for overlapping keys (two replicas, or a claim racing
+/// a re-read) would otherwise take the `api_keys` and `usage_daily` row locks in whatever
+/// order their plans visit them, deadlock, and have one batch aborted and retried. With the
+/// key rows locked first and in one order, batches that share a key simply run one after the
+/// other; batches that share none touch disjoint rows.
 pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, StoreError> {
     if events.is_empty() {
         return Ok(0);
     }
+    let mut keys: Vec<Uuid> = events.iter().filter_map(|e| e.key_id).collect();
+    keys.sort_unstable();
+    keys.dedup();
     let mut event_id = Vec::with_capacity(events.len());
     let mut key_id = Vec::with_capacity(events.len());
     let mut user_id = Vec::with_capacity(events.len());
@@ -67,6 +78,11 @@ pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, S
         admitted.push(e.admitted_at);
         settled.push(e.settled_at);
     }
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&keys)
+        .execute(&mut *tx)
+        .await?;
     let (new,): (i64,) = sqlx::query_as(
         r#"
         WITH ins AS (
@@ -118,7 +134,8 @@ pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, S
     .bind(&expired)
     .bind(&admitted)
     .bind(&settled)
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(u64::try_from(new).unwrap_or(0))
 }
