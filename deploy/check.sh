@@ -107,6 +107,7 @@ YAML_FILES=(
     "$DEPLOY/kubernetes/deployment.yaml"
     "$DEPLOY/kubernetes/service.yaml"
     "$DEPLOY/kubernetes/kustomization.yaml"
+    "$DEPLOY/kubernetes/sync-statefulset.yaml"
     "$DEPLOY/prometheus/prometheus.yml"
     "$DEPLOY/prometheus/alerts.yml"
 )
@@ -390,7 +391,8 @@ check_kubernetes() {
     local v
     for v in $K8S_VERSIONS; do
         "$VENV/bin/kubernetes-validate" --strict --quiet -k "$v" \
-            "$DEPLOY/kubernetes/secret.yaml" "$DEPLOY/kubernetes/deployment.yaml" "$DEPLOY/kubernetes/service.yaml"
+            "$DEPLOY/kubernetes/secret.yaml" "$DEPLOY/kubernetes/deployment.yaml" "$DEPLOY/kubernetes/service.yaml" \
+            "$DEPLOY/kubernetes/sync-statefulset.yaml"
     done
     # kustomization.yaml lists exactly the manifests beside it.
     "$PY" - "$DEPLOY/kubernetes" <<'PYEOF'
@@ -424,6 +426,20 @@ sel = svc["spec"]["selector"]
 labels = dep["spec"]["template"]["metadata"]["labels"]
 assert all(labels.get(k) == v for k, v in sel.items()), f"Service selector {sel} does not match pod labels {labels}"
 assert svc["spec"]["ports"][0]["targetPort"] in (8081, "admin"), svc["spec"]["ports"]
+# The usage sync: off in the sidecars, on in the StatefulSet, whose pods are the consumers
+# named after themselves and share the sidecars' Secret.
+assert env.get("TOLLGATE_SYNC_ENABLED") == "false", env
+docs = [x for x in yaml.safe_load_all(open(os.path.join(d, "sync-statefulset.yaml"))) if x]
+sts = [x for x in docs if x["kind"] == "StatefulSet"][0]
+gov = [x for x in docs if x["kind"] == "Service" and x["metadata"]["name"] == sts["spec"]["serviceName"]]
+assert gov and gov[0]["spec"]["clusterIP"] == "None", "the StatefulSet's headless Service"
+assert gov[0]["spec"]["selector"] == sts["spec"]["selector"]["matchLabels"], "headless Service selector"
+sc = sts["spec"]["template"]["spec"]["containers"][0]
+senv = {e["name"]: e for e in sc["env"]}
+assert senv["TOLLGATE_SYNC_ENABLED"]["value"] == "true", senv
+assert senv["TOLLGATE_SYNC_CONSUMER"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name", senv
+assert senv["TOLLGATE_REDIS_URL"]["value"] == env.get("TOLLGATE_REDIS_URL"), "same Redis as the sidecars"
+assert sc["envFrom"][0]["secretRef"]["name"] == secret["metadata"]["name"], "same Secret as the sidecars"
 PYEOF
 }
 
