@@ -25,6 +25,7 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tollgate::hot::layout::Layout;
 use tollgate::money::Money;
+use tollgate::store::keys::Expired;
 use tollgate::store::usage::{insert_batch, UsageEvent};
 use tollgate::sync::usage::GROUP;
 
@@ -1418,13 +1419,15 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
     db.close().await;
 }
 
-/// Two syncers (two replicas, or one and a claimer) write batches for overlapping keys at the
-/// same moment. Each batch updates its keys' `api_keys` row and daily roll-up: taken in
-/// different orders, those row locks would deadlock, Postgres would abort one batch and the
-/// syncer would wait to retry. Batches in both orders, for rounds on end, must all commit,
-/// and the totals must still be exact.
+/// Every write that changes several `api_keys` rows at once, at the same moment, over
+/// overlapping keys: two syncers' usage batches (two replicas, or one and a claimer), the
+/// reconciler marking a page of keys pushed, the sweeper disabling expired keys. Each takes
+/// row locks on many keys (a batch also on their daily roll-ups): in different orders they
+/// would deadlock, and Postgres would abort one of them to be retried. For rounds on end,
+/// every write must commit, the sweep must catch every expired key, and the usage totals
+/// must still be exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_batches_over_the_same_keys_never_deadlock() {
+async fn concurrent_multi_key_writes_never_deadlock() {
     use rand::seq::SliceRandom;
 
     let app = spawn_app().await;
@@ -1473,10 +1476,44 @@ async fn concurrent_batches_over_the_same_keys_never_deadlock() {
             }
             batches.push(batch);
         }
-        let (a, b) = tokio::join!(
+        // And the reconciler, marking a page of keys as pushed to Redis after a reload, and
+        // the sweeper, disabling the keys that have just expired.
+        let mut marks: Vec<(uuid::Uuid, i64)> = keys.iter().map(|k| (k.0, 0)).collect();
+        marks.shuffle(&mut rng);
+        marks.truncate(rand::Rng::gen_range(&mut rng, 20..=keys.len()));
+        let expiring: Vec<uuid::Uuid> = marks.iter().take(100).map(|m| m.0).collect();
+        sqlx::query(
+            "UPDATE api_keys SET is_active = TRUE, expires_at = now() - interval '1 second' \
+             WHERE id = ANY($1)",
+        )
+        .bind(&expiring)
+        .execute(&app.db)
+        .await
+        .unwrap();
+        let (a, b, c, d) = tokio::join!(
             insert_batch(&app.db, &batches[0]),
-            insert_batch(&app.db, &batches[1])
+            insert_batch(&app.db, &batches[1]),
+            tollgate::store::keys::mark_pushed_many(&app.db, &marks),
+            tollgate::store::keys::cleanup_expired(&app.db, false)
         );
+        if let Err(e) = c {
+            failures.push(format!("round {round}, marking pushed: {e:?}"));
+        }
+        match d {
+            Ok(cleaned) => {
+                let disabled: HashSet<uuid::Uuid> = cleaned
+                    .iter()
+                    .map(|c| match c {
+                        Expired::Disabled(k) | Expired::Deleted(k) => k.id,
+                    })
+                    .collect();
+                assert!(
+                    expiring.iter().all(|id| disabled.contains(id)),
+                    "round {round}: the sweep missed expired keys"
+                );
+            }
+            Err(e) => failures.push(format!("round {round}, expiry sweep: {e:?}")),
+        }
         for (batch, result) in batches.iter().zip([a, b]) {
             match result {
                 Ok(n) => {
@@ -1491,7 +1528,7 @@ async fn concurrent_batches_over_the_same_keys_never_deadlock() {
     }
     assert!(
         failures.is_empty(),
-        "{} of 200 batches failed, e.g. {}",
+        "{} of 400 writes failed, e.g. {}",
         failures.len(),
         failures[0]
     );

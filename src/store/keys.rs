@@ -326,17 +326,39 @@ pub async fn mark_pushed(pool: &PgPool, id: Uuid, version: i64) -> Result<(), St
     Ok(())
 }
 
-/// [`mark_pushed`] for many keys in one statement.
+/// Locks the rows of `ids` in id order, inside `tx`. Every transaction that writes several
+/// `api_keys` rows takes its row locks through this first: in the order its plan visits the
+/// rows instead (a hash table's), two such transactions — two replicas' usage batches, a
+/// batch and the reconciler — could each hold a row the other waits for, and Postgres would
+/// abort one as a deadlock.
+pub async fn lock_in_id_order(
+    tx: &mut Transaction<'_, Postgres>,
+    ids: &[Uuid],
+) -> Result<(), StoreError> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    sqlx::query("SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// [`mark_pushed`] for many keys in one statement, its rows locked in id order first.
 pub async fn mark_pushed_many(pool: &PgPool, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
     let (ids, versions): (Vec<Uuid>, Vec<i64>) = pushed.iter().copied().unzip();
+    let mut tx = pool.begin().await?;
+    lock_in_id_order(&mut tx, &ids).await?;
     sqlx::query(
         "UPDATE api_keys k SET pushed_version = GREATEST(k.pushed_version, p.version) \
          FROM UNNEST($1::uuid[], $2::int8[]) AS p(id, version) WHERE k.id = p.id",
     )
     .bind(ids)
     .bind(versions)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -363,6 +385,13 @@ pub async fn cleanup_expired(
     default_delete: bool,
 ) -> Result<Vec<Expired>, StoreError> {
     let mut tx = pool.begin().await?;
+    // The rows both statements will change, locked in id order like every multi-row write
+    // (see [`lock_in_id_order`]).
+    sqlx::query(
+        "SELECT 1 FROM api_keys WHERE is_active AND expires_at <= now() ORDER BY id FOR UPDATE",
+    )
+    .execute(&mut *tx)
+    .await?;
     let deleted: Vec<KeyRow> = sqlx::query_as(&format!(
         "DELETE FROM api_keys WHERE is_active AND expires_at <= now() \
          AND COALESCE(auto_delete_on_expiry, $1) RETURNING {COLUMNS}"

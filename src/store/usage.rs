@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use super::keys::lock_in_id_order;
 use super::StoreError;
 
 /// One settled request, as the settle script recorded it.
@@ -34,18 +35,17 @@ pub struct UsageEvent {
 /// events were new.
 ///
 /// The statement is preceded, in the same transaction, by locking the batch's key rows in id
-/// order. Two syncers writing batches for overlapping keys (two replicas, or a claim racing
-/// a re-read) would otherwise take the `api_keys` and `usage_daily` row locks in whatever
-/// order their plans visit them, deadlock, and have one batch aborted and retried. With the
-/// key rows locked first and in one order, batches that share a key simply run one after the
-/// other; batches that share none touch disjoint rows.
+/// order ([`lock_in_id_order`]). Two syncers writing batches for overlapping keys (two
+/// replicas, or a claim racing a re-read) would otherwise take the `api_keys` and
+/// `usage_daily` row locks in whatever order their plans visit them, deadlock, and have one
+/// batch aborted and retried. With the key rows locked first and in one order, batches that
+/// share a key simply run one after the other; batches that share none touch disjoint rows
+/// (a key's `usage_daily` rows are only written with its `api_keys` row locked).
 pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, StoreError> {
     if events.is_empty() {
         return Ok(0);
     }
-    let mut keys: Vec<Uuid> = events.iter().filter_map(|e| e.key_id).collect();
-    keys.sort_unstable();
-    keys.dedup();
+    let keys: Vec<Uuid> = events.iter().filter_map(|e| e.key_id).collect();
     let mut event_id = Vec::with_capacity(events.len());
     let mut key_id = Vec::with_capacity(events.len());
     let mut user_id = Vec::with_capacity(events.len());
@@ -79,10 +79,7 @@ pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, S
         settled.push(e.settled_at);
     }
     let mut tx = pool.begin().await?;
-    sqlx::query("SELECT 1 FROM api_keys WHERE id = ANY($1) ORDER BY id FOR UPDATE")
-        .bind(&keys)
-        .execute(&mut *tx)
-        .await?;
+    lock_in_id_order(&mut tx, &keys).await?;
     let (new,): (i64,) = sqlx::query_as(
         r#"
         WITH ins AS (
