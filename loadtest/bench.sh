@@ -16,7 +16,7 @@
 #   BENCH_NO_BUILD=1  use target/release as it is
 #   BENCH_SYNC=after  the measured tollgate runs with TOLLGATE_SYNC_ENABLED=false and a second
 #                  tollgate (same namespace, sync on) starts when the load phase ends, to drain
-#                  the usage for the checks: it stands for a sync Deployment on another host, so
+#                  the usage for the checks: it stands for the sync pods on another host, so
 #                  no Postgres writes share these cores while the load runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
