@@ -3,13 +3,13 @@
 use std::process::ExitCode;
 
 use tollgate::app::{self, App};
+use tollgate::config::{parse_cli, Command, Config, LogFormat};
 
 /// glibc malloc was about a quarter of tollgate's CPU under load; jemalloc took 12-18 % off
 /// its CPU per request (docs/PERFORMANCE.md). jemalloc does not build for MSVC.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-use tollgate::config::{parse_cli, Command, Config, LogFormat};
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG")
