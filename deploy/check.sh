@@ -370,6 +370,22 @@ tests:
         alertname: TollgateUnavailableDenials
         exp_alerts:
           - exp_labels: {severity: critical, instance: a}
+      - eval_time: 15m
+        alertname: TollgateUsageSyncAbsent
+        exp_alerts: []
+  # Sidecars serve with the sync off and no sync process runs: nobody reports the backlog.
+  - interval: 1m
+    input_series:
+      - series: 'tollgate_admissions_total{instance="sidecar",decision="allowed"}'
+        values: '0+10x20'
+    alert_rule_test:
+      - eval_time: 5m
+        alertname: TollgateUsageSyncAbsent
+        exp_alerts: []
+      - eval_time: 15m
+        alertname: TollgateUsageSyncAbsent
+        exp_alerts:
+          - exp_labels: {severity: critical}
 EOF
     promtool test rules "$TMP/prom/tests.yml"
 }

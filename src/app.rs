@@ -94,6 +94,8 @@ pub struct App {
     data: TcpListener,
     admin: TcpListener,
     state: Arc<AppState>,
+    /// The usage sync's own connection (`store::connect_usage_sync`); none with the sync off.
+    sync_db: Option<PgPool>,
 }
 
 impl App {
@@ -112,6 +114,11 @@ impl App {
                 source,
             })?;
         let db = database(&config).await?;
+        let sync_db = config
+            .sync_enabled
+            .then(|| store::connect_usage_sync(config.database_url.expose()))
+            .transpose()
+            .map_err(|e| StartError::Database(e.to_string()))?;
         let redis = Redis::new(config.redis_urls.clone(), config.redis_timeout);
         let hot = HotPath::new(
             redis.clone(),
@@ -136,7 +143,12 @@ impl App {
             metrics,
             prometheus,
         });
-        Ok(App { data, admin, state })
+        Ok(App {
+            data,
+            admin,
+            state,
+            sync_db,
+        })
     }
 
     pub fn data_addr(&self) -> SocketAddr {
@@ -168,17 +180,18 @@ impl App {
         // a settlement still in flight when the shutdown starts writes its event after the
         // listeners stop accepting, and the final flush must see it.
         let (sync_stop_tx, sync_stop_rx) = watch::channel(false);
-        let syncer = config.sync_enabled.then(|| {
+        let syncer = self.sync_db.map(|sync_db| {
             let consumer = config
                 .sync_consumer
                 .clone()
                 .unwrap_or_else(|| format!("{}:{}", hostname(), admin_addr.port()));
-            // The syncer has a connection of its own: its replies (hundreds of stream entries)
-            // on the hot path's multiplexed connection would hold back the admission replies
-            // queued behind them, on the socket and in the reply parser.
+            // The syncer has a Redis connection of its own: its replies (hundreds of stream
+            // entries) on the hot path's multiplexed connection would hold back the admission
+            // replies queued behind them, on the socket and in the reply parser. Its Postgres
+            // connection is its own too (see `store::connect_usage_sync`).
             let syncer = sync::usage::Syncer::new(
                 Redis::new(config.redis_urls.clone(), config.redis_timeout),
-                state.db.clone(),
+                sync_db,
                 state.metrics.clone(),
                 hot.layout.streams(),
                 consumer,

@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics::{Counter, Gauge, Histogram};
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::decision::DenyCode;
@@ -116,8 +116,6 @@ pub struct Metrics {
     pub settle_lease_expired: Counter,
     pub settle_lease_unknown: Counter,
     pub fail_open: Counter,
-    pub sync_lag: Gauge,
-    pub events_pending: Gauge,
     pub events_synced: Counter,
     pub events_dead_lettered: Counter,
     pub key_lookup_found: Counter,
@@ -142,8 +140,6 @@ impl Metrics {
             settle_lease_expired: metrics::counter!(SETTLEMENTS, "result" => "lease_expired"),
             settle_lease_unknown: metrics::counter!(SETTLEMENTS, "result" => "lease_unknown"),
             fail_open: metrics::counter!(FAIL_OPEN),
-            sync_lag: metrics::gauge!(SYNC_LAG),
-            events_pending: metrics::gauge!(EVENTS_PENDING),
             events_synced: metrics::counter!(EVENTS_SYNCED),
             events_dead_lettered: metrics::counter!(EVENTS_DEAD),
             key_lookup_found: metrics::counter!(KEY_LOOKUPS, "result" => "found"),

@@ -27,6 +27,7 @@ use tollgate::hot::layout::Layout;
 use tollgate::money::Money;
 use tollgate::store::keys::Expired;
 use tollgate::store::usage::{insert_batch, UsageEvent};
+use tollgate::store::SYNC_APPLICATION_NAME;
 use tollgate::sync::usage::GROUP;
 
 // ---------------------------------------------------------------------------------------------
@@ -317,6 +318,18 @@ async fn rows_present(db: &PgPool, leases: &[String]) -> i64 {
         .fetch_one(db)
         .await
         .unwrap_or(-1)
+}
+
+/// The last statement of each of this database's connections with that `application_name`.
+async fn connections_named(db: &PgPool, name: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT query FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1",
+    )
+    .bind(name)
+    .fetch_all(db)
+    .await
+    .expect("pg_stat_activity readable")
 }
 
 /// Waits until every acknowledged settlement has its row and the streams are empty.
@@ -1402,11 +1415,36 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
         sidecar.logs()
     );
 
+    assert_eq!(
+        connections_named(&db, SYNC_APPLICATION_NAME).await,
+        Vec::<String>::new(),
+        "a process with the sync off opens no sync connection"
+    );
+    // Its zeros would read as "Postgres is up to date" while nothing syncs.
+    for gauge in [
+        "tollgate_usage_events_pending",
+        "tollgate_usage_sync_lag_seconds",
+    ] {
+        assert_eq!(
+            sidecar.metric(gauge).await,
+            None,
+            "the sidecar exports {gauge}"
+        );
+    }
+
     let mut central_settings = settings.clone();
     central_settings.insert("TOLLGATE_SYNC_CONSUMER", "central".into());
     let central = TollgateProcess::start(&central_settings).await;
     wait_synced(&db, &ns, &ledger, Duration::from_secs(30)).await;
     verify_exactly_once(&db, &ledger).await;
+    assert!(
+        poll_until(Duration::from_secs(5), || async {
+            central.metric("tollgate_usage_events_pending").await == Some(0.0)
+        })
+        .await,
+        "the syncing process reports the backlog"
+    );
+    assert_eq!(sidecar.metric("tollgate_usage_events_pending").await, None);
 
     let status = sidecar.terminate(Duration::from_secs(20)).await;
     assert!(
@@ -1415,6 +1453,51 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
         sidecar.logs()
     );
     drop(central);
+    db.close().await;
+}
+
+/// The syncer writes through one Postgres connection of its own, named `tollgate-sync`, pass
+/// after pass; requests and admin calls use the other pool, named `tollgate`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_usage_sync_writes_through_one_connection_of_its_own() {
+    let settings = base_settings();
+    let _cleanup = Cleanup(settings.clone());
+    let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
+    let p = TollgateProcess::start(&settings).await;
+    let keys = Arc::new(create_keys_in_shards(&p, 4).await);
+    let db = connect_db(&settings["TOLLGATE_DATABASE_URL"]).await;
+    let ledger = Shared::default();
+    // Three bursts with pauses longer than a pass: several separate inserts.
+    for round in 0..3 {
+        let from = round * 40;
+        let failed = drive(
+            p.http.clone(),
+            p.data.clone(),
+            keys.clone(),
+            from..from + 40,
+            4,
+            ledger.clone(),
+        )
+        .await;
+        assert_eq!(failed, 0);
+        let so_far = merged(&[&ledger]);
+        wait_synced(&db, &ns, &so_far, Duration::from_secs(30)).await;
+    }
+    let ledger = merged(&[&ledger]);
+    verify_exactly_once(&db, &ledger).await;
+
+    let sync = connections_named(&db, SYNC_APPLICATION_NAME).await;
+    assert_eq!(sync.len(), 1, "one sync connection: {sync:?}");
+    assert!(
+        sync[0] == "COMMIT" || sync[0].contains("usage_events"),
+        "its last statement is the usage insert's: {sync:?}"
+    );
+    let others = connections_named(&db, "tollgate").await;
+    assert!(!others.is_empty(), "admin calls used the request pool");
+    assert!(
+        others.iter().all(|q| !q.contains("usage_events")),
+        "no request-pool connection wrote usage: {others:?}"
+    );
     db.close().await;
 }
 

@@ -12,6 +12,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeZone, Utc};
+use metrics::Gauge;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{FromRedisValue, Value};
 use sqlx::PgPool;
@@ -42,6 +43,12 @@ pub struct Syncer {
     redis: Redis,
     db: PgPool,
     metrics: Metrics,
+    /// `tollgate_usage_sync_lag_seconds` and `tollgate_usage_events_pending`: registered here,
+    /// not with the other metrics, so that a process with the sync off does not export them.
+    /// Its zeros would read as "Postgres is up to date" while nobody syncs; absent, they leave
+    /// the sync processes' values as the only ones, and an alert can tell that none runs.
+    lag: Gauge,
+    pending: Gauge,
     streams: Vec<String>,
     consumer: String,
     /// Shards where this consumer may hold delivered-but-unacknowledged entries.
@@ -140,6 +147,8 @@ impl Syncer {
             redis,
             db,
             metrics,
+            lag: metrics::gauge!(crate::metrics::SYNC_LAG),
+            pending: metrics::gauge!(crate::metrics::EVENTS_PENDING),
             streams,
             consumer,
             own_pending: vec![true; n],
@@ -387,8 +396,8 @@ impl Syncer {
         let lag = oldest
             .map(|ms| (Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0)
             .unwrap_or(0.0);
-        self.metrics.events_pending.set(pending as f64);
-        self.metrics.sync_lag.set(lag);
+        self.pending.set(pending as f64);
+        self.lag.set(lag);
         Ok(())
     }
 
