@@ -18,6 +18,9 @@
 #                  tollgate (same namespace, sync on) starts when the load phase ends, to drain
 #                  the usage for the checks: it stands for the sync pods on another host, so
 #                  no Postgres writes share these cores while the load runs
+#   BENCH_SYNC=beside  the same split, but the second tollgate (the sync pod) runs from the
+#                  start, on this host: the sync's work on these cores, outside the measured
+#                  process
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -82,7 +85,7 @@ for _ in $(seq 1 50); do redis-cli -p "$PORT" ping >/dev/null 2>&1 && break; sle
 redis-cli -p "$PORT" ping >/dev/null || { log "private Redis did not start"; exit 1; }
 REDIS_URL="redis://127.0.0.1:$PORT"
 
-# The settings both tollgates share (the late syncer's only differ in the sync switch).
+# The settings both tollgates share (the second one's only differ in the sync switch).
 TG_ENV=(TOLLGATE_LISTEN=127.0.0.1:0 TOLLGATE_ADMIN_LISTEN=127.0.0.1:0
   TOLLGATE_REDIS_URL="$REDIS_URL" TOLLGATE_DATABASE_URL="$PG_URL/$DB"
   TOLLGATE_REDIS_NAMESPACE="$NS" TOLLGATE_ADMIN_TOKEN="$TOKEN" TOLLGATE_ENCRYPTION_KEY="$ENC_KEY"
@@ -90,8 +93,8 @@ TG_ENV=(TOLLGATE_LISTEN=127.0.0.1:0 TOLLGATE_ADMIN_LISTEN=127.0.0.1:0
 SYNC_SWITCH=()
 case "${BENCH_SYNC:-here}" in
   here) ;;
-  after) SYNC_SWITCH=(TOLLGATE_SYNC_ENABLED=false) ;;
-  *) log "BENCH_SYNC must be here or after"; exit 1 ;;
+  after | beside) SYNC_SWITCH=(TOLLGATE_SYNC_ENABLED=false) ;;
+  *) log "BENCH_SYNC must be here, after or beside"; exit 1 ;;
 esac
 pin "$PIN_TG"
 # shellcheck disable=SC2086
@@ -112,14 +115,16 @@ done
 [[ -n "$DATA" ]] || { log "tollgate did not start"; exit 1; }
 log "redis $REDIS_URL (pid $REDIS_PID, cpus $PIN_REDIS), tollgate $DATA (pid $TG_PID, cpus $PIN_TG), loadtest cpus $PIN_LT; load $(cut -d' ' -f1-3 /proc/loadavg)"
 
-if [[ "${BENCH_SYNC:-here}" == after ]]; then
-  # Started when the load phase is over (the harness then checks invariants and waits for the
-  # streams to drain); until then nothing on this host writes usage to Postgres.
+if [[ "${BENCH_SYNC:-here}" != here ]]; then
+  # after: started when the load phase is over (the harness then checks invariants and waits
+  # for the streams to drain); until then nothing on this host writes usage to Postgres.
+  # beside: started at once.
   (
-    until grep -q 'loadtest: checking invariants' "$WORK/loadtest.err" 2>/dev/null; do
+    until [[ "$BENCH_SYNC" == beside ]] \
+      || grep -q 'loadtest: checking invariants' "$WORK/loadtest.err" 2>/dev/null; do
       sleep 0.1
     done
-    exec env "${TG_ENV[@]}" TOLLGATE_SYNC_CONSUMER=bench-late-syncer \
+    exec env "${TG_ENV[@]}" TOLLGATE_SYNC_CONSUMER=bench-syncer \
       target/release/tollgate serve >"$WORK/syncer.log" 2>&1
   ) &
   SYNC_PID=$!
