@@ -428,6 +428,82 @@ impl Drop for Cleanup {
     }
 }
 
+/// A TCP relay to Postgres that can go silent: [`FreezingRelay::freeze`] stops relaying on
+/// every connection open at that moment but keeps it open, as a half-open connection does
+/// after a failover or once a NAT has forgotten it; connections made later relay normally.
+struct FreezingRelay {
+    addr: std::net::SocketAddr,
+    generation: tokio::sync::watch::Sender<u64>,
+    held: Arc<Mutex<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl FreezingRelay {
+    async fn start() -> FreezingRelay {
+        let upstream = common::hot_suite::PgUrl::parse(&pg_server_url()).hostport;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let addr = listener.local_addr().expect("relay addr");
+        let (generation, _) = tokio::sync::watch::channel(0u64);
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let (tx, kept) = (generation.clone(), held.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let (upstream, kept) = (upstream.clone(), kept.clone());
+                let mut frozen = tx.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let went_silent = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = frozen.changed() => true,
+                    };
+                    if went_silent {
+                        kept.lock().expect("held").push((client, server));
+                    }
+                });
+            }
+        });
+        FreezingRelay {
+            addr,
+            generation,
+            held,
+            accept,
+        }
+    }
+
+    /// `url` (a database URL) through the relay.
+    fn route(&self, url: &str) -> String {
+        let upstream = common::hot_suite::PgUrl::parse(url).hostport;
+        url.replacen(&upstream, &self.addr.to_string(), 1)
+    }
+
+    fn freeze(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    fn silent_connections(&self) -> usize {
+        self.held.lock().expect("held").len()
+    }
+}
+
+impl Drop for FreezingRelay {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A key's `balance_used_nanos` in Postgres.
+async fn balance_used(db: &PgPool, key_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT balance_used_nanos FROM api_keys WHERE id = $1::uuid")
+        .bind(key_id)
+        .fetch_one(db)
+        .await
+        .expect("balance_used")
+}
+
 async fn connect_db(url: &str) -> PgPool {
     PgPool::connect(url).await.expect("test database reachable")
 }
@@ -1336,12 +1412,7 @@ async fn a_backlog_of_several_passes_in_every_shard_drains_exactly_once() {
         })
         .await;
     assert!(drained, "all {total} events reached Postgres");
-    let used: i64 =
-        sqlx::query_scalar("SELECT balance_used_nanos FROM api_keys WHERE id = $1::uuid")
-            .bind(&key_id)
-            .fetch_one(&app.db)
-            .await
-            .expect("balance_used");
+    let used = balance_used(&app.db, &key_id).await;
     assert_eq!(used, total * 1000, "each event charged once");
     let emptied = app
         .eventually(Duration::from_secs(10), || async {
@@ -1499,6 +1570,89 @@ async fn the_usage_sync_writes_through_one_connection_of_its_own() {
         "no request-pool connection wrote usage: {others:?}"
     );
     db.close().await;
+}
+
+/// A Postgres connection that stops answering without closing (half-open after a failover, or
+/// dropped by a NAT) costs the syncer one bounded write, not the kernel's quarter of an hour:
+/// the connection is closed, the next write connects afresh, and every event arrives once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_connection_that_goes_silent_is_dropped_and_the_sync_goes_on() {
+    let app = spawn_app_with(|s| {
+        s.insert("TOLLGATE_SYNC_ENABLED", "false".into());
+    })
+    .await;
+    let (_, api_key) = app.create_key(json!({"user_id": "u-silent"})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let relay = FreezingRelay::start().await;
+    let sync_db = tollgate::store::connect_usage_sync(&relay.route(&app.db_url)).expect("pool");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let syncer = tollgate::sync::usage::Syncer::new(
+        tollgate::hot::redis::Redis::new(
+            vec![app.settings["TOLLGATE_REDIS_URL"].clone()],
+            Duration::from_secs(2),
+        ),
+        sync_db,
+        tollgate::metrics::Metrics::new(),
+        Layout::new(&app.namespace).streams(),
+        "silent-test".into(),
+    )
+    .with_write_bound(Duration::from_secs(1));
+    let task = tokio::spawn(syncer.run(stopped, Duration::from_secs(2)));
+
+    let stream = Layout::new(&app.namespace).streams()[0].clone();
+    let now = Utc::now().timestamp_millis().to_string();
+    let add = |event: String| {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&stream)
+            .arg("*")
+            .arg(&usage_entry(&event, &key_id, "u-silent", "gpt-4o", &now));
+        let mut redis = app.redis.clone();
+        async move {
+            let _: String = cmd.query_async(&mut redis).await.expect("xadd");
+        }
+    };
+    let rows = |prefix: &'static str| {
+        let db = app.db.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM usage_events WHERE event_id LIKE $1 || '%'",
+            )
+            .bind(prefix)
+            .fetch_one(&db)
+            .await
+            .expect("count")
+        }
+    };
+    add("silent-before".into()).await;
+    assert!(
+        poll_until(Duration::from_secs(10), || async {
+            rows("silent-before").await == 1
+        })
+        .await,
+        "the syncer writes through the relay"
+    );
+
+    relay.freeze();
+    for i in 0..20 {
+        add(format!("silent-after-{i}")).await;
+    }
+    // One bound (1 s), the retry's back-off, a new connection: seconds, not minutes.
+    assert!(
+        poll_until(Duration::from_secs(15), || async {
+            rows("silent-after-").await == 20
+        })
+        .await,
+        "events written after the connection went silent: {} of 20",
+        rows("silent-after-").await
+    );
+    assert!(
+        relay.silent_connections() >= 1,
+        "the write was cut off on a silent connection"
+    );
+    let used = balance_used(&app.db, &key_id).await;
+    assert_eq!(used, 21 * 1000, "each event charged once");
+    let _ = stop.send(true);
+    let _ = task.await;
 }
 
 /// Every write that changes several `api_keys` rows at once, at the same moment, over

@@ -55,7 +55,8 @@ pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
 /// connection (sqlx hands them out in turn), and each backend faulted in the same buffers and
 /// working memory for itself: 2.7 times the page faults, and on the measured VM a 10–15 %
 /// higher admission p99 (docs/PERFORMANCE.md). Apart, admin bursts and the sync also never
-/// wait for each other's connections.
+/// wait for each other's connections. The syncer holds the connection between its writes and
+/// bounds each of them (`sync::usage::Syncer::write`).
 pub fn connect_usage_sync(url: &str) -> Result<PgPool, StoreError> {
     pool(url, 1, SYNC_APPLICATION_NAME)
 }

@@ -2,7 +2,7 @@
 //! statement), idempotent by event id.
 
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{Acquire, Postgres};
 use uuid::Uuid;
 
 use super::keys::lock_in_id_order;
@@ -41,7 +41,12 @@ pub struct UsageEvent {
 /// batch aborted and retried. With the key rows locked first and in one order, batches that
 /// share a key simply run one after the other; batches that share none touch disjoint rows
 /// (a key's `usage_daily` rows are only written with its `api_keys` row locked).
-pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, StoreError> {
+///
+/// `db` is a pool or one connection (the syncer bounds its writes on a connection it holds).
+pub async fn insert_batch<'a, A>(db: A, events: &[UsageEvent]) -> Result<u64, StoreError>
+where
+    A: Acquire<'a, Database = Postgres>,
+{
     if events.is_empty() {
         return Ok(0);
     }
@@ -78,7 +83,7 @@ pub async fn insert_batch(pool: &PgPool, events: &[UsageEvent]) -> Result<u64, S
         admitted.push(e.admitted_at);
         settled.push(e.settled_at);
     }
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     lock_in_id_order(&mut tx, &keys).await?;
     let (new,): (i64,) = sqlx::query_as(
         r#"

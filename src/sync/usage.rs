@@ -15,7 +15,8 @@ use chrono::{DateTime, TimeZone, Utc};
 use metrics::Gauge;
 use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::{FromRedisValue, Value};
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::watch;
 use uuid::Uuid;
 
@@ -38,6 +39,13 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// under a second.
 const BUSY_POLL: Duration = Duration::from_millis(50);
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
+/// Longest one write to Postgres may take before the syncer gives up on its connection. A
+/// batch takes milliseconds; what takes this long is a connection that will never answer —
+/// half-open after a failover, or forgotten by a NAT while idle — and without a bound the
+/// syncer would wait until the kernel gives up on it, a quarter of an hour by default.
+const WRITE_BOUND: Duration = Duration::from_secs(30);
+/// How long the syncer keeps its Postgres connection unused (the pool's idle timeout).
+const KEEP_IDLE: Duration = Duration::from_secs(300);
 
 pub struct Syncer {
     redis: Redis,
@@ -57,6 +65,10 @@ pub struct Syncer {
     /// shard's entries (see [`BATCH`]) no shard waits behind the others.
     next_shard: usize,
     claim_idle: Duration,
+    write_bound: Duration,
+    /// The connection it writes through, held between writes ([`Syncer::write`]).
+    conn: Option<PoolConnection<Postgres>>,
+    conn_used: Instant,
     scripts: Scripts,
 }
 
@@ -154,6 +166,9 @@ impl Syncer {
             own_pending: vec![true; n],
             next_shard: 0,
             claim_idle: CLAIM_IDLE,
+            write_bound: WRITE_BOUND,
+            conn: None,
+            conn_used: Instant::now(),
             scripts: Scripts::default(),
         }
     }
@@ -162,6 +177,51 @@ impl Syncer {
     pub fn with_claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
         self
+    }
+
+    /// For tests: how long one Postgres write may take ([`WRITE_BOUND`]).
+    pub fn with_write_bound(mut self, bound: Duration) -> Self {
+        self.write_bound = bound;
+        self
+    }
+
+    /// [`insert_batch`] on the syncer's connection, bounded by `write_bound`.
+    ///
+    /// The connection is kept between writes rather than returned to the pool: sqlx pings a
+    /// returned connection with no bound, and on one that went silent (see [`WRITE_BOUND`])
+    /// that ping would hold the pool's only place for good. A write that fails for the
+    /// connection's sake or overruns the bound closes it (sqlx bounds the close), and the next
+    /// one connects afresh; one kept idle longer than [`KEEP_IDLE`] is closed too, before a
+    /// NAT forgets it. If an abandoned batch did commit, its redelivery inserts nothing.
+    async fn write(&mut self, events: &[UsageEvent]) -> Result<u64, StoreError> {
+        if self.conn_used.elapsed() > KEEP_IDLE {
+            self.close_conn();
+        }
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(self.db.acquire().await?),
+        };
+        self.conn_used = Instant::now();
+        let result =
+            match tokio::time::timeout(self.write_bound, insert_batch(&mut **conn, events)).await {
+                Ok(written) => written,
+                Err(_) => Err(StoreError::Unavailable(sqlx::Error::Io(
+                    std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer from postgres within {:?}", self.write_bound),
+                    ),
+                ))),
+            };
+        if matches!(result, Err(StoreError::Unavailable(_))) {
+            self.close_conn();
+        }
+        result
+    }
+
+    fn close_conn(&mut self) {
+        if let Some(mut conn) = self.conn.take() {
+            conn.close_on_drop();
+        }
     }
 
     async fn ensure_group(&self, stream: &str) -> Result<(), RedisFailure> {
@@ -256,7 +316,7 @@ impl Syncer {
                 }
             }
         }
-        let new = match insert_batch(&self.db, &events).await {
+        let new = match self.write(&events).await {
             Ok(new) => new,
             // Postgres refused the batch for what is in it, not for being down: retrying it
             // whole would block the shards forever. Find the culprits one event at a time.
@@ -264,7 +324,7 @@ impl Syncer {
                 let mut new = 0;
                 for g in &gathered {
                     new += self
-                        .insert_one_by_one(&self.streams[g.shard], &g.entries)
+                        .insert_one_by_one(&self.streams[g.shard].clone(), &g.entries)
                         .await?;
                 }
                 new
@@ -289,7 +349,7 @@ impl Syncer {
     /// original fields and the reason, to the shard's dead-letter stream (`<stream>:dead`,
     /// same slot) for an operator to inspect, instead of being retried forever.
     async fn insert_one_by_one(
-        &self,
+        &mut self,
         stream: &str,
         entries: &[StreamId],
     ) -> Result<u64, SyncError> {
@@ -298,7 +358,7 @@ impl Syncer {
             let Some(ev) = parse_event(entry) else {
                 continue;
             };
-            match insert_batch(&self.db, std::slice::from_ref(&ev)).await {
+            match self.write(std::slice::from_ref(&ev)).await {
                 Ok(n) => new += n,
                 Err(StoreError::Query(e)) if is_data_error(&e) => {
                     let mut cmd = redis::cmd("XADD");

@@ -1476,15 +1476,15 @@ impl Drop for PgLookupCounter {
 }
 
 /// `postgres://user@host:port/db`, taken apart.
-struct PgUrl {
+pub struct PgUrl {
     scheme: String,
     userinfo: String,
-    hostport: String,
+    pub hostport: String,
     path: String,
 }
 
 impl PgUrl {
-    fn parse(url: &str) -> Self {
+    pub fn parse(url: &str) -> Self {
         let (scheme, rest) = url.split_once("://").expect("database URL has a scheme");
         let (auth, path) = match rest.find('/') {
             Some(i) => (&rest[..i], &rest[i..]),
