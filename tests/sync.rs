@@ -23,6 +23,7 @@ use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use sqlx::PgPool;
+use tollgate::app::SYNC_THREAD;
 use tollgate::hot::layout::Layout;
 use tollgate::money::Money;
 use tollgate::store::keys::Expired;
@@ -493,6 +494,15 @@ impl Drop for FreezingRelay {
     fn drop(&mut self) {
         self.accept.abort();
     }
+}
+
+/// The names of a process's threads (Linux: `/proc/<pid>/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the process's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
 }
 
 /// A key's `balance_used_nanos` in Postgres.
@@ -1491,6 +1501,10 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
         Vec::<String>::new(),
         "a process with the sync off opens no sync connection"
     );
+    assert!(
+        !thread_names(sidecar.pid).iter().any(|t| t == SYNC_THREAD),
+        "no sync thread in the sidecar"
+    );
     // Its zeros would read as "Postgres is up to date" while nothing syncs.
     for gauge in [
         "tollgate_usage_events_pending",
@@ -1516,6 +1530,9 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
         "the syncing process reports the backlog"
     );
     assert_eq!(sidecar.metric("tollgate_usage_events_pending").await, None);
+    // The sync runs on a thread of its own, off the serving runtime's workers.
+    let threads = thread_names(central.pid);
+    assert!(threads.iter().any(|t| t == SYNC_THREAD), "{threads:?}");
 
     let status = sidecar.terminate(Duration::from_secs(20)).await;
     assert!(
