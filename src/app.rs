@@ -99,7 +99,8 @@ pub const SYNC_THREAD: &str = "tollgate-sync";
 /// admissions queued on it: the kernel, which can preempt, shares the CPU between them.
 /// Measured at half load: admission p99 3.4–3.5 ms with the sync in a separate process against
 /// 3.8–4.2 ms with it on the serving runtime, and on this thread about as with a separate
-/// process (docs/PERFORMANCE.md). The handle resolves when the syncer is done. Should the OS refuse a thread or a runtime, it runs on the serving one.
+/// process (docs/PERFORMANCE.md). The handle resolves when the syncer is done. Should the OS
+/// refuse a thread or a runtime, the syncer runs on the serving one.
 fn spawn_syncer(syncer: sync::usage::Syncer, stop: watch::Receiver<bool>) -> JoinHandle<()> {
     let serving = tokio::runtime::Handle::current();
     // The work is handed over only once the thread exists, so that it can still run here if

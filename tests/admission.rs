@@ -3,8 +3,13 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::hot_suite::{self, PgLookupCounter};
+use common::silent_relay::SilentRelay;
 use common::*;
+use serde_json::json;
+use tollgate::hot::gate::LOOKUP_BOUND;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parallel_admissions_never_exceed_the_rate_limit() {
@@ -113,6 +118,56 @@ async fn unknown_keys_cost_bounded_postgres_lookups() {
     let pg = PgLookupCounter::start().await;
     let app = spawn_app_with(|s| pg.route(s)).await;
     hot_suite::unknown_keys_cost_bounded_postgres_lookups(&app, &pg).await;
+}
+
+/// A key look-up whose Postgres connection goes silent mid-query (half-open after a failover)
+/// answers `unavailable` within the look-up bound instead of hanging until the client gives
+/// up, and its connection is closed, not returned: the next look-up runs on a fresh one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_lookup_on_a_silent_connection_is_bounded_and_the_next_one_works() {
+    let relay = SilentRelay::silencing_first(b"FROM api_keys WHERE key_hash = $1").await;
+    let app = spawn_app_with(|s| {
+        let url = relay.route(&s["TOLLGATE_DATABASE_URL"]);
+        s.insert("TOLLGATE_DATABASE_URL", url);
+    })
+    .await;
+    let started = Instant::now();
+    let first = tokio::time::timeout(
+        LOOKUP_BOUND + Duration::from_secs(5),
+        hot_suite::admit(&app, hot_suite::with_key(&unique("sk-"), json!({}))),
+    )
+    .await
+    .expect("the admission answers instead of waiting for the silent connection");
+    let took = started.elapsed();
+    first.denied(503, "unavailable", "a look-up that got no answer");
+    assert!(
+        took >= LOOKUP_BOUND && took < LOOKUP_BOUND + Duration::from_secs(3),
+        "answered after {took:?}, the bound is {LOOKUP_BOUND:?}"
+    );
+    assert!(
+        relay.silent_connections() >= 1,
+        "the look-up went out on the connection that went silent"
+    );
+    // Closed, not returned: back in the pool, sqlx would ping it without a bound and that ping
+    // would hold its place for good.
+    let pool = &app.state.db;
+    assert!(
+        app.eventually(Duration::from_secs(10), || async {
+            pool.size() as usize == pool.num_idle()
+        })
+        .await,
+        "a connection is still out of the pool: {} open, {} idle",
+        pool.size(),
+        pool.num_idle()
+    );
+    for _ in 0..3 {
+        let next = hot_suite::admit(&app, hot_suite::with_key(&unique("sk-"), json!({}))).await;
+        next.denied(
+            401,
+            "key_invalid",
+            "an unknown key looked up on a fresh connection",
+        );
+    }
 }
 
 /// Milliseconds to live of a Redis key (-2 missing, -1 no expiry).

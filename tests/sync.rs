@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::private_pg::PrivatePg;
 use common::process::{cleanup_state, TollgateProcess};
+use common::silent_relay::SilentRelay;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
@@ -426,73 +427,6 @@ struct Cleanup(HashMap<&'static str, String>);
 impl Drop for Cleanup {
     fn drop(&mut self) {
         cleanup_state(&self.0);
-    }
-}
-
-/// A TCP relay to Postgres that can go silent: [`FreezingRelay::freeze`] stops relaying on
-/// every connection open at that moment but keeps it open, as a half-open connection does
-/// after a failover or once a NAT has forgotten it; connections made later relay normally.
-struct FreezingRelay {
-    addr: std::net::SocketAddr,
-    generation: tokio::sync::watch::Sender<u64>,
-    held: Arc<Mutex<Vec<(tokio::net::TcpStream, tokio::net::TcpStream)>>>,
-    accept: tokio::task::JoinHandle<()>,
-}
-
-impl FreezingRelay {
-    async fn start() -> FreezingRelay {
-        let upstream = common::hot_suite::PgUrl::parse(&pg_server_url()).hostport;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind relay");
-        let addr = listener.local_addr().expect("relay addr");
-        let (generation, _) = tokio::sync::watch::channel(0u64);
-        let held = Arc::new(Mutex::new(Vec::new()));
-        let (tx, kept) = (generation.clone(), held.clone());
-        let accept = tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                let (upstream, kept) = (upstream.clone(), kept.clone());
-                let mut frozen = tx.subscribe();
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let went_silent = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                        _ = frozen.changed() => true,
-                    };
-                    if went_silent {
-                        kept.lock().expect("held").push((client, server));
-                    }
-                });
-            }
-        });
-        FreezingRelay {
-            addr,
-            generation,
-            held,
-            accept,
-        }
-    }
-
-    /// `url` (a database URL) through the relay.
-    fn route(&self, url: &str) -> String {
-        let upstream = common::hot_suite::PgUrl::parse(url).hostport;
-        url.replacen(&upstream, &self.addr.to_string(), 1)
-    }
-
-    fn freeze(&self) {
-        self.generation.send_modify(|g| *g += 1);
-    }
-
-    fn silent_connections(&self) -> usize {
-        self.held.lock().expect("held").len()
-    }
-}
-
-impl Drop for FreezingRelay {
-    fn drop(&mut self) {
-        self.accept.abort();
     }
 }
 
@@ -1600,7 +1534,7 @@ async fn a_postgres_connection_that_goes_silent_is_dropped_and_the_sync_goes_on(
     .await;
     let (_, api_key) = app.create_key(json!({"user_id": "u-silent"})).await;
     let key_id = api_key["id"].as_str().expect("id").to_string();
-    let relay = FreezingRelay::start().await;
+    let relay = SilentRelay::start().await;
     let sync_db = tollgate::store::connect_usage_sync(&relay.route(&app.db_url)).expect("pool");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let syncer = tollgate::sync::usage::Syncer::new(

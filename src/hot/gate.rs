@@ -27,6 +27,9 @@ use crate::store;
 pub const LOOKUPS_PER_SECOND: f64 = 100.0;
 /// Burst allowance on top of the sustained rate.
 pub const LOOKUP_BURST: f64 = 200.0;
+/// Longest a look-up may take: it takes about a millisecond, and one that gets no answer for
+/// this long is on a connection that will not answer (`store::keys::by_hash_within`).
+pub const LOOKUP_BOUND: Duration = Duration::from_secs(2);
 /// Bound of the fail-open memory; beyond it the oldest half is dropped.
 const VALIDATED_MAX: usize = 100_000;
 
@@ -165,9 +168,21 @@ impl Gate {
                 retry_after_ms: 1000,
             };
         }
-        let row = match store::keys::by_hash(&self.db, args.key_hash).await {
-            Ok(row) => row,
+        // In a task of its own, so that nothing dropping the request (the shutdown's bound, a
+        // timeout layer) cancels it half-way and sends its connection back to the pool
+        // unchecked (see `by_hash_within`).
+        let (db, key_hash) = (self.db.clone(), args.key_hash.to_string());
+        let lookup =
+            tokio::spawn(
+                async move { store::keys::by_hash_within(&db, &key_hash, LOOKUP_BOUND).await },
+            );
+        let row = match lookup.await {
+            Ok(Ok(row)) => row,
             Err(e) => {
+                tracing::warn!(error = %e, "key look-up task failed");
+                return Decision::deny(DenyCode::Unavailable);
+            }
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "key look-up in postgres failed");
                 return Decision::deny(DenyCode::Unavailable);
             }

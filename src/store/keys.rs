@@ -137,12 +137,40 @@ pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<KeyRow>, StoreError> 
     Ok(sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?)
 }
 
-pub async fn by_hash(pool: &PgPool, key_hash: &str) -> Result<Option<KeyRow>, StoreError> {
+pub async fn by_hash<'e, E>(db: E, key_hash: &str) -> Result<Option<KeyRow>, StoreError>
+where
+    E: sqlx::PgExecutor<'e>,
+{
     let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE key_hash = $1");
     Ok(sqlx::query_as(&sql)
         .bind(key_hash)
-        .fetch_optional(pool)
+        .fetch_optional(db)
         .await?)
+}
+
+/// [`by_hash`] within `bound`, for the admission path. A connection that overruns it is
+/// closed rather than returned: it may have gone silent (half-open after a failover), and sqlx
+/// pings a returned connection with no bound, so that ping would keep its place in the pool
+/// for good. The caller must not be cancelled meanwhile (the gate runs this in a task of its
+/// own), or the connection would go back to the pool unchecked in the same way.
+pub async fn by_hash_within(
+    pool: &PgPool,
+    key_hash: &str,
+    bound: std::time::Duration,
+) -> Result<Option<KeyRow>, StoreError> {
+    let mut conn = pool.acquire().await?;
+    match tokio::time::timeout(bound, by_hash(&mut *conn, key_hash)).await {
+        Ok(row) => row,
+        Err(_) => {
+            conn.close_on_drop();
+            Err(StoreError::Unavailable(sqlx::Error::Io(
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("no answer from postgres within {bound:?}"),
+                ),
+            )))
+        }
+    }
 }
 
 /// A user's keys, standalone keys excluded, newest first.

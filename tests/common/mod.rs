@@ -15,6 +15,7 @@ pub mod private_pg;
 pub mod private_redis;
 pub mod process;
 pub mod proxies;
+pub mod silent_relay;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
