@@ -158,7 +158,13 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
         db,
         redis,
         namespace: settings["TOLLGATE_REDIS_NAMESPACE"].clone(),
-        db_name: db_url.rsplit('/').next().unwrap_or_default().to_string(),
+        // The path's last segment, without a query (a relay's URL carries `?sslmode=…`).
+        db_name: db_url
+            .rsplit('/')
+            .next()
+            .and_then(|last| last.split('?').next())
+            .unwrap_or_default()
+            .to_string(),
         db_url,
         settings,
         state,
