@@ -163,12 +163,7 @@ pub async fn by_hash_within(
         Ok(row) => row,
         Err(_) => {
             conn.close_on_drop();
-            Err(StoreError::Unavailable(sqlx::Error::Io(
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("no answer from postgres within {bound:?}"),
-                ),
-            )))
+            Err(StoreError::no_answer(bound))
         }
     }
 }

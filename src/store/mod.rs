@@ -27,6 +27,16 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+impl StoreError {
+    /// A call that got no answer within `bound`: its connection is presumed dead.
+    pub fn no_answer(bound: Duration) -> StoreError {
+        StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from postgres within {bound:?}"),
+        )))
+    }
+}
+
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {

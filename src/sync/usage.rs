@@ -205,12 +205,7 @@ impl Syncer {
         let result =
             match tokio::time::timeout(self.write_bound, insert_batch(&mut **conn, events)).await {
                 Ok(written) => written,
-                Err(_) => Err(StoreError::Unavailable(sqlx::Error::Io(
-                    std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer from postgres within {:?}", self.write_bound),
-                    ),
-                ))),
+                Err(_) => Err(StoreError::no_answer(self.write_bound)),
             };
         if matches!(result, Err(StoreError::Unavailable(_))) {
             self.close_conn();
