@@ -20,7 +20,10 @@
 -- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
 -- ARGV[10] tombstone TTL (ms): how long a settled lease is remembered for duplicate detection
 -- ARGV[11] lease id (the event's idempotency id in Postgres)
--- ARGV[12..19] only for a lease granted in fail-open mode, which has no record because Redis
+-- ARGV[12] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
+--         dropped); 'live': a released lease is a duplicate (an access-log report, which may
+--         arrive after the gateway or the proxy already ended the lease)
+-- ARGV[13..20] only for a lease granted in fail-open mode, which has no record because Redis
 --         was down when it was granted: 'failopen', key id, user id, provider, api format,
 --         model, admitted at (ms), expires at (ms) — the record's fields, from the granting
 --         process's memory.
@@ -48,9 +51,12 @@ end
 -- r: key id, user id, provider, api format, model, admitted at, expires at
 local r
 if rec == 'S' then return {'duplicate', available()} end
+if ARGV[12] == 'live' and rec ~= false and string.sub(rec, 1, 1) == 'R' then
+  return {'duplicate', available()}
+end
 if rec == false then
-  if ARGV[12] ~= 'failopen' then return {'unknown'} end
-  r = {ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]}
+  if ARGV[13] ~= 'failopen' then return {'unknown'} end
+  r = {ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20]}
 else
   r = {cmsgpack.unpack(string.sub(rec, 2))}
 end

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::Receiver;
 use crate::config::Config;
 use crate::hot::admission::HotPath;
 use crate::hot::gate::Gate;
@@ -145,6 +146,8 @@ fn spawn_syncer(syncer: sync::usage::Syncer, stop: watch::Receiver<bool>) -> Joi
 pub struct App {
     data: TcpListener,
     admin: TcpListener,
+    /// The access-log receiver (`TOLLGATE_ACCESS_LOG_LISTEN`); none when unset.
+    access_log: Option<Receiver>,
     state: Arc<AppState>,
     /// The usage sync's own connection (`store::connect_usage_sync`); none with the sync off.
     sync_db: Option<PgPool>,
@@ -165,6 +168,14 @@ impl App {
                 addr: config.admin_listen,
                 source,
             })?;
+        let access_log = match config.access_log_listen {
+            Some(addr) => Some(
+                Receiver::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let db = database(&config).await?;
         let sync_db = config
             .sync_enabled
@@ -182,6 +193,7 @@ impl App {
         let metrics = Metrics::new();
         let gate = Gate::new(
             hot,
+            Redis::new(config.redis_urls.clone(), config.redis_timeout),
             db.clone(),
             metrics.clone(),
             config.fail_mode,
@@ -198,6 +210,7 @@ impl App {
         Ok(App {
             data,
             admin,
+            access_log,
             state,
             sync_db,
         })
@@ -211,6 +224,11 @@ impl App {
         self.admin
             .local_addr()
             .unwrap_or(self.state.config.admin_listen)
+    }
+
+    /// Where the access-log receiver listens (TCP and UDP), when it is on.
+    pub fn access_log_addr(&self) -> Option<SocketAddr> {
+        self.access_log.as_ref().and_then(|r| r.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -227,6 +245,7 @@ impl App {
         let config = state.config.clone();
         let hot = state.gate.hot.clone();
         let (data_addr, admin_addr) = (self.data_addr(), self.admin_addr());
+        let access_log_addr = self.access_log_addr();
 
         // The syncer gets its own stop signal, sent only after both listeners have drained:
         // a settlement still in flight when the shutdown starts writes its event after the
@@ -284,6 +303,10 @@ impl App {
             ))
         });
 
+        let receiver = self
+            .access_log
+            .map(|r| tokio::spawn(r.run(state.clone(), stop_rx.clone())));
+
         let signal = |mut rx: watch::Receiver<bool>| async move {
             let _ = rx.wait_for(|stop| *stop).await;
         };
@@ -293,7 +316,12 @@ impl App {
             .with_graceful_shutdown(signal(stop_rx.clone()));
         let data = tokio::spawn(async move { data.await });
         let admin = tokio::spawn(async move { admin.await });
-        tracing::info!(listen = %data_addr, admin = %admin_addr, "tollgate serving");
+        tracing::info!(
+            listen = %data_addr,
+            admin = %admin_addr,
+            access_log = access_log_addr.map(tracing::field::display),
+            "tollgate serving"
+        );
 
         shutdown.await;
         tracing::info!("shutting down: draining requests and usage");
@@ -309,6 +337,9 @@ impl App {
                 let _ = s.await;
             }
             let _ = reconciler.await;
+            if let Some(r) = receiver {
+                let _ = r.await;
+            }
             if let Some(s) = sweeper {
                 let _ = s.await;
             }

@@ -13,8 +13,10 @@
 //! - [`hot`]: where a decision is made — Redis key layout, Lua scripts, the gate
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
 //! - [`sync`]: where usage goes to Postgres, and key state back to Redis
+//! - [`access_log`]: where proxies report the end of a request (access-log receiver)
 //! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
 
+pub mod access_log;
 pub mod app;
 pub mod config;
 pub mod decision;
