@@ -140,6 +140,15 @@ fn text(v: Option<&Value>) -> Result<Option<String>, Dropped> {
     Ok((!t.is_empty() && t != "-").then_some(t))
 }
 
+/// Null, `""` or `"-"`: a field the proxy had no value for.
+fn absent(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::String(s) => matches!(s.trim(), "" | "-"),
+        _ => false,
+    }
+}
+
 fn count(v: Option<&Value>, max: u64) -> Result<Option<u64>, Dropped> {
     text(v)?
         .map(|t| {
@@ -204,14 +213,13 @@ pub fn parse(raw: &[u8]) -> Result<Report, Dropped> {
     let field = |name: &str| obj.get(name);
     // The flat field first; Caddy's response header where the flat one is absent.
     let either = |flat: &str, hdr: &str| -> Option<&Value> {
-        match field(flat) {
-            Some(v) if text(Some(v)).ok().flatten().is_some() => Some(v),
-            _ => header(resp, hdr),
-        }
+        field(flat)
+            .filter(|v| !absent(v))
+            .or_else(|| header(resp, hdr))
     };
     let lease_id = text(either("lease_id", LEASE_HEADER))?.ok_or(Dropped::NoLease)?;
     let cost_value = field("cost_usd")
-        .filter(|v| text(Some(v)).ok().flatten().is_some())
+        .filter(|v| !absent(v))
         .or_else(|| COST_HEADERS.iter().find_map(|h| header(resp, h)));
     let response_time_ms = match field("response_time_ms") {
         Some(v) => count(Some(v), MAX_RESPONSE_TIME_MS)?,
@@ -352,6 +360,8 @@ mod tests {
         ] {
             assert_eq!(parse(raw.as_bytes()), Err(Dropped::Malformed), "{raw}");
         }
+        let wrong_kind = r#"{"lease_id":["x"],"status":200}"#;
+        assert_eq!(parse(wrong_kind.as_bytes()), Err(Dropped::Malformed));
         for raw in [r#"{"status":200}"#, r#"{"lease_id":"-","status":200}"#] {
             assert_eq!(parse(raw.as_bytes()), Err(Dropped::NoLease), "{raw}");
         }

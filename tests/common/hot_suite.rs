@@ -1589,3 +1589,98 @@ async fn pg_connection(
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lease terms (contract v1.1, section 1)
+// ---------------------------------------------------------------------------------------------
+
+/// `lease_ttl_seconds` sets this lease's lifetime instead of `TOLLGATE_LEASE_TTL_SECONDS`
+/// (600 s here): a 1 s lease frees its slot after 1 s, and the `concurrency_limited` denial
+/// meanwhile says so (`retry_after_ms` ≤ 1000). Out-of-range lifetimes are 400 and take nothing.
+pub async fn a_lease_lives_as_long_as_its_admission_asked(app: &TestApp) {
+    let (key, _) = new_key(app, json!({"rate_limit": null, "concurrent_limit": 1})).await;
+    for bad in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("60")] {
+        let a = admit(app, with_key(&key, json!({"lease_ttl_seconds": bad}))).await;
+        assert_eq!(
+            (a.status, a.body["code"].as_str()),
+            (400, Some("bad_request")),
+            "lease_ttl_seconds {bad}: {}",
+            a.body
+        );
+    }
+    let short = with_key(&key, json!({"lease_ttl_seconds": 1}));
+    let a0 = Instant::now();
+    admit(app, short.clone()).await.lease("a 1 s lease");
+    let d = admit(app, short.clone()).await;
+    d.denied(429, "concurrency_limited", "while the 1 s lease lives");
+    let retry = d.retry_after_ms();
+    assert!((1..=1000).contains(&retry), "retry_after_ms {retry}");
+    let (_, at) = admit_until_allowed(
+        app,
+        short.clone(),
+        "concurrency_limited",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        at - a0 >= Duration::from_millis(990),
+        "the slot came back after {:?}, before the lease's 1 s",
+        at - a0
+    );
+    // The longest lifetime is accepted, and holds the slot.
+    let (key, _) = new_key(app, json!({"rate_limit": null, "concurrent_limit": 1})).await;
+    admit(app, with_key(&key, json!({"lease_ttl_seconds": 86_400})))
+        .await
+        .lease("a day-long lease");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    admit(app, with_key(&key, json!({}))).await.denied(
+        429,
+        "concurrency_limited",
+        "the day-long lease still holds",
+    );
+}
+
+/// `"lease": "none"` admits without a lease: no lease id, the concurrency limit and holds do
+/// not apply, the rate limit and the balance still do.
+pub async fn an_admission_without_a_lease_skips_concurrency_and_holds(app: &TestApp) {
+    let (key, _) = new_key(app, json!({"rate_limit": 3, "concurrent_limit": 1})).await;
+    let none = with_key(&key, json!({"lease": "none", "lease_ttl_seconds": 5}));
+    admit(app, with_key(&key, json!({})))
+        .await
+        .lease("the only slot");
+    for i in 0..2 {
+        let a = admit(app, none.clone()).await;
+        assert_eq!(a.status, 200, "lease-less {i}: {}", a.body);
+        assert_eq!(a.body["lease_id"], Value::Null, "{}", a.body);
+        assert_eq!(a.body["concurrency"]["in_flight"], json!(1), "{}", a.body);
+    }
+    admit(app, none.clone()).await.denied(
+        429,
+        "rate_limited",
+        "the rate limit counts lease-less admissions",
+    );
+    for bad in ["held", "", "NONE please"] {
+        let a = admit(app, with_key(&key, json!({"lease": bad}))).await;
+        assert_eq!(a.status, 400, "lease {bad:?}: {}", a.body);
+    }
+
+    let (key, _) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 1, "rate_limit": null, "concurrent_limit": null}),
+    )
+    .await;
+    let none = with_key(&key, json!({"lease": "none", "reserve_usd": amount("0.6")}));
+    for i in 0..2 {
+        let a = admit(app, none.clone()).await;
+        assert_eq!(a.status, 200, "lease-less with a reserve {i}: {}", a.body);
+        assert_eq!(a.balance(), Some(USD), "no hold is taken");
+    }
+    let (broke, _) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 0, "rate_limit": null}),
+    )
+    .await;
+    admit(app, with_key(&broke, json!({"lease": "none"})))
+        .await
+        .denied(402, "balance_exhausted", "the balance must still be > 0");
+}
