@@ -13,7 +13,9 @@
 -- KEYS[4] lease   STRING this lease's record (see admit.lua): 'L…' live, 'R…' released,
 --                 'S' settled (the tombstone)
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
--- ARGV[1] cost (nano-USD)   ARGV[2] input tokens   ARGV[3] output tokens
+-- ARGV[1] cost (nano-USD), or '?': not known yet, the caller prices it from the tokens: answer
+--         the provider and model it is priced for, and write nothing
+-- ARGV[2] input tokens   ARGV[3] output tokens
 -- ARGV[4] total tokens (-1 = input + output; tollgate itself always sends the sum, which it
 --         computes exactly in Rust)   ARGV[5] response time ms (-1 = unknown)
 -- ARGV[6] status code (-1 = unknown)
@@ -29,6 +31,7 @@
 --         process's memory.
 --
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
+--   | {'price', provider, model} (ARGV[1] '?')
 -- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
 
 local state, live, holds, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -61,6 +64,12 @@ else
   r = {cmsgpack.unpack(string.sub(rec, 2))}
 end
 
+local function pick(given, from_lease)
+  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
+  return from_lease
+end
+if ARGV[1] == '?' then return {'price', pick(ARGV[7], r[3]), pick(ARGV[9], r[5])} end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -92,10 +101,6 @@ if hydrated then
   used = used + tonumber(cost)
 end
 
-local function pick(given, from_lease)
-  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
-  return from_lease
-end
 local input, output, total = ARGV[2], ARGV[3], ARGV[4]
 if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 

@@ -194,6 +194,7 @@ impl App {
         let gate = Gate::new(
             hot,
             Redis::new(config.redis_urls.clone(), config.redis_timeout),
+            config.prices.clone(),
             db.clone(),
             metrics.clone(),
             config.fail_mode,

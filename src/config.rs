@@ -12,6 +12,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::hot::admission::LeaseTerm;
 use crate::inference::Inference;
+use crate::prices::Prices;
 use crate::keys::{EncryptionKey, Secret};
 
 #[derive(Debug, Parser)]
@@ -117,6 +118,11 @@ pub struct RawSettings {
     /// newline-delimited JSON, each record settling or releasing a lease [default: none (off)]
     #[arg(long, env = "TOLLGATE_ACCESS_LOG_LISTEN")]
     pub access_log_listen: Option<String>,
+    /// JSON file of prices replacing or extending the built-in table: {"<provider>/<model>":
+    /// {"input_per_mtok_usd", "output_per_mtok_usd", "cached_input_per_mtok_usd"?}} [default:
+    /// none (the built-in table)]
+    #[arg(long, env = "TOLLGATE_PRICES_FILE")]
+    pub prices_file: Option<String>,
 }
 
 /// Every setting with its default and meaning, for `tollgate --help`: the settings are flags of
@@ -210,6 +216,8 @@ pub struct Config {
     pub subrequest_lease_ttl: LeaseTerm,
     /// Where the access-log receiver listens (UDP and TCP); `None`: off.
     pub access_log_listen: Option<SocketAddr>,
+    /// What settlements without a cost are priced with.
+    pub prices: Prices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -407,7 +415,18 @@ impl Config {
                 )
             })?),
         };
+        let prices = match raw.prices_file.as_deref().map(str::trim) {
+            None | Some("") => Prices::builtin(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    bad("TOLLGATE_PRICES_FILE", format!("cannot read {path}: {e}"))
+                })?;
+                Prices::with_file(&text)
+                    .map_err(|e| bad("TOLLGATE_PRICES_FILE", format!("{path}: {e}")))?
+            }
+        };
         Ok(Config {
+            prices,
             subrequest_lease_ttl,
             access_log_listen,
             inference,
@@ -471,6 +490,7 @@ impl Config {
             sync_enabled: get("TOLLGATE_SYNC_ENABLED", "true"),
             subrequest_lease_ttl_seconds: get("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "60"),
             access_log_listen: map.get("TOLLGATE_ACCESS_LOG_LISTEN").cloned(),
+            prices_file: map.get("TOLLGATE_PRICES_FILE").cloned(),
         };
         Config::from_raw(&raw)
     }
@@ -514,6 +534,7 @@ mod tests {
             ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "0"),
             ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "86401"),
             ("TOLLGATE_ACCESS_LOG_LISTEN", "5140"),
+            ("TOLLGATE_PRICES_FILE", "/nonexistent/prices.json"),
         ] {
             let err = Config::from_map(&HashMap::from([(name, value.to_string())])).unwrap_err();
             assert_eq!(err.name, name, "{value}");

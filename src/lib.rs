@@ -14,6 +14,7 @@
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
 //! - [`sync`]: where usage goes to Postgres, and key state back to Redis
 //! - [`access_log`]: where proxies report the end of a request (access-log receiver)
+//! - [`prices`]: the price table, and a settlement's cost from its tokens
 //! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
 
 pub mod access_log;
@@ -26,5 +27,6 @@ pub mod inference;
 pub mod keys;
 pub mod metrics;
 pub mod money;
+pub mod prices;
 pub mod store;
 pub mod sync;

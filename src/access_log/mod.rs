@@ -181,14 +181,13 @@ async fn apply(state: &AppState, report: &Report) -> Option<RecordResult> {
 }
 
 async fn settle(state: &AppState, s: &Settlement) -> Result<RecordResult, RedisFailure> {
-    // Until prices exist, a record without a cost is charged 0 (its tokens are still recorded).
-    let cost = s.cost.unwrap_or_default();
     let outcome = state
         .gate
         .settle_reported(&SettleArgs {
             lease_id: &s.lease_id,
-            cost,
+            cost: s.cost,
             input_tokens: s.input_tokens.unwrap_or(0),
+            cached_input_tokens: s.cached_input_tokens.unwrap_or(0),
             output_tokens: s.output_tokens.unwrap_or(0),
             total_tokens: s.total_tokens,
             response_time_ms: s.response_time_ms,
@@ -202,6 +201,10 @@ async fn settle(state: &AppState, s: &Settlement) -> Result<RecordResult, RedisF
     let m = &state.metrics;
     Ok(match outcome {
         SettleOutcome::Unknown => RecordResult::LeaseUnknown,
+        // The lease stays live (to its TTL): the record said too little to charge it.
+        SettleOutcome::PriceUnknown
+        | SettleOutcome::NeedsPrice { .. }
+        | SettleOutcome::CostTooLarge => RecordResult::Malformed,
         SettleOutcome::Duplicate { .. } => RecordResult::Duplicate,
         SettleOutcome::Settled { lease_expired, .. } => {
             if lease_expired {

@@ -78,8 +78,11 @@ pub enum ScriptAdmit {
 #[derive(Debug, Clone, Default)]
 pub struct SettleArgs<'a> {
     pub lease_id: &'a str,
-    pub cost: Money,
+    /// `None`: priced from the tokens (see `Gate::settle`).
+    pub cost: Option<Money>,
     pub input_tokens: u64,
+    /// Of `input_tokens`, those read from a prompt cache (priced at the cached rate).
+    pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: Option<u64>,
     pub response_time_ms: Option<u64>,
@@ -108,6 +111,16 @@ pub struct FailOpenLease {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SettleOutcome {
     Unknown,
+    /// Asked with no cost: the provider and model the settlement is priced for (the
+    /// settlement's own, else the admission's). Nothing was written.
+    NeedsPrice {
+        provider: String,
+        model: String,
+    },
+    /// No price is known for the settlement's provider and model; nothing was written.
+    PriceUnknown,
+    /// The cost priced from the tokens is beyond what one settlement may cost.
+    CostTooLarge,
     Duplicate {
         available: Option<Money>,
     },
@@ -309,7 +322,10 @@ impl HotPath {
             .total_tokens
             .unwrap_or_else(|| a.input_tokens.saturating_add(a.output_tokens));
         let mut args = vec![
-            ScriptArg::Int(a.cost.nanos()),
+            match a.cost {
+                Some(c) => ScriptArg::Int(c.nanos()),
+                None => ScriptArg::Str("?"),
+            },
             ScriptArg::Int(n(Some(a.input_tokens))),
             ScriptArg::Int(n(Some(a.output_tokens))),
             ScriptArg::Int(n(Some(total))),
@@ -348,6 +364,10 @@ impl HotPath {
         let r = strings(v)?;
         match r.first().map(String::as_str) {
             Some("unknown") => Ok(SettleOutcome::Unknown),
+            Some("price") => Ok(SettleOutcome::NeedsPrice {
+                provider: r.get(1).cloned().unwrap_or_default(),
+                model: r.get(2).cloned().unwrap_or_default(),
+            }),
             Some("duplicate") => Ok(SettleOutcome::Duplicate {
                 available: balance(int(r.get(1))),
             }),

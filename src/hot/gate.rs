@@ -21,7 +21,10 @@ use super::redis::{Redis, RedisFailure};
 use crate::config::FailMode;
 use crate::decision::DenyCode;
 use crate::metrics::Metrics;
+use crate::money::Money;
+use crate::prices::Prices;
 use crate::store;
+use crate::store::keys::MAX_BALANCE_NANOS;
 
 /// Sustained rate of Postgres look-ups for keys Redis does not know, per process.
 pub const LOOKUPS_PER_SECOND: f64 = 100.0;
@@ -65,11 +68,18 @@ struct Bucket {
     at: Instant,
 }
 
+enum SettlePrice {
+    Cost(Money),
+    Unknown,
+    TooLarge,
+}
+
 pub struct Gate {
     pub hot: HotPath,
     /// The hot path over a connection of its own, for end-of-request reports from access
     /// logs: a burst of reports then queues behind itself, not in front of admissions.
     reports: HotPath,
+    prices: Prices,
     db: PgPool,
     metrics: Metrics,
     fail_mode: FailMode,
@@ -86,6 +96,7 @@ impl Gate {
     pub fn new(
         hot: HotPath,
         reports_redis: Redis,
+        prices: Prices,
         db: PgPool,
         metrics: Metrics,
         fail_mode: FailMode,
@@ -93,6 +104,7 @@ impl Gate {
     ) -> Self {
         Gate {
             reports: hot.with_redis(reports_redis),
+            prices,
             hot,
             db,
             metrics,
@@ -327,13 +339,56 @@ impl Gate {
         self.settle_via(&self.reports, args).await
     }
 
+    /// The price table in force.
+    pub fn prices(&self) -> &Prices {
+        &self.prices
+    }
+
+    /// The cost of a settlement's tokens at the price of `provider/model`.
+    fn price(&self, provider: &str, model: &str, a: &SettleArgs<'_>) -> SettlePrice {
+        match self.prices.get(provider, model) {
+            None => SettlePrice::Unknown,
+            Some(p) => p
+                .cost(
+                    a.input_tokens,
+                    a.cached_input_tokens,
+                    a.output_tokens,
+                    Money::from_nanos(MAX_BALANCE_NANOS),
+                )
+                .map_or(SettlePrice::TooLarge, SettlePrice::Cost),
+        }
+    }
+
+    /// A settlement without a cost is priced from its tokens: in Rust, from the settlement's
+    /// own provider and model when it names both (one script call), else from the admission's,
+    /// which only the lease record knows: the script is asked for them first, writing
+    /// nothing, and called again with the cost (two calls, only for such settlements).
     async fn settle_via(
         &self,
         hot: &HotPath,
         args: &SettleArgs<'_>,
     ) -> Result<SettleOutcome, RedisFailure> {
         let open = self.open_lease(args.lease_id);
-        let outcome = hot.settle_lease(args, open.as_ref()).await?;
+        let mut args = args.clone();
+        if args.cost.is_none() && args.input_tokens == 0 && args.output_tokens == 0 {
+            args.cost = Some(Money::ZERO);
+        }
+        if let (None, Some(provider), Some(model)) = (args.cost, args.provider, args.model) {
+            match self.price(provider, model, &args) {
+                SettlePrice::Cost(c) => args.cost = Some(c),
+                SettlePrice::Unknown => return Ok(SettleOutcome::PriceUnknown),
+                SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
+            }
+        }
+        let mut outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        if let SettleOutcome::NeedsPrice { provider, model } = &outcome {
+            match self.price(provider, model, &args) {
+                SettlePrice::Cost(c) => args.cost = Some(c),
+                SettlePrice::Unknown => return Ok(SettleOutcome::PriceUnknown),
+                SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
+            }
+            outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        }
         if open.is_some() && outcome != SettleOutcome::Unknown {
             self.forget_open_lease(args.lease_id);
         }

@@ -288,8 +288,9 @@ pub async fn admit(
 #[serde(deny_unknown_fields)]
 pub struct SettleBody {
     lease_id: String,
-    cost_usd: Money,
+    cost_usd: Option<Money>,
     input_tokens: Option<u64>,
+    cached_input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
     response_time_ms: Option<u64>,
@@ -311,7 +312,15 @@ pub async fn settle(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<SettleBody>,
 ) -> Result<Response, ApiError> {
-    check_amount("cost_usd", b.cost_usd)?;
+    if let Some(cost) = b.cost_usd {
+        check_amount("cost_usd", cost)?;
+    }
+    check_count("cached_input_tokens", b.cached_input_tokens, MAX_TOKENS)?;
+    if b.cached_input_tokens.unwrap_or(0) > b.input_tokens.unwrap_or(0) {
+        return Err(ApiError::bad_request(
+            "cached_input_tokens must not exceed input_tokens",
+        ));
+    }
     check_label("provider", b.provider.as_deref())?;
     check_label("api_format", b.api_format.as_deref())?;
     check_label("model", b.model.as_deref())?;
@@ -325,6 +334,7 @@ pub async fn settle(
             lease_id: &b.lease_id,
             cost: b.cost_usd,
             input_tokens: b.input_tokens.unwrap_or(0),
+            cached_input_tokens: b.cached_input_tokens.unwrap_or(0),
             output_tokens: b.output_tokens.unwrap_or(0),
             total_tokens: b.total_tokens,
             response_time_ms: b.response_time_ms,
@@ -341,6 +351,16 @@ pub async fn settle(
         SettleOutcome::Unknown => {
             m.settle_lease_unknown.increment(1);
             return Err(lease_unknown());
+        }
+        SettleOutcome::PriceUnknown | SettleOutcome::NeedsPrice { .. } => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "price_unknown",
+                "no price is known for this provider and model: send cost_usd",
+            ))
+        }
+        SettleOutcome::CostTooLarge => {
+            return Err(ApiError::bad_request("the cost of these tokens is too large"))
         }
         SettleOutcome::Duplicate { available } => {
             m.settle_duplicate.increment(1);
