@@ -12,8 +12,8 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::hot::admission::LeaseTerm;
 use crate::inference::Inference;
-use crate::prices::Prices;
 use crate::keys::{EncryptionKey, Secret};
+use crate::prices::Prices;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -418,9 +418,8 @@ impl Config {
         let prices = match raw.prices_file.as_deref().map(str::trim) {
             None | Some("") => Prices::builtin(),
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    bad("TOLLGATE_PRICES_FILE", format!("cannot read {path}: {e}"))
-                })?;
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad("TOLLGATE_PRICES_FILE", format!("cannot read {path}: {e}")))?;
                 Prices::with_file(&text)
                     .map_err(|e| bad("TOLLGATE_PRICES_FILE", format!("{path}: {e}")))?
             }

@@ -144,7 +144,11 @@ mod tests {
         let n = table.prices.len();
         let p = Prices::builtin();
         assert_eq!(p.prices.len(), n, "every built-in entry is valid");
-        for name in ["openai/gpt-4o", "anthropic/claude-sonnet-4-5", "gemini/gemini-2.5-pro"] {
+        for name in [
+            "openai/gpt-4o",
+            "anthropic/claude-sonnet-4-5",
+            "gemini/gemini-2.5-pro",
+        ] {
             let (provider, model) = name.split_once('/').unwrap();
             assert!(p.get(provider, model).is_some(), "{name}");
         }

@@ -275,6 +275,25 @@ async fn tcp_lines_are_read_whole_however_the_stream_splits_them() {
     let costs: Vec<i64> = r.events(key_id, 3).await.iter().map(|e| e.0).collect();
     assert_eq!(costs, vec![1_000_000, 2_000_000, 3_000_000]);
     assert_eq!(r.count("malformed").await, 0);
+
+    // Tokens and no cost: priced at the admission's model (built-in openai/gpt-4o, 2.5 and
+    // 10 $/Mtok): 1,000 in + 100 out = 0.0035 USD.
+    let (status, body) =
+        r.tg.admit(&key, json!({"provider": "openai", "model": "gpt-4o"}))
+            .await;
+    assert_eq!(status, 200, "{body}");
+    let lease = body["lease_id"].as_str().expect("lease");
+    let line = flat(
+        lease,
+        json!({"status": "200", "input_tokens": "1000", "output_tokens": "100"}),
+    );
+    stream
+        .write_all(format!("{line}\n").as_bytes())
+        .await
+        .expect("write");
+    assert_eq!(r.await_count("settled", 4, Duration::from_secs(2)).await, 4);
+    let costs: Vec<i64> = r.events(key_id, 4).await.iter().map(|e| e.0).collect();
+    assert_eq!(costs, vec![1_000_000, 2_000_000, 3_000_000, 3_500_000]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -72,6 +72,12 @@ async fn an_admission_without_a_lease_skips_concurrency_and_holds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priced_settlements_are_exact_to_the_nano_dollar() {
+    let app = spawn_app_with(hot_suite::awkward_prices).await;
+    hot_suite::priced_settlements_are_exact_to_the_nano_dollar(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_settlement_is_still_charged() {
     let app = spawn_app_with(hot_suite::short_lease).await;
     hot_suite::a_late_settlement_is_still_charged(&app).await;

@@ -72,7 +72,10 @@ async fn create_key(admin: &mut Conn, i: usize) -> String {
     if status.as_u16() != 201 {
         fail("create key", v);
     }
-    v["key"].as_str().unwrap_or_else(|| fail("create key", "no key")).to_string()
+    v["key"]
+        .as_str()
+        .unwrap_or_else(|| fail("create key", "no key"))
+        .to_string()
 }
 
 async fn admit(conn: &mut Conn, key: &str) -> Option<String> {

@@ -360,7 +360,9 @@ pub async fn settle(
             ))
         }
         SettleOutcome::CostTooLarge => {
-            return Err(ApiError::bad_request("the cost of these tokens is too large"))
+            return Err(ApiError::bad_request(
+                "the cost of these tokens is too large",
+            ))
         }
         SettleOutcome::Duplicate { available } => {
             m.settle_duplicate.increment(1);

@@ -1684,3 +1684,124 @@ pub async fn an_admission_without_a_lease_skips_concurrency_and_holds(app: &Test
         .await
         .denied(402, "balance_exhausted", "the balance must still be > 0");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Prices (contract v1.1, section 2)
+// ---------------------------------------------------------------------------------------------
+
+/// A prices file with awkward prices, for [`priced_settlements_are_exact_to_the_nano_dollar`].
+pub fn awkward_prices(s: &mut Settings) {
+    let path = std::env::temp_dir().join("tollgate-test-awkward-prices.json");
+    std::fs::write(
+        &path,
+        r#"{"acme/awkward": {"input_per_mtok_usd": 0.123456789, "output_per_mtok_usd": 7.000000001,
+            "cached_input_per_mtok_usd": 0.000000001}}"#,
+    )
+    .expect("write the prices file");
+    s.insert("TOLLGATE_PRICES_FILE", path.display().to_string());
+}
+
+/// A settlement without `cost_usd` is priced from its tokens at the price of its provider and
+/// model (the settlement's, else the admission's), exactly, rounded up to the next nano-dollar;
+/// with no price known it is `422 price_unknown` and the lease stays live.
+pub async fn priced_settlements_are_exact_to_the_nano_dollar(app: &TestApp) {
+    require_setting_present(app, "TOLLGATE_PRICES_FILE");
+    let (key, id) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 1_000_000, "rate_limit": null,
+            "concurrent_limit": null}),
+    )
+    .await;
+    let dp = DataPlane::of(app);
+    // Named by the admission only: the script is asked for the model first.
+    let lease = admit(
+        app,
+        with_key(&key, json!({"provider": "acme", "model": "awkward"})),
+    )
+    .await
+    .lease("priced by the admission's model");
+    // 3e9 input of which 1e9 cached, 2e9 output:
+    // 2e9 × 0.123456789 + 1e9 × 0.000000001 + 2e9 × 7.000000001 $/Mtok
+    // = 246.913578 + 0.000001 + 14000.000002 = 14246.913581 USD exactly.
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 3_000_000_000u64,
+                "cached_input_tokens": 1_000_000_000u64, "output_tokens": 2_000_000_000u64}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let first = 14_246_913_581_000i64;
+    // Named by the settlement: priced in Rust. One input token: 123.456789 nano → 124.
+    let lease = admit(app, with_key(&key, json!({})))
+        .await
+        .lease("unnamed admission");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 1, "provider": "acme", "model": "awkward"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    await_balance_used(app, &id, first + 124).await;
+
+    // No price: 422, nothing written, the lease still settles with a cost.
+    let lease = admit(
+        app,
+        with_key(&key, json!({"provider": "acme", "model": "unpriced"})),
+    )
+    .await
+    .lease("an unpriced model");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "output_tokens": 10}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["code"].as_str()),
+        (422, Some("price_unknown")),
+        "{}",
+        a.body
+    );
+    let a = settle(app, &lease, "0.5").await;
+    assert_eq!(
+        (a.status, a.body["duplicate"].as_bool()),
+        (200, Some(false)),
+        "the lease stayed live: {}",
+        a.body
+    );
+    // No cost and no tokens: 0. Cached above input: 400.
+    let lease = admit(app, with_key(&key, json!({}))).await.lease("free");
+    let a = dp.post("/v1/settle", &json!({"lease_id": lease})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let lease = admit(app, with_key(&key, json!({})))
+        .await
+        .lease("bad cached");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 1, "cached_input_tokens": 2,
+                "provider": "acme", "model": "awkward"}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    await_balance_used(app, &id, first + 124 + USD / 2).await;
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_events WHERE key_id = $1::uuid AND cost_nanos = $2",
+    )
+    .bind(&id)
+    .bind(first)
+    .fetch_one(&app.db)
+    .await
+    .expect("usage events");
+    assert_eq!(events, 1, "the priced cost is the event's cost");
+}
+
+#[track_caller]
+fn require_setting_present(app: &TestApp, name: &str) {
+    assert!(
+        app.settings.contains_key(name),
+        "this scenario needs {name} set"
+    );
+}
