@@ -14,8 +14,14 @@
 --              ARGV[6] expires_at ms ('' = never)
 --              ARGV[7] providers   ARGV[8] api formats   ARGV[9] models  ('\31a\31b\31', '' = any)
 --              ARGV[10] rate limit (-1 = unlimited)   ARGV[11] concurrent limit (-1 = unlimited)
---              ARGV[12] standalone (1|0)   ARGV[13] balance nano-USD (-1 = none/unlimited)
+--              ARGV[12] standalone (1|0; not stored: `bal` says it)
+--              ARGV[13] balance nano-USD (-1 = none/unlimited)
 --              ARGV[14] balance used nano-USD as synced to Postgres (seeds `used` only)
+--              ARGV[15] token limit (-1 = unlimited)
+--              ARGV[16] budget nano-USD (-1 = none)   ARGV[17] budget period ('' = never resets)
+--              ARGV[18] the current period's spend as synced to Postgres, ARGV[19] that
+--              period's start (ms): they seed the running `bsp`/`bps`, and replace them when
+--              the period kind changes (the running spend was of another kind of period)
 -- Returns 'written' | 'stale' | 'negative' | 'exists'
 
 local state = KEYS[1]
@@ -29,11 +35,18 @@ end
 local current = redis.call('HGET', state, 'ver')
 if current and tonumber(current) >= tonumber(ARGV[2]) then return 'stale' end
 
+local old_period = redis.call('HGET', state, 'bper')
 redis.call('HDEL', state, 'none')
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
-  'cl', ARGV[11], 'sa', ARGV[12], 'bal', ARGV[13])
+  'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])
 redis.call('HSETNX', state, 'used', ARGV[14])
 redis.call('HSETNX', state, 'held', '0')
+if old_period ~= ARGV[17] then
+  redis.call('HSET', state, 'bsp', ARGV[18], 'bps', ARGV[19])
+else
+  redis.call('HSETNX', state, 'bsp', ARGV[18])
+  redis.call('HSETNX', state, 'bps', ARGV[19])
+end
 redis.call('PERSIST', state)
 return 'written'
