@@ -42,10 +42,10 @@
 -- with '%.0f', never tostring(), which keeps only 14 digits (a balance of 100,000 USD is 1e14
 -- nano-USD) and would hand the caller an unparsable '1e+14'.
 --
--- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens), and
--- `holds` has an entry only for a lease in `live`. `live` and `holds` are given the same expiry on every grant (the latest lease's), so
--- on a key left idle past its leases' TTL both vanish together, and a missing `live` means no
--- lease is live and nothing can be held.
+-- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
+-- and `holds` has an entry only for a lease in `live`. `live` and `holds` are given the same
+-- expiry on every grant (the latest lease's), so on a key left idle past its leases' TTL both
+-- vanish together, and a missing `live` means no lease is live and nothing can be held.
 --
 -- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
