@@ -23,6 +23,29 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// How often the process series are refreshed: well under any scrape interval, and reading
+/// `/proc/self` this seldom costs nothing measurable.
+const PROCESS_METRICS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// `process_cpu_seconds_total`, `process_resident_memory_bytes` and the other `process_*`
+/// series (Prometheus's standard names) for the dashboard. Only the binary exports them: the
+/// library is also started many times inside one test process, whose numbers mean nothing.
+/// The recorder is installed by `App::build`, so this runs after it.
+fn spawn_process_metrics() {
+    let collector = metrics_process::Collector::default();
+    collector.describe();
+    collector.collect();
+    let spawned = std::thread::Builder::new()
+        .name("process-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(PROCESS_METRICS_EVERY);
+            collector.collect();
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no process metrics thread: process_* series are not exported");
+    }
+}
+
 fn fail(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("tollgate: {message}");
     ExitCode::FAILURE
@@ -53,6 +76,7 @@ async fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
+    spawn_process_metrics();
     match app.run(app::shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
