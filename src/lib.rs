@@ -14,10 +14,12 @@
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
 //! - [`sync`]: where usage goes to Postgres, and key state back to Redis
 //! - [`access_log`]: where proxies report the end of a request (access-log receiver)
+//! - [`cli`]: `tollgate keys …`, the operators' client of the admin API
 //! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
 
 pub mod access_log;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod hot;

@@ -54,11 +54,13 @@ fn fail(message: impl std::fmt::Display) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = parse_cli();
-    let (raw, serve) = match &cli.command {
+    let (raw, serve) = match cli.command {
         Command::Serve(raw) => (raw, true),
         Command::Migrate(raw) => (raw, false),
+        // A client of a running tollgate: no settings, no logging set-up.
+        Command::Keys(args) => return tollgate::cli::run(args).await,
     };
-    let config = match Config::from_raw(raw) {
+    let config = match Config::from_raw(&raw) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
