@@ -517,10 +517,12 @@ async fn a_bad_token_or_an_unknown_key_id_exits_1_with_the_apis_code_and_message
     // Unknown subcommand or flag: clap's usage error, 2.
     assert_eq!(keys(&app, &["frobnicate"]).await.code, 2);
     assert_eq!(keys(&app, &["get"]).await.code, 2);
-    assert_eq!(
-        keys_as("ftp://x", Some(ADMIN_TOKEN), &["get", "x"])
-            .await
-            .code,
-        2
-    );
+    // Not a plain http:// URL: a usage error, before any request.
+    for url in ["ftp://x", "https://127.0.0.1:1", "127.0.0.1:8081"] {
+        assert_eq!(
+            keys_as(url, Some(ADMIN_TOKEN), &["get", "x"]).await.code,
+            2,
+            "{url}"
+        );
+    }
 }
