@@ -14,6 +14,11 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde_json::{Map, Number, Value};
 
 #[derive(Debug, Args)]
+#[command(
+    after_help = "The admin token is read from TOLLGATE_ADMIN_TOKEN (there is no flag, so it never \
+                        shows in ps or a shell history). Exit status: 0 done, 1 the API refused \
+                        (error: <code>: <message>) or could not be reached, 2 a usage error."
+)]
 pub struct KeysArgs {
     /// Base URL of tollgate's admin listener
     #[arg(

@@ -31,7 +31,7 @@ pub enum Command {
     Serve(RawSettings),
     /// Apply pending database migrations and exit.
     Migrate(RawSettings),
-    /// Manage API keys through a running tollgate's admin API (token: TOLLGATE_ADMIN_TOKEN).
+    /// Manage API keys through a running tollgate's admin API.
     Keys(crate::cli::KeysArgs),
 }
 
