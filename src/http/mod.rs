@@ -142,6 +142,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .route("/admin/users/{user_id}/keys", get(admin::list_user))
         .route("/admin/standalone-keys", get(admin::list_standalone))
         .route("/admin/prices", get(admin::prices))
+        .route("/admin/openapi.json", get(admin::openapi))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,
