@@ -88,6 +88,7 @@ fn the_document_names_every_route_and_every_code_of_the_contract() {
         "/admin/users/{user_id}/keys",
         "/admin/standalone-keys",
         "/admin/openapi.json",
+        "/admin/prices",
         "/metrics",
     ]
     .into();
@@ -102,8 +103,11 @@ fn the_document_names_every_route_and_every_code_of_the_contract() {
         "api_format_not_allowed",
         "model_not_allowed",
         "balance_exhausted",
+        "budget_exceeded",
         "rate_limited",
+        "token_limited",
         "concurrency_limited",
+        "price_unknown",
         "unavailable",
         "lease_unknown",
         "unauthorized",
@@ -132,11 +136,12 @@ fn the_document_names_every_route_and_every_code_of_the_contract() {
         "reserve_usd",
         "lease_ttl_seconds",
         "lease",
+        "reserve_tokens",
     ] {
         assert!(admit.get(f).is_some(), "AdmitRequest lacks {f}");
     }
     let api_key = &doc["components"]["schemas"]["ApiKey"]["required"];
-    assert_eq!(api_key.as_array().map(Vec::len), Some(19), "ApiKey fields");
+    assert_eq!(api_key.as_array().map(Vec::len), Some(24), "ApiKey fields");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
