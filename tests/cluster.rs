@@ -96,6 +96,7 @@ mod suite {
     on_cluster!(an_admission_without_a_lease_skips_concurrency_and_holds);
     on_cluster!(token_limits_admit_exactly_what_fits);
     on_cluster!(budgets_admit_exactly_what_fits);
+    on_cluster!(a_budget_turns_over_with_its_period);
     on_cluster!(
         priced_settlements_are_exact_to_the_nano_dollar,
         hot_suite::awkward_prices

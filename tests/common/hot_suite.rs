@@ -1979,3 +1979,53 @@ pub async fn budgets_admit_exactly_what_fits(app: &TestApp) {
     let a = admit(app, with_key(&plain, json!({}))).await;
     assert_eq!(a.body["budget"], Value::Null, "{}", a.body);
 }
+
+/// A budget's spend starts again when its period turns — decided by the scripts from the
+/// period start stored beside the spend, on Redis's clock — so the test moves that start back
+/// a day (through tollgate's own Redis handle, which reaches the key's node on a cluster too)
+/// instead of waiting for midnight.
+pub async fn a_budget_turns_over_with_its_period(app: &TestApp) {
+    let (key, _) = new_key(
+        app,
+        json!({"budget_usd": 1, "budget_period": "day", "rate_limit": null,
+            "concurrent_limit": null}),
+    )
+    .await;
+    let lease = admit(app, with_key(&key, json!({}))).await.lease("first");
+    settle(app, &lease, "1").await;
+    admit(app, with_key(&key, json!({})))
+        .await
+        .denied(402, "budget_exceeded", "spent");
+
+    let state = tollgate::hot::layout::Layout::new(&app.namespace)
+        .for_hash(&tollgate::keys::hash(&key))
+        .state;
+    let redis = &app.state.gate.hot.redis;
+    let mut get = redis::cmd("HGET");
+    get.arg(&state).arg("bps");
+    let start: i64 = match redis.query(&get).await.expect("period start") {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).parse().expect("ms"),
+        other => panic!("period start: {other:?}"),
+    };
+    let mut set = redis::cmd("HSET");
+    set.arg(&state).arg("bps").arg(start - 86_400_000);
+    redis
+        .query(&set)
+        .await
+        .expect("move the period start back a day");
+
+    let a = admit(app, with_key(&key, json!({}))).await;
+    let lease = a.lease("a new period");
+    assert_eq!(nanos(&a.body["budget"]["remaining_usd"]), USD, "{}", a.body);
+    settle(app, &lease, "0.25").await;
+    admit(app, with_key(&key, json!({"reserve_usd": amount("0.8")})))
+        .await
+        .denied(
+            402,
+            "budget_exceeded",
+            "0.25 spent in the new period + 0.8 > 1",
+        );
+    admit(app, with_key(&key, json!({"reserve_usd": amount("0.75")})))
+        .await
+        .lease("0.25 + 0.75 fits exactly");
+}
