@@ -108,6 +108,7 @@ TOLLGATE_ADMIN_TOKEN="$TOKEN" "$BIN/loadtest" \
   --mode both --ceiling-duration 1s --ceiling-connections 2 --ceiling-pipeline 16 --ceiling-keys 20 \
   --duration "$DURATION" --concurrency 6 --keys 200 --invalid-keys 20 \
   --limited-rate-limit 2 --concurrent-limit 2 --hot-keys 2 --hot-share 0.5 --hold 1ms \
+  --token-limit 1000 --reserve-tokens 400 --budget-usd 0.003 \
   --memory --pid "$PID" --sync-timeout 30s --threads 2
 rc=$?
 set -e

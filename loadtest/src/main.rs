@@ -747,6 +747,8 @@ fn args_summary(args: &Args, keys: &[admin::Key]) -> serde_json::Value {
             "normal": count(Class::Normal),
             "rate_limited": count(Class::Limited),
             "standalone": count(Class::Standalone),
+            "token_limited": count(Class::Tokens),
+            "budget": count(Class::Budget),
             "invalid": args.invalid_keys,
         },
         "normal_rate_limit": args.normal_rate_limit,
