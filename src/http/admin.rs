@@ -57,6 +57,21 @@ pub async fn require_token(
     }
 }
 
+/// Until Postgres is up and migrated (`startup::postgres`), every admin call answers 503
+/// `unavailable`: the admin API lives in Postgres, admissions do not wait for it.
+pub async fn require_postgres(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.postgres.is_ready() {
+        next.run(req).await
+    } else {
+        ApiError::unavailable("postgres is not reachable yet; the admin API starts once it is")
+            .into_response()
+    }
+}
+
 /// The contract's `ApiKey` object.
 #[derive(Debug, Serialize)]
 pub struct ApiKey {
