@@ -53,6 +53,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A whole HTTP/1.1 answer with the JSON error shape, for the connection layer
+/// (`http::serve`), which must answer where no handler runs: a connection over the cap, a
+/// request head that timed out or that hyper could not parse. The connection closes after it.
+pub fn raw_response(status: StatusCode, code: &str, message: &str) -> Vec<u8> {
+    let body = json!({"code": code, "message": message}).to_string();
+    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error"),
+        body.len()
+    )
+    .into_bytes()
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e), "database call failed");
