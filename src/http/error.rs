@@ -86,10 +86,37 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The largest settlement and a key's lifetime spend, as lua/settle.lua bounds them.
+const LIMITS: &str = "one settlement may cost at most 9007199.254740991 USD, and one key may \
+     spend at most 4611686018.427387904 USD in its lifetime";
+
 impl From<RedisFailure> for ApiError {
     fn from(e: RedisFailure) -> Self {
-        tracing::warn!(error = %e, "redis call failed");
-        ApiError::unavailable("redis is unavailable")
+        match e {
+            // A script refused the call and wrote nothing: the call's fault, not Redis's.
+            RedisFailure::Refused { code, detail } => {
+                tracing::warn!(code, detail = %detail, "script refused a call");
+                match code {
+                    "LIMIT_EXCEEDED" => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "limit_exceeded",
+                        format!("refused, nothing was changed: {LIMITS}"),
+                    ),
+                    "INVALID_ARGUMENT" => {
+                        ApiError::bad_request("refused: an argument is out of range")
+                    }
+                    _ => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error",
+                    ),
+                }
+            }
+            e => {
+                tracing::warn!(error = %e, "redis call failed");
+                ApiError::unavailable("redis is unavailable")
+            }
+        }
     }
 }
 
