@@ -11,6 +11,7 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -20,7 +21,7 @@ use super::AppState;
 use crate::keys;
 use crate::money::Money;
 use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
-use crate::store::{self, stats};
+use crate::store::{self, stats, StoreError};
 use crate::sync::{reconcile, sweeper};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
@@ -123,6 +124,22 @@ impl From<&KeyRow> for ApiKey {
             last_used_at: r.last_used_at,
         }
     }
+}
+
+/// An admin call's Postgres work, bounded by [`store::ADMIN_BOUND`]: a connection gone silent
+/// makes the call answer 503 `unavailable` within the bound instead of hanging.
+async fn db<T, F>(state: &AppState, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> store::ConnWork<'c, T> + Send + 'static,
+{
+    store::bounded(&state.db, store::ADMIN_BOUND, work).await
+}
+
+async fn get_row(state: &AppState, id: Uuid) -> Result<KeyRow, ApiError> {
+    db(state, move |c| Box::pin(store::keys::get(c, id)))
+        .await?
+        .ok_or_else(key_not_found)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -279,7 +296,10 @@ pub async fn create(
         current_balance_nanos: balance,
         auto_delete_on_expiry: b.auto_delete_on_expiry.unwrap_or(Some(false)),
     };
-    let row = store::keys::insert(&state.db, &new).await?;
+    let row = db(&state, move |c| {
+        Box::pin(async move { store::keys::insert(c, &new).await })
+    })
+    .await?;
     push(&state, &row).await;
     tracing::info!(key_id = %row.id, user_id = %row.user_id, standalone = row.is_standalone, "key created");
     Ok((
@@ -293,9 +313,7 @@ pub async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let row = store::keys::get(&state.db, parse_id(&id)?)
-        .await?
-        .ok_or_else(key_not_found)?;
+    let row = get_row(&state, parse_id(&id)?).await?;
     Ok(Json(ApiKey::from(&row)))
 }
 
@@ -309,9 +327,12 @@ pub async fn lookup(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<LookupBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let row = store::keys::by_hash(&state.db, &keys::hash(b.key.trim()))
-        .await?
-        .ok_or_else(key_not_found)?;
+    let hash = keys::hash(b.key.trim());
+    let row = db(&state, move |c| {
+        Box::pin(async move { store::keys::by_hash(c, &hash).await })
+    })
+    .await?
+    .ok_or_else(key_not_found)?;
     Ok(Json(ApiKey::from(&row)))
 }
 
@@ -319,9 +340,7 @@ pub async fn secret(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = store::keys::get(&state.db, parse_id(&id)?)
-        .await?
-        .ok_or_else(key_not_found)?;
+    let row = get_row(&state, parse_id(&id)?).await?;
     let Some(enc) = &state.config.encryption_key else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -360,7 +379,11 @@ pub async fn list_user(
     Path(user): Path<String>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = store::keys::list_user(&state.db, user_id(&user)?, active_filter(&q)?).await?;
+    let (user, active) = (user_id(&user)?.to_string(), active_filter(&q)?);
+    let rows = db(&state, move |c| {
+        Box::pin(async move { store::keys::list_user(c, &user, active).await })
+    })
+    .await?;
     let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -369,7 +392,11 @@ pub async fn list_standalone(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = store::keys::list_standalone(&state.db, active_filter(&q)?).await?;
+    let active = active_filter(&q)?;
+    let rows = db(&state, move |c| {
+        Box::pin(store::keys::list_standalone(c, active))
+    })
+    .await?;
     let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -442,7 +469,7 @@ pub async fn update(
         expires_at: b.expires_at.map(expiry).transpose()?,
         auto_delete_on_expiry: b.auto_delete_on_expiry,
     };
-    let row = store::keys::update(&state.db, id, patch)
+    let row = db(&state, move |c| Box::pin(store::keys::update(c, id, patch)))
         .await?
         .ok_or_else(key_not_found)?;
     push(&state, &row).await;
@@ -457,7 +484,8 @@ pub async fn delete(
         is_active: Some(false),
         ..KeyPatch::default()
     };
-    let row = store::keys::update(&state.db, parse_id(&id)?, patch)
+    let id = parse_id(&id)?;
+    let row = db(&state, move |c| Box::pin(store::keys::update(c, id, patch)))
         .await?
         .ok_or_else(key_not_found)?;
     push(&state, &row).await;
@@ -503,9 +531,7 @@ pub async fn adjust_balance(
     }
     // What Redis has charged so far runs ahead of Postgres; a deduction is checked against it.
     let used_now = if b.amount_usd.is_negative() {
-        let row = store::keys::get(&state.db, id)
-            .await?
-            .ok_or_else(key_not_found)?;
+        let row = get_row(&state, id).await?;
         state
             .gate
             .hot
@@ -516,15 +542,14 @@ pub async fn adjust_balance(
     } else {
         None
     };
-    let row = store::keys::adjust_balance(
-        &state.db,
-        id,
-        b.amount_usd.nanos(),
-        used_now,
-        idempotency.as_deref(),
-    )
-    .await
-    .map_err(|e| match e {
+    let amount = b.amount_usd.nanos();
+    let adjusted = db(&state, move |c| {
+        Box::pin(async move {
+            Ok(store::keys::adjust_balance(c, id, amount, used_now, idempotency.as_deref()).await)
+        })
+    })
+    .await?;
+    let row = adjusted.map_err(|e| match e {
         BalanceError::NotFound => key_not_found(),
         BalanceError::NotStandalone => ApiError::new(
             StatusCode::CONFLICT,
@@ -589,10 +614,11 @@ pub async fn key_stats(
             return Err(ApiError::bad_request("start is after end"));
         }
     }
-    let row = store::keys::get(&state.db, id)
-        .await?
-        .ok_or_else(key_not_found)?;
-    let s = stats::key_stats(&state.db, id, start, end).await?;
+    let row = get_row(&state, id).await?;
+    let s = db(&state, move |c| {
+        Box::pin(stats::key_stats_on(c, id, start, end))
+    })
+    .await?;
     let avg = if s.total.response_time_count > 0 {
         s.total.response_time_sum as f64 / s.total.response_time_count as f64
     } else {
