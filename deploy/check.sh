@@ -122,7 +122,8 @@ render_nginx() { # render_nginx OUT_DIR: the template rendered as users do, plus
     local out=$1
     mkdir -p "$out"
     NGINX_LISTEN=127.0.0.1:18000 TOLLGATE_ADDR=127.0.0.1:18080 UPSTREAM_ADDR=127.0.0.1:18090 \
-        envsubst '${NGINX_LISTEN} ${TOLLGATE_ADDR} ${UPSTREAM_ADDR}' \
+        TOLLGATE_ACCESS_LOG_ADDR=127.0.0.1:15140 \
+        envsubst '${NGINX_LISTEN} ${TOLLGATE_ADDR} ${UPSTREAM_ADDR} ${TOLLGATE_ACCESS_LOG_ADDR}' \
         <"$DEPLOY/nginx/tollgate.conf.template" >"$out/rendered.conf"
     if grep -n '\${' "$out/rendered.conf"; then echo "unrendered placeholder left"; return 1; fi
     cat >"$out/nginx.conf" <<EOF
@@ -218,9 +219,10 @@ def free_port():
 tg, up = serve(Tollgate), serve(Upstream)
 port = free_port()
 env = dict(os.environ, NGINX_LISTEN=f"127.0.0.1:{port}",
-           TOLLGATE_ADDR=f"127.0.0.1:{tg.server_address[1]}", UPSTREAM_ADDR=f"127.0.0.1:{up.server_address[1]}")
+           TOLLGATE_ADDR=f"127.0.0.1:{tg.server_address[1]}", UPSTREAM_ADDR=f"127.0.0.1:{up.server_address[1]}",
+           TOLLGATE_ACCESS_LOG_ADDR=f"127.0.0.1:{free_port()}")
 with open(template) as f, open(f"{work}/rendered.conf", "w") as o:
-    subprocess.run(["envsubst", "${NGINX_LISTEN} ${TOLLGATE_ADDR} ${UPSTREAM_ADDR}"], stdin=f, stdout=o, env=env, check=True)
+    subprocess.run(["envsubst", "${NGINX_LISTEN} ${TOLLGATE_ADDR} ${UPSTREAM_ADDR} ${TOLLGATE_ACCESS_LOG_ADDR}"], stdin=f, stdout=o, env=env, check=True)
 with open(f"{work}/nginx.conf", "w") as f:
     f.write(f"""pid {work}/nginx.pid; error_log {work}/error.log; events {{}}
 http {{ access_log off; client_body_temp_path {work}/body; proxy_temp_path {work}/proxy;
@@ -293,9 +295,21 @@ PYEOF
 
 check_caddy() {
     have caddy || skip "caddy not installable here"
+    # Caddy before 2.7 dials its log output while validating: something must listen there.
+    local port
+    port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    "$PY" -c 'import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16); time.sleep(60)' "$port" &
+    local listener=$!
+    sleep 0.5
+    local rc=0
     CADDY_LISTEN=:8001 TOLLGATE_ADDR=127.0.0.1:8080 UPSTREAM_ADDR=127.0.0.1:4000 \
+        TOLLGATE_ACCESS_LOG_ADDR="127.0.0.1:$port" \
         XDG_CONFIG_HOME="$TMP/caddy" XDG_DATA_HOME="$TMP/caddy" HOME="$TMP/caddy" \
-        caddy validate --config "$DEPLOY/caddy/Caddyfile" --adapter caddyfile
+        caddy validate --config "$DEPLOY/caddy/Caddyfile" --adapter caddyfile || rc=$?
+    kill "$listener" 2>/dev/null || true
+    return $rc
 }
 
 check_promtool() {

@@ -18,7 +18,9 @@
 --                 whole record with the tombstone 'S'. One string, so that writing it with its
 --                 expiry is one command (SET … PX), and msgpack, so that no label can break it.
 -- ARGV[1] rate window (ms)
--- ARGV[2] lease TTL (ms)
+-- ARGV[2] this lease's TTL (ms); 0 = admit without a lease: the rate log and the balance still
+--         count, the concurrency limit and any hold do not, and nothing but the rate log is
+--         written (for proxies that cannot report the end of a request)
 -- ARGV[3] lease record TTL (ms): how long an expired lease can still be settled
 -- ARGV[4] lease nonce (unique)
 -- ARGV[5] provider ('' = not given)   ARGV[6] api format   ARGV[7] model
@@ -47,7 +49,9 @@ local state, rate, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local nonce = ARGV[4]
+local leased = ttl > 0
 local reserve = tonumber(ARGV[8])
+if not leased then reserve = 0 end
 local function int(n) return string.format('%.0f', n) end
 
 local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
@@ -123,7 +127,7 @@ end
 
 local cl = tonumber(s[9])
 local in_flight = redis.call('ZCARD', live)
-if cl > 0 and in_flight >= cl then
+if leased and cl > 0 and in_flight >= cl then
   local soonest = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
   local retry = tonumber(soonest[2]) - now
   if retry > 1000 then retry = 1000 end
@@ -151,6 +155,10 @@ if rl > 0 then
   else
     reset = window
   end
+end
+if not leased then
+  return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl),
+    int(in_flight), int(available)}
 end
 redis.call('ZADD', live, now + ttl, nonce)
 expire(live, in_flight > 0, ttl)

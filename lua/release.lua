@@ -10,8 +10,9 @@
 -- KEYS[4] lease   STRING this lease's record (see admit.lua)
 -- ARGV[1] lease nonce
 --
--- Returns {'unknown'} | {'released'}. Releasing twice, or after a settle, is a no-op that
--- still answers 'released'. A released lease can still be settled (usage is never dropped).
+-- Returns {'unknown'} | {'released'} | {'ended'}. Releasing twice, or after a settle, is a
+-- no-op answered 'ended' (the HTTP API answers it like 'released'; an access-log report counts
+-- it as a duplicate). A released lease can still be settled (usage is never dropped).
 
 local state, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nonce = ARGV[1]
@@ -19,7 +20,7 @@ local nonce = ARGV[1]
 local rec = redis.call('GET', lease)
 if rec == false then return {'unknown'} end
 -- Settled ('S') or released ('R…') already.
-if string.sub(rec, 1, 1) ~= 'L' then return {'released'} end
+if string.sub(rec, 1, 1) ~= 'L' then return {'ended'} end
 
 local s = redis.call('HMGET', state, 'id', 'held')
 local held = tonumber(s[2]) or 0

@@ -13,19 +13,25 @@
 -- KEYS[4] lease   STRING this lease's record (see admit.lua): 'L…' live, 'R…' released,
 --                 'S' settled (the tombstone)
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
--- ARGV[1] cost (nano-USD)   ARGV[2] input tokens   ARGV[3] output tokens
+-- ARGV[1] cost (nano-USD), or '?': not known yet, the caller prices it from the tokens: answer
+--         the provider and model it is priced for, and write nothing
+-- ARGV[2] input tokens   ARGV[3] output tokens
 -- ARGV[4] total tokens (-1 = input + output; tollgate itself always sends the sum, which it
 --         computes exactly in Rust)   ARGV[5] response time ms (-1 = unknown)
 -- ARGV[6] status code (-1 = unknown)
 -- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
 -- ARGV[10] tombstone TTL (ms): how long a settled lease is remembered for duplicate detection
 -- ARGV[11] lease id (the event's idempotency id in Postgres)
--- ARGV[12..19] only for a lease granted in fail-open mode, which has no record because Redis
+-- ARGV[12] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
+--         dropped); 'live': a released lease is a duplicate (an access-log report, which may
+--         arrive after the gateway or the proxy already ended the lease)
+-- ARGV[13..20] only for a lease granted in fail-open mode, which has no record because Redis
 --         was down when it was granted: 'failopen', key id, user id, provider, api format,
 --         model, admitted at (ms), expires at (ms) — the record's fields, from the granting
 --         process's memory.
 --
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
+--   | {'price', provider, model} (ARGV[1] '?')
 -- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
 --
 -- Never half-writes: every bound is checked before the first write, and a call that fails
@@ -70,11 +76,14 @@ local function halves(d)
 end
 
 -- Arguments (tollgate always sends them well-formed; a caller that does not is refused).
+-- A cost of '?' asks for the price's provider and model and writes nothing.
 local cost = ARGV[1]
-if type(cost) ~= 'string' or string.find(cost, '^%d+$') == nil then
+if type(cost) ~= 'string' or (cost ~= '?' and string.find(cost, '^%d+$') == nil) then
   return refuse('INVALID_ARGUMENT', 'cost')
 end
-if exact(cost) == nil then return refuse('LIMIT_EXCEEDED', 'cost above 2^53 - 1 nano-USD') end
+if cost ~= '?' and exact(cost) == nil then
+  return refuse('LIMIT_EXCEEDED', 'cost above 2^53 - 1 nano-USD')
+end
 if exact(ARGV[2]) == nil or exact(ARGV[3]) == nil then return refuse('INVALID_ARGUMENT', 'tokens') end
 for i = 4, 6 do
   if ARGV[i] ~= '-1' and exact(ARGV[i]) == nil then return refuse('INVALID_ARGUMENT', 'argument ' .. i) end
@@ -84,7 +93,8 @@ if tombstone_ttl == nil or tombstone_ttl < 1 then return refuse('INVALID_ARGUMEN
 local dot = string.find(ARGV[11] or '', '.', 1, true)
 if dot == nil then return refuse('INVALID_ARGUMENT', 'lease id') end
 local nonce = string.sub(ARGV[11], dot + 1)
-if ARGV[12] == 'failopen' and (exact(ARGV[18]) == nil or exact(ARGV[19]) == nil) then
+if ARGV[12] ~= 'any' and ARGV[12] ~= 'live' then return refuse('INVALID_ARGUMENT', 'lease state') end
+if ARGV[13] == 'failopen' and (exact(ARGV[19]) == nil or exact(ARGV[20]) == nil) then
   return refuse('INVALID_ARGUMENT', 'fail-open lease times')
 end
 
@@ -108,12 +118,21 @@ end
 -- r: key id, user id, provider, api format, model, admitted at, expires at
 local r
 if rec == 'S' then return {'duplicate', available()} end
+if ARGV[12] == 'live' and rec ~= false and string.sub(rec, 1, 1) == 'R' then
+  return {'duplicate', available()}
+end
 if rec == false then
-  if ARGV[12] ~= 'failopen' then return {'unknown'} end
-  r = {ARGV[13], ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19]}
+  if ARGV[13] ~= 'failopen' then return {'unknown'} end
+  r = {ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20]}
 else
   r = {cmsgpack.unpack(string.sub(rec, 2))}
 end
+
+local function pick(given, from_lease)
+  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
+  return from_lease
+end
+if ARGV[1] == '?' then return {'price', pick(ARGV[7], r[3]), pick(ARGV[9], r[5])} end
 
 if tonumber(r[6]) == nil or tonumber(r[7]) == nil then
   return refuse('CORRUPT_STATE', 'lease record times')
@@ -162,10 +181,6 @@ if hydrated then
   used = used + tonumber(cost)
 end
 
-local function pick(given, from_lease)
-  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
-  return from_lease
-end
 local input, output, total = ARGV[2], ARGV[3], ARGV[4]
 if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::Receiver;
 use crate::config::Config;
 use crate::hot::admission::HotPath;
 use crate::hot::gate::Gate;
@@ -145,6 +146,8 @@ fn spawn_syncer(syncer: sync::usage::Syncer, stop: watch::Receiver<bool>) -> Joi
 pub struct App {
     data: TcpListener,
     admin: TcpListener,
+    /// The access-log receiver (`TOLLGATE_ACCESS_LOG_LISTEN`); none when unset.
+    access_log: Option<Receiver>,
     state: Arc<AppState>,
     /// The usage sync's own connection (`store::connect_usage_sync`); none with the sync off.
     sync_db: Option<PgPool>,
@@ -168,6 +171,14 @@ impl App {
                 addr: config.admin_listen,
                 source,
             })?;
+        let access_log = match config.access_log_listen {
+            Some(addr) => Some(
+                Receiver::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         // Lazy pools: nothing here waits for Postgres (`startup::postgres` brings it up).
         let db = store::connect(config.database_url.expose())
             .await
@@ -188,6 +199,8 @@ impl App {
         let metrics = Metrics::new();
         let gate = Gate::new(
             hot,
+            Redis::new(config.redis_urls.clone(), config.redis_timeout),
+            config.prices.clone(),
             db.clone(),
             metrics.clone(),
             config.fail_mode,
@@ -205,6 +218,7 @@ impl App {
         Ok(App {
             data,
             admin,
+            access_log,
             state,
             sync_db,
         })
@@ -218,6 +232,11 @@ impl App {
         self.admin
             .local_addr()
             .unwrap_or(self.state.config.admin_listen)
+    }
+
+    /// Where the access-log receiver listens (TCP and UDP), when it is on.
+    pub fn access_log_addr(&self) -> Option<SocketAddr> {
+        self.access_log.as_ref().and_then(|r| r.local_addr().ok())
     }
 
     pub fn state(&self) -> Arc<AppState> {
@@ -234,6 +253,7 @@ impl App {
         let config = state.config.clone();
         let hot = state.gate.hot.clone();
         let (data_addr, admin_addr) = (self.data_addr(), self.admin_addr());
+        let access_log_addr = self.access_log_addr();
 
         // The syncer gets its own stop signal, sent only after both listeners have drained:
         // a settlement still in flight when the shutdown starts writes its event after the
@@ -279,7 +299,16 @@ impl App {
             limits,
             stop_rx.clone(),
         ));
-        tracing::info!(listen = %data_addr, admin = %admin_addr, "tollgate serving");
+        // The access-log receiver settles and releases through Redis alone: it starts at once.
+        let receiver = self
+            .access_log
+            .map(|r| tokio::spawn(r.run(state.clone(), stop_rx.clone())));
+        tracing::info!(
+            listen = %data_addr,
+            admin = %admin_addr,
+            access_log = access_log_addr.map(tracing::field::display),
+            "tollgate serving"
+        );
 
         shutdown.await;
         tracing::info!("shutting down: draining requests and usage");
@@ -293,6 +322,9 @@ impl App {
         let background = tokio::time::timeout(SYNC_DRAIN + SHUTDOWN_SLACK, async {
             if let Some(s) = syncer {
                 let _ = s.await;
+            }
+            if let Some(r) = receiver {
+                let _ = r.await;
             }
             for task in postgres.await.unwrap_or_default() {
                 let _ = task.await;

@@ -10,9 +10,11 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
+use crate::hot::admission::LeaseTerm;
 use crate::http::serve::ConnectionLimits;
 use crate::inference::Inference;
 use crate::keys::{EncryptionKey, Secret};
+use crate::prices::Prices;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -119,6 +121,23 @@ pub struct RawSettings {
     /// processes of the same namespace that have it true (at least one must)
     #[arg(long, env = "TOLLGATE_SYNC_ENABLED", default_value = "true")]
     pub sync_enabled: String,
+    /// Lease lifetime of a proxy subrequest's admission (/auth*) that sends no
+    /// X-Tollgate-Lease-Ttl, in seconds (1 to 86400)
+    #[arg(
+        long,
+        env = "TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS",
+        default_value = "60"
+    )]
+    pub subrequest_lease_ttl_seconds: String,
+    /// host:port where proxies report the end of each request: UDP syslog datagrams and TCP
+    /// newline-delimited JSON, each record settling or releasing a lease [default: none (off)]
+    #[arg(long, env = "TOLLGATE_ACCESS_LOG_LISTEN")]
+    pub access_log_listen: Option<String>,
+    /// JSON file of prices replacing or extending the built-in table: {"<provider>/<model>":
+    /// {"input_per_mtok_usd", "output_per_mtok_usd", "cached_input_per_mtok_usd"?}} [default:
+    /// none (the built-in table)]
+    #[arg(long, env = "TOLLGATE_PRICES_FILE")]
+    pub prices_file: Option<String>,
 }
 
 /// Every setting with its default and meaning, for `tollgate --help`: the settings are flags of
@@ -210,6 +229,12 @@ pub struct Config {
     /// by other processes: it then never puts Postgres inserts on the host of the hot path,
     /// and a fleet of sidecars does not poll the usage streams once per replica.
     pub sync_enabled: bool,
+    /// The lease of a subrequest that names none.
+    pub subrequest_lease_ttl: LeaseTerm,
+    /// Where the access-log receiver listens (UDP and TCP); `None`: off.
+    pub access_log_listen: Option<SocketAddr>,
+    /// What settlements without a cost are priced with.
+    pub prices: Prices,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -419,7 +444,40 @@ impl Config {
             &raw.sync_claim_idle_seconds,
             false,
         )?;
+        let subrequest_lease_ttl = raw
+            .subrequest_lease_ttl_seconds
+            .trim()
+            .parse()
+            .ok()
+            .and_then(LeaseTerm::seconds)
+            .ok_or_else(|| {
+                bad(
+                    "TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS",
+                    format!("1 to {} seconds", LeaseTerm::MAX_SECONDS),
+                )
+            })?;
+        let access_log_listen = match raw.access_log_listen.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(addr) => Some(addr.parse().map_err(|_| {
+                bad(
+                    "TOLLGATE_ACCESS_LOG_LISTEN",
+                    format!("{addr:?} is not host:port"),
+                )
+            })?),
+        };
+        let prices = match raw.prices_file.as_deref().map(str::trim) {
+            None | Some("") => Prices::builtin(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| bad("TOLLGATE_PRICES_FILE", format!("cannot read {path}: {e}")))?;
+                Prices::with_file(&text)
+                    .map_err(|e| bad("TOLLGATE_PRICES_FILE", format!("{path}: {e}")))?
+            }
+        };
         Ok(Config {
+            prices,
+            subrequest_lease_ttl,
+            access_log_listen,
             inference,
             sync_consumer,
             sync_claim_idle: Duration::from_secs(claim_idle),
@@ -484,6 +542,9 @@ impl Config {
             sync_consumer: map.get("TOLLGATE_SYNC_CONSUMER").cloned(),
             sync_claim_idle_seconds: get("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "15"),
             sync_enabled: get("TOLLGATE_SYNC_ENABLED", "true"),
+            subrequest_lease_ttl_seconds: get("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "60"),
+            access_log_listen: map.get("TOLLGATE_ACCESS_LOG_LISTEN").cloned(),
+            prices_file: map.get("TOLLGATE_PRICES_FILE").cloned(),
         };
         Config::from_raw(&raw)
     }
@@ -510,6 +571,11 @@ mod tests {
         assert_eq!(c.connections.body_timeout, Duration::from_secs(30));
         assert_eq!(c.connections.idle_timeout, Duration::from_secs(3660));
         assert_eq!(c.connections.max_connections, 10_000);
+        assert_eq!(
+            c.subrequest_lease_ttl,
+            LeaseTerm::Ttl(Duration::from_secs(60))
+        );
+        assert_eq!(c.access_log_listen, None);
     }
 
     #[test]
@@ -527,6 +593,10 @@ mod tests {
             ("TOLLGATE_BODY_TIMEOUT_SECONDS", "3601"),
             ("TOLLGATE_IDLE_TIMEOUT_SECONDS", "soon"),
             ("TOLLGATE_MAX_CONNECTIONS", "0"),
+            ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "0"),
+            ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "86401"),
+            ("TOLLGATE_ACCESS_LOG_LISTEN", "5140"),
+            ("TOLLGATE_PRICES_FILE", "/nonexistent/prices.json"),
         ] {
             let err = Config::from_map(&HashMap::from([(name, value.to_string())])).unwrap_err();
             assert_eq!(err.name, name, "{value}");

@@ -14,8 +14,11 @@
 //! - [`hot`]: where a decision is made — Redis key layout, Lua scripts, the gate
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
 //! - [`sync`]: where usage goes to Postgres, and key state back to Redis
+//! - [`access_log`]: where proxies report the end of a request (access-log receiver)
+//! - [`prices`]: the price table, and a settlement's cost from its tokens
 //! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
 
+pub mod access_log;
 pub mod app;
 pub mod config;
 pub mod decision;
@@ -25,6 +28,7 @@ pub mod inference;
 pub mod keys;
 pub mod metrics;
 pub mod money;
+pub mod prices;
 pub mod startup;
 pub mod store;
 pub mod sync;

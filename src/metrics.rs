@@ -9,6 +9,7 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
+use crate::access_log::RecordResult;
 use crate::decision::DenyCode;
 
 pub const ADMISSIONS: &str = "tollgate_admissions_total";
@@ -22,6 +23,7 @@ pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
 pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
 pub const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
 pub const SCRIPT_REFUSALS: &str = "tollgate_script_refusals_total";
+pub const ACCESS_LOG_RECORDS: &str = "tollgate_access_log_records_total";
 
 /// Buckets for sub-millisecond admissions, up to the Redis timeout range.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -109,6 +111,10 @@ fn describe() {
         EVENTS_DEAD,
         "Usage events Postgres refused for their data, moved to a shard's <stream>:dead"
     );
+    metrics::describe_counter!(
+        ACCESS_LOG_RECORDS,
+        "Access-log records received, by result: settled, released, duplicate, lease_unknown, malformed"
+    );
 }
 
 /// Pre-registered handles.
@@ -127,6 +133,7 @@ pub struct Metrics {
     pub key_lookup_found: Counter,
     pub key_lookup_unknown: Counter,
     pub key_lookup_throttled: Counter,
+    access_log_records: [Counter; RecordResult::ALL.len()],
 }
 
 impl Default for Metrics {
@@ -151,10 +158,13 @@ impl Metrics {
             key_lookup_found: metrics::counter!(KEY_LOOKUPS, "result" => "found"),
             key_lookup_unknown: metrics::counter!(KEY_LOOKUPS, "result" => "unknown"),
             key_lookup_throttled: metrics::counter!(KEY_LOOKUPS, "result" => "throttled"),
+            access_log_records: RecordResult::ALL
+                .map(|r| metrics::counter!(ACCESS_LOG_RECORDS, "result" => r.as_str())),
         };
         // Make every series visible from the first scrape, at zero.
         m.allowed.increment(0);
         m.denied.iter().for_each(|c| c.increment(0));
+        m.access_log_records.iter().for_each(|c| c.increment(0));
         for c in [
             &m.settled,
             &m.settle_duplicate,
@@ -180,6 +190,12 @@ impl Metrics {
                     self.denied[i].increment(1);
                 }
             }
+        }
+    }
+
+    pub fn access_log_record(&self, result: RecordResult) {
+        if let Some(i) = RecordResult::ALL.iter().position(|r| *r == result) {
+            self.access_log_records[i].increment(1);
         }
     }
 

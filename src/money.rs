@@ -44,6 +44,17 @@ impl Money {
 
     /// Parses a JSON-style decimal (`12`, `-0.0123`, `1.5e-3`) exactly.
     pub fn parse(text: &str) -> Result<Money, MoneyError> {
+        Self::parse_with(text, false)
+    }
+
+    /// Like [`Money::parse`], but a non-negative amount finer than a nano-dollar is rounded up
+    /// to the next one instead of refused: for costs reported by other software (an upstream's
+    /// cost header), which may carry more digits than tollgate keeps.
+    pub fn parse_ceil(text: &str) -> Result<Money, MoneyError> {
+        Self::parse_with(text, true)
+    }
+
+    fn parse_with(text: &str, round_up: bool) -> Result<Money, MoneyError> {
         let text = text.trim();
         let (negative, rest) = match text.strip_prefix('-') {
             Some(r) => (true, r),
@@ -94,14 +105,21 @@ impl Money {
                 }
             }
         } else {
+            let mut dropped = false;
             for _ in 0..(-shift) {
                 if nanos % 10 != 0 {
-                    return Err(MoneyError::TooPrecise);
+                    if !round_up || negative {
+                        return Err(MoneyError::TooPrecise);
+                    }
+                    dropped = true;
                 }
                 nanos /= 10;
                 if nanos == 0 {
                     break;
                 }
+            }
+            if dropped {
+                nanos += 1;
             }
         }
         let nanos = i64::try_from(nanos).map_err(|_| MoneyError::Range)?;
@@ -181,6 +199,25 @@ mod tests {
         assert_eq!(Money::parse("abc"), Err(MoneyError::Syntax));
         assert_eq!(Money::parse("."), Err(MoneyError::Syntax));
         assert_eq!(Money::parse("1.2.3"), Err(MoneyError::Syntax));
+    }
+
+    #[test]
+    fn reported_costs_finer_than_a_nano_round_up() {
+        assert_eq!(Money::parse_ceil("0.0000000001"), Ok(Money::from_nanos(1)));
+        assert_eq!(
+            Money::parse_ceil("0.012345678901"),
+            Ok(Money::from_nanos(12_345_679))
+        );
+        assert_eq!(
+            Money::parse_ceil("0.0123456780"),
+            Ok(Money::from_nanos(12_345_678))
+        );
+        assert_eq!(Money::parse_ceil("1e-2147483647"), Ok(Money::from_nanos(1)));
+        assert_eq!(Money::parse_ceil("2"), Ok(Money::from_nanos(2_000_000_000)));
+        assert_eq!(
+            Money::parse_ceil("-0.0000000001"),
+            Err(MoneyError::TooPrecise)
+        );
     }
 
     #[test]

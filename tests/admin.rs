@@ -1688,3 +1688,51 @@ async fn without_an_admin_token_the_admin_api_is_never_open() {
         .unwrap();
     assert_eq!(res.status(), 200, "/metrics still answers");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prices_lists_the_table_in_force_to_the_admin_only() {
+    let path = std::env::temp_dir().join(unique("tollgate-prices-"));
+    std::fs::write(
+        &path,
+        r#"{"openai/gpt-4o": {"input_per_mtok_usd": 1.5, "output_per_mtok_usd": 6},
+            "acme/m1": {"input_per_mtok_usd": 0.000000001, "output_per_mtok_usd": 2, "cached_input_per_mtok_usd": 0}}"#,
+    )
+    .expect("write prices");
+    let file = path.display().to_string();
+    let app = spawn_app_with(move |s| {
+        s.insert("TOLLGATE_PRICES_FILE", file);
+    })
+    .await;
+    let res = app.admin_get("/admin/prices").await;
+    assert_eq!(res.status(), 200);
+    let body: Value = res.json().await.expect("json");
+    let prices = &body["prices"];
+    assert_eq!(
+        prices["openai/gpt-4o"],
+        json!({"input_per_mtok_usd": 1.5, "output_per_mtok_usd": 6, "cached_input_per_mtok_usd": 1.5}),
+        "replaced, the cached price defaulting to the input price"
+    );
+    let m1 = &prices["acme/m1"];
+    assert_eq!(
+        (
+            m1["input_per_mtok_usd"].to_string(),
+            m1["output_per_mtok_usd"].to_string(),
+            m1["cached_input_per_mtok_usd"].to_string()
+        ),
+        ("0.000000001".into(), "2".into(), "0".into()),
+        "added, exact: {m1}"
+    );
+    assert!(
+        prices["anthropic/claude-sonnet-4-5"].is_object(),
+        "built-in kept"
+    );
+    assert!(prices["gemini/gemini-2.5-pro"].is_object(), "built-in kept");
+    let res = app
+        .http
+        .get(format!("{}/admin/prices", app.admin))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(res.status(), 401, "no token, no prices");
+    let _ = std::fs::remove_file(&path);
+}

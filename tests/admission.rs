@@ -60,6 +60,24 @@ async fn an_expired_lease_frees_its_slot_and_its_hold() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lives_as_long_as_its_admission_asked() {
+    let app = spawn_app().await;
+    hot_suite::a_lease_lives_as_long_as_its_admission_asked(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admission_without_a_lease_skips_concurrency_and_holds() {
+    let app = spawn_app().await;
+    hot_suite::an_admission_without_a_lease_skips_concurrency_and_holds(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priced_settlements_are_exact_to_the_nano_dollar() {
+    let app = spawn_app_with(hot_suite::awkward_prices).await;
+    hot_suite::priced_settlements_are_exact_to_the_nano_dollar(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_settlement_is_still_charged() {
     let app = spawn_app_with(hot_suite::short_lease).await;
     hot_suite::a_late_settlement_is_still_charged(&app).await;

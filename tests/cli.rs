@@ -11,7 +11,7 @@ use common::*;
 use sqlx::PgPool;
 
 /// The contract's settings and their defaults.
-const SETTINGS: [(&str, &str); 13] = [
+const SETTINGS: [(&str, &str); 16] = [
     ("TOLLGATE_LISTEN", "127.0.0.1:8080"),
     ("TOLLGATE_ADMIN_LISTEN", "127.0.0.1:8081"),
     ("TOLLGATE_REDIS_URL", "redis://127.0.0.1:6379"),
@@ -25,6 +25,9 @@ const SETTINGS: [(&str, &str); 13] = [
     ("TOLLGATE_FAIL_MODE", "closed"),
     ("TOLLGATE_CLEANUP_INTERVAL_SECONDS", "300"),
     ("TOLLGATE_AUTO_DELETE_EXPIRED", "false"),
+    ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "60"),
+    ("TOLLGATE_ACCESS_LOG_LISTEN", "none (off)"),
+    ("TOLLGATE_PRICES_FILE", "none (the built-in table)"),
 ];
 
 /// Runs the binary with exactly `env` as its environment (plus backtraces switched on, so a
@@ -170,6 +173,12 @@ async fn bad_settings_stop_start_up_with_one_clear_line() {
     // Should a bad database URL be taken for a good one, it must still name a scratch database.
     let other_db = ScratchDb::new();
     let mysql = format!("mysql://postgres@127.0.0.1:5432/{}", other_db.name);
+    let bad_prices = std::env::temp_dir().join(unique("tollgate-bad-prices-"));
+    std::fs::write(
+        &bad_prices,
+        r#"{"openai/gpt-4o": {"input_per_mtok_usd": "cheap"}}"#,
+    )
+    .expect("write a bad prices file");
     let short_key = base64::engine::general_purpose::STANDARD.encode([9u8; 31]);
     let long_key = base64::engine::general_purpose::STANDARD.encode([9u8; 33]);
     let cases: Vec<(&str, String, &str, bool)> = vec![
@@ -281,6 +290,30 @@ async fn bad_settings_stop_start_up_with_one_clear_line() {
             "TOLLGATE_REDIS_NAMESPACE",
             false,
         ),
+        (
+            "TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS",
+            "0".into(),
+            "TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS",
+            false,
+        ),
+        (
+            "TOLLGATE_ACCESS_LOG_LISTEN",
+            "nowhere".into(),
+            "TOLLGATE_ACCESS_LOG_LISTEN",
+            false,
+        ),
+        (
+            "TOLLGATE_PRICES_FILE",
+            "/nonexistent/prices.json".into(),
+            "TOLLGATE_PRICES_FILE",
+            false,
+        ),
+        (
+            "TOLLGATE_PRICES_FILE",
+            bad_prices.display().to_string(),
+            "TOLLGATE_PRICES_FILE",
+            false,
+        ),
     ];
     for (name, value, expect, secret) in &cases {
         let mut env = vec![
@@ -316,6 +349,7 @@ async fn bad_settings_stop_start_up_with_one_clear_line() {
     )
     .await;
     assert_one_clear_line(&out, "TOLLGATE_LISTEN", None, "serve --listen nowhere");
+    let _ = std::fs::remove_file(&bad_prices);
     assert!(
         !database_exists(&db.name).await,
         "a bad setting is found before anything is created"

@@ -92,6 +92,12 @@ mod suite {
     on_cluster!(reserve_holds_add_up);
     on_cluster!(large_amounts_stay_exact);
     on_cluster!(admin_changes_reach_the_next_admission);
+    on_cluster!(a_lease_lives_as_long_as_its_admission_asked);
+    on_cluster!(an_admission_without_a_lease_skips_concurrency_and_holds);
+    on_cluster!(
+        priced_settlements_are_exact_to_the_nano_dollar,
+        hot_suite::awkward_prices
+    );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_keys_cost_bounded_postgres_lookups() {

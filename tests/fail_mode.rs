@@ -468,3 +468,50 @@ async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
             .expect("count usage");
     assert_eq!(count, 1, "recorded exactly once");
 }
+
+/// A lease granted in fail-open mode holds nothing in Redis, and releasing it works like any
+/// other release: `released`, even while Redis is still down, and it is gone afterwards, so a
+/// later settlement records nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_open_lease_can_be_released() {
+    let mut redis = PrivateRedis::start();
+    let app = app_on(&redis, "open", None).await;
+    let (key, api_key) = app.create_key(json!({"user_id": "u-open-rel"})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+
+    redis.stop();
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "fail-open admission: {body}");
+    let lease = body["lease_id"].as_str().expect("lease id").to_string();
+    let (status, body) = app.release(&lease).await;
+    assert_eq!(
+        (status, body["released"].as_bool()),
+        (200, Some(true)),
+        "release of a fail-open lease while redis is down: {body}"
+    );
+
+    redis.restart();
+    let answered = app
+        .eventually(RESUME_WITHIN, || async {
+            let (status, _) = app.settle(&lease, 0.25).await;
+            status != 503
+        })
+        .await;
+    assert!(answered, "settle answers once redis is back");
+    let (status, body) = app.settle(&lease, 0.25).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("lease_unknown")),
+        "a released fail-open lease is gone: {body}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
+            .bind(&key_id)
+            .fetch_one(&app.db)
+            .await
+            .expect("count usage");
+    assert_eq!(count, 0, "nothing recorded for a released lease");
+}

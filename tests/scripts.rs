@@ -231,6 +231,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     ] {
         let mut a = args(cost, ttl);
         a.push(ScriptArg::Str(&id));
+        a.push(ScriptArg::Str("any"));
         assert_refused(scripts.settle.run(&redis, &key_refs, &a).await, want);
         assert_eq!(
             dump(&app.redis, &keys).await,
@@ -243,6 +244,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     let before = dump(&app.redis, &keys).await;
     let mut a = args("1000", "600000");
     a.push(ScriptArg::Str(&id));
+    a.push(ScriptArg::Str("any"));
     assert_refused(
         scripts.settle.run(&redis, &key_refs, &a).await,
         "CORRUPT_STATE",

@@ -751,3 +751,80 @@ async fn envoy_asks_about_the_gateway_root_path_too() {
         assert_eq!((a.status, a.code()), (401, Some("key_missing")), "{path}");
     }
 }
+
+/// A subrequest's lease lives `TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS` (here 1 s), or what
+/// `X-Tollgate-Lease-Ttl` asks; `X-Tollgate-Lease: none` takes no lease at all. A bad value
+/// is 400 `bad_request` (nginx: 403 with the real status in `X-Tollgate-Status`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subrequests_take_their_lease_term_from_headers_or_the_subrequest_default() {
+    let app = spawn_app_with(|s| {
+        s.insert("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "1".into());
+    })
+    .await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-term", "rate_limit": null, "concurrent_limit": 1}))
+        .await;
+    let auth = bearer(&key);
+    let auth = ("authorization", auth.as_str());
+
+    for _ in 0..3 {
+        let a = get(&app, "/auth", &[auth, ("x-tollgate-lease", "none")]).await;
+        assert_eq!(a.status, 200, "lease-less: {}", a.body);
+        assert_eq!(a.header("x-tollgate-lease-id"), None, "no lease id header");
+        assert_eq!(a.body["lease_id"], Value::Null);
+    }
+
+    // The subrequest default: 1 s.
+    let started = std::time::Instant::now();
+    let a = get(&app, "/auth", &[auth]).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert!(a.header("x-tollgate-lease-id").is_some());
+    let d = get(&app, "/auth", &[auth]).await;
+    assert_eq!(
+        (d.status, d.code(), d.header("retry-after")),
+        (429, Some("concurrency_limited"), Some("1")),
+        "{}",
+        d.body
+    );
+    let freed = app
+        .eventually(std::time::Duration::from_secs(5), || async {
+            get(&app, "/auth", &[auth, ("x-tollgate-lease-ttl", "3")])
+                .await
+                .status
+                == 200
+        })
+        .await;
+    assert!(freed, "the 1 s default lease never freed its slot");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(990));
+
+    // The header's 3 s: still held after the default's 1 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let d = get(&app, "/auth", &[auth]).await;
+    assert_eq!(d.status, 429, "the 3 s lease still holds: {}", d.body);
+
+    for (name, value) in [
+        ("x-tollgate-lease-ttl", "0"),
+        ("x-tollgate-lease-ttl", "86401"),
+        ("x-tollgate-lease-ttl", "soon"),
+        ("x-tollgate-lease", "some"),
+    ] {
+        let a = get(&app, "/auth", &[auth, (name, value)]).await;
+        assert_eq!(
+            (a.status, a.code()),
+            (400, Some("bad_request")),
+            "{name}: {value}: {}",
+            a.body
+        );
+        assert!(a.body["message"].is_string());
+        let n = get(&app, "/auth/nginx", &[auth, (name, value)]).await;
+        assert_eq!(
+            (
+                n.status,
+                n.header("x-tollgate-status"),
+                n.header("x-tollgate-code")
+            ),
+            (403, Some("400"), Some("bad_request")),
+            "nginx {name}: {value}"
+        );
+    }
+}

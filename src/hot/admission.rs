@@ -12,6 +12,31 @@ use crate::decision::DenyCode;
 use crate::money::Money;
 use crate::store::keys::KeyRow;
 
+/// How long an admission's lease lives, or that it takes none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LeaseTerm {
+    /// `TOLLGATE_LEASE_TTL_SECONDS`.
+    #[default]
+    Default,
+    /// A lifetime the caller chose (`lease_ttl_seconds`, `X-Tollgate-Lease-Ttl`, or the
+    /// subrequest default), already checked against [`LeaseTerm::MAX_SECONDS`].
+    Ttl(Duration),
+    /// No lease: the rate limit and the balance apply, the concurrency limit and holds do not.
+    None,
+}
+
+impl LeaseTerm {
+    /// Longest lifetime one admission may ask for (the contract's bound).
+    pub const MAX_SECONDS: u64 = 86_400;
+
+    /// A caller's lifetime in seconds; `None` outside 1 to [`LeaseTerm::MAX_SECONDS`].
+    pub fn seconds(secs: u64) -> Option<LeaseTerm> {
+        (1..=Self::MAX_SECONDS)
+            .contains(&secs)
+            .then(|| LeaseTerm::Ttl(Duration::from_secs(secs)))
+    }
+}
+
 /// What an admission asks.
 #[derive(Debug, Clone, Copy)]
 pub struct AdmitArgs<'a> {
@@ -20,6 +45,7 @@ pub struct AdmitArgs<'a> {
     pub api_format: &'a str,
     pub model: &'a str,
     pub reserve: Money,
+    pub lease: LeaseTerm,
 }
 
 /// A granted admission.
@@ -27,7 +53,8 @@ pub struct AdmitArgs<'a> {
 pub struct Grant {
     pub key_id: String,
     pub user_id: String,
-    pub lease_id: String,
+    /// `None` for an admission without a lease.
+    pub lease_id: Option<String>,
     pub rate_limit: Option<u64>,
     pub rate_remaining: Option<u64>,
     pub reset_ms: u64,
@@ -51,8 +78,11 @@ pub enum ScriptAdmit {
 #[derive(Debug, Clone, Default)]
 pub struct SettleArgs<'a> {
     pub lease_id: &'a str,
-    pub cost: Money,
+    /// `None`: priced from the tokens (see `Gate::settle`).
+    pub cost: Option<Money>,
     pub input_tokens: u64,
+    /// Of `input_tokens`, those read from a prompt cache (priced at the cached rate).
+    pub cached_input_tokens: u64,
     pub output_tokens: u64,
     pub total_tokens: Option<u64>,
     pub response_time_ms: Option<u64>,
@@ -60,6 +90,9 @@ pub struct SettleArgs<'a> {
     pub provider: Option<&'a str>,
     pub api_format: Option<&'a str>,
     pub model: Option<&'a str>,
+    /// A released lease counts as ended (a duplicate) instead of being settled: for reports
+    /// from access logs, which may arrive after the lease was released some other way.
+    pub only_live: bool,
 }
 
 /// What a fail-open admission knew about its lease. It has no record in Redis (Redis was
@@ -78,6 +111,16 @@ pub struct FailOpenLease {
 #[derive(Debug, Clone, PartialEq)]
 pub enum SettleOutcome {
     Unknown,
+    /// Asked with no cost: the provider and model the settlement is priced for (the
+    /// settlement's own, else the admission's). Nothing was written.
+    NeedsPrice {
+        provider: String,
+        model: String,
+    },
+    /// No price is known for the settlement's provider and model; nothing was written.
+    PriceUnknown,
+    /// The cost priced from the tokens is beyond what one settlement may cost.
+    CostTooLarge,
     Duplicate {
         available: Option<Money>,
     },
@@ -91,6 +134,8 @@ pub enum SettleOutcome {
 pub enum ReleaseOutcome {
     Unknown,
     Released,
+    /// Settled or released before: nothing changed.
+    Ended,
 }
 
 /// The hot path's view of Redis.
@@ -101,9 +146,6 @@ pub struct HotPath {
     scripts: std::sync::Arc<Scripts>,
     window_ms: i64,
     lease_ttl_ms: i64,
-    /// How long an unsettled lease record is kept after its lease expired, so a late
-    /// settlement is still charged and recorded.
-    record_ttl_ms: i64,
     /// How long a settled lease is remembered, to answer retries with `duplicate`.
     tombstone_ttl_ms: i64,
     negative_ttl_ms: i64,
@@ -167,7 +209,6 @@ impl HotPath {
             scripts: std::sync::Arc::new(Scripts::default()),
             window_ms: ms(window),
             lease_ttl_ms: ms(lease_ttl),
-            record_ttl_ms: ms(lease_ttl + LATE_SETTLE_GRACE),
             tombstone_ttl_ms: ms(DUPLICATE_WINDOW),
             negative_ttl_ms: ms(NEGATIVE_TTL),
         }
@@ -175,6 +216,24 @@ impl HotPath {
 
     pub fn scripts(&self) -> &Scripts {
         &self.scripts
+    }
+
+    /// The same hot path over another connection: for callers whose traffic must not queue
+    /// in front of admissions on the shared one (access-log reports).
+    pub fn with_redis(&self, redis: Redis) -> HotPath {
+        HotPath {
+            redis,
+            ..self.clone()
+        }
+    }
+
+    /// The lifetime of a lease taken with `term`, in ms; 0 for none.
+    pub fn lease_ttl_ms(&self, term: LeaseTerm) -> i64 {
+        match term {
+            LeaseTerm::Default => self.lease_ttl_ms,
+            LeaseTerm::Ttl(d) => ms(d),
+            LeaseTerm::None => 0,
+        }
     }
 
     pub fn keys_for(&self, key_hash: &str) -> KeyRedisKeys {
@@ -185,6 +244,9 @@ impl HotPath {
         let k = self.layout.for_hash(a.key_hash);
         let nonce = new_nonce();
         let lease = k.lease(&nonce);
+        let ttl_ms = self.lease_ttl_ms(a.lease);
+        // The record outlives its lease, so a late settlement is still charged and recorded.
+        let record_ttl_ms = ttl_ms.saturating_add(ms(LATE_SETTLE_GRACE));
         let v = self
             .scripts
             .admit
@@ -193,8 +255,8 @@ impl HotPath {
                 &[&k.state, &k.rate, &k.live, &k.holds, &lease],
                 &[
                     ScriptArg::Int(self.window_ms),
-                    ScriptArg::Int(self.lease_ttl_ms),
-                    ScriptArg::Int(self.record_ttl_ms),
+                    ScriptArg::Int(ttl_ms),
+                    ScriptArg::Int(record_ttl_ms),
                     ScriptArg::Str(&nonce),
                     ScriptArg::Str(a.provider),
                     ScriptArg::Str(a.api_format),
@@ -221,7 +283,7 @@ impl HotPath {
                 Ok(ScriptAdmit::Allowed(Grant {
                     key_id: r[1].clone(),
                     user_id: r[2].clone(),
-                    lease_id: k.lease_id(&nonce),
+                    lease_id: (ttl_ms > 0).then(|| k.lease_id(&nonce)),
                     rate_limit: rl,
                     rate_remaining: rl.map(|_| u64::try_from(int(r.get(4))).unwrap_or(0)),
                     reset_ms: u64::try_from(int(r.get(5))).unwrap_or(0),
@@ -260,7 +322,10 @@ impl HotPath {
             .total_tokens
             .unwrap_or_else(|| a.input_tokens.saturating_add(a.output_tokens));
         let mut args = vec![
-            ScriptArg::Int(a.cost.nanos()),
+            match a.cost {
+                Some(c) => ScriptArg::Int(c.nanos()),
+                None => ScriptArg::Str("?"),
+            },
             ScriptArg::Int(n(Some(a.input_tokens))),
             ScriptArg::Int(n(Some(a.output_tokens))),
             ScriptArg::Int(n(Some(total))),
@@ -271,6 +336,7 @@ impl HotPath {
             ScriptArg::Str(&m),
             ScriptArg::Int(self.tombstone_ttl_ms),
             ScriptArg::Str(&l.lease_id),
+            ScriptArg::Str(if a.only_live { "live" } else { "any" }),
         ];
         if let Some(fo) = fail_open {
             args.extend([
@@ -298,6 +364,10 @@ impl HotPath {
         let r = strings(v)?;
         match r.first().map(String::as_str) {
             Some("unknown") => Ok(SettleOutcome::Unknown),
+            Some("price") => Ok(SettleOutcome::NeedsPrice {
+                provider: r.get(1).cloned().unwrap_or_default(),
+                model: r.get(2).cloned().unwrap_or_default(),
+            }),
             Some("duplicate") => Ok(SettleOutcome::Duplicate {
                 available: balance(int(r.get(1))),
             }),
@@ -329,6 +399,7 @@ impl HotPath {
             .await?;
         match strings(v)?.first().map(String::as_str) {
             Some("released") => Ok(ReleaseOutcome::Released),
+            Some("ended") => Ok(ReleaseOutcome::Ended),
             Some("unknown") => Ok(ReleaseOutcome::Unknown),
             _ => Err(RedisFailure::Command("unexpected release reply".into())),
         }

@@ -13,15 +13,18 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use super::admission::{
-    AdmitArgs, FailOpenLease, Grant, HotPath, ScriptAdmit, SettleArgs, SettleOutcome,
-    LATE_SETTLE_GRACE,
+    AdmitArgs, FailOpenLease, Grant, HotPath, LeaseTerm, ReleaseOutcome, ScriptAdmit, SettleArgs,
+    SettleOutcome, LATE_SETTLE_GRACE,
 };
 use super::layout::new_nonce;
-use super::redis::RedisFailure;
+use super::redis::{Redis, RedisFailure};
 use crate::config::FailMode;
 use crate::decision::DenyCode;
 use crate::metrics::Metrics;
+use crate::money::Money;
+use crate::prices::Prices;
 use crate::store;
+use crate::store::keys::MAX_BALANCE_NANOS;
 
 /// Sustained rate of Postgres look-ups for keys Redis does not know, per process.
 pub const LOOKUPS_PER_SECOND: f64 = 100.0;
@@ -65,8 +68,18 @@ struct Bucket {
     at: Instant,
 }
 
+enum SettlePrice {
+    Cost(Money),
+    Unknown,
+    TooLarge,
+}
+
 pub struct Gate {
     pub hot: HotPath,
+    /// The hot path over a connection of its own, for end-of-request reports from access
+    /// logs: a burst of reports then queues behind itself, not in front of admissions.
+    reports: HotPath,
+    prices: Prices,
     db: PgPool,
     metrics: Metrics,
     fail_mode: FailMode,
@@ -82,12 +95,16 @@ pub struct Gate {
 impl Gate {
     pub fn new(
         hot: HotPath,
+        reports_redis: Redis,
+        prices: Prices,
         db: PgPool,
         metrics: Metrics,
         fail_mode: FailMode,
         lease_ttl: Duration,
     ) -> Self {
         Gate {
+            reports: hot.with_redis(reports_redis),
+            prices,
             hot,
             db,
             metrics,
@@ -269,6 +286,21 @@ impl Gate {
                 .filter(|e| e.at.elapsed() < self.lease_ttl)?;
             (e.key_id.clone(), e.user_id.clone())
         };
+        let ttl_ms = self.hot.lease_ttl_ms(args.lease);
+        let grant = |lease_id| Grant {
+            key_id: key_id.clone(),
+            user_id: user_id.clone(),
+            lease_id,
+            rate_limit: None,
+            rate_remaining: None,
+            reset_ms: 0,
+            concurrent_limit: None,
+            in_flight: 0,
+            balance_available: None,
+        };
+        if args.lease == LeaseTerm::None {
+            return Some(grant(None));
+        }
         // A lease id of the usual form, so its settlement lands in the key's slot.
         let lease_id = self.hot.keys_for(args.key_hash).lease_id(&new_nonce());
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -279,7 +311,7 @@ impl Gate {
             api_format: args.api_format.to_string(),
             model: args.model.to_string(),
             admitted_at_ms: now_ms,
-            expires_at_ms: now_ms + i64::try_from(self.lease_ttl.as_millis()).unwrap_or(0),
+            expires_at_ms: now_ms.saturating_add(ttl_ms),
         };
         if let Ok(mut open) = self.open_leases.lock() {
             if open.len() >= VALIDATED_MAX {
@@ -290,33 +322,119 @@ impl Gate {
                 open.insert(lease_id.clone(), (Instant::now(), facts));
             }
         }
-        Some(Grant {
-            key_id,
-            user_id,
-            lease_id,
-            rate_limit: None,
-            rate_remaining: None,
-            reset_ms: 0,
-            concurrent_limit: None,
-            in_flight: 0,
-            balance_available: None,
-        })
+        Some(grant(Some(lease_id)))
     }
 
     /// Settles a lease. A lease this process granted in fail-open mode is settled with the
     /// facts it remembered, so its usage is recorded like any other.
     pub async fn settle(&self, args: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
-        // Only fail-open mode ever grants such leases; closed mode skips the lock.
-        let open = (self.fail_mode == FailMode::Open)
-            .then(|| self.open_leases.lock().ok())
-            .flatten()
-            .and_then(|m| m.get(args.lease_id).map(|(_, f)| f.clone()));
-        let outcome = self.hot.settle_lease(args, open.as_ref()).await?;
-        if open.is_some() && outcome != SettleOutcome::Unknown {
-            if let Ok(mut m) = self.open_leases.lock() {
-                m.remove(args.lease_id);
+        self.settle_via(&self.hot, args).await
+    }
+
+    /// [`Gate::settle`] for an access-log report: on the reports' own connection.
+    pub async fn settle_reported(
+        &self,
+        args: &SettleArgs<'_>,
+    ) -> Result<SettleOutcome, RedisFailure> {
+        self.settle_via(&self.reports, args).await
+    }
+
+    /// The price table in force.
+    pub fn prices(&self) -> &Prices {
+        &self.prices
+    }
+
+    /// The cost of a settlement's tokens at the price of `provider/model`.
+    fn price(&self, provider: &str, model: &str, a: &SettleArgs<'_>) -> SettlePrice {
+        match self.prices.get(provider, model) {
+            None => SettlePrice::Unknown,
+            Some(p) => p
+                .cost(
+                    a.input_tokens,
+                    a.cached_input_tokens,
+                    a.output_tokens,
+                    Money::from_nanos(MAX_BALANCE_NANOS),
+                )
+                .map_or(SettlePrice::TooLarge, SettlePrice::Cost),
+        }
+    }
+
+    /// A settlement without a cost is priced from its tokens: in Rust, from the settlement's
+    /// own provider and model when it names both (one script call), else from the admission's,
+    /// which only the lease record knows: the script is asked for them first, writing
+    /// nothing, and called again with the cost (two calls, only for such settlements).
+    async fn settle_via(
+        &self,
+        hot: &HotPath,
+        args: &SettleArgs<'_>,
+    ) -> Result<SettleOutcome, RedisFailure> {
+        let open = self.open_lease(args.lease_id);
+        let mut args = args.clone();
+        if args.cost.is_none() && args.input_tokens == 0 && args.output_tokens == 0 {
+            args.cost = Some(Money::ZERO);
+        }
+        if let (None, Some(provider), Some(model)) = (args.cost, args.provider, args.model) {
+            match self.price(provider, model, &args) {
+                SettlePrice::Cost(c) => args.cost = Some(c),
+                SettlePrice::Unknown => return Ok(SettleOutcome::PriceUnknown),
+                SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
             }
         }
+        let mut outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        if let SettleOutcome::NeedsPrice { provider, model } = &outcome {
+            match self.price(provider, model, &args) {
+                SettlePrice::Cost(c) => args.cost = Some(c),
+                SettlePrice::Unknown => return Ok(SettleOutcome::PriceUnknown),
+                SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
+            }
+            outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        }
+        if open.is_some() && outcome != SettleOutcome::Unknown {
+            self.forget_open_lease(args.lease_id);
+        }
         Ok(outcome)
+    }
+
+    /// Releases a lease. One granted in fail-open mode holds nothing in Redis: releasing it
+    /// forgets it here, so a later settlement of it is `lease_unknown` like any released-
+    /// then-expired lease would be, and it no longer occupies the fail-open memory.
+    pub async fn release(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
+        self.release_via(&self.hot, lease_id).await
+    }
+
+    /// [`Gate::release`] for an access-log report: on the reports' own connection.
+    pub async fn release_reported(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
+        self.release_via(&self.reports, lease_id).await
+    }
+
+    async fn release_via(
+        &self,
+        hot: &HotPath,
+        lease_id: &str,
+    ) -> Result<ReleaseOutcome, RedisFailure> {
+        if self.forget_open_lease(lease_id) {
+            return Ok(ReleaseOutcome::Released);
+        }
+        hot.release(lease_id).await
+    }
+
+    /// The facts of a lease granted here in fail-open mode. Only that mode ever grants such
+    /// leases; closed mode skips the lock.
+    fn open_lease(&self, lease_id: &str) -> Option<FailOpenLease> {
+        if self.fail_mode != FailMode::Open {
+            return None;
+        }
+        let m = self.open_leases.lock().ok()?;
+        m.get(lease_id).map(|(_, f)| f.clone())
+    }
+
+    fn forget_open_lease(&self, lease_id: &str) -> bool {
+        if self.fail_mode != FailMode::Open {
+            return false;
+        }
+        self.open_leases
+            .lock()
+            .map(|mut m| m.remove(lease_id).is_some())
+            .unwrap_or(false)
     }
 }

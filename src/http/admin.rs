@@ -662,3 +662,8 @@ pub async fn cleanup_expired(
         sweeper::sweep(&state.gate.hot, &state.db, &state.metrics, default_delete).await?;
     Ok(Json(json!({ "cleaned": cleaned })))
 }
+
+/// `GET /admin/prices`: the price table in force (built in, with `TOLLGATE_PRICES_FILE`).
+pub async fn prices(State(state): State<Arc<AppState>>) -> Json<crate::prices::Prices> {
+    Json(state.gate.prices().clone())
+}

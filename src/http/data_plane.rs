@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::json::{parse, StrictJson};
 use super::AppState;
 use crate::decision::DenyCode;
-use crate::hot::admission::{AdmitArgs, ReleaseOutcome, SettleArgs, SettleOutcome};
+use crate::hot::admission::{AdmitArgs, LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
 use crate::hot::gate::Decision;
 use crate::keys;
 use crate::money::Money;
@@ -28,6 +28,8 @@ pub struct AdmitBody {
     api_format: Option<String>,
     model: Option<String>,
     reserve_usd: Option<Money>,
+    lease_ttl_seconds: Option<u64>,
+    lease: Option<String>,
 }
 
 /// The API key of a request: `Authorization: Bearer`, then `x-api-key`, then `api-key`.
@@ -54,6 +56,7 @@ pub struct AdmitQuery {
     pub api_format: String,
     pub model: String,
     pub reserve: Money,
+    pub lease: LeaseTerm,
 }
 
 /// Runs an admission: hashes the key and asks the gate. A missing key is decided here.
@@ -74,6 +77,7 @@ pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
             api_format: &q.api_format,
             model: &q.model,
             reserve: q.reserve,
+            lease: q.lease,
         })
         .await
 }
@@ -116,6 +120,43 @@ fn check_count(field: &str, v: Option<u64>, max: u64) -> Result<(), ApiError> {
     match v {
         Some(n) if n > max => Err(ApiError::bad_request(format!("{field} is too large"))),
         _ => Ok(()),
+    }
+}
+
+/// A lease lifetime in whole seconds as the contract bounds it; `what` names where it came
+/// from in the error.
+pub fn lease_ttl(what: &str, secs: Option<u64>) -> Result<LeaseTerm, ApiError> {
+    secs.and_then(LeaseTerm::seconds).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "{what} must be a whole number of seconds from 1 to {}",
+            LeaseTerm::MAX_SECONDS
+        ))
+    })
+}
+
+/// `"lease": "none"` (or `X-Tollgate-Lease: none`): an admission without a lease.
+pub fn lease_mode(what: &str, value: &str) -> Result<LeaseTerm, ApiError> {
+    if value.trim().eq_ignore_ascii_case("none") {
+        Ok(LeaseTerm::None)
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} takes only \"none\" (admit without a lease)"
+        )))
+    }
+}
+
+/// The lease an admission asks for: none, a lifetime of its own, or `default`.
+fn lease_term(
+    mode: Option<&str>,
+    ttl: Option<u64>,
+    default: LeaseTerm,
+) -> Result<LeaseTerm, ApiError> {
+    let ttl = ttl
+        .map(|v| lease_ttl("lease_ttl_seconds", Some(v)))
+        .transpose()?;
+    match mode {
+        Some(m) => lease_mode("lease", m),
+        None => Ok(ttl.unwrap_or(default)),
     }
 }
 
@@ -163,7 +204,7 @@ pub struct AllowedBody<'a> {
     allowed: bool,
     key_id: &'a str,
     user_id: &'a str,
-    lease_id: &'a str,
+    lease_id: Option<&'a str>,
     rate_limit: RateLimitBody,
     concurrency: ConcurrencyBody,
     balance_remaining_usd: Option<Money>,
@@ -174,7 +215,7 @@ pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
         allowed: true,
         key_id: &d.key_id,
         user_id: &d.user_id,
-        lease_id: &d.lease_id,
+        lease_id: d.lease_id.as_deref(),
         rate_limit: RateLimitBody {
             limit: d.rate_limit,
             remaining: d.rate_remaining,
@@ -201,10 +242,18 @@ pub async fn admit(
     let checked = check_amount("reserve_usd", reserve)
         .and_then(|()| check_label("provider", body.provider.as_deref()))
         .and_then(|()| check_label("api_format", body.api_format.as_deref()))
-        .and_then(|()| check_label("model", body.model.as_deref()));
-    if let Err(e) = checked {
-        return e.into_response();
-    }
+        .and_then(|()| check_label("model", body.model.as_deref()))
+        .and_then(|()| {
+            lease_term(
+                body.lease.as_deref(),
+                body.lease_ttl_seconds,
+                LeaseTerm::Default,
+            )
+        });
+    let lease = match checked {
+        Ok(lease) => lease,
+        Err(e) => return e.into_response(),
+    };
     let q = AdmitQuery {
         key: body
             .key
@@ -214,6 +263,7 @@ pub async fn admit(
         api_format: body.api_format.unwrap_or_default(),
         model: body.model.unwrap_or_default(),
         reserve,
+        lease,
     };
     match decide(&state, &q).await {
         Decision::Allowed { grant, .. } => {
@@ -238,8 +288,9 @@ pub async fn admit(
 #[serde(deny_unknown_fields)]
 pub struct SettleBody {
     lease_id: String,
-    cost_usd: Money,
+    cost_usd: Option<Money>,
     input_tokens: Option<u64>,
+    cached_input_tokens: Option<u64>,
     output_tokens: Option<u64>,
     total_tokens: Option<u64>,
     response_time_ms: Option<u64>,
@@ -261,7 +312,15 @@ pub async fn settle(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<SettleBody>,
 ) -> Result<Response, ApiError> {
-    check_amount("cost_usd", b.cost_usd)?;
+    if let Some(cost) = b.cost_usd {
+        check_amount("cost_usd", cost)?;
+    }
+    check_count("cached_input_tokens", b.cached_input_tokens, MAX_TOKENS)?;
+    if b.cached_input_tokens.unwrap_or(0) > b.input_tokens.unwrap_or(0) {
+        return Err(ApiError::bad_request(
+            "cached_input_tokens must not exceed input_tokens",
+        ));
+    }
     check_label("provider", b.provider.as_deref())?;
     check_label("api_format", b.api_format.as_deref())?;
     check_label("model", b.model.as_deref())?;
@@ -275,6 +334,7 @@ pub async fn settle(
             lease_id: &b.lease_id,
             cost: b.cost_usd,
             input_tokens: b.input_tokens.unwrap_or(0),
+            cached_input_tokens: b.cached_input_tokens.unwrap_or(0),
             output_tokens: b.output_tokens.unwrap_or(0),
             total_tokens: b.total_tokens,
             response_time_ms: b.response_time_ms,
@@ -282,6 +342,7 @@ pub async fn settle(
             provider: b.provider.as_deref(),
             api_format: b.api_format.as_deref(),
             model: b.model.as_deref(),
+            only_live: false,
         })
         .await
         .inspect_err(|e| state.metrics.redis_error(e.kind()))?;
@@ -290,6 +351,18 @@ pub async fn settle(
         SettleOutcome::Unknown => {
             m.settle_lease_unknown.increment(1);
             return Err(lease_unknown());
+        }
+        SettleOutcome::PriceUnknown | SettleOutcome::NeedsPrice { .. } => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "price_unknown",
+                "no price is known for this provider and model: send cost_usd",
+            ))
+        }
+        SettleOutcome::CostTooLarge => {
+            return Err(ApiError::bad_request(
+                "the cost of these tokens is too large",
+            ))
         }
         SettleOutcome::Duplicate { available } => {
             m.settle_duplicate.increment(1);
@@ -328,12 +401,13 @@ pub async fn release(
 ) -> Result<Response, ApiError> {
     match state
         .gate
-        .hot
         .release(&b.lease_id)
         .await
         .inspect_err(|e| state.metrics.redis_error(e.kind()))?
     {
-        ReleaseOutcome::Released => Ok(Json(json!({"released": true})).into_response()),
+        ReleaseOutcome::Released | ReleaseOutcome::Ended => {
+            Ok(Json(json!({"released": true})).into_response())
+        }
         ReleaseOutcome::Unknown => Err(lease_unknown()),
     }
 }

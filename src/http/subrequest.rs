@@ -16,11 +16,13 @@ use axum::Json;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
 use super::data_plane::{
-    allowed_body, decide, denial_body, is_label, key_from_headers, retry_after_header, AdmitQuery,
+    allowed_body, decide, denial_body, is_label, key_from_headers, lease_mode, lease_ttl,
+    retry_after_header, AdmitQuery,
 };
+use super::error::ApiError;
 use super::AppState;
 use crate::decision::DenyCode;
-use crate::hot::admission::Grant;
+use crate::hot::admission::{Grant, LeaseTerm};
 use crate::hot::gate::Decision;
 use crate::inference::Inferred;
 use crate::money::Money;
@@ -89,7 +91,29 @@ fn model_from_body(headers: &HeaderMap, body: &[u8]) -> Option<String> {
     found.filter(|m| !m.is_empty())
 }
 
-fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8]) -> AdmitQuery {
+/// The lease a subrequest asks for: `X-Tollgate-Lease: none`, else `X-Tollgate-Lease-Ttl`,
+/// else `TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS`. Short by default, because a proxy that
+/// reports nothing at the end of a request leaves its leases to expire.
+fn lease(state: &AppState, headers: &HeaderMap) -> Result<LeaseTerm, ApiError> {
+    if let Some(mode) = headers.get("x-tollgate-lease") {
+        return lease_mode("X-Tollgate-Lease", mode.to_str().unwrap_or_default());
+    }
+    match headers.get("x-tollgate-lease-ttl") {
+        Some(v) => lease_ttl(
+            "X-Tollgate-Lease-Ttl",
+            v.to_str().ok().and_then(|t| t.trim().parse().ok()),
+        ),
+        None => Ok(state.config.subrequest_lease_ttl),
+    }
+}
+
+fn query(
+    state: &AppState,
+    headers: &HeaderMap,
+    path: Option<&str>,
+    body: &[u8],
+) -> Result<AdmitQuery, ApiError> {
+    let lease = lease(state, headers)?;
     let original = header(headers, "x-original-uri")
         .or_else(|| header(headers, "x-forwarded-uri"))
         .or(path);
@@ -109,7 +133,7 @@ fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8])
             .or(v)
             .filter(|v| is_label(v))
     };
-    AdmitQuery {
+    Ok(AdmitQuery {
         key: key_from_headers(headers).map(str::to_string),
         provider: pick("x-tollgate-provider", provider).unwrap_or_default(),
         api_format: pick("x-tollgate-api-format", api_format).unwrap_or_default(),
@@ -122,7 +146,8 @@ fn query(state: &AppState, headers: &HeaderMap, path: Option<&str>, body: &[u8])
             .and_then(|v| Money::parse(v).ok())
             .filter(|m| !m.is_negative())
             .unwrap_or_default(),
-    }
+        lease,
+    })
 }
 
 /// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields).
@@ -152,7 +177,9 @@ fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
             let mut res = (StatusCode::OK, Json(allowed_body(&grant))).into_response();
             set(&mut res, "x-tollgate-key-id", &grant.key_id);
             set(&mut res, "x-tollgate-user-id", &grant.user_id);
-            set(&mut res, "x-tollgate-lease-id", &grant.lease_id);
+            if let Some(lease) = &grant.lease_id {
+                set(&mut res, "x-tollgate-lease-id", lease);
+            }
             if let Some((policy, now)) = rate_headers(&grant, state.config.rate_window.as_secs()) {
                 res.headers_mut().insert("ratelimit-policy", policy);
                 res.headers_mut().insert("ratelimit", now);
@@ -191,10 +218,34 @@ fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
     }
 }
 
+/// A subrequest that could not be understood (a bad `X-Tollgate-Lease*` header). nginx turns
+/// any status but 401/403 into a 500, so it gets 403 with the real status beside it.
+fn refused(e: ApiError, flavor: Flavor) -> Response {
+    let (real, code) = (e.status, e.code);
+    let mut res = e.into_response();
+    if flavor == Flavor::Nginx {
+        *res.status_mut() = StatusCode::FORBIDDEN;
+        set(&mut res, "x-tollgate-status", real.as_str());
+        set(&mut res, "x-tollgate-code", code);
+    }
+    res
+}
+
+async fn subrequest(
+    state: &AppState,
+    headers: &HeaderMap,
+    path: Option<&str>,
+    body: &[u8],
+    flavor: Flavor,
+) -> Response {
+    match query(state, headers, path, body) {
+        Ok(q) => answer(state, decide(state, &q).await, flavor),
+        Err(e) => refused(e, flavor),
+    }
+}
+
 pub async fn auth(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    let q = query(&state, &headers, None, &body);
-    let d = decide(&state, &q).await;
-    answer(&state, d, Flavor::Plain)
+    subrequest(&state, &headers, None, &body, Flavor::Plain).await
 }
 
 pub async fn auth_nginx(
@@ -202,9 +253,7 @@ pub async fn auth_nginx(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let q = query(&state, &headers, None, &body);
-    let d = decide(&state, &q).await;
-    answer(&state, d, Flavor::Nginx)
+    subrequest(&state, &headers, None, &body, Flavor::Nginx).await
 }
 
 pub async fn auth_envoy(
@@ -214,9 +263,7 @@ pub async fn auth_envoy(
     body: Bytes,
 ) -> Response {
     let original = path.map(|Path(p)| format!("/{p}"));
-    let q = query(&state, &headers, original.as_deref(), &body);
-    let d = decide(&state, &q).await;
-    answer(&state, d, Flavor::Plain)
+    subrequest(&state, &headers, original.as_deref(), &body, Flavor::Plain).await
 }
 
 #[cfg(test)]

@@ -1589,3 +1589,219 @@ async fn pg_connection(
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
+
+// ---------------------------------------------------------------------------------------------
+// Lease terms (contract v1.1, section 1)
+// ---------------------------------------------------------------------------------------------
+
+/// `lease_ttl_seconds` sets this lease's lifetime instead of `TOLLGATE_LEASE_TTL_SECONDS`
+/// (600 s here): a 1 s lease frees its slot after 1 s, and the `concurrency_limited` denial
+/// meanwhile says so (`retry_after_ms` ≤ 1000). Out-of-range lifetimes are 400 and take nothing.
+pub async fn a_lease_lives_as_long_as_its_admission_asked(app: &TestApp) {
+    let (key, _) = new_key(app, json!({"rate_limit": null, "concurrent_limit": 1})).await;
+    for bad in [json!(0), json!(86_401), json!(-1), json!(1.5), json!("60")] {
+        let a = admit(app, with_key(&key, json!({"lease_ttl_seconds": bad}))).await;
+        assert_eq!(
+            (a.status, a.body["code"].as_str()),
+            (400, Some("bad_request")),
+            "lease_ttl_seconds {bad}: {}",
+            a.body
+        );
+    }
+    let short = with_key(&key, json!({"lease_ttl_seconds": 1}));
+    let a0 = Instant::now();
+    admit(app, short.clone()).await.lease("a 1 s lease");
+    let d = admit(app, short.clone()).await;
+    d.denied(429, "concurrency_limited", "while the 1 s lease lives");
+    let retry = d.retry_after_ms();
+    assert!((1..=1000).contains(&retry), "retry_after_ms {retry}");
+    let (_, at) = admit_until_allowed(
+        app,
+        short.clone(),
+        "concurrency_limited",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(
+        at - a0 >= Duration::from_millis(990),
+        "the slot came back after {:?}, before the lease's 1 s",
+        at - a0
+    );
+    // The longest lifetime is accepted, and holds the slot.
+    let (key, _) = new_key(app, json!({"rate_limit": null, "concurrent_limit": 1})).await;
+    admit(app, with_key(&key, json!({"lease_ttl_seconds": 86_400})))
+        .await
+        .lease("a day-long lease");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    admit(app, with_key(&key, json!({}))).await.denied(
+        429,
+        "concurrency_limited",
+        "the day-long lease still holds",
+    );
+}
+
+/// `"lease": "none"` admits without a lease: no lease id, the concurrency limit and holds do
+/// not apply, the rate limit and the balance still do.
+pub async fn an_admission_without_a_lease_skips_concurrency_and_holds(app: &TestApp) {
+    let (key, _) = new_key(app, json!({"rate_limit": 3, "concurrent_limit": 1})).await;
+    let none = with_key(&key, json!({"lease": "none", "lease_ttl_seconds": 5}));
+    admit(app, with_key(&key, json!({})))
+        .await
+        .lease("the only slot");
+    for i in 0..2 {
+        let a = admit(app, none.clone()).await;
+        assert_eq!(a.status, 200, "lease-less {i}: {}", a.body);
+        assert_eq!(a.body["lease_id"], Value::Null, "{}", a.body);
+        assert_eq!(a.body["concurrency"]["in_flight"], json!(1), "{}", a.body);
+    }
+    admit(app, none.clone()).await.denied(
+        429,
+        "rate_limited",
+        "the rate limit counts lease-less admissions",
+    );
+    for bad in ["held", "", "NONE please"] {
+        let a = admit(app, with_key(&key, json!({"lease": bad}))).await;
+        assert_eq!(a.status, 400, "lease {bad:?}: {}", a.body);
+    }
+
+    let (key, _) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 1, "rate_limit": null, "concurrent_limit": null}),
+    )
+    .await;
+    let none = with_key(&key, json!({"lease": "none", "reserve_usd": amount("0.6")}));
+    for i in 0..2 {
+        let a = admit(app, none.clone()).await;
+        assert_eq!(a.status, 200, "lease-less with a reserve {i}: {}", a.body);
+        assert_eq!(a.balance(), Some(USD), "no hold is taken");
+    }
+    let (broke, _) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 0, "rate_limit": null}),
+    )
+    .await;
+    admit(app, with_key(&broke, json!({"lease": "none"})))
+        .await
+        .denied(402, "balance_exhausted", "the balance must still be > 0");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prices (contract v1.1, section 2)
+// ---------------------------------------------------------------------------------------------
+
+/// A prices file with awkward prices, for [`priced_settlements_are_exact_to_the_nano_dollar`].
+pub fn awkward_prices(s: &mut Settings) {
+    let path = std::env::temp_dir().join("tollgate-test-awkward-prices.json");
+    std::fs::write(
+        &path,
+        r#"{"acme/awkward": {"input_per_mtok_usd": 0.123456789, "output_per_mtok_usd": 7.000000001,
+            "cached_input_per_mtok_usd": 0.000000001}}"#,
+    )
+    .expect("write the prices file");
+    s.insert("TOLLGATE_PRICES_FILE", path.display().to_string());
+}
+
+/// A settlement without `cost_usd` is priced from its tokens at the price of its provider and
+/// model (the settlement's, else the admission's), exactly, rounded up to the next nano-dollar;
+/// with no price known it is `422 price_unknown` and the lease stays live.
+pub async fn priced_settlements_are_exact_to_the_nano_dollar(app: &TestApp) {
+    require_setting_present(app, "TOLLGATE_PRICES_FILE");
+    let (key, id) = new_key(
+        app,
+        json!({"is_standalone": true, "initial_balance_usd": 1_000_000, "rate_limit": null,
+            "concurrent_limit": null}),
+    )
+    .await;
+    let dp = DataPlane::of(app);
+    // Named by the admission only: the script is asked for the model first.
+    let lease = admit(
+        app,
+        with_key(&key, json!({"provider": "acme", "model": "awkward"})),
+    )
+    .await
+    .lease("priced by the admission's model");
+    // 3e9 input of which 1e9 cached, 2e9 output:
+    // 2e9 × 0.123456789 + 1e9 × 0.000000001 + 2e9 × 7.000000001 $/Mtok
+    // = 246.913578 + 0.000001 + 14000.000002 = 14246.913581 USD exactly.
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 3_000_000_000u64,
+                "cached_input_tokens": 1_000_000_000u64, "output_tokens": 2_000_000_000u64}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let first = 14_246_913_581_000i64;
+    // Named by the settlement: priced in Rust. One input token: 123.456789 nano → 124.
+    let lease = admit(app, with_key(&key, json!({})))
+        .await
+        .lease("unnamed admission");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 1, "provider": "acme", "model": "awkward"}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    await_balance_used(app, &id, first + 124).await;
+
+    // No price: 422, nothing written, the lease still settles with a cost.
+    let lease = admit(
+        app,
+        with_key(&key, json!({"provider": "acme", "model": "unpriced"})),
+    )
+    .await
+    .lease("an unpriced model");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "output_tokens": 10}),
+        )
+        .await;
+    assert_eq!(
+        (a.status, a.body["code"].as_str()),
+        (422, Some("price_unknown")),
+        "{}",
+        a.body
+    );
+    let a = settle(app, &lease, "0.5").await;
+    assert_eq!(
+        (a.status, a.body["duplicate"].as_bool()),
+        (200, Some(false)),
+        "the lease stayed live: {}",
+        a.body
+    );
+    // No cost and no tokens: 0. Cached above input: 400.
+    let lease = admit(app, with_key(&key, json!({}))).await.lease("free");
+    let a = dp.post("/v1/settle", &json!({"lease_id": lease})).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let lease = admit(app, with_key(&key, json!({})))
+        .await
+        .lease("bad cached");
+    let a = dp
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "input_tokens": 1, "cached_input_tokens": 2,
+                "provider": "acme", "model": "awkward"}),
+        )
+        .await;
+    assert_eq!(a.status, 400, "{}", a.body);
+    await_balance_used(app, &id, first + 124 + USD / 2).await;
+    let events: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM usage_events WHERE key_id = $1::uuid AND cost_nanos = $2",
+    )
+    .bind(&id)
+    .bind(first)
+    .fetch_one(&app.db)
+    .await
+    .expect("usage events");
+    assert_eq!(events, 1, "the priced cost is the event's cost");
+}
+
+#[track_caller]
+fn require_setting_present(app: &TestApp, name: &str) {
+    assert!(
+        app.settings.contains_key(name),
+        "this scenario needs {name} set"
+    );
+}

@@ -91,6 +91,8 @@ pub struct TestApp {
     pub admin: String,
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The access-log receiver, when `TOLLGATE_ACCESS_LOG_LISTEN` is set.
+    pub access_log: Option<SocketAddr>,
     pub http: reqwest::Client,
     /// Direct access for assertions on what tollgate stored.
     pub db: PgPool,
@@ -122,6 +124,7 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
     let config = Config::from_map(&settings).expect("test settings are valid");
     let app = App::build(config).await.expect("tollgate starts");
     let (data_addr, admin_addr) = (app.data_addr(), app.admin_addr());
+    let access_log = app.access_log_addr();
     let state = app.state();
     // `serve` no longer waits for Postgres before serving (it migrates in the background);
     // tests start once it is migrated, as they always did.
@@ -157,6 +160,7 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
         admin: format!("http://{admin_addr}"),
         data_addr,
         admin_addr,
+        access_log,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()

@@ -31,12 +31,16 @@ pub struct TollgateProcess {
     pub admin: String,
     pub data_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// The access-log receiver, when `TOLLGATE_ACCESS_LOG_LISTEN` is set.
+    pub access_log: Option<SocketAddr>,
     pub settings: HashMap<&'static str, String>,
     pub http: reqwest::Client,
     logs: Arc<Mutex<Vec<String>>>,
 }
 
-fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+type Addrs = (SocketAddr, SocketAddr, Option<SocketAddr>);
+
+fn serving_addrs(line: &str) -> Option<Addrs> {
     let v: Value = serde_json::from_str(line).ok()?;
     let fields = v.get("fields")?;
     if fields.get("message")?.as_str()? != "tollgate serving" {
@@ -44,7 +48,11 @@ fn serving_addrs(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     }
     let listen = fields.get("listen")?.as_str()?.parse().ok()?;
     let admin = fields.get("admin")?.as_str()?.parse().ok()?;
-    Some((listen, admin))
+    let access_log = fields
+        .get("access_log")
+        .and_then(Value::as_str)
+        .and_then(|a| a.parse().ok());
+    Some((listen, admin, access_log))
 }
 
 impl super::Api for TollgateProcess {
@@ -144,6 +152,7 @@ impl TollgateProcess {
             admin: String::new(),
             data_addr: ([127, 0, 0, 1], 0).into(),
             admin_addr: ([127, 0, 0, 1], 0).into(),
+            access_log: None,
             settings,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
@@ -153,7 +162,8 @@ impl TollgateProcess {
             logs,
         };
         match waited {
-            Ok((data, admin)) => {
+            Ok((data, admin, access_log)) => {
+                process.access_log = access_log;
                 process.data_addr = data;
                 process.admin_addr = admin;
                 process.data = format!("http://{data}");

@@ -116,11 +116,22 @@ impl Seen {
     }
 }
 
-/// The service behind the proxy: answers 200 `{"upstream": "ok"}` to anything and records
-/// every request.
+/// How the upstream answers: a status and extra response headers.
+#[derive(Debug, Clone)]
+struct Answer {
+    status: u16,
+    headers: Vec<(String, String)>,
+}
+
+/// The service behind the proxy: answers 200 `{"upstream": "ok"}` to anything (or what
+/// [`Upstream::answer_with`] sets) and records every request. [`Upstream::hold`] makes
+/// requests wait until [`Upstream::let_go`], to keep them in flight.
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    answer: Arc<Mutex<Answer>>,
+    open: tokio::sync::watch::Sender<bool>,
+    waiting: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -131,10 +142,24 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let answer = Arc::new(Mutex::new(Answer {
+            status: 200,
+            headers: Vec::new(),
+        }));
+        let (open, open_rx) = tokio::sync::watch::channel(true);
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let sink = seen.clone();
+        let (answering, counting) = (answer.clone(), waiting.clone());
         let app = Router::new().fallback(move |req: Request| {
             let sink = sink.clone();
+            let answer = answering.lock().expect("upstream answer").clone();
+            let mut open = open_rx.clone();
+            let waiting = counting.clone();
             async move {
+                use std::sync::atomic::Ordering;
+                waiting.fetch_add(1, Ordering::SeqCst);
+                let _ = open.wait_for(|o| *o).await;
+                waiting.fetch_sub(1, Ordering::SeqCst);
                 let (parts, body) = req.into_parts();
                 let body = axum::body::to_bytes(body, 64 << 20)
                     .await
@@ -156,17 +181,52 @@ impl Upstream {
                     headers,
                     body,
                 });
-                (
-                    StatusCode::OK,
-                    [("content-type", "application/json")],
-                    r#"{"upstream":"ok"}"#,
-                )
+                let mut res = axum::response::Response::builder()
+                    .status(StatusCode::from_u16(answer.status).expect("status"))
+                    .header("content-type", "application/json");
+                for (name, value) in &answer.headers {
+                    res = res.header(name, value);
+                }
+                res.body(axum::body::Body::from(r#"{"upstream":"ok"}"#))
+                    .expect("upstream response")
             }
         });
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Upstream { addr, seen, task }
+        Upstream {
+            addr,
+            seen,
+            answer,
+            open,
+            waiting,
+            task,
+        }
+    }
+
+    /// Answers later requests with this status and these extra headers.
+    pub fn answer_with(&self, status: u16, headers: &[(&str, &str)]) {
+        *self.answer.lock().expect("upstream answer") = Answer {
+            status,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        };
+    }
+
+    /// Holds every request (new and waiting) until [`Upstream::let_go`].
+    pub fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    pub fn let_go(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// Requests being held right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Every request received so far, oldest first.
@@ -204,14 +264,23 @@ impl Proxy {
 
     /// Starts nginx with `deploy/nginx/tollgate.conf.template` rendered for these addresses,
     /// inside a minimal `nginx.conf` that keeps pid, logs and temp files in the temp dir.
-    pub async fn nginx(tollgate: SocketAddr, upstream: SocketAddr) -> Proxy {
+    pub async fn nginx(
+        tollgate: SocketAddr,
+        upstream: SocketAddr,
+        access_log: SocketAddr,
+    ) -> Proxy {
         let bin = require_binary("nginx");
         let template = std::fs::read_to_string(deploy_file("nginx/tollgate.conf.template"))
             .expect("read deploy/nginx/tollgate.conf.template");
         start_with_retries("nginx", |dir, port| {
             let d = dir.display();
-            let rendered =
-                render_nginx(&template, &format!("127.0.0.1:{port}"), tollgate, upstream);
+            let rendered = render_nginx(
+                &template,
+                &format!("127.0.0.1:{port}"),
+                tollgate,
+                upstream,
+                access_log,
+            );
             std::fs::write(dir.join("rendered.conf"), rendered).expect("write rendered.conf");
             let conf = format!(
                 "pid {d}/nginx.pid;\n\
@@ -246,7 +315,11 @@ impl Proxy {
     /// Starts Caddy with `deploy/caddy/Caddyfile` and its environment placeholders. The
     /// Caddyfile turns the admin endpoint off; config, data and home point into the temp dir,
     /// so parallel tests share nothing.
-    pub async fn caddy(tollgate: SocketAddr, upstream: SocketAddr) -> Proxy {
+    pub async fn caddy(
+        tollgate: SocketAddr,
+        upstream: SocketAddr,
+        access_log: SocketAddr,
+    ) -> Proxy {
         let bin = require_binary("caddy");
         let caddyfile = deploy_file("caddy/Caddyfile");
         start_with_retries("caddy", |dir, port| {
@@ -259,6 +332,7 @@ impl Proxy {
                 .env("CADDY_LISTEN", format!("127.0.0.1:{port}"))
                 .env("TOLLGATE_ADDR", tollgate.to_string())
                 .env("UPSTREAM_ADDR", upstream.to_string())
+                .env("TOLLGATE_ACCESS_LOG_ADDR", access_log.to_string())
                 .env("XDG_CONFIG_HOME", dir.join("config"))
                 .env("XDG_DATA_HOME", dir.join("data"))
                 .env("HOME", dir);
@@ -269,18 +343,20 @@ impl Proxy {
     }
 }
 
-/// The nginx template with its three placeholders replaced, as `envsubst` with named
-/// variables does (nginx's own `$variables` stay).
+/// The nginx template with its placeholders replaced, as `envsubst` with named variables
+/// does (nginx's own `$variables` stay).
 pub fn render_nginx(
     template: &str,
     listen: &str,
     tollgate: SocketAddr,
     upstream: SocketAddr,
+    access_log: SocketAddr,
 ) -> String {
     let out = template
         .replace("${NGINX_LISTEN}", listen)
         .replace("${TOLLGATE_ADDR}", &tollgate.to_string())
-        .replace("${UPSTREAM_ADDR}", &upstream.to_string());
+        .replace("${UPSTREAM_ADDR}", &upstream.to_string())
+        .replace("${TOLLGATE_ACCESS_LOG_ADDR}", &access_log.to_string());
     assert!(
         !out.contains("${"),
         "unrendered placeholder left in the nginx template"
