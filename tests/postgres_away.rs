@@ -142,6 +142,8 @@ async fn serve_decides_from_redis_while_postgres_is_away_at_start_and_catches_up
     let body: Value = res.json().await.expect("JSON error");
     assert_eq!(body["code"], "unavailable", "{body}");
     assert!(body["message"].is_string(), "{body}");
+    let res = p.admin_get("/admin/prices").await;
+    assert_eq!(res.status(), 200, "the price table needs no postgres");
     let res = p
         .http
         .get(format!("{}/admin/keys/{id}", p.admin))

@@ -145,12 +145,13 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .route("/admin/keys/{id}/stats", get(admin::key_stats))
         .route("/admin/users/{user_id}/keys", get(admin::list_user))
         .route("/admin/standalone-keys", get(admin::list_standalone))
-        .route("/admin/prices", get(admin::prices))
         // Inner layer: runs after the token check, so a wrong token is 401 whatever Postgres does.
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_postgres,
         ))
+        // Added after that layer: the price table is in memory and answers without Postgres.
+        .route("/admin/prices", get(admin::prices))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,
