@@ -1,5 +1,6 @@
--- admit.lua: decide one admission — key state, allow-lists, balance and holds, sliding-window
--- rate log, concurrency leases — and, only when every check passes, take a lease.
+-- admit.lua: decide one admission — key state, allow-lists, balance and holds, spend budget,
+-- sliding-window rate log, token window, concurrency leases — and, only when every check
+-- passes, take a lease.
 --
 -- Why one script: the checks read and the grant writes the same counters. Done as separate
 -- commands, concurrent requests (on any replica) would all pass the same check before any of
@@ -11,12 +12,15 @@
 -- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
 -- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
 -- KEYS[3] live    ZSET  live leases: member = lease nonce, score = lease expiry (ms)
--- KEYS[4] holds   HASH  lease nonce -> balance held by that lease (nano-USD)
+-- KEYS[4] holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
+--                 it also holds tokens (reserve_tokens)
 -- KEYS[5] lease   STRING the new lease's record, read by settle.lua / release.lua:
 --                 'L' .. cmsgpack(key id, user id, provider, api format, model, admitted at ms,
 --                 expires at ms); release.lua turns the 'L' into 'R', settle.lua replaces the
 --                 whole record with the tombstone 'S'. One string, so that writing it with its
 --                 expiry is one command (SET … PX), and msgpack, so that no label can break it.
+-- KEYS[6] tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
+--                 time (ms); state.wtok is the sum of the members' tokens (settle.lua adds)
 -- ARGV[1] rate window (ms)
 -- ARGV[2] this lease's TTL (ms); 0 = admit without a lease: the rate log and the balance still
 --         count, the concurrency limit and any hold do not, and nothing but the rate log is
@@ -25,37 +29,56 @@
 -- ARGV[4] lease nonce (unique)
 -- ARGV[5] provider ('' = not given)   ARGV[6] api format   ARGV[7] model
 -- ARGV[8] reserve (nano-USD, >= 0)
+-- ARGV[9] reserve tokens (>= 0)
 --
 -- Returns one of
 --   {'miss'}                                       state not in Redis: hydrate, then retry
 --   {'deny', code, retry_after_ms}
 --   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
---          in_flight, balance_available}              (-1 = unlimited / no balance)
+--          in_flight, balance_available, token_limit, tokens_remaining, tokens_reset_ms,
+--          budget, budget_remaining, budget_resets_at_ms}
+--                                                   (-1 = unlimited / none / never)
 -- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact. They are printed
 -- with '%.0f', never tostring(), which keeps only 14 digits (a balance of 100,000 USD is 1e14
 -- nano-USD) and would hand the caller an unparsable '1e+14'.
 --
--- Invariant: state.held is the sum of `holds`, and `holds` has an entry only for a lease in
--- `live`. `live` and `holds` are given the same expiry on every grant (the latest lease's), so
--- on a key left idle past its leases' TTL both vanish together, and a missing `live` means no
--- lease is live and nothing can be held.
+-- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
+-- and `holds` has an entry only for a lease in `live`. `live` and `holds` are given the same
+-- expiry on every grant (the latest lease's), so on a key left idle past its leases' TTL both
+-- vanish together, and a missing `live` means no lease is live and nothing can be held.
 --
 -- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
 -- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
 -- `holds` is empty.
 
-local state, rate, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state, rate, live, holds, lease, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6]
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local nonce = ARGV[4]
 local leased = ttl > 0
 local reserve = tonumber(ARGV[8])
-if not leased then reserve = 0 end
+local reserve_tokens = tonumber(ARGV[9])
+if not leased then
+  reserve = 0
+  reserve_tokens = 0
+end
 local function int(n) return string.format('%.0f', n) end
+-- A hold is 'nanos' or 'nanos:tokens'.
+local function hold_of(h)
+  local n, t = string.match(h, '^(%-?%d+):(%d+)$')
+  if n then return tonumber(n), tonumber(t) end
+  return tonumber(h), 0
+end
 
 local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
-  'rl', 'cl', 'bal', 'used', 'held', 'user')
+  'rl', 'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps')
+local token_limit = tonumber(s[14]) or -1
+local wtok = tonumber(s[15]) or 0
+local htok = tonumber(s[16]) or 0
+local budget = tonumber(s[17]) or -1
+local budget_period = s[18] or ''
 if s[1] == false then
   if s[2] ~= false then return {'deny', 'key_invalid', '0'} end
   return {'miss'}
@@ -85,7 +108,9 @@ local expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
 for _, m in ipairs(expired) do
   local h = redis.call('HGET', holds, m)
   if h then
-    held = held - tonumber(h)
+    local hn, ht = hold_of(h)
+    held = held - hn
+    htok = htok - ht
     redis.call('HDEL', holds, m)
   end
   redis.call('ZREM', live, m)
@@ -93,12 +118,13 @@ end
 local repaired = #expired > 0
 -- No live lease left: nothing is held. This is also where the holds of an idle key's leases
 -- come back when `live` and `holds` expired as whole keys and the loop above saw nothing.
-if held ~= 0 and redis.call('EXISTS', live) == 0 then
+if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
   held = 0
+  htok = 0
   redis.call('DEL', holds)
   repaired = true
 end
-if repaired then redis.call('HSET', state, 'held', int(held)) end
+if repaired then redis.call('HSET', state, 'held', int(held), 'htok', int(htok)) end
 
 local bal = tonumber(s[10])
 local available = -1
@@ -107,6 +133,59 @@ if bal >= 0 then
   if available <= 0 or available < reserve then
     return {'deny', 'balance_exhausted', '0'}
   end
+end
+
+-- The budget period [start, end) that `now` falls in: a UTC day, a week from Monday, a month
+-- from the 1st (the same boundaries as settle.lua and the Rust side).
+local DAY = 86400000
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = m > 2 and m - 3 or m + 9
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function period(kind, t)
+  local day = math.floor(t / DAY)
+  if kind == 'day' then return day * DAY, (day + 1) * DAY end
+  if kind == 'week' then
+    local first = day - (day + 3) % 7
+    return first * DAY, (first + 7) * DAY
+  end
+  local z = day + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local y = yoe + era * 400
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then y = y + 1 end
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return days_from_civil(y, m, 1) * DAY, days_from_civil(ny, nm, 1) * DAY
+end
+
+-- Spend budget: the period's settled spend (0 once the period turned: settle.lua starts it
+-- again) plus holds, against the budget; a budget that never resets counts all spend (`used`).
+local budget_remaining, budget_resets = -1, -1
+if budget >= 0 then
+  local spent = tonumber(s[11]) or 0
+  if budget_period ~= '' then
+    local first, after = period(budget_period, now)
+    spent = 0
+    if tonumber(s[20] or '') == first then spent = tonumber(s[19]) or 0 end
+    budget_resets = after
+  end
+  if spent + held >= budget or spent + held + reserve > budget then
+    local retry = 0
+    if budget_resets >= 0 then retry = budget_resets - now end
+    return {'deny', 'budget_exceeded', int(retry)}
+  end
+  budget_remaining = budget - spent - held - reserve
 end
 
 local rl = tonumber(s[8])
@@ -123,6 +202,48 @@ if rl > 0 then
     return {'deny', 'rate_limited', int(retry)}
   end
   remaining = rl - count - 1
+end
+
+-- Token window: settled tokens leave it `window` after their settlement; each entry is read
+-- and removed once, so an admission costs amortized O(log n) however many settlements the
+-- window holds. Live leases' reserved tokens count too.
+local tokens_remaining, tokens_reset = -1, 0
+if token_limit > 0 then
+  local gone = redis.call('ZRANGEBYSCORE', tokens, '-inf', now - window, 'LIMIT', 0, 256)
+  local cleaned = #gone > 0
+  for _, m in ipairs(gone) do
+    wtok = wtok - (tonumber(string.match(m, ':(%d+)$')) or 0)
+  end
+  if cleaned then redis.call('ZREMRANGEBYRANK', tokens, 0, #gone - 1) end
+  -- The window expired whole (idle key): nothing is in it.
+  if wtok ~= 0 and redis.call('EXISTS', tokens) == 0 then
+    wtok = 0
+    cleaned = true
+  end
+  if cleaned then redis.call('HSET', state, 'wtok', int(wtok)) end
+  if wtok + htok >= token_limit or wtok + htok + reserve_tokens > token_limit then
+    -- Until enough settled tokens leave the window (holds leave when their leases end).
+    local excess = wtok + htok + math.max(reserve_tokens, 1) - token_limit
+    local retry = window
+    if excess <= wtok then
+      local oldest = redis.call('ZRANGE', tokens, 0, 255, 'WITHSCORES')
+      local freed = 0
+      for i = 1, #oldest, 2 do
+        freed = freed + (tonumber(string.match(oldest[i], ':(%d+)$')) or 0)
+        if freed >= excess then
+          retry = tonumber(oldest[i + 1]) + window - now
+          break
+        end
+      end
+    else
+      retry = 1000
+    end
+    if retry < 1 then retry = 1 end
+    return {'deny', 'token_limited', int(retry)}
+  end
+  tokens_remaining = token_limit - wtok - htok - reserve_tokens
+  local oldest = redis.call('ZRANGE', tokens, 0, 0, 'WITHSCORES')
+  if oldest[2] then tokens_reset = tonumber(oldest[2]) + window - now end
 end
 
 local cl = tonumber(s[9])
@@ -156,24 +277,35 @@ if rl > 0 then
     reset = window
   end
 end
-if not leased then
-  return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl),
-    int(in_flight), int(available)}
+local function answer(flight)
+  return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
+    int(available), int(token_limit), int(tokens_remaining), int(tokens_reset), int(budget),
+    int(budget_remaining), int(budget_resets)}
 end
+if not leased then return answer(in_flight) end
 redis.call('ZADD', live, now + ttl, nonce)
 expire(live, in_flight > 0, ttl)
-if bal >= 0 and reserve > 0 then
-  redis.call('HSET', holds, nonce, int(reserve))
-  redis.call('HINCRBY', state, 'held', int(reserve))
-  available = available - reserve
+-- Money is held only where a balance or a budget counts it; tokens where a limit does.
+local hold = 0
+if (bal >= 0 or budget >= 0) and reserve > 0 then hold = reserve end
+local hold_tokens = 0
+if token_limit > 0 then hold_tokens = reserve_tokens end
+if hold > 0 or hold_tokens > 0 then
+  local value = int(hold)
+  if hold_tokens > 0 then
+    value = value .. ':' .. int(hold_tokens)
+    redis.call('HINCRBY', state, 'htok', int(hold_tokens))
+  end
+  redis.call('HSET', holds, nonce, value)
+  if hold > 0 then redis.call('HINCRBY', state, 'held', int(hold)) end
+  if bal >= 0 then available = available - hold end
   -- Exactly `live`'s expiry (see the invariant above), which may be later than this TTL.
   redis.call('PEXPIRE', holds, redis.call('PTTL', live))
-elseif held ~= 0 then
+elseif held ~= 0 or htok ~= 0 then
   -- `holds` had `live`'s expiry before this grant; GT moves both the same way.
   redis.call('PEXPIRE', holds, ttl, 'GT')
 end
 redis.call('SET', lease, 'L' .. cmsgpack.pack(s[1], s[13], ARGV[5], ARGV[6], ARGV[7], int(now),
   int(now + ttl)), 'PX', ARGV[3])
 
-return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl),
-  int(in_flight + 1), int(available)}
+return answer(in_flight + 1)

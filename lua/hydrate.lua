@@ -14,14 +14,21 @@
 --              ARGV[6] expires_at ms ('' = never)
 --              ARGV[7] providers   ARGV[8] api formats   ARGV[9] models  ('\31a\31b\31', '' = any)
 --              ARGV[10] rate limit (-1 = unlimited)   ARGV[11] concurrent limit (-1 = unlimited)
---              ARGV[12] standalone (1|0)   ARGV[13] balance nano-USD (-1 = none/unlimited)
+--              ARGV[12] standalone (1|0; not stored: `bal` says it)
+--              ARGV[13] balance nano-USD (-1 = none/unlimited)
 --              ARGV[14] balance used nano-USD as synced to Postgres (seeds `used` only)
+--              ARGV[15] token limit (-1 = unlimited)
+--              ARGV[16] budget nano-USD (-1 = none)   ARGV[17] budget period ('' = never resets)
+--              ARGV[18] the current period's spend as synced to Postgres, ARGV[19] that
+--              period's start (ms): they seed the running `bsp`/`bps`, and replace them when
+--              the period kind changes (the running spend was of another kind of period)
 -- Returns 'written' | 'stale' | 'negative' | 'exists'
 --
 -- Never half-writes: every argument is checked before the first write; a call that fails a
 -- check changes nothing and answers an error reply (see settle.lua): LIMIT_EXCEEDED for a
 -- balance above 2^53 - 1 nano-USD (admit.lua compares balances as Lua numbers) or a `used`
--- seed above 2^62 nano-USD (settle.lua's lifetime bound); INVALID_ARGUMENT for anything else
+-- seed above 2^62 nano-USD (settle.lua's lifetime bound), likewise a budget and a period
+-- spend; INVALID_ARGUMENT for anything else
 -- tollgate never sends (version 1 set the `none` marker, then failed on a bad TTL and left it
 -- without an expiry); CORRUPT_STATE when the stored version is not a number.
 
@@ -74,16 +81,44 @@ if #used > 19 or (#used == 19 and used > '4611686018427387904') then
   return refuse('LIMIT_EXCEEDED', 'used above 2^62 nano-USD')
 end
 
+local token_limit = exact(ARGV[15])
+if token_limit == nil or token_limit < -1 then return refuse('INVALID_ARGUMENT', 'token limit') end
+if not whole(ARGV[16]) or (ARGV[16] ~= '-1' and string.sub(ARGV[16], 1, 1) == '-') then
+  return refuse('INVALID_ARGUMENT', 'budget')
+end
+if exact(ARGV[16]) == nil then return refuse('LIMIT_EXCEEDED', 'budget above 2^53 - 1 nano-USD') end
+local period = ARGV[17]
+if period ~= '' and period ~= 'day' and period ~= 'week' and period ~= 'month' then
+  return refuse('INVALID_ARGUMENT', 'budget period')
+end
+local spent = ARGV[18]
+if not whole(spent) or string.sub(spent, 1, 1) == '-' then
+  return refuse('INVALID_ARGUMENT', 'period spend')
+end
+if #spent > 19 or (#spent == 19 and spent > '4611686018427387904') then
+  return refuse('LIMIT_EXCEEDED', 'period spend above 2^62 nano-USD')
+end
+if ARGV[19] ~= '' and (exact(ARGV[19]) == nil or exact(ARGV[19]) < 0) then
+  return refuse('INVALID_ARGUMENT', 'period start')
+end
+
 local current = redis.call('HGET', state, 'ver')
 if current and tonumber(current) == nil then return refuse('CORRUPT_STATE', 'version') end
 if current and tonumber(current) >= version then return 'stale' end
 
+local old_period = redis.call('HGET', state, 'bper')
 redis.call('HDEL', state, 'none')
 -- Every argument is valid: from here on every call succeeds.
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
-  'cl', ARGV[11], 'sa', ARGV[12], 'bal', ARGV[13])
+  'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])
 redis.call('HSETNX', state, 'used', ARGV[14])
 redis.call('HSETNX', state, 'held', '0')
+if old_period ~= ARGV[17] then
+  redis.call('HSET', state, 'bsp', ARGV[18], 'bps', ARGV[19])
+else
+  redis.call('HSETNX', state, 'bsp', ARGV[18])
+  redis.call('HSETNX', state, 'bps', ARGV[19])
+end
 redis.call('PERSIST', state)
 return 'written'

@@ -22,21 +22,27 @@ if rec == false then return {'unknown'} end
 -- Settled ('S') or released ('R…') already.
 if string.sub(rec, 1, 1) ~= 'L' then return {'ended'} end
 
-local s = redis.call('HMGET', state, 'id', 'held')
+local s = redis.call('HMGET', state, 'id', 'held', 'htok')
 local held = tonumber(s[2]) or 0
--- Nothing is held when `held` is 0 (admit.lua's invariant).
-if redis.call('ZREM', live, nonce) == 1 and held ~= 0 then
+local htok = tonumber(s[3]) or 0
+-- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant). A hold is 'nanos' or
+-- 'nanos:tokens'.
+if redis.call('ZREM', live, nonce) == 1 and (held ~= 0 or htok ~= 0) then
   local h = redis.call('HGET', holds, nonce)
   if h then
     redis.call('HDEL', holds, nonce)
     if s[1] ~= false then
-      redis.call('HINCRBY', state, 'held', -tonumber(h))
-      held = held - tonumber(h)
+      local hn, ht = string.match(h, '^(%-?%d+):(%d+)$')
+      if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(h), 0 end
+      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
+      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
+      held = held - hn
+      htok = htok - ht
     end
   end
 end
-if held ~= 0 and redis.call('EXISTS', live) == 0 then
-  redis.call('HSET', state, 'held', 0)
+if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+  redis.call('HSET', state, 'held', 0, 'htok', 0)
   redis.call('DEL', holds)
 end
 -- Still settleable: the record keeps its fields and its expiry.

@@ -13,6 +13,8 @@
 -- KEYS[4] lease   STRING this lease's record (see admit.lua): 'L…' live, 'R…' released,
 --                 'S' settled (the tombstone)
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
+-- KEYS[6] tokens  ZSET  the key's token window (see admit.lua): a key with a token limit gets
+--                 this settlement's total tokens, at this instant
 -- ARGV[1] cost (nano-USD), or '?': not known yet, the caller prices it from the tokens: answer
 --         the provider and model it is priced for, and write nothing
 -- ARGV[2] input tokens   ARGV[3] output tokens
@@ -25,7 +27,8 @@
 -- ARGV[12] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
 --         dropped); 'live': a released lease is a duplicate (an access-log report, which may
 --         arrive after the gateway or the proxy already ended the lease)
--- ARGV[13..20] only for a lease granted in fail-open mode, which has no record because Redis
+-- ARGV[13] rate window (ms): how long settled tokens count against a token limit
+-- ARGV[14..21] only for a lease granted in fail-open mode, which has no record because Redis
 --         was down when it was granted: 'failopen', key id, user id, provider, api format,
 --         model, admitted at (ms), expires at (ms) — the record's fields, from the granting
 --         process's memory.
@@ -50,8 +53,15 @@
 -- every sum of them (a day's roll-up, a batch of 500 events at MAX_COST on top) inside 64 bits.
 -- It is compared exactly, in two 9-digit halves, never as a (rounded) Lua number.
 
-local state, live, holds, lease, stream = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state, live, holds, lease, stream, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+  KEYS[6]
 local function int(n) return string.format('%.0f', n) end
+-- A hold is 'nanos' or 'nanos:tokens' (admit.lua).
+local function hold_of(h)
+  local n, t = string.match(h, '^(%-?%d+):(%d+)$')
+  if n then return tonumber(n), tonumber(t) end
+  return tonumber(h), 0
+end
 
 local MAX_COST = 9007199254740991
 local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
@@ -94,20 +104,27 @@ local dot = string.find(ARGV[11] or '', '.', 1, true)
 if dot == nil then return refuse('INVALID_ARGUMENT', 'lease id') end
 local nonce = string.sub(ARGV[11], dot + 1)
 if ARGV[12] ~= 'any' and ARGV[12] ~= 'live' then return refuse('INVALID_ARGUMENT', 'lease state') end
-if ARGV[13] == 'failopen' and (exact(ARGV[19]) == nil or exact(ARGV[20]) == nil) then
+local window = exact(ARGV[13])
+if window == nil or window < 1 then return refuse('INVALID_ARGUMENT', 'rate window') end
+if ARGV[14] == 'failopen' and (exact(ARGV[20]) == nil or exact(ARGV[21]) == nil) then
   return refuse('INVALID_ARGUMENT', 'fail-open lease times')
 end
 
 local rec = redis.call('GET', lease)
 -- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
-local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none')
+local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
+  'bper', 'bps', 'bsp', 'wtok')
 local hydrated = s[1] ~= false
-if (s[3] and not whole(s[3], true)) or (s[4] and not whole(s[4], true))
-  or (s[2] and not whole(s[2], true)) then
-  return refuse('CORRUPT_STATE', 'bal, used or held is not a whole number')
+-- Every counter the writes below do arithmetic on must be a whole number (`bps`, the budget
+-- period's start, is '' for a budget that never resets).
+for _, i in ipairs({2, 3, 4, 6, 7, 8, 10, 11, 12}) do
+  if s[i] and not (i == 10 and s[i] == '') and not whole(s[i], true) then
+    return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
+  end
 end
 local used = tonumber(s[3]) or 0
 local held = tonumber(s[4]) or 0
+local htok = tonumber(s[6]) or 0
 local function available()
   if s[2] == false or s[5] ~= false or tonumber(s[2]) < 0 then return '-1' end
   local a = tonumber(s[2]) - used - held
@@ -122,8 +139,8 @@ if ARGV[12] == 'live' and rec ~= false and string.sub(rec, 1, 1) == 'R' then
   return {'duplicate', available()}
 end
 if rec == false then
-  if ARGV[13] ~= 'failopen' then return {'unknown'} end
-  r = {ARGV[14], ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20]}
+  if ARGV[14] ~= 'failopen' then return {'unknown'} end
+  r = {ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]}
 else
   r = {cmsgpack.unpack(string.sub(rec, 2))}
 end
@@ -138,15 +155,30 @@ if tonumber(r[6]) == nil or tonumber(r[7]) == nil then
   return refuse('CORRUPT_STATE', 'lease record times')
 end
 
--- The lifetime bound, exactly: used + cost <= MAX_USED. A `used` below 0 cannot pass it.
-if hydrated and string.sub(s[3] or '0', 1, 1) ~= '-' then
-  local uhi, ulo = halves(s[3] or '0')
-  local chi, clo = halves(cost)
-  local lo = ulo + clo
-  local hi = uhi + chi
+-- Whether counter + amount (whole number strings, amount >= 0) passes 2^62, exactly. A
+-- counter below 0 cannot pass it.
+local function passes(counter, amount)
+  if string.sub(counter, 1, 1) == '-' then return false end
+  local ahi, alo = halves(counter)
+  local bhi, blo = halves(amount)
+  local lo, hi = alo + blo, ahi + bhi
   if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
-  if hi > MAX_USED_HI or (hi == MAX_USED_HI and lo > MAX_USED_LO) then
+  return hi > MAX_USED_HI or (hi == MAX_USED_HI and lo > MAX_USED_LO)
+end
+-- The lifetime bound: used + cost <= MAX_USED. The period spend (`bsp`) and the token window's
+-- sum (`wtok`) are bounded the same way (they are parts of lifetime totals), so no HINCRBY
+-- below can overflow.
+if hydrated then
+  if passes(s[3] or '0', cost) then
     return refuse('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
+  end
+  if passes(s[11] or '0', cost) then
+    return refuse('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
+  end
+  local total = ARGV[4]
+  if total == '-1' then total = int(tonumber(ARGV[2]) + tonumber(ARGV[3])) end
+  if passes(s[12] or '0', total) then
+    return refuse('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
   end
 end
 
@@ -155,21 +187,25 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Every bound holds: from here on every call succeeds.
 -- Free the slot and hold (a released lease has given them back already). Nothing is held
--- when `held` is 0 (admit.lua's invariant), so `holds` is only read when it can matter.
-if redis.call('ZREM', live, nonce) == 1 and held ~= 0 then
+-- when `held` and `htok` are 0 (admit.lua's invariant), so `holds` is only read when it can
+-- matter.
+if redis.call('ZREM', live, nonce) == 1 and (held ~= 0 or htok ~= 0) then
   local h = redis.call('HGET', holds, nonce)
   if h then
     redis.call('HDEL', holds, nonce)
     if hydrated then
-      redis.call('HINCRBY', state, 'held', -tonumber(h))
-      held = held - tonumber(h)
+      local hn, ht = hold_of(h)
+      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
+      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
+      held = held - hn
+      htok = htok - ht
     end
   end
 end
 -- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
 -- keys of an idle key expired whole, so the balance answered below is right.
-if held ~= 0 and redis.call('EXISTS', live) == 0 then
-  redis.call('HSET', state, 'held', 0)
+if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+  redis.call('HSET', state, 'held', 0, 'htok', 0)
   redis.call('DEL', holds)
   held = 0
 end
@@ -183,6 +219,52 @@ end
 
 local input, output, total = ARGV[2], ARGV[3], ARGV[4]
 if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
+
+-- The token window of a key with a token limit.
+if hydrated and (tonumber(s[7]) or -1) > 0 and total ~= '0' then
+  redis.call('ZADD', tokens, now, nonce .. ':' .. total)
+  redis.call('PEXPIRE', tokens, window)
+  redis.call('HINCRBY', state, 'wtok', total)
+end
+
+-- The spend of the budget's current period, started again when the period turned (the same
+-- UTC boundaries as admit.lua).
+local budget_period = s[9] or ''
+if hydrated and (tonumber(s[8]) or -1) >= 0 and budget_period ~= '' then
+  local DAY = 86400000
+  local function days_from_civil(y, m, d)
+    if m <= 2 then y = y - 1 end
+    local era = math.floor(y / 400)
+    local yoe = y - era * 400
+    local mp = m > 2 and m - 3 or m + 9
+    local doy = math.floor((153 * mp + 2) / 5) + d - 1
+    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+    return era * 146097 + doe - 719468
+  end
+  local day = math.floor(now / DAY)
+  local first = day
+  if budget_period == 'week' then
+    first = day - (day + 3) % 7
+  elseif budget_period == 'month' then
+    local z = day + 719468
+    local era = math.floor(z / 146097)
+    local doe = z - era * 146097
+    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+      - math.floor(doe / 146096)) / 365)
+    local y = yoe + era * 400
+    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+    local mp = math.floor((5 * doy + 2) / 153)
+    local m = mp < 10 and mp + 3 or mp - 9
+    if m <= 2 then y = y + 1 end
+    first = days_from_civil(y, m, 1)
+  end
+  local start = int(first * DAY)
+  if s[10] == start then
+    redis.call('HINCRBY', state, 'bsp', cost)
+  else
+    redis.call('HSET', state, 'bsp', cost, 'bps', start)
+  end
+end
 
 redis.call('XADD', stream, '*',
   'e', ARGV[11], 'k', r[1], 'u', r[2], 'c', cost,

@@ -12,13 +12,15 @@ pub enum DenyCode {
     ApiFormatNotAllowed,
     ModelNotAllowed,
     BalanceExhausted,
+    BudgetExceeded,
     RateLimited,
+    TokenLimited,
     ConcurrencyLimited,
     Unavailable,
 }
 
 impl DenyCode {
-    pub const ALL: [DenyCode; 11] = [
+    pub const ALL: [DenyCode; 13] = [
         DenyCode::KeyMissing,
         DenyCode::KeyInvalid,
         DenyCode::KeyDisabled,
@@ -27,7 +29,9 @@ impl DenyCode {
         DenyCode::ApiFormatNotAllowed,
         DenyCode::ModelNotAllowed,
         DenyCode::BalanceExhausted,
+        DenyCode::BudgetExceeded,
         DenyCode::RateLimited,
+        DenyCode::TokenLimited,
         DenyCode::ConcurrencyLimited,
         DenyCode::Unavailable,
     ];
@@ -42,7 +46,9 @@ impl DenyCode {
             DenyCode::ApiFormatNotAllowed => "api_format_not_allowed",
             DenyCode::ModelNotAllowed => "model_not_allowed",
             DenyCode::BalanceExhausted => "balance_exhausted",
+            DenyCode::BudgetExceeded => "budget_exceeded",
             DenyCode::RateLimited => "rate_limited",
+            DenyCode::TokenLimited => "token_limited",
             DenyCode::ConcurrencyLimited => "concurrency_limited",
             DenyCode::Unavailable => "unavailable",
         }
@@ -56,8 +62,8 @@ impl DenyCode {
     pub fn status(self) -> u16 {
         match self {
             DenyCode::KeyMissing | DenyCode::KeyInvalid => 401,
-            DenyCode::BalanceExhausted => 402,
-            DenyCode::RateLimited | DenyCode::ConcurrencyLimited => 429,
+            DenyCode::BalanceExhausted | DenyCode::BudgetExceeded => 402,
+            DenyCode::RateLimited | DenyCode::TokenLimited | DenyCode::ConcurrencyLimited => 429,
             DenyCode::Unavailable => 503,
             _ => 403,
         }
@@ -73,7 +79,9 @@ impl DenyCode {
             DenyCode::ApiFormatNotAllowed => "the API key may not use this API format",
             DenyCode::ModelNotAllowed => "the API key may not use this model",
             DenyCode::BalanceExhausted => "the API key's balance is exhausted",
+            DenyCode::BudgetExceeded => "the API key's spend budget for this period is used up",
             DenyCode::RateLimited => "rate limit reached for this API key",
+            DenyCode::TokenLimited => "token limit reached for this API key",
             DenyCode::ConcurrencyLimited => "too many requests in flight for this API key",
             DenyCode::Unavailable => "admission is unavailable, try again shortly",
         }

@@ -28,6 +28,7 @@ pub mod inference;
 pub mod keys;
 pub mod metrics;
 pub mod money;
+pub mod period;
 pub mod prices;
 pub mod startup;
 pub mod store;

@@ -24,6 +24,7 @@ pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
 pub const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
 pub const SCRIPT_REFUSALS: &str = "tollgate_script_refusals_total";
 pub const ACCESS_LOG_RECORDS: &str = "tollgate_access_log_records_total";
+pub const TOKENS_SETTLED: &str = "tollgate_tokens_settled_total";
 
 /// Buckets for sub-millisecond admissions, up to the Redis timeout range.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -111,6 +112,7 @@ fn describe() {
         EVENTS_DEAD,
         "Usage events Postgres refused for their data, moved to a shard's <stream>:dead"
     );
+    metrics::describe_counter!(TOKENS_SETTLED, "Tokens (total_tokens) of settled requests");
     metrics::describe_counter!(
         ACCESS_LOG_RECORDS,
         "Access-log records received, by result: settled, released, duplicate, lease_unknown, malformed"
@@ -134,6 +136,7 @@ pub struct Metrics {
     pub key_lookup_unknown: Counter,
     pub key_lookup_throttled: Counter,
     access_log_records: [Counter; RecordResult::ALL.len()],
+    pub tokens_settled: Counter,
 }
 
 impl Default for Metrics {
@@ -160,6 +163,7 @@ impl Metrics {
             key_lookup_throttled: metrics::counter!(KEY_LOOKUPS, "result" => "throttled"),
             access_log_records: RecordResult::ALL
                 .map(|r| metrics::counter!(ACCESS_LOG_RECORDS, "result" => r.as_str())),
+            tokens_settled: metrics::counter!(TOKENS_SETTLED),
         };
         // Make every series visible from the first scrape, at zero.
         m.allowed.increment(0);
@@ -173,6 +177,7 @@ impl Metrics {
             &m.fail_open,
             &m.events_synced,
             &m.events_dead_lettered,
+            &m.tokens_settled,
         ] {
             c.increment(0);
         }

@@ -1736,3 +1736,49 @@ async fn prices_lists_the_table_in_force_to_the_admin_only() {
     assert_eq!(res.status(), 401, "no token, no prices");
     let _ = std::fs::remove_file(&path);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_and_budgets_are_validated_set_and_cleared() {
+    let app = spawn_app().await;
+    for bad in [
+        json!({"user_id": "u", "token_limit": 0}),
+        json!({"user_id": "u", "token_limit": 1.5}),
+        json!({"user_id": "u", "budget_usd": -1}),
+        json!({"user_id": "u", "budget_period": "fortnight"}),
+        json!({"user_id": "u", "budget_usd": 1, "budget_period": "Day"}),
+    ] {
+        let res = app.admin_post("/admin/keys", bad.clone()).await;
+        assert_eq!(res.status(), 400, "{bad}");
+        let body: Value = res.json().await.expect("json");
+        assert_eq!(body["code"], "bad_request", "{bad}: {body}");
+    }
+    let (_, k) = app
+        .create_key(
+            json!({"user_id": "u-b", "token_limit": 5000, "budget_usd": 2.5,
+            "budget_period": "week"}),
+        )
+        .await;
+    assert_eq!(k["token_limit"], json!(5000));
+    assert_eq!(k["budget_usd"].to_string(), "2.5");
+    assert_eq!(k["budget_period"], json!("week"));
+    assert_eq!(k["budget_spent_usd"].to_string(), "0");
+    assert!(k["budget_resets_at"].is_string(), "{k}");
+    let id = k["id"].as_str().expect("id");
+    let res = app
+        .admin_patch(
+            &format!("/admin/keys/{id}"),
+            json!({"token_limit": null, "budget_period": null}),
+        )
+        .await;
+    assert_eq!(res.status(), 200);
+    let k: Value = res.json().await.expect("json");
+    assert_eq!(k["token_limit"], Value::Null);
+    assert_eq!(k["budget_period"], Value::Null);
+    assert_eq!(k["budget_resets_at"], Value::Null, "never resets");
+    assert_eq!(k["budget_usd"].to_string(), "2.5", "untouched");
+    let res = app
+        .admin_patch(&format!("/admin/keys/{id}"), json!({"budget_usd": null}))
+        .await;
+    let k: Value = res.json().await.expect("json");
+    assert_eq!(k["budget_usd"], Value::Null);
+}

@@ -78,6 +78,18 @@ async fn priced_settlements_are_exact_to_the_nano_dollar() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_limits_admit_exactly_what_fits() {
+    let app = spawn_app().await;
+    hot_suite::token_limits_admit_exactly_what_fits(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_admit_exactly_what_fits() {
+    let app = spawn_app().await;
+    hot_suite::budgets_admit_exactly_what_fits(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_settlement_is_still_charged() {
     let app = spawn_app_with(hot_suite::short_lease).await;
     hot_suite::a_late_settlement_is_still_charged(&app).await;
@@ -291,4 +303,75 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
         .lease("after the settlements");
     near(pttl(&app, &k.live).await, ttl, "a re-created live set");
     near(pttl(&app, &k.holds).await, ttl, "a re-created holds hash");
+}
+
+/// A budget's spend starts again when its period turns — decided by the scripts from the
+/// period start stored beside the spend, so the test moves that start back a day instead of
+/// waiting for midnight — and after a total Redis loss the current period's spend is re-seeded
+/// from Postgres, so a spent budget stays spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_turns_over_with_its_period_and_survives_a_redis_loss() {
+    use hot_suite::{admit, await_balance_used, new_key, settle, with_key, USD};
+    let app = spawn_app().await;
+    let (key, id) = new_key(
+        &app,
+        json!({"budget_usd": 1, "budget_period": "day", "rate_limit": null,
+            "concurrent_limit": null}),
+    )
+    .await;
+    let lease = admit(&app, with_key(&key, json!({}))).await.lease("first");
+    settle(&app, &lease, "1").await;
+    admit(&app, with_key(&key, json!({})))
+        .await
+        .denied(402, "budget_exceeded", "spent");
+
+    // The spend Redis keeps belongs to yesterday now: the period has turned.
+    let state = tollgate::hot::layout::Layout::new(&app.namespace)
+        .for_hash(&tollgate::keys::hash(&key))
+        .state;
+    let mut redis = app.redis.clone();
+    let start: i64 = redis::cmd("HGET")
+        .arg(&state)
+        .arg("bps")
+        .query_async::<String>(&mut redis)
+        .await
+        .expect("period start")
+        .parse()
+        .expect("ms");
+    let _: () = redis::cmd("HSET")
+        .arg(&state)
+        .arg("bps")
+        .arg(start - 86_400_000)
+        .query_async(&mut redis)
+        .await
+        .expect("move the period start back a day");
+    let a = admit(&app, with_key(&key, json!({}))).await;
+    let lease = a.lease("a new period");
+    assert_eq!(
+        hot_suite::nanos(&a.body["budget"]["remaining_usd"]),
+        USD,
+        "{}",
+        a.body
+    );
+    settle(&app, &lease, "0.25").await;
+    let a = admit(
+        &app,
+        with_key(&key, json!({"reserve_usd": hot_suite::amount("0.8")})),
+    )
+    .await;
+    a.denied(
+        402,
+        "budget_exceeded",
+        "0.25 spent in the new period + 0.8 > 1",
+    );
+
+    // Redis loses everything: Postgres's spend of today (both settlements, 1.25, since the
+    // moved start was Redis's only) seeds the period again.
+    await_balance_used(&app, &id, USD * 5 / 4).await;
+    app.wipe_namespace().await;
+    admit(&app, with_key(&key, json!({}))).await.denied(
+        402,
+        "budget_exceeded",
+        "re-seeded from Postgres after the loss",
+    );
 }

@@ -352,11 +352,19 @@ async fn wrong_types_and_out_of_range_numbers_are_a_400() {
             "/v1/settle".into(),
             json!({"cost_usd": 1}),
         ),
+        // Since contract v1.1 `cost_usd` is optional (a settlement without it is priced from
+        // its tokens), so `{"lease_id": l}` and `"cost_usd": null` are valid.
         (
             Listener::Data,
             Method::POST,
             "/v1/settle".into(),
-            json!({"lease_id": l}),
+            json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1, "cached_input_tokens": 2}),
+        ),
+        (
+            Listener::Data,
+            Method::POST,
+            "/v1/settle".into(),
+            json!({"lease_id": l, "cached_input_tokens": -1}),
         ),
         (
             Listener::Data,
@@ -385,8 +393,8 @@ async fn wrong_types_and_out_of_range_numbers_are_a_400() {
         (
             Listener::Data,
             Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": null}),
+            "/v1/admit".into(),
+            json!({"key": key, "reserve_tokens": -1}),
         ),
         (
             Listener::Data,

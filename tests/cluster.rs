@@ -94,6 +94,8 @@ mod suite {
     on_cluster!(admin_changes_reach_the_next_admission);
     on_cluster!(a_lease_lives_as_long_as_its_admission_asked);
     on_cluster!(an_admission_without_a_lease_skips_concurrency_and_holds);
+    on_cluster!(token_limits_admit_exactly_what_fits);
+    on_cluster!(budgets_admit_exactly_what_fits);
     on_cluster!(
         priced_settlements_are_exact_to_the_nano_dollar,
         hot_suite::awkward_prices

@@ -158,7 +158,7 @@ async fn scrape(app: &TestApp) -> Scrape {
     }
 }
 
-const DECISIONS: [&str; 12] = [
+const DECISIONS: [&str; 14] = [
     "allowed",
     "key_missing",
     "key_invalid",
@@ -168,7 +168,9 @@ const DECISIONS: [&str; 12] = [
     "api_format_not_allowed",
     "model_not_allowed",
     "balance_exhausted",
+    "budget_exceeded",
     "rate_limited",
+    "token_limited",
     "concurrency_limited",
     "unavailable",
 ];

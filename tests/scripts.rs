@@ -53,7 +53,8 @@ async fn hget(redis: &MultiplexedConnection, key: &str, field: &str) -> Option<S
         .expect("hget")
 }
 
-/// Every key settle.lua touches for this lease: state, live, holds, lease record, stream.
+/// Every key settle.lua touches for this lease: state, live, holds, lease record, stream,
+/// token window.
 fn settle_keys(lease: &LeaseRef) -> Vec<String> {
     vec![
         lease.keys.state.clone(),
@@ -61,6 +62,7 @@ fn settle_keys(lease: &LeaseRef) -> Vec<String> {
         lease.keys.holds.clone(),
         lease.keys.lease(&lease.nonce),
         lease.keys.stream(),
+        lease.keys.tokens.clone(),
     ]
 }
 
@@ -224,6 +226,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     for (cost, ttl, want) in [
         // Version 1 freed the lease, charged it and recorded it, then failed on SET … PX 0.
         ("1000", "0", "INVALID_ARGUMENT"),
+        ("1000", "-5", "INVALID_ARGUMENT"),
         ("1000", "soon", "INVALID_ARGUMENT"),
         ("12.5", "600000", "INVALID_ARGUMENT"),
         ("9007199254740992", "600000", "LIMIT_EXCEEDED"),
@@ -232,6 +235,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
         let mut a = args(cost, ttl);
         a.push(ScriptArg::Str(&id));
         a.push(ScriptArg::Str("any"));
+        a.push(ScriptArg::Str("60000"));
         assert_refused(scripts.settle.run(&redis, &key_refs, &a).await, want);
         assert_eq!(
             dump(&app.redis, &keys).await,
@@ -245,6 +249,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     let mut a = args("1000", "600000");
     a.push(ScriptArg::Str(&id));
     a.push(ScriptArg::Str("any"));
+    a.push(ScriptArg::Str("60000"));
     assert_refused(
         scripts.settle.run(&redis, &key_refs, &a).await,
         "CORRUPT_STATE",
@@ -289,6 +294,11 @@ async fn hydrate_calls_out_of_bounds_are_refused_before_any_write() {
             ScriptArg::Str("1"),
             ScriptArg::Str(bal),
             ScriptArg::Str(used),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str(""),
+            ScriptArg::Str("0"),
+            ScriptArg::Str(""),
         ]
     };
     let cases: Vec<(Vec<ScriptArg<'static>>, &str)> = vec![

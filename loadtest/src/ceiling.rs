@@ -148,12 +148,13 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                     let nonce = new_nonce();
                     pipe.cmd("EVALSHA")
                         .arg(&admit_sha)
-                        .arg(5)
+                        .arg(6)
                         .arg(&k.state)
                         .arg(&k.rate)
                         .arg(&k.live)
                         .arg(&k.holds)
                         .arg(k.lease(&nonce))
+                        .arg(&k.tokens)
                         .arg(plan.window_ms)
                         .arg(plan.lease_ttl_ms)
                         .arg(plan.record_ttl_ms)
@@ -161,6 +162,7 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                         .arg("openai")
                         .arg("openai:chat")
                         .arg("gpt-4o")
+                        .arg(0)
                         .arg(0);
                     batch.push((next, nonce));
                 }
@@ -197,12 +199,13 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                     costs.push((*idx, cost));
                     pipe.cmd("EVALSHA")
                         .arg(&settle_sha)
-                        .arg(5)
+                        .arg(6)
                         .arg(&k.state)
                         .arg(&k.live)
                         .arg(&k.holds)
                         .arg(k.lease(nonce))
                         .arg(k.stream())
+                        .arg(&k.tokens)
                         .arg(cost)
                         .arg(120)
                         .arg(380)
@@ -213,7 +216,9 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                         .arg("")
                         .arg("")
                         .arg(plan.record_ttl_ms)
-                        .arg(k.lease_id(nonce));
+                        .arg(k.lease_id(nonce))
+                        .arg("any")
+                        .arg(plan.window_ms);
                 }
                 let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
                     Ok(v) => v,

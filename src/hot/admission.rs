@@ -10,6 +10,7 @@ use super::redis::{Redis, RedisFailure};
 use super::scripts::{ScriptArg, Scripts};
 use crate::decision::DenyCode;
 use crate::money::Money;
+use crate::period::BudgetPeriod;
 use crate::store::keys::KeyRow;
 
 /// How long an admission's lease lives, or that it takes none.
@@ -45,6 +46,8 @@ pub struct AdmitArgs<'a> {
     pub api_format: &'a str,
     pub model: &'a str,
     pub reserve: Money,
+    /// Tokens the lease holds against the key's token limit until it ends.
+    pub reserve_tokens: u64,
     pub lease: LeaseTerm,
 }
 
@@ -61,9 +64,19 @@ pub struct Grant {
     pub concurrent_limit: Option<u64>,
     pub in_flight: u64,
     pub balance_available: Option<Money>,
+    pub token_limit: Option<u64>,
+    pub tokens_remaining: Option<u64>,
+    pub tokens_reset_ms: u64,
+    pub budget: Option<Money>,
+    pub budget_remaining: Option<Money>,
+    /// When the budget's period turns (ms since the epoch); `None` when it never does.
+    pub budget_resets_at_ms: Option<i64>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
+// Not boxed: a decision is built and moved once per admission, and a box would be an
+// allocation on the hot path for every allowed one.
+#[allow(clippy::large_enum_variant)]
 pub enum ScriptAdmit {
     /// The key's state is not in Redis yet.
     Miss,
@@ -252,7 +265,7 @@ impl HotPath {
             .admit
             .run(
                 &self.redis,
-                &[&k.state, &k.rate, &k.live, &k.holds, &lease],
+                &[&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens],
                 &[
                     ScriptArg::Int(self.window_ms),
                     ScriptArg::Int(ttl_ms),
@@ -262,6 +275,7 @@ impl HotPath {
                     ScriptArg::Str(a.api_format),
                     ScriptArg::Str(a.model),
                     ScriptArg::Int(a.reserve.nanos().max(0)),
+                    ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(i64::MAX)),
                 ],
             )
             .await?;
@@ -278,8 +292,9 @@ impl HotPath {
                     retry_after_ms: u64::try_from(int(r.get(2))).unwrap_or(0),
                 })
             }
-            Some("ok") if r.len() >= 9 => {
+            Some("ok") if r.len() >= 15 => {
                 let rl = limit(int(r.get(3)));
+                let tl = limit(int(r.get(9)));
                 Ok(ScriptAdmit::Allowed(Grant {
                     key_id: r[1].clone(),
                     user_id: r[2].clone(),
@@ -290,6 +305,13 @@ impl HotPath {
                     concurrent_limit: limit(int(r.get(6))),
                     in_flight: u64::try_from(int(r.get(7))).unwrap_or(0),
                     balance_available: balance(int(r.get(8))),
+                    token_limit: tl,
+                    tokens_remaining: tl.map(|_| u64::try_from(int(r.get(10))).unwrap_or(0)),
+                    tokens_reset_ms: u64::try_from(int(r.get(11))).unwrap_or(0),
+                    budget: balance(int(r.get(12))),
+                    budget_remaining: balance(int(r.get(12)))
+                        .map(|_| Money::from_nanos(int(r.get(13)).max(0))),
+                    budget_resets_at_ms: Some(int(r.get(14))).filter(|t| *t >= 0),
                 }))
             }
             _ => Err(RedisFailure::Command("unexpected admit reply".into())),
@@ -337,6 +359,7 @@ impl HotPath {
             ScriptArg::Int(self.tombstone_ttl_ms),
             ScriptArg::Str(&l.lease_id),
             ScriptArg::Str(if a.only_live { "live" } else { "any" }),
+            ScriptArg::Int(self.window_ms),
         ];
         if let Some(fo) = fail_open {
             args.extend([
@@ -357,7 +380,14 @@ impl HotPath {
             .settle
             .run(
                 &self.redis,
-                &[&l.keys.state, &l.keys.live, &l.keys.holds, &lease, &stream],
+                &[
+                    &l.keys.state,
+                    &l.keys.live,
+                    &l.keys.holds,
+                    &lease,
+                    &stream,
+                    &l.keys.tokens,
+                ],
                 &args,
             )
             .await?;
@@ -418,6 +448,17 @@ impl HotPath {
             allow_list(&row.allowed_models),
         );
         let key_id = row.id.to_string();
+        // The period the seeded spend belongs to: Postgres summed it at the current time.
+        let period_start = row
+            .budget_period
+            .as_deref()
+            .and_then(BudgetPeriod::parse)
+            .map(|p| {
+                p.starts_at(chrono::Utc::now())
+                    .timestamp_millis()
+                    .to_string()
+            })
+            .unwrap_or_default();
         let bal = if row.is_standalone {
             row.current_balance_nanos.unwrap_or(-1)
         } else {
@@ -443,6 +484,11 @@ impl HotPath {
                     ScriptArg::Int(i64::from(row.is_standalone)),
                     ScriptArg::Int(bal),
                     ScriptArg::Int(row.balance_used_nanos),
+                    ScriptArg::Int(row.token_limit.unwrap_or(-1)),
+                    ScriptArg::Int(row.budget_nanos.unwrap_or(-1)),
+                    ScriptArg::Str(row.budget_period.as_deref().unwrap_or("")),
+                    ScriptArg::Int(row.budget_spent_nanos),
+                    ScriptArg::Str(&period_start),
                 ],
             )
             .await?;
@@ -467,7 +513,11 @@ impl HotPath {
     pub async fn forget(&self, key_hash: &str) -> Result<(), RedisFailure> {
         let k = self.layout.for_hash(key_hash);
         let mut cmd = redis::cmd("DEL");
-        cmd.arg(&k.state).arg(&k.rate).arg(&k.live).arg(&k.holds);
+        cmd.arg(&k.state)
+            .arg(&k.rate)
+            .arg(&k.live)
+            .arg(&k.holds)
+            .arg(&k.tokens);
         self.redis.query(&cmd).await?;
         Ok(())
     }

@@ -37,6 +37,8 @@ pub const LOOKUP_BOUND: Duration = Duration::from_secs(2);
 const VALIDATED_MAX: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq)]
+// Not boxed, like `ScriptAdmit`: one allocation per allowed admission saved.
+#[allow(clippy::large_enum_variant)]
 pub enum Decision {
     Allowed { grant: Grant, fail_open: bool },
     Denied { code: DenyCode, retry_after_ms: u64 },
@@ -256,8 +258,9 @@ impl Gate {
         let Ok(mut v) = self.validated.lock() else {
             return;
         };
-        if grant.balance_available.is_some() {
-            // A key with a balance never fails open; forget any earlier entry.
+        if grant.balance_available.is_some() || grant.budget.is_some() {
+            // A key with a balance or a spend budget never fails open; forget any earlier
+            // entry.
             v.remove(key_hash);
             return;
         }
@@ -297,6 +300,12 @@ impl Gate {
             concurrent_limit: None,
             in_flight: 0,
             balance_available: None,
+            token_limit: None,
+            tokens_remaining: None,
+            tokens_reset_ms: 0,
+            budget: None,
+            budget_remaining: None,
+            budget_resets_at_ms: None,
         };
         if args.lease == LeaseTerm::None {
             return Some(grant(None));
@@ -388,6 +397,12 @@ impl Gate {
                 SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
             }
             outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        }
+        if let SettleOutcome::Settled { .. } = outcome {
+            let total = args
+                .total_tokens
+                .unwrap_or_else(|| args.input_tokens.saturating_add(args.output_tokens));
+            self.metrics.tokens_settled.increment(total);
         }
         if open.is_some() && outcome != SettleOutcome::Unknown {
             self.forget_open_lease(args.lease_id);

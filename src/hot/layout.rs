@@ -28,6 +28,8 @@ pub struct KeyRedisKeys {
     pub rate: String,
     pub live: String,
     pub holds: String,
+    /// The token window (settled tokens within the rate window).
+    pub tokens: String,
     prefix: String,
     sid: String,
 }
@@ -78,6 +80,7 @@ impl Layout {
             rate: format!("{prefix}r:{sid}"),
             live: format!("{prefix}c:{sid}"),
             holds: format!("{prefix}h:{sid}"),
+            tokens: format!("{prefix}w:{sid}"),
             sid: sid.to_string(),
             prefix,
         }

@@ -1,6 +1,7 @@
 //! `/admin/*`: key lifecycle, balances, stats, expiry clean-up. Every write goes to Postgres
 //! first, then is pushed to Redis so the next admission on any replica sees it.
 
+use crate::period::BudgetPeriod;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, Request, State};
@@ -91,6 +92,11 @@ pub struct ApiKey {
     balance_used_usd: Money,
     remaining_balance_usd: Option<Money>,
     auto_delete_on_expiry: Option<bool>,
+    token_limit: Option<i64>,
+    budget_usd: Option<Money>,
+    budget_period: Option<String>,
+    budget_spent_usd: Money,
+    budget_resets_at: Option<DateTime<Utc>>,
     is_active: bool,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
@@ -118,6 +124,15 @@ impl From<&KeyRow> for ApiKey {
             balance_used_usd: Money::from_nanos(r.balance_used_nanos),
             remaining_balance_usd: r.remaining_nanos().map(Money::from_nanos),
             auto_delete_on_expiry: r.auto_delete_on_expiry,
+            token_limit: r.token_limit,
+            budget_usd: r.budget_nanos.map(Money::from_nanos),
+            budget_period: r.budget_period.clone(),
+            budget_spent_usd: Money::from_nanos(r.budget_spent_nanos),
+            budget_resets_at: r
+                .budget_period
+                .as_deref()
+                .and_then(BudgetPeriod::parse)
+                .map(|p| p.resets_at(Utc::now())),
             is_active: r.is_active,
             created_at: r.created_at,
             updated_at: r.updated_at,
@@ -173,6 +188,38 @@ fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<Vec<String>>
         }
     }
     Ok(Some(list))
+}
+
+/// Most tokens a `token_limit` may name: window sums stay exact in the scripts' doubles.
+const MAX_TOKEN_LIMIT: i64 = 1 << 50;
+
+fn token_limit(v: Option<i64>) -> Result<Option<i64>, ApiError> {
+    match v {
+        Some(n) if !(1..=MAX_TOKEN_LIMIT).contains(&n) => Err(ApiError::bad_request(format!(
+            "token_limit must be 1 to {MAX_TOKEN_LIMIT}, or null for unlimited"
+        ))),
+        other => Ok(other),
+    }
+}
+
+fn budget_usd(v: Option<Money>) -> Result<Option<i64>, ApiError> {
+    match v {
+        Some(m) if m.is_negative() || m.nanos() > MAX_BALANCE_NANOS => Err(ApiError::bad_request(
+            "budget_usd must be from 0 to 9007199.254740991, or null",
+        )),
+        other => Ok(other.map(Money::nanos)),
+    }
+}
+
+fn budget_period(v: Option<String>) -> Result<Option<String>, ApiError> {
+    match v.as_deref() {
+        None => Ok(None),
+        Some(p) => BudgetPeriod::parse(p)
+            .map(|p| Some(p.as_str().to_string()))
+            .ok_or_else(|| {
+                ApiError::bad_request("budget_period must be \"day\", \"week\", \"month\" or null")
+            }),
+    }
 }
 
 fn limit(field: &str, v: Option<i64>) -> Result<Option<i32>, ApiError> {
@@ -232,6 +279,9 @@ pub struct CreateBody {
     is_standalone: bool,
     #[serde(default, deserialize_with = "nullable")]
     auto_delete_on_expiry: Option<Option<bool>>,
+    token_limit: Option<i64>,
+    budget_usd: Option<Money>,
+    budget_period: Option<String>,
 }
 
 pub async fn create(
@@ -295,6 +345,9 @@ pub async fn create(
         is_standalone: b.is_standalone,
         current_balance_nanos: balance,
         auto_delete_on_expiry: b.auto_delete_on_expiry.unwrap_or(Some(false)),
+        token_limit: token_limit(b.token_limit)?,
+        budget_nanos: budget_usd(b.budget_usd)?,
+        budget_period: budget_period(b.budget_period)?,
     };
     let row = db(&state, move |c| {
         Box::pin(async move { store::keys::insert(c, &new).await })
@@ -422,6 +475,12 @@ pub struct PatchBody {
     expires_at: Option<Option<DateTime<Utc>>>,
     #[serde(default, deserialize_with = "nullable")]
     auto_delete_on_expiry: Option<Option<bool>>,
+    #[serde(default, deserialize_with = "nullable")]
+    token_limit: Option<Option<i64>>,
+    #[serde(default, deserialize_with = "nullable")]
+    budget_usd: Option<Option<Money>>,
+    #[serde(default, deserialize_with = "nullable")]
+    budget_period: Option<Option<String>>,
 }
 
 /// `null` clears a field; a name or an active flag cannot be cleared, and silently ignoring
@@ -468,6 +527,9 @@ pub async fn update(
         is_active: not_null("is_active", b.is_active)?,
         expires_at: b.expires_at.map(expiry).transpose()?,
         auto_delete_on_expiry: b.auto_delete_on_expiry,
+        token_limit: b.token_limit.map(token_limit).transpose()?,
+        budget_nanos: b.budget_usd.map(budget_usd).transpose()?,
+        budget_period: b.budget_period.map(budget_period).transpose()?,
     };
     let row = db(&state, move |c| Box::pin(store::keys::update(c, id, patch)))
         .await?

@@ -28,6 +28,7 @@ pub struct AdmitBody {
     api_format: Option<String>,
     model: Option<String>,
     reserve_usd: Option<Money>,
+    reserve_tokens: Option<u64>,
     lease_ttl_seconds: Option<u64>,
     lease: Option<String>,
 }
@@ -56,6 +57,7 @@ pub struct AdmitQuery {
     pub api_format: String,
     pub model: String,
     pub reserve: Money,
+    pub reserve_tokens: u64,
     pub lease: LeaseTerm,
 }
 
@@ -77,6 +79,7 @@ pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
             api_format: &q.api_format,
             model: &q.model,
             reserve: q.reserve,
+            reserve_tokens: q.reserve_tokens,
             lease: q.lease,
         })
         .await
@@ -198,6 +201,20 @@ struct ConcurrencyBody {
     in_flight: u64,
 }
 
+#[derive(Serialize)]
+struct TokensBody {
+    limit: Option<u64>,
+    remaining: Option<u64>,
+    reset_ms: u64,
+}
+
+#[derive(Serialize)]
+struct BudgetBody {
+    limit_usd: Money,
+    remaining_usd: Money,
+    resets_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
 /// The JSON body of an allowed admission.
 #[derive(Serialize)]
 pub struct AllowedBody<'a> {
@@ -208,6 +225,8 @@ pub struct AllowedBody<'a> {
     rate_limit: RateLimitBody,
     concurrency: ConcurrencyBody,
     balance_remaining_usd: Option<Money>,
+    tokens: TokensBody,
+    budget: Option<BudgetBody>,
 }
 
 pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
@@ -226,6 +245,18 @@ pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
             in_flight: d.in_flight,
         },
         balance_remaining_usd: d.balance_available,
+        tokens: TokensBody {
+            limit: d.token_limit,
+            remaining: d.tokens_remaining,
+            reset_ms: d.tokens_reset_ms,
+        },
+        budget: d.budget.map(|limit_usd| BudgetBody {
+            limit_usd,
+            remaining_usd: d.budget_remaining.unwrap_or_default(),
+            resets_at: d
+                .budget_resets_at_ms
+                .and_then(chrono::DateTime::from_timestamp_millis),
+        }),
     }
 }
 
@@ -243,6 +274,7 @@ pub async fn admit(
         .and_then(|()| check_label("provider", body.provider.as_deref()))
         .and_then(|()| check_label("api_format", body.api_format.as_deref()))
         .and_then(|()| check_label("model", body.model.as_deref()))
+        .and_then(|()| check_count("reserve_tokens", body.reserve_tokens, MAX_TOKENS))
         .and_then(|()| {
             lease_term(
                 body.lease.as_deref(),
@@ -263,6 +295,7 @@ pub async fn admit(
         api_format: body.api_format.unwrap_or_default(),
         model: body.model.unwrap_or_default(),
         reserve,
+        reserve_tokens: body.reserve_tokens.unwrap_or(0),
         lease,
     };
     match decide(&state, &q).await {

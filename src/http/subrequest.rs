@@ -146,22 +146,38 @@ fn query(
             .and_then(|v| Money::parse(v).ok())
             .filter(|m| !m.is_negative())
             .unwrap_or_default(),
+        reserve_tokens: 0,
         lease,
     })
 }
 
-/// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields).
+/// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers, structured fields):
+/// the request limit as `"default"`, the token limit as `"tokens"`, each only when set.
 fn rate_headers(g: &Grant, window_secs: u64) -> Option<(HeaderValue, HeaderValue)> {
-    let limit = g.rate_limit?;
-    let policy = format!("\"default\";q={limit};w={window_secs}");
-    let now = format!(
-        "\"default\";r={};t={}",
-        g.rate_remaining.unwrap_or(0),
-        g.reset_ms.div_ceil(1000)
-    );
+    let mut policy = Vec::new();
+    let mut now = Vec::new();
+    if let Some(limit) = g.rate_limit {
+        policy.push(format!("\"default\";q={limit};w={window_secs}"));
+        now.push(format!(
+            "\"default\";r={};t={}",
+            g.rate_remaining.unwrap_or(0),
+            g.reset_ms.div_ceil(1000)
+        ));
+    }
+    if let Some(limit) = g.token_limit {
+        policy.push(format!("\"tokens\";q={limit};w={window_secs}"));
+        now.push(format!(
+            "\"tokens\";r={};t={}",
+            g.tokens_remaining.unwrap_or(0),
+            g.tokens_reset_ms.div_ceil(1000)
+        ));
+    }
+    if policy.is_empty() {
+        return None;
+    }
     Some((
-        HeaderValue::from_str(&policy).ok()?,
-        HeaderValue::from_str(&now).ok()?,
+        HeaderValue::from_str(&policy.join(", ")).ok()?,
+        HeaderValue::from_str(&now.join(", ")).ok()?,
     ))
 }
 
@@ -201,11 +217,16 @@ fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
             if retry_after_ms > 0 {
                 res.headers_mut()
                     .insert("retry-after", retry_after_header(retry_after_ms));
-                if code == DenyCode::RateLimited {
+                let item = match code {
+                    DenyCode::RateLimited => Some("default"),
+                    DenyCode::TokenLimited => Some("tokens"),
+                    _ => None,
+                };
+                if let Some(item) = item {
                     set(
                         &mut res,
                         "ratelimit",
-                        &format!("\"default\";r=0;t={}", retry_after_ms.div_ceil(1000)),
+                        &format!("\"{item}\";r=0;t={}", retry_after_ms.div_ceil(1000)),
                     );
                 }
             }

@@ -13,7 +13,11 @@ use super::StoreError;
 const COLUMNS: &str = "id, user_id, name, key_hash, key_sealed, key_display, allowed_providers, \
      allowed_api_formats, allowed_models, rate_limit, concurrent_limit, expires_at, is_standalone, \
      current_balance_nanos, balance_used_nanos, auto_delete_on_expiry, is_active, version, \
-     created_at, updated_at, last_used_at";
+     created_at, updated_at, last_used_at, token_limit, budget_nanos, budget_period, \
+     CASE WHEN budget_period IS NULL THEN balance_used_nanos ELSE (SELECT \
+       COALESCE(SUM(d.cost_nanos), 0)::BIGINT FROM usage_daily d WHERE d.key_id = api_keys.id \
+       AND d.day >= date_trunc(budget_period, now() AT TIME ZONE 'UTC')::date) \
+     END AS budget_spent_nanos";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct KeyRow {
@@ -38,6 +42,11 @@ pub struct KeyRow {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
+    pub token_limit: Option<i64>,
+    pub budget_nanos: Option<i64>,
+    pub budget_period: Option<String>,
+    /// Spent in the current budget period, as Postgres knows it (behind Redis by the sync lag).
+    pub budget_spent_nanos: i64,
 }
 
 impl KeyRow {
@@ -69,6 +78,9 @@ pub struct NewKey {
     pub is_standalone: bool,
     pub current_balance_nanos: Option<i64>,
     pub auto_delete_on_expiry: Option<bool>,
+    pub token_limit: Option<i64>,
+    pub budget_nanos: Option<i64>,
+    pub budget_period: Option<String>,
 }
 
 /// A PATCH: outer `None` = leave unchanged, `Some(None)` = clear.
@@ -83,6 +95,9 @@ pub struct KeyPatch {
     pub is_active: Option<bool>,
     pub expires_at: Option<Option<DateTime<Utc>>>,
     pub auto_delete_on_expiry: Option<Option<bool>>,
+    pub token_limit: Option<Option<i64>>,
+    pub budget_nanos: Option<Option<i64>>,
+    pub budget_period: Option<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,8 +124,9 @@ pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, 
     let sql = format!(
         "INSERT INTO api_keys (id, user_id, name, key_hash, key_sealed, key_display, \
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, concurrent_limit, \
-         expires_at, is_standalone, current_balance_nanos, auto_delete_on_expiry) \
-         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15) RETURNING {COLUMNS}"
+         expires_at, is_standalone, current_balance_nanos, auto_delete_on_expiry, token_limit, \
+         budget_nanos, budget_period) \
+         VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18) RETURNING {COLUMNS}"
     );
     Ok(sqlx::query_as::<_, KeyRow>(&sql)
         .bind(k.id)
@@ -128,6 +144,9 @@ pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, 
         .bind(k.is_standalone)
         .bind(k.current_balance_nanos)
         .bind(k.auto_delete_on_expiry)
+        .bind(k.token_limit)
+        .bind(k.budget_nanos)
+        .bind(&k.budget_period)
         .fetch_one(db)
         .await?)
 }
@@ -210,6 +229,7 @@ async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<Ke
         "UPDATE api_keys SET name = $2, allowed_providers = $3, allowed_api_formats = $4, \
          allowed_models = $5, rate_limit = $6, concurrent_limit = $7, is_active = $8, \
          expires_at = $9, auto_delete_on_expiry = $10, current_balance_nanos = $11, \
+         token_limit = $12, budget_nanos = $13, budget_period = $14, \
          version = version + 1, updated_at = now() WHERE id = $1 RETURNING {COLUMNS}"
     );
     Ok(sqlx::query_as(&sql)
@@ -224,6 +244,9 @@ async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<Ke
         .bind(r.expires_at)
         .bind(r.auto_delete_on_expiry)
         .bind(r.current_balance_nanos)
+        .bind(r.token_limit)
+        .bind(r.budget_nanos)
+        .bind(&r.budget_period)
         .fetch_one(&mut **tx)
         .await?)
 }
@@ -251,7 +274,10 @@ pub async fn update<'a, A: Acquire<'a, Database = Postgres>>(
         concurrent_limit,
         is_active,
         expires_at,
-        auto_delete_on_expiry
+        auto_delete_on_expiry,
+        token_limit,
+        budget_nanos,
+        budget_period
     );
     let row = write_back(&mut tx, &r).await?;
     tx.commit().await?;

@@ -1805,3 +1805,177 @@ fn require_setting_present(app: &TestApp, name: &str) {
         "this scenario needs {name} set"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Token limits and spend budgets (contract v1.1, section 2)
+// ---------------------------------------------------------------------------------------------
+
+/// Settles `lease` with no cost and `total_tokens`.
+async fn settle_tokens(app: &TestApp, lease: &str, total: u64) {
+    let a = DataPlane::of(app)
+        .post(
+            "/v1/settle",
+            &json!({"lease_id": lease, "cost_usd": 0, "total_tokens": total}),
+        )
+        .await;
+    assert_eq!(a.status, 200, "settle {total} tokens: {}", a.body);
+}
+
+/// Settled tokens count against `token_limit` for the rate window, and so do the tokens live
+/// leases reserve; 40 simultaneous admissions reserving 10 tokens each under a limit of 100
+/// admit exactly 10.
+pub async fn token_limits_admit_exactly_what_fits(app: &TestApp) {
+    let (key, _) = new_key(
+        app,
+        json!({"token_limit": 1000, "rate_limit": null, "concurrent_limit": null}),
+    )
+    .await;
+    let first = admit(app, with_key(&key, json!({}))).await;
+    assert_eq!(
+        first.body["tokens"],
+        json!({"limit": 1000, "remaining": 1000, "reset_ms": 0}),
+        "{}",
+        first.body
+    );
+    settle_tokens(app, &first.lease("first"), 600).await;
+    let d = admit(app, with_key(&key, json!({"reserve_tokens": 500}))).await;
+    d.denied(429, "token_limited", "600 settled + 500 reserved > 1000");
+    let retry = d.retry_after_ms();
+    assert!(
+        (1..=60_000).contains(&retry),
+        "retry_after_ms {retry}: until the 600 leave the window"
+    );
+    let held = admit(app, with_key(&key, json!({"reserve_tokens": 400}))).await;
+    let held_lease = held.lease("600 + 400 = 1000 fits");
+    assert_eq!(held.body["tokens"]["remaining"], json!(0), "{}", held.body);
+    let reset = held.body["tokens"]["reset_ms"].as_u64().expect("reset_ms");
+    assert!((1..=60_000).contains(&reset), "reset_ms {reset}");
+    admit(app, with_key(&key, json!({}))).await.denied(
+        429,
+        "token_limited",
+        "the window and the hold fill the limit",
+    );
+    release(app, &held_lease).await;
+    let a = admit(app, with_key(&key, json!({}))).await;
+    a.lease("the hold came back");
+    assert_eq!(a.body["tokens"]["remaining"], json!(400), "{}", a.body);
+
+    let (key, _) = new_key(
+        app,
+        json!({"token_limit": 100, "rate_limit": null, "concurrent_limit": null}),
+    )
+    .await;
+    let bodies = (0..40)
+        .map(|_| with_key(&key, json!({"reserve_tokens": 10})))
+        .collect();
+    let t = tally(&admit_all_at_once(app, bodies).await);
+    assert_eq!(t.get("200"), Some(&10), "{t:?}");
+    assert_eq!(t.get("429 token_limited"), Some(&30), "{t:?}");
+
+    // A key without a token limit answers a null limit.
+    let (plain, _) = new_key(app, json!({"rate_limit": null})).await;
+    let a = admit(app, with_key(&plain, json!({"reserve_tokens": 1_000_000}))).await;
+    a.lease("no token limit");
+    assert_eq!(
+        a.body["tokens"],
+        json!({"limit": null, "remaining": null, "reset_ms": 0})
+    );
+}
+
+/// The start of the next UTC day, week (Monday) and month, as the contract defines them.
+fn next_period_starts() -> [(String, chrono::DateTime<chrono::Utc>); 3] {
+    use chrono::{Datelike, TimeZone};
+    let now = chrono::Utc::now();
+    let today = now.date_naive();
+    let midnight = |d: chrono::NaiveDate| {
+        chrono::Utc.from_utc_datetime(&d.and_hms_opt(0, 0, 0).expect("midnight"))
+    };
+    let next_day = midnight(today + chrono::Duration::days(1));
+    let monday = today - chrono::Duration::days(i64::from(today.weekday().num_days_from_monday()));
+    let next_week = midnight(monday + chrono::Duration::days(7));
+    let first = today.with_day(1).expect("first of the month");
+    let next_month = midnight(
+        first
+            .checked_add_months(chrono::Months::new(1))
+            .expect("next month"),
+    );
+    [
+        ("day".into(), next_day),
+        ("week".into(), next_week),
+        ("month".into(), next_month),
+    ]
+}
+
+/// A spend budget counts the period's settled spend plus holds: 40 simultaneous admissions
+/// holding 0.1 under a budget of 1 admit exactly 10; spent, it is `402 budget_exceeded` until
+/// the period turns, on every replica at once; answers name when each kind of period resets.
+pub async fn budgets_admit_exactly_what_fits(app: &TestApp) {
+    let (key, id) = new_key(
+        app,
+        json!({"budget_usd": 1, "budget_period": "day", "rate_limit": null,
+            "concurrent_limit": null}),
+    )
+    .await;
+    let bodies = (0..40)
+        .map(|_| with_key(&key, json!({"reserve_usd": amount("0.1")})))
+        .collect();
+    let answers = admit_all_at_once(app, bodies).await;
+    let t = tally(&answers);
+    assert_eq!(t.get("200"), Some(&10), "{t:?}");
+    assert_eq!(t.get("402 budget_exceeded"), Some(&30), "{t:?}");
+    let [(_, next_day), ..] = next_period_starts();
+    for a in answers.iter().filter(|a| a.status == 402) {
+        let retry = a.retry_after_ms();
+        let until = (next_day - chrono::Utc::now()).num_milliseconds();
+        assert!(
+            (retry as i64 - until).abs() < 60_000,
+            "retry_after_ms {retry}: until the day turns ({until} ms)"
+        );
+    }
+    for a in answers.iter().filter(|a| a.status == 200) {
+        settle(app, a.body["lease_id"].as_str().expect("lease"), "0.1").await;
+    }
+    admit(app, with_key(&key, json!({}))).await.denied(
+        402,
+        "budget_exceeded",
+        "the day's budget is spent",
+    );
+    let other = app.replica().await;
+    admit(&other, with_key(&key, json!({}))).await.denied(
+        402,
+        "budget_exceeded",
+        "another replica sees it at once",
+    );
+    await_balance_used(app, &id, USD).await;
+    let k = key_json(app, &id).await;
+    assert_eq!(nanos(&k["budget_spent_usd"]), USD, "{k}");
+    assert_eq!(k["budget_period"], json!("day"));
+
+    // Each kind of period: the answer says when it resets, as the calendar does.
+    for (period, next) in next_period_starts() {
+        let (key, _) = new_key(
+            app,
+            json!({"budget_usd": 5, "budget_period": period, "rate_limit": null}),
+        )
+        .await;
+        let a = admit(app, with_key(&key, json!({"reserve_usd": amount("2")}))).await;
+        a.lease(&period);
+        assert_eq!(nanos(&a.body["budget"]["limit_usd"]), 5 * USD);
+        assert_eq!(
+            nanos(&a.body["budget"]["remaining_usd"]),
+            3 * USD,
+            "{}",
+            a.body
+        );
+        let resets = a.body["budget"]["resets_at"].as_str().expect("resets_at");
+        let resets = chrono::DateTime::parse_from_rfc3339(resets).expect("RFC 3339");
+        assert_eq!(resets, next, "{period}: {}", a.body);
+    }
+    let (never, _) = new_key(app, json!({"budget_usd": 2, "rate_limit": null})).await;
+    let a = admit(app, with_key(&never, json!({}))).await;
+    a.lease("a budget that never resets");
+    assert_eq!(a.body["budget"]["resets_at"], Value::Null, "{}", a.body);
+    let (plain, _) = new_key(app, json!({"rate_limit": null})).await;
+    let a = admit(app, with_key(&plain, json!({}))).await;
+    assert_eq!(a.body["budget"], Value::Null, "{}", a.body);
+}
