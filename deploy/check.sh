@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Validates the deployment files: nginx template, Caddyfile, Traefik and Envoy configs, Prometheus
-# config and rules, docker-compose.yml, Kubernetes manifests and the Dockerfile.
+# config and rules, the Grafana dashboard, docker-compose.yml, Kubernetes manifests and the
+# Dockerfile. The dashboard check starts a real tollgate (debug build, `cargo build`), so it
+# needs the tests' Redis and Postgres (TEST_REDIS_URL, TEST_DATABASE_URL, as in the README).
 #
 #   bash deploy/check.sh
 #
@@ -404,6 +406,73 @@ EOF
     promtool test rules "$TMP/prom/tests.yml"
 }
 
+# Every query of every dashboard panel parses as PromQL (each becomes a recording rule).
+check_grafana_promql() {
+    have promtool || skip "promtool not installable here"
+    "$PY" "$DEPLOY/grafana/check_dashboard.py" "$DEPLOY/grafana/tollgate.json" --rules "$TMP/dashboard-rules.yml"
+    promtool check rules "$TMP/dashboard-rules.yml"
+}
+
+# Every metric the dashboard names is in a /metrics scrape of a real tollgate that has admitted
+# and settled once (so the usage-sync gauges and the histogram have samples).
+check_grafana_metrics() {
+    (cd "$ROOT" && cargo build -q --bin tollgate)
+    "$PY" - "${CARGO_TARGET_DIR:-$ROOT/target}/debug/tollgate" "$TMP/scrape.txt" <<'PYEOF'
+import base64, json, os, shutil, socket, subprocess, sys, time, urllib.request, uuid
+binary, out = sys.argv[1], sys.argv[2]
+redis = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379")
+pg = os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432")
+def free_port():
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close(); return p
+data, admin = free_port(), free_port()
+tag = uuid.uuid4().hex[:12]
+token = "dashboard-check-token-" + tag
+env = {k: v for k, v in os.environ.items() if not k.startswith("TOLLGATE_")}
+env.update(TOLLGATE_LISTEN=f"127.0.0.1:{data}", TOLLGATE_ADMIN_LISTEN=f"127.0.0.1:{admin}",
+           TOLLGATE_REDIS_URL=redis, TOLLGATE_DATABASE_URL=f"{pg}/tollgate_dashcheck_{tag}",
+           TOLLGATE_REDIS_NAMESPACE=f"dashcheck{tag}", TOLLGATE_ADMIN_TOKEN=token,
+           TOLLGATE_ENCRYPTION_KEY=base64.b64encode(os.urandom(32)).decode(),
+           TOLLGATE_CLEANUP_INTERVAL_SECONDS="0")
+log = open(out + ".log", "w")
+tg = subprocess.Popen([binary, "serve"], env=env, stdout=log, stderr=log)
+def call(port, path, body=None, auth=None):
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method="POST" if body is not None else "GET",
+                                 data=json.dumps(body).encode() if body is not None else None,
+                                 headers={"Authorization": f"Bearer {auth}"} if auth else {})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+try:
+    for _ in range(600):
+        if tg.poll() is not None:
+            sys.exit("tollgate exited: " + open(out + ".log").read())
+        try: call(admin, "/healthz"); break
+        except OSError: time.sleep(0.1)
+    key = json.loads(call(admin, "/admin/keys", {"user_id": "dashboard-check"}, token))["key"]
+    lease = json.loads(call(data, "/v1/admit", {"key": key}))["lease_id"]
+    call(data, "/v1/settle", {"lease_id": lease, "cost_usd": 0.01})
+    want = ["tollgate_usage_sync_lag_seconds", "tollgate_usage_events_pending", "process_cpu_seconds_total",
+            "tollgate_admission_duration_seconds_bucket"]
+    for _ in range(100):
+        scrape = call(admin, "/metrics")
+        if all(any(l.startswith(w) for l in scrape.splitlines()) for w in want): break
+        time.sleep(0.2)
+    open(out, "w").write(scrape)
+finally:
+    tg.terminate()
+    try: tg.wait(timeout=25)
+    except subprocess.TimeoutExpired: tg.kill(); tg.wait()
+    if shutil.which("psql"):
+        subprocess.run(["psql", f"{pg}/postgres", "-qc", f'DROP DATABASE IF EXISTS "tollgate_dashcheck_{tag}" WITH (FORCE)'],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if shutil.which("redis-cli"):
+        keys = subprocess.run(["redis-cli", "-u", redis, "--scan", "--pattern", f"dashcheck{tag}:*"],
+                              capture_output=True, text=True).stdout.split()
+        for i in range(0, len(keys), 500):
+            subprocess.run(["redis-cli", "-u", redis, "DEL", *keys[i:i + 500]], stdout=subprocess.DEVNULL)
+PYEOF
+    "$PY" "$DEPLOY/grafana/check_dashboard.py" "$DEPLOY/grafana/tollgate.json" --scrape "$TMP/scrape.txt"
+}
+
 check_compose() {
     have docker-compose || skip "docker-compose not installable here"
     cd "$ROOT"
@@ -523,6 +592,8 @@ run_check "nginx template: denials reach the client with their real status" chec
 run_check "Caddyfile: caddy validate" check_caddy
 run_check "prometheus: promtool check config + rules" check_promtool
 run_check "prometheus: promtool test rules" check_prometheus_rule_tests
+run_check "grafana dashboard: every query parses (promtool check rules)" check_grafana_promql
+run_check "grafana dashboard: every metric is in a real tollgate's /metrics" check_grafana_metrics
 run_check "docker-compose.yml: docker-compose config" check_compose
 run_check "kubernetes: kubernetes-validate --strict ($K8S_VERSIONS)" check_kubernetes
 run_check "envoy.yaml: strict parse as envoy.config.bootstrap.v3.Bootstrap" check_envoy

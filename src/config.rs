@@ -33,6 +33,8 @@ pub enum Command {
     Serve(RawSettings),
     /// Apply pending database migrations and exit.
     Migrate(RawSettings),
+    /// Manage API keys through a running tollgate's admin API.
+    Keys(crate::cli::KeysArgs),
 }
 
 /// Settings as text, exactly as the operator wrote them.

@@ -16,10 +16,12 @@
 //! - [`sync`]: where usage goes to Postgres, and key state back to Redis
 //! - [`access_log`]: where proxies report the end of a request (access-log receiver)
 //! - [`prices`]: the price table, and a settlement's cost from its tokens
+//! - [`cli`]: `tollgate keys …`, the operators' client of the admin API
 //! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
 
 pub mod access_log;
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod decision;
 pub mod hot;

@@ -182,9 +182,21 @@ fn assert_one_evalsha_each(phase: &str, n: u64, sent: &BTreeMap<String, u64>) {
         n,
         "{phase}: {n} requests must send {n} EVALSHA; sent {sent:?}"
     );
+    // The reconciler checks the namespace's `loaded` marker every 2 s on its own schedule: a
+    // phase that lasts a few seconds on a loaded machine sees one or two of those, never one per
+    // request.
+    let reconciler = sent.get("EXISTS").copied().unwrap_or(0);
+    assert!(
+        reconciler <= 3,
+        "{phase}: {reconciler} EXISTS is more than the reconciler's schedule"
+    );
     let other: BTreeMap<_, _> = sent
         .iter()
-        .filter(|(k, _)| k.as_str() != "EVALSHA" && !SYNCER_COMMANDS.contains(&k.as_str()))
+        .filter(|(k, _)| {
+            k.as_str() != "EVALSHA"
+                && k.as_str() != "EXISTS"
+                && !SYNCER_COMMANDS.contains(&k.as_str())
+        })
         .collect();
     assert!(
         other.is_empty(),

@@ -808,6 +808,16 @@ async fn subrequests_take_their_lease_term_from_headers_or_the_subrequest_defaul
         ("x-tollgate-lease-ttl", "soon"),
         ("x-tollgate-lease", "some"),
     ] {
+        // A bad lifetime is refused with `X-Tollgate-Lease: none` too.
+        let a = get(
+            &app,
+            "/auth",
+            &[auth, ("x-tollgate-lease", "none"), (name, value)],
+        )
+        .await;
+        if name == "x-tollgate-lease-ttl" {
+            assert_eq!(a.status, 400, "none + {name}: {value}: {}", a.body);
+        }
         let a = get(&app, "/auth", &[auth, (name, value)]).await;
         assert_eq!(
             (a.status, a.code()),

@@ -19,6 +19,10 @@ pub enum Class {
     Limited,
     /// Standalone, with a balance; admitted with a reserve and charged on settle.
     Standalone,
+    /// A token limit that the load exceeds; admitted with `reserve_tokens`, settled within it.
+    Tokens,
+    /// A daily spend budget that the load exhausts; admitted with a reserve, charged within it.
+    Budget,
     /// Used only by the Redis ceiling phase.
     Ceiling,
 }
@@ -29,6 +33,8 @@ pub struct Spec {
     pub rate_limit: Option<u64>,
     pub concurrent_limit: Option<u64>,
     pub balance: Option<Money>,
+    pub token_limit: Option<u64>,
+    pub budget: Option<Money>,
 }
 
 #[derive(Debug, Clone)]
@@ -70,6 +76,13 @@ pub async fn create(conn: &mut Conn, user: &str, name: &str, spec: &Spec) -> Res
         "rate_limit": limit_json(spec.rate_limit),
         "concurrent_limit": limit_json(spec.concurrent_limit),
     });
+    if let Some(t) = spec.token_limit {
+        body["token_limit"] = json!(t);
+    }
+    if let Some(b) = spec.budget {
+        body["budget_usd"] = json!(b);
+        body["budget_period"] = json!("day");
+    }
     if spec.class == Class::Standalone {
         body["is_standalone"] = json!(true);
         if let Some(b) = spec.balance {

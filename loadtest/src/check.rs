@@ -103,6 +103,47 @@ pub fn rate_window(grants: &[Granted], limit: u64, window: Nanos) -> Option<Stri
     None
 }
 
+/// One settlement of a key with a token limit: when it was sent and confirmed, and its tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenSettle {
+    pub key: u32,
+    pub sent: Nanos,
+    pub recv: Nanos,
+    pub tokens: u64,
+}
+
+/// No key's settled tokens in any window of `window` exceeded `limit`, for keys whose every
+/// settlement stayed within its admission's `reserve_tokens` (which the harness ensures): the
+/// admission counted the reservation, so the settlement can only shrink what it held.
+///
+/// Proof of a violation: settlements all of whose intervals fit in a span shorter than
+/// `window − 1 ms` (so Redis stamped them all within one window, whatever the true instants)
+/// whose tokens add up to more than `limit`. Candidates are runs consecutive in send order.
+pub fn token_window(settles: &[TokenSettle], limit: u64, window: Nanos) -> Option<String> {
+    if window <= MS {
+        return None;
+    }
+    let span_max = window - MS;
+    for i in 0..settles.len() {
+        let (mut sum, mut max_recv) = (0u64, 0);
+        for s in &settles[i..] {
+            max_recv = max_recv.max(s.recv);
+            if max_recv.saturating_sub(settles[i].sent) >= span_max {
+                break;
+            }
+            sum += s.tokens;
+            if sum > limit {
+                return Some(format!(
+                    "{sum} tokens settled within {:.3} ms (limit {limit} per {:.3} s)",
+                    max_recv.saturating_sub(settles[i].sent) as f64 / MS as f64,
+                    window as f64 / 1e9
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Every `rate_limited` denial was deserved: at its instant the key had `limit` admissions
 /// in the window.
 ///
@@ -226,6 +267,27 @@ mod tests {
     }
 
     const W: Nanos = 1_000 * MS;
+
+    fn ts(sent_ms: u64, recv_ms: u64, tokens: u64) -> TokenSettle {
+        TokenSettle {
+            key: 0,
+            sent: sent_ms * MS,
+            recv: recv_ms * MS,
+            tokens,
+        }
+    }
+
+    #[test]
+    fn token_window_sums_only_settlements_certainly_in_one_window() {
+        let w = 1000 * MS;
+        let ok = [ts(0, 1, 400), ts(10, 11, 400), ts(1500, 1501, 400)];
+        assert_eq!(token_window(&ok, 1000, w), None);
+        let over = [ts(0, 1, 400), ts(10, 11, 400), ts(900, 901, 400)];
+        assert!(token_window(&over, 1000, w).is_some());
+        // The third could have landed a window after the first: no proof.
+        let blurred = [ts(0, 1, 400), ts(10, 11, 400), ts(900, 1001, 400)];
+        assert_eq!(token_window(&blurred, 1000, w), None);
+    }
 
     #[test]
     fn rate_window_accepts_limit_per_window_and_spaced_bursts() {

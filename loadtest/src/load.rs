@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tollgate::money::Money;
 
 use crate::admin::Class;
-use crate::check::{Attempt, Granted, Nanos, Violation};
+use crate::check::{Attempt, Granted, Nanos, TokenSettle, Violation};
 use crate::http::{Conn, Endpoint};
 
 /// One key as the workers use it.
@@ -26,16 +26,21 @@ pub struct LoadKey {
     pub concurrent_limit: Option<u64>,
     /// The whole admit body, built once.
     pub admit_body: Bytes,
-    /// Held at admission (standalone keys), so that no interleaving can overspend.
+    /// Held at admission (standalone and budget keys), so that no interleaving can overspend.
     pub reserve: Money,
+    /// Tokens held at admission (token keys); every settlement stays within them.
+    pub reserve_tokens: u64,
 }
 
-pub fn admit_body(secret: &str, reserve: Money) -> Bytes {
+pub fn admit_body(secret: &str, reserve: Money, reserve_tokens: u64) -> Bytes {
     let mut b = format!(
         r#"{{"key":"{secret}","provider":"openai","api_format":"openai:chat","model":"gpt-4o""#
     );
     if reserve > Money::ZERO {
         b.push_str(&format!(r#","reserve_usd":{reserve}"#));
+    }
+    if reserve_tokens > 0 {
+        b.push_str(&format!(r#","reserve_tokens":{reserve_tokens}"#));
     }
     b.push('}');
     Bytes::from(b)
@@ -122,6 +127,8 @@ pub struct Outcome {
     pub rate_denials: Vec<Attempt>,
     pub conc_denials: Vec<Attempt>,
     pub unknown: Vec<Attempt>,
+    /// Confirmed settlements of token keys.
+    pub token_settles: Vec<TokenSettle>,
     /// Per key: confirmed settled cost and count; keys with an unconfirmed settle.
     pub cost: HashMap<u32, (i64, u64)>,
     pub uncertain: Vec<u32>,
@@ -147,6 +154,7 @@ impl Outcome {
             rate_denials: Vec::new(),
             conc_denials: Vec::new(),
             unknown: Vec::new(),
+            token_settles: Vec::new(),
             cost: HashMap::new(),
             uncertain: Vec::new(),
             violations: Vec::new(),
@@ -192,6 +200,7 @@ impl Outcome {
         self.rate_denials.extend(o.rate_denials);
         self.conc_denials.extend(o.conc_denials);
         self.unknown.extend(o.unknown);
+        self.token_settles.extend(o.token_settles);
         for (k, (c, n)) in o.cost {
             let e = self.cost.entry(k).or_default();
             e.0 += c;
@@ -223,6 +232,8 @@ fn expected_denial(class: Class, invalid: bool, code: &str) -> bool {
         Class::Normal | Class::Ceiling => code == "concurrency_limited",
         Class::Limited => matches!(code, "rate_limited" | "concurrency_limited"),
         Class::Standalone => matches!(code, "balance_exhausted" | "concurrency_limited"),
+        Class::Tokens => matches!(code, "token_limited" | "concurrency_limited"),
+        Class::Budget => matches!(code, "budget_exceeded" | "concurrency_limited"),
     }
 }
 
@@ -428,8 +439,14 @@ async fn worker(plan: Plan, w: usize, start: Instant, progress: Arc<AtomicU64>) 
             } else {
                 rng.gen_range(0..=plan.max_cost.nanos())
             };
-            let input = rng.gen_range(1..2000u32);
-            let output = rng.gen_range(1..2000u32);
+            // A token key's settlement stays within what its admission reserved.
+            let most = if key.reserve_tokens > 0 {
+                u32::try_from(key.reserve_tokens / 2).unwrap_or(1000).max(2)
+            } else {
+                2000
+            };
+            let input = rng.gen_range(1..most);
+            let output = rng.gen_range(1..most);
             let body = Bytes::from(format!(
                 r#"{{"lease_id":"{lease}","cost_usd":{},"input_tokens":{input},"output_tokens":{output},"response_time_ms":{},"status_code":200}}"#,
                 Money::from_nanos(cost),
@@ -448,6 +465,14 @@ async fn worker(plan: Plan, w: usize, start: Instant, progress: Arc<AtomicU64>) 
                     match serde_json::from_slice::<SettleReply>(&b) {
                         Ok(r) if r.settled && !r.duplicate && !r.lease_expired => {
                             out.settles += 1;
+                            if key.reserve_tokens > 0 {
+                                out.token_settles.push(TokenSettle {
+                                    key: kid,
+                                    sent: grant.end_sent.unwrap_or(0),
+                                    recv: now(epoch),
+                                    tokens: u64::from(input + output),
+                                });
+                            }
                             let e = out.cost.entry(kid).or_default();
                             e.0 += cost;
                             e.1 += 1;

@@ -138,6 +138,22 @@ struct Args {
     /// Share of standalone keys that get a tiny balance instead, to be exhausted
     #[arg(long, default_value = "0.3", value_parser = share)]
     tiny_balance_share: f64,
+    /// Share of keys with a token limit the load exceeds (admitted with --reserve-tokens,
+    /// settled within it)
+    #[arg(long, default_value = "0.05", value_parser = share)]
+    token_share: f64,
+    /// Their token limit per rate window
+    #[arg(long, default_value_t = 20_000)]
+    token_limit: u64,
+    /// Tokens each of their admissions reserves
+    #[arg(long, default_value_t = 400)]
+    reserve_tokens: u64,
+    /// Share of keys with a daily spend budget the load exhausts
+    #[arg(long, default_value = "0.05", value_parser = share)]
+    budget_share: f64,
+    /// Their budget per UTC day (USD)
+    #[arg(long, default_value = "0.05", value_parser = money)]
+    budget_usd: Money,
     /// The tiny balance (USD)
     #[arg(long, default_value = "0.01", value_parser = money)]
     tiny_balance_usd: Money,
@@ -273,6 +289,8 @@ async fn detect_window(
         rate_limit: Some(1),
         concurrent_limit: None,
         balance: None,
+        token_limit: None,
+        budget: None,
     };
     let key = admin::create(
         &mut a,
@@ -286,7 +304,7 @@ async fn detect_window(
         .send(
             hyper::Method::POST,
             "/v1/admit",
-            Some(load::admit_body(&key.secret, Money::ZERO)),
+            Some(load::admit_body(&key.secret, Money::ZERO, 0)),
         )
         .await
         .map_err(|e| format!("POST /v1/admit: {e}"))?;
@@ -352,12 +370,21 @@ fn specs(args: &Args) -> Vec<Spec> {
     let limited = ((n as f64) * args.limited_share).round() as usize;
     let standalone = ((n as f64) * args.standalone_share).round() as usize;
     let tiny = ((standalone as f64) * args.tiny_balance_share).round() as usize;
+    let token_keys = ((n as f64) * args.token_share).round() as usize;
+    let budget_keys = ((n as f64) * args.budget_share).round() as usize;
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
+        let (mut token_limit, mut budget) = (None, None);
         let (class, rate, balance) = if i < limited {
             (Class::Limited, Some(args.limited_rate_limit), None)
-        } else if i < limited + standalone {
-            let b = if i < limited + tiny {
+        } else if i < limited + token_keys {
+            token_limit = Some(args.token_limit);
+            (Class::Tokens, None, None)
+        } else if i < limited + token_keys + budget_keys {
+            budget = Some(args.budget_usd);
+            (Class::Budget, None, None)
+        } else if i < limited + token_keys + budget_keys + standalone {
+            let b = if i < limited + token_keys + budget_keys + tiny {
                 args.tiny_balance_usd
             } else {
                 args.standalone_balance_usd
@@ -372,6 +399,8 @@ fn specs(args: &Args) -> Vec<Spec> {
             rate_limit: rate,
             concurrent_limit: Some(args.concurrent_limit),
             balance,
+            token_limit,
+            budget,
         });
     }
     out
@@ -437,6 +466,8 @@ async fn run(args: Args) -> Result<Report, String> {
             rate_limit: Some(args.normal_rate_limit),
             concurrent_limit: None,
             balance: None,
+            token_limit: None,
+            budget: None,
         };
         let keys = admin::create_many(
             &admin_ep,
@@ -528,17 +559,23 @@ async fn run(args: Args) -> Result<Report, String> {
         let mut load_keys: Vec<load::LoadKey> = keys
             .iter()
             .map(|k| {
-                let reserve = if k.spec.class == Class::Standalone {
+                let reserve = if matches!(k.spec.class, Class::Standalone | Class::Budget) {
                     args.max_cost_usd
                 } else {
                     Money::ZERO
+                };
+                let reserve_tokens = if k.spec.class == Class::Tokens {
+                    args.reserve_tokens
+                } else {
+                    0
                 };
                 load::LoadKey {
                     class: k.spec.class,
                     rate_limit: k.spec.rate_limit,
                     concurrent_limit: k.spec.concurrent_limit,
-                    admit_body: load::admit_body(&k.secret, reserve),
+                    admit_body: load::admit_body(&k.secret, reserve, reserve_tokens),
                     reserve,
+                    reserve_tokens,
                 }
             })
             .collect();
@@ -547,11 +584,13 @@ async fn run(args: Args) -> Result<Report, String> {
                 class: Class::Normal,
                 rate_limit: None,
                 concurrent_limit: None,
-                admit_body: load::admit_body(&invalid_key(), Money::ZERO),
+                admit_body: load::admit_body(&invalid_key(), Money::ZERO, 0),
                 reserve: Money::ZERO,
+                reserve_tokens: 0,
             });
         }
         let epoch = Instant::now();
+        let first_day = chrono::Utc::now().date_naive();
         let plan = load::Plan {
             data: data.clone(),
             keys: Arc::new(load_keys),
@@ -611,9 +650,12 @@ async fn run(args: Args) -> Result<Report, String> {
 
         progress("checking invariants");
         let window_ns = window_ms * 1_000_000;
-        report
-            .invariants
-            .extend(verify::local(&keys, &out, window_ns));
+        report.invariants.extend(verify::local(
+            &keys,
+            &out,
+            window_ns,
+            chrono::Utc::now().date_naive() == first_day,
+        ));
         let uncertain: HashSet<u32> = out.uncertain.iter().copied().collect();
         report
             .invariants

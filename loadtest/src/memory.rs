@@ -52,13 +52,15 @@ pub async fn measure(
         rate_limit: Some(FULL as u64),
         concurrent_limit: None,
         balance: None,
+        token_limit: None,
+        budget: None,
     };
     let key = admin::create(&mut a, run_id, &format!("loadtest {run_id} memory"), &spec).await?;
     let k = layout.for_hash(&tollgate::keys::hash(&key.secret));
     let state_at_rest = memory_usage(redis, &k.state).await?;
 
     let mut d = Conn::new(data.clone(), None);
-    let body = load::admit_body(&key.secret, Money::ZERO);
+    let body = load::admit_body(&key.secret, Money::ZERO, 0);
     let mut leases = Vec::with_capacity(FULL);
     for _ in 0..FULL {
         let (status, b) = d

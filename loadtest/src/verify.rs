@@ -34,7 +34,9 @@ impl Invariant {
 }
 
 /// The interval checks of [`check`], per key, plus what the workers flagged on the way.
-pub fn local(keys: &[Key], out: &Outcome, window_ns: u64) -> Vec<Invariant> {
+///
+/// `one_day`: the run stayed within one UTC day, so daily budgets never turned during it.
+pub fn local(keys: &[Key], out: &Outcome, window_ns: u64, one_day: bool) -> Vec<Invariant> {
     let grants = check::by_key(&out.grants);
     let group = |v: &[check::Attempt]| {
         let mut m: HashMap<u32, Vec<check::Attempt>> = HashMap::new();
@@ -78,6 +80,35 @@ pub fn local(keys: &[Key], out: &Outcome, window_ns: u64) -> Vec<Invariant> {
             }
         }
     }
+    // Token and budget keys: the scripts' windows and periods, checked from the outside.
+    let mut settles: HashMap<u32, Vec<check::TokenSettle>> = HashMap::new();
+    for s in &out.token_settles {
+        settles.entry(s.key).or_default().push(*s);
+    }
+    let (mut token_f, mut token_keys, mut budget_f, mut budget_keys) =
+        (Vec::new(), 0usize, Vec::new(), 0usize);
+    for (i, k) in keys.iter().enumerate() {
+        let kid = i as u32;
+        if let Some(limit) = k.spec.token_limit {
+            token_keys += 1;
+            let mut v = settles.remove(&kid).unwrap_or_default();
+            v.sort_by_key(|s| s.sent);
+            if let Some(f) = check::token_window(&v, limit, window_ns) {
+                token_f.push(format!("key #{i}: {f}"));
+            }
+        }
+        if let (Some(budget), true) = (k.spec.budget, one_day) {
+            budget_keys += 1;
+            // Confirmed charges only: a lower bound of the spend, so a failure is proven.
+            let spent = out.cost.get(&kid).map_or(0, |c| c.0);
+            if spent > budget.nanos() {
+                budget_f.push(format!(
+                    "key #{i}: {} charged against a budget of {budget}",
+                    Money::from_nanos(spent)
+                ));
+            }
+        }
+    }
     let mut flagged: HashMap<&'static str, Vec<String>> = HashMap::new();
     for v in &out.violations {
         flagged
@@ -108,6 +139,23 @@ pub fn local(keys: &[Key], out: &Outcome, window_ns: u64) -> Vec<Invariant> {
             "concurrency_denials_deserved",
             format!("{} concurrency_limited denials", out.conc_denials.len()),
             conc_den_f,
+        ),
+        Invariant::new(
+            "token_limit_never_exceeded",
+            format!(
+                "{token_keys} keys, {} settlements within their reservations, every window",
+                out.token_settles.len()
+            ),
+            token_f,
+        ),
+        Invariant::new(
+            "budget_never_overspent",
+            if one_day {
+                format!("{budget_keys} keys with a daily budget, charges within their holds")
+            } else {
+                "skipped: the run crossed a UTC midnight, daily budgets turned".to_string()
+            },
+            budget_f,
         ),
     ];
     for name in [
@@ -174,7 +222,7 @@ pub async fn redis_balances(
             ));
             continue;
         }
-        let body = load::admit_body(&k.secret, Money::ZERO);
+        let body = load::admit_body(&k.secret, Money::ZERO, 0);
         let reply = match conn
             .send(hyper::Method::POST, "/v1/admit", Some(body))
             .await

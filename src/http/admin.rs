@@ -715,6 +715,16 @@ pub struct CleanupBody {
     auto_delete: Option<bool>,
 }
 
+/// The OpenAPI 3.1 document of both listeners, compiled in, so the document served is the one
+/// this binary was tested against. `docs/openapi.json` is generated from `docs/openapi.yaml`.
+pub async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("../../docs/openapi.json"),
+    )
+        .into_response()
+}
+
 pub async fn cleanup_expired(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<CleanupBody>,

@@ -152,6 +152,7 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         ))
         // Added after that layer: the price table is in memory and answers without Postgres.
         .route("/admin/prices", get(admin::prices))
+        .route("/admin/openapi.json", get(admin::openapi))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,

@@ -95,15 +95,18 @@ fn model_from_body(headers: &HeaderMap, body: &[u8]) -> Option<String> {
 /// else `TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS`. Short by default, because a proxy that
 /// reports nothing at the end of a request leaves its leases to expire.
 fn lease(state: &AppState, headers: &HeaderMap) -> Result<LeaseTerm, ApiError> {
-    if let Some(mode) = headers.get("x-tollgate-lease") {
-        return lease_mode("X-Tollgate-Lease", mode.to_str().unwrap_or_default());
-    }
-    match headers.get("x-tollgate-lease-ttl") {
+    // Both headers are checked, so a bad lifetime is a 400 with or without a lease, as
+    // `/v1/admit` answers it.
+    let ttl = match headers.get("x-tollgate-lease-ttl") {
         Some(v) => lease_ttl(
             "X-Tollgate-Lease-Ttl",
             v.to_str().ok().and_then(|t| t.trim().parse().ok()),
-        ),
-        None => Ok(state.config.subrequest_lease_ttl),
+        )?,
+        None => state.config.subrequest_lease_ttl,
+    };
+    match headers.get("x-tollgate-lease") {
+        Some(mode) => lease_mode("X-Tollgate-Lease", mode.to_str().unwrap_or_default()),
+        None => Ok(ttl),
     }
 }
 

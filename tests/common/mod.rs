@@ -16,6 +16,7 @@ pub mod private_redis;
 pub mod process;
 pub mod proxies;
 pub mod silent_relay;
+pub mod tools;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
