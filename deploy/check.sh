@@ -447,6 +447,10 @@ try:
             sys.exit("tollgate exited: " + open(out + ".log").read())
         try: call(admin, "/healthz"); break
         except OSError: time.sleep(0.1)
+    # serve migrates in the background while it already serves: the admin API needs Postgres.
+    for _ in range(600):
+        try: call(admin, "/readyz?strict=true"); break
+        except OSError: time.sleep(0.1)
     key = json.loads(call(admin, "/admin/keys", {"user_id": "dashboard-check"}, token))["key"]
     lease = json.loads(call(data, "/v1/admit", {"key": key}))["lease_id"]
     call(data, "/v1/settle", {"lease_id": lease, "cost_usd": 0.01})

@@ -23,20 +23,92 @@
 --              period's start (ms): they seed the running `bsp`/`bps`, and replace them when
 --              the period kind changes (the running spend was of another kind of period)
 -- Returns 'written' | 'stale' | 'negative' | 'exists'
+--
+-- Never half-writes: every argument is checked before the first write; a call that fails a
+-- check changes nothing and answers an error reply (see settle.lua): LIMIT_EXCEEDED for a
+-- balance above 2^53 - 1 nano-USD (admit.lua compares balances as Lua numbers) or a `used`
+-- seed above 2^62 nano-USD (settle.lua's lifetime bound), likewise a budget and a period
+-- spend; INVALID_ARGUMENT for anything else
+-- tollgate never sends (version 1 set the `none` marker, then failed on a bad TTL and left it
+-- without an expiry); CORRUPT_STATE when the stored version is not a number.
 
 local state = KEYS[1]
+local MAX_BALANCE = 9007199254740991
+local function refuse(code, why) return redis.error_reply(code .. ' ' .. why) end
+-- A whole number, optionally signed, of at most 19 digits; its exact value if below 2^53.
+local function whole(v)
+  if type(v) ~= 'string' or string.find(v, '^%-?%d+$') == nil then return false end
+  return #string.gsub(v, '^%-', '') <= 19
+end
+local function exact(v)
+  if not whole(v) or #v > 17 then return nil end
+  local n = tonumber(v)
+  if n > MAX_BALANCE or n < -MAX_BALANCE then return nil end
+  return n
+end
+
 if ARGV[1] == 'none' then
+  local ttl = exact(ARGV[2])
+  if ttl == nil or ttl < 1 then return refuse('INVALID_ARGUMENT', 'negative-cache ttl') end
   if redis.call('HEXISTS', state, 'id') == 1 then return 'exists' end
   redis.call('HSET', state, 'none', '1')
-  redis.call('PEXPIRE', state, tonumber(ARGV[2]))
+  redis.call('PEXPIRE', state, ttl)
   return 'negative'
+end
+if ARGV[1] ~= 'key' then return refuse('INVALID_ARGUMENT', 'mode') end
+
+local version = exact(ARGV[2])
+if version == nil or version < 0 then return refuse('INVALID_ARGUMENT', 'version') end
+if ARGV[3] == nil or ARGV[3] == '' then return refuse('INVALID_ARGUMENT', 'key id') end
+if ARGV[5] ~= '1' and ARGV[5] ~= '0' then return refuse('INVALID_ARGUMENT', 'active') end
+if ARGV[12] ~= '1' and ARGV[12] ~= '0' then return refuse('INVALID_ARGUMENT', 'standalone') end
+if ARGV[6] ~= '' and exact(ARGV[6]) == nil then return refuse('INVALID_ARGUMENT', 'expiry') end
+for _, i in ipairs({10, 11}) do
+  local n = exact(ARGV[i])
+  if n == nil or n < -1 then return refuse('INVALID_ARGUMENT', 'limit ' .. i) end
+end
+for _, i in ipairs({7, 8, 9, 4}) do
+  if type(ARGV[i]) ~= 'string' then return refuse('INVALID_ARGUMENT', 'argument ' .. i) end
+end
+if not whole(ARGV[13]) or (ARGV[13] ~= '-1' and string.sub(ARGV[13], 1, 1) == '-') then
+  return refuse('INVALID_ARGUMENT', 'balance')
+end
+if exact(ARGV[13]) == nil then return refuse('LIMIT_EXCEEDED', 'balance above 2^53 - 1 nano-USD') end
+local used = ARGV[14]
+if not whole(used) or string.sub(used, 1, 1) == '-' then return refuse('INVALID_ARGUMENT', 'used') end
+-- Above 2^62 (4611686018427387904; 19 digits, so a string comparison is a numeric one).
+if #used > 19 or (#used == 19 and used > '4611686018427387904') then
+  return refuse('LIMIT_EXCEEDED', 'used above 2^62 nano-USD')
+end
+
+local token_limit = exact(ARGV[15])
+if token_limit == nil or token_limit < -1 then return refuse('INVALID_ARGUMENT', 'token limit') end
+if not whole(ARGV[16]) or (ARGV[16] ~= '-1' and string.sub(ARGV[16], 1, 1) == '-') then
+  return refuse('INVALID_ARGUMENT', 'budget')
+end
+if exact(ARGV[16]) == nil then return refuse('LIMIT_EXCEEDED', 'budget above 2^53 - 1 nano-USD') end
+local period = ARGV[17]
+if period ~= '' and period ~= 'day' and period ~= 'week' and period ~= 'month' then
+  return refuse('INVALID_ARGUMENT', 'budget period')
+end
+local spent = ARGV[18]
+if not whole(spent) or string.sub(spent, 1, 1) == '-' then
+  return refuse('INVALID_ARGUMENT', 'period spend')
+end
+if #spent > 19 or (#spent == 19 and spent > '4611686018427387904') then
+  return refuse('LIMIT_EXCEEDED', 'period spend above 2^62 nano-USD')
+end
+if ARGV[19] ~= '' and (exact(ARGV[19]) == nil or exact(ARGV[19]) < 0) then
+  return refuse('INVALID_ARGUMENT', 'period start')
 end
 
 local current = redis.call('HGET', state, 'ver')
-if current and tonumber(current) >= tonumber(ARGV[2]) then return 'stale' end
+if current and tonumber(current) == nil then return refuse('CORRUPT_STATE', 'version') end
+if current and tonumber(current) >= version then return 'stale' end
 
 local old_period = redis.call('HGET', state, 'bper')
 redis.call('HDEL', state, 'none')
+-- Every argument is valid: from here on every call succeeds.
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
   'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])

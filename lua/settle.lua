@@ -36,10 +36,25 @@
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
 --   | {'price', provider, model} (ARGV[1] '?')
 -- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
+--
+-- Never half-writes: every bound is checked before the first write, and a call that fails
+-- one changes nothing and answers an error reply whose first word says why:
+--   LIMIT_EXCEEDED    the cost is above MAX_COST, or `used` + cost would pass MAX_USED
+--   INVALID_ARGUMENT  an argument is not what tollgate sends (a number that is not one)
+--   CORRUPT_STATE     the key's state or the lease record holds what no script writes
+-- (`hot::redis` reads these as `RedisFailure::Refused`; `http::error` answers 422
+-- `limit_exceeded`, 400 `bad_request`, 500 `internal`.) Version 1 added the cost to `used` with
+-- HINCRBY after freeing the lease: past the 64-bit range HINCRBY failed, and every later settle
+-- answered 503 with the lease already gone from the live set.
+--
+-- MAX_COST = 2^53 - 1 nano-USD (9,007,199.254740991 USD; what the Rust side accepts, and
+-- the largest integer a Lua number holds exactly). MAX_USED = 2^62 nano-USD (about 4.6
+-- billion USD): a key's lifetime spend. It keeps `used`, Postgres's `balance_used_nanos` and
+-- every sum of them (a day's roll-up, a batch of 500 events at MAX_COST on top) inside 64 bits.
+-- It is compared exactly, in two 9-digit halves, never as a (rounded) Lua number.
 
 local state, live, holds, lease, stream, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
   KEYS[6]
-local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
 local function int(n) return string.format('%.0f', n) end
 -- A hold is 'nanos' or 'nanos:tokens' (admit.lua).
 local function hold_of(h)
@@ -48,11 +63,65 @@ local function hold_of(h)
   return tonumber(h), 0
 end
 
+local MAX_COST = 9007199254740991
+local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
+local function refuse(code, why) return redis.error_reply(code .. ' ' .. why) end
+-- A whole number as tollgate writes it: digits, optionally '-'; at most 19 digits (64 bits).
+local function whole(v, signed)
+  if type(v) ~= 'string' or #v == 0 or #v > 20 then return false end
+  if signed then return string.find(v, '^%-?%d+$') ~= nil and #string.gsub(v, '^%-', '') <= 19 end
+  return string.find(v, '^%d+$') ~= nil and #v <= 19
+end
+-- A non-negative whole number below 2^53, as an exact Lua number (or nil).
+local function exact(v)
+  if not whole(v, false) or #v > 16 then return nil end -- 16 digits: beyond, past 2^53 anyway
+  local n = tonumber(v)
+  if n > MAX_COST then return nil end
+  return n
+end
+-- (hi, lo) of a non-negative whole number string: both exact, lo < 1e9.
+local function halves(d)
+  if #d <= 9 then return 0, tonumber(d) end
+  return tonumber(string.sub(d, 1, #d - 9)), tonumber(string.sub(d, -9))
+end
+
+-- Arguments (tollgate always sends them well-formed; a caller that does not is refused).
+-- A cost of '?' asks for the price's provider and model and writes nothing.
+local cost = ARGV[1]
+if type(cost) ~= 'string' or (cost ~= '?' and string.find(cost, '^%d+$') == nil) then
+  return refuse('INVALID_ARGUMENT', 'cost')
+end
+if cost ~= '?' and exact(cost) == nil then
+  return refuse('LIMIT_EXCEEDED', 'cost above 2^53 - 1 nano-USD')
+end
+if exact(ARGV[2]) == nil or exact(ARGV[3]) == nil then return refuse('INVALID_ARGUMENT', 'tokens') end
+for i = 4, 6 do
+  if ARGV[i] ~= '-1' and exact(ARGV[i]) == nil then return refuse('INVALID_ARGUMENT', 'argument ' .. i) end
+end
+local tombstone_ttl = exact(ARGV[10])
+if tombstone_ttl == nil or tombstone_ttl < 1 then return refuse('INVALID_ARGUMENT', 'tombstone ttl') end
+local dot = string.find(ARGV[11] or '', '.', 1, true)
+if dot == nil then return refuse('INVALID_ARGUMENT', 'lease id') end
+local nonce = string.sub(ARGV[11], dot + 1)
+if ARGV[12] ~= 'any' and ARGV[12] ~= 'live' then return refuse('INVALID_ARGUMENT', 'lease state') end
+local window = exact(ARGV[13])
+if window == nil or window < 1 then return refuse('INVALID_ARGUMENT', 'rate window') end
+if ARGV[14] == 'failopen' and (exact(ARGV[20]) == nil or exact(ARGV[21]) == nil) then
+  return refuse('INVALID_ARGUMENT', 'fail-open lease times')
+end
+
 local rec = redis.call('GET', lease)
 -- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
 local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
-  'bper', 'bps')
+  'bper', 'bps', 'bsp', 'wtok')
 local hydrated = s[1] ~= false
+-- Every counter the writes below do arithmetic on must be a whole number (`bps`, the budget
+-- period's start, is '' for a budget that never resets).
+for _, i in ipairs({2, 3, 4, 6, 7, 8, 10, 11, 12}) do
+  if s[i] and not (i == 10 and s[i] == '') and not whole(s[i], true) then
+    return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
+  end
+end
 local used = tonumber(s[3]) or 0
 local held = tonumber(s[4]) or 0
 local htok = tonumber(s[6]) or 0
@@ -82,9 +151,41 @@ local function pick(given, from_lease)
 end
 if ARGV[1] == '?' then return {'price', pick(ARGV[7], r[3]), pick(ARGV[9], r[5])} end
 
+if tonumber(r[6]) == nil or tonumber(r[7]) == nil then
+  return refuse('CORRUPT_STATE', 'lease record times')
+end
+
+-- Whether counter + amount (whole number strings, amount >= 0) passes 2^62, exactly. A
+-- counter below 0 cannot pass it.
+local function passes(counter, amount)
+  if string.sub(counter, 1, 1) == '-' then return false end
+  local ahi, alo = halves(counter)
+  local bhi, blo = halves(amount)
+  local lo, hi = alo + blo, ahi + bhi
+  if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
+  return hi > MAX_USED_HI or (hi == MAX_USED_HI and lo > MAX_USED_LO)
+end
+-- The lifetime bound: used + cost <= MAX_USED. The period spend (`bsp`) and the token window's
+-- sum (`wtok`) are bounded the same way (they are parts of lifetime totals), so no HINCRBY
+-- below can overflow.
+if hydrated then
+  if passes(s[3] or '0', cost) then
+    return refuse('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
+  end
+  if passes(s[11] or '0', cost) then
+    return refuse('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
+  end
+  local total = ARGV[4]
+  if total == '-1' then total = int(tonumber(ARGV[2]) + tonumber(ARGV[3])) end
+  if passes(s[12] or '0', total) then
+    return refuse('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
+  end
+end
+
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- Every bound holds: from here on every call succeeds.
 -- Free the slot and hold (a released lease has given them back already). Nothing is held
 -- when `held` and `htok` are 0 (admit.lua's invariant), so `holds` is only read when it can
 -- matter.
@@ -111,7 +212,6 @@ end
 local expired = '0'
 if now >= tonumber(r[7]) then expired = '1' end
 
-local cost = ARGV[1]
 if hydrated then
   redis.call('HINCRBY', state, 'used', cost)
   used = used + tonumber(cost)
@@ -123,7 +223,7 @@ if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 -- The token window of a key with a token limit.
 if hydrated and (tonumber(s[7]) or -1) > 0 and total ~= '0' then
   redis.call('ZADD', tokens, now, nonce .. ':' .. total)
-  redis.call('PEXPIRE', tokens, ARGV[13])
+  redis.call('PEXPIRE', tokens, window)
   redis.call('HINCRBY', state, 'wtok', total)
 end
 
@@ -173,6 +273,6 @@ redis.call('XADD', stream, '*',
   'at', r[6], 'ts', now, 'x', expired)
 
 -- The record becomes a tombstone that only answers "duplicate".
-redis.call('SET', lease, 'S', 'PX', ARGV[10])
+redis.call('SET', lease, 'S', 'PX', tombstone_ttl)
 
 return {'settled', expired, available()}

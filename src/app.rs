@@ -1,9 +1,11 @@
 //! Wiring: pools, scripts, the gate, the background tasks and both listeners.
 //!
-//! [`App::build`] does everything that can fail at start-up (bind, connect, migrate) and
-//! reports it as one [`StartError`] line; [`App::run`] serves until the shutdown future
-//! resolves, then drains: listeners stop accepting, in-flight requests finish, the syncer
-//! flushes what is already in the streams, all within [`SHUTDOWN_BOUND`].
+//! [`App::build`] does everything that can fail at start-up (bind, the pools' settings) and
+//! reports it as one [`StartError`] line; it never waits for Postgres, which `startup` brings
+//! up in the background while the listeners already serve from Redis. [`App::run`] serves
+//! until the shutdown future resolves, then drains: listeners stop accepting, in-flight
+//! requests finish, the syncer flushes what is already in the streams, all within
+//! [`SHUTDOWN_BOUND`].
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +22,7 @@ use crate::config::Config;
 use crate::hot::admission::HotPath;
 use crate::hot::gate::Gate;
 use crate::hot::redis::Redis;
-use crate::http::{self, AppState};
+use crate::http::{self, serve, AppState};
 use crate::metrics::{self, Metrics};
 use crate::store;
 use crate::sync;
@@ -31,9 +33,7 @@ pub const SHUTDOWN_BOUND: Duration = Duration::from_secs(20);
 const SYNC_DRAIN: Duration = Duration::from_secs(5);
 /// Headroom for the tasks to notice the stop and return after their own bounds.
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(1);
-/// How long start-up spends loading keys into an empty namespace before serving anyway.
-const RELOAD_AT_START: Duration = Duration::from_secs(30);
-/// How long start-up waits for Postgres to accept connections.
+/// How long `tollgate migrate` waits for Postgres to accept connections.
 const DB_START_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +156,9 @@ pub struct App {
 impl App {
     pub async fn build(config: Config) -> Result<App, StartError> {
         let prometheus = metrics::install();
+        if let Some(n) = serve::raise_fd_limit() {
+            tracing::debug!(limit = n, "open-file limit");
+        }
         let data = TcpListener::bind(config.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -176,7 +179,10 @@ impl App {
             ),
             None => None,
         };
-        let db = database(&config).await?;
+        // Lazy pools: nothing here waits for Postgres (`startup::postgres` brings it up).
+        let db = store::connect(config.database_url.expose())
+            .await
+            .map_err(|e| StartError::Database(e.to_string()))?;
         let sync_db = config
             .sync_enabled
             .then(|| store::connect_usage_sync(config.database_url.expose()))
@@ -205,6 +211,7 @@ impl App {
             config: Arc::new(config),
             gate,
             db,
+            postgres: store::PgReady::default(),
             metrics,
             prometheus,
         });
@@ -268,55 +275,34 @@ impl App {
                 hot.layout.streams(),
                 consumer,
             )
-            .with_claim_idle(config.sync_claim_idle);
+            .with_claim_idle(config.sync_claim_idle)
+            .writing_once(state.postgres.clone());
             spawn_syncer(syncer, sync_stop_rx)
         });
         if syncer.is_none() {
             tracing::info!("usage sync is off here (TOLLGATE_SYNC_ENABLED=false): events wait in redis for a process that has it on");
         }
-        // A namespace with no state yet (first start, or Redis lost everything) gets every key
-        // before the first request, not one throttled cache miss at a time. Bounded, so a
-        // Redis or Postgres outage does not hold start-up; the reconciler retries.
-        match tokio::time::timeout(
-            RELOAD_AT_START,
-            sync::reconcile::reload_if_wiped(&hot, &state.db),
-        )
-        .await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not load keys into redis at start"),
-            Err(_) => tracing::warn!("loading keys into redis at start timed out; continuing"),
-        }
-        let reconciler = tokio::spawn(sync::reconcile::run(
-            hot.clone(),
-            state.db.clone(),
-            state.metrics.clone(),
+        // Postgres comes up in the background (migrations, then reconciler and sweeper);
+        // admissions from Redis do not wait for it.
+        let postgres = tokio::spawn(crate::startup::postgres(state.clone(), stop_rx.clone()));
+
+        let limits = config.connections;
+        let data = tokio::spawn(serve::serve(
+            self.data,
+            http::data_router(state.clone()),
+            limits,
             stop_rx.clone(),
         ));
-        let sweeper = config.cleanup_interval.map(|every| {
-            tokio::spawn(sync::sweeper::run(
-                hot.clone(),
-                state.db.clone(),
-                state.metrics.clone(),
-                every,
-                config.auto_delete_expired,
-                stop_rx.clone(),
-            ))
-        });
-
+        let admin = tokio::spawn(serve::serve(
+            self.admin,
+            http::admin_router(state.clone()),
+            limits,
+            stop_rx.clone(),
+        ));
+        // The access-log receiver settles and releases through Redis alone: it starts at once.
         let receiver = self
             .access_log
             .map(|r| tokio::spawn(r.run(state.clone(), stop_rx.clone())));
-
-        let signal = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        };
-        let data = axum::serve(self.data, http::data_router(state.clone()))
-            .with_graceful_shutdown(signal(stop_rx.clone()));
-        let admin = axum::serve(self.admin, http::admin_router(state.clone()))
-            .with_graceful_shutdown(signal(stop_rx.clone()));
-        let data = tokio::spawn(async move { data.await });
-        let admin = tokio::spawn(async move { admin.await });
         tracing::info!(
             listen = %data_addr,
             admin = %admin_addr,
@@ -337,12 +323,11 @@ impl App {
             if let Some(s) = syncer {
                 let _ = s.await;
             }
-            let _ = reconciler.await;
             if let Some(r) = receiver {
                 let _ = r.await;
             }
-            if let Some(s) = sweeper {
-                let _ = s.await;
+            for task in postgres.await.unwrap_or_default() {
+                let _ = task.await;
             }
         })
         .await;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::hot::admission::LeaseTerm;
+use crate::http::serve::ConnectionLimits;
 use crate::inference::Inference;
 use crate::keys::{EncryptionKey, Secret};
 use crate::prices::Prices;
@@ -91,6 +92,20 @@ pub struct RawSettings {
     /// Deadline of one Redis call on the hot path, in milliseconds
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT_MS", default_value = "250")]
     pub redis_timeout_ms: String,
+    /// Seconds a client has to send a request's headers (from the accept, or from the first
+    /// byte of a later request on a kept-alive connection)
+    #[arg(long, env = "TOLLGATE_HEADER_TIMEOUT_SECONDS", default_value = "10")]
+    pub header_timeout_seconds: String,
+    /// Seconds a client has to send a request's whole body, from the end of its headers
+    #[arg(long, env = "TOLLGATE_BODY_TIMEOUT_SECONDS", default_value = "30")]
+    pub body_timeout_seconds: String,
+    /// Seconds a kept-alive connection may stay idle; longer than the gateways' own upstream
+    /// keep-alive (nginx 60 s, Go 90 s, Caddy 2 min, Envoy 1 h) so that they close first
+    #[arg(long, env = "TOLLGATE_IDLE_TIMEOUT_SECONDS", default_value = "3660")]
+    pub idle_timeout_seconds: String,
+    /// Most open connections per listener; above it a new connection gets 503 and is closed
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", default_value = "10000")]
+    pub max_connections: String,
     /// Log format: text or json
     #[arg(long, env = "TOLLGATE_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -206,6 +221,8 @@ pub struct Config {
     pub cleanup_interval: Option<Duration>,
     pub auto_delete_expired: bool,
     pub redis_timeout: Duration,
+    /// Per listener: header, body and idle timeouts, connection cap (`http::serve`).
+    pub connections: ConnectionLimits,
     pub log_format: LogFormat,
     pub inference: Inference,
     pub sync_consumer: Option<String>,
@@ -256,6 +273,38 @@ fn positive_seconds(name: &'static str, text: &str, allow_zero: bool) -> Result<
         return Err(bad(name, "must be at most a year"));
     }
     Ok(n)
+}
+
+/// The serve loop's settings. A header or body timeout is meant to be short (an honest
+/// client sends a request at once), so they are capped at an hour.
+fn connection_limits(raw: &RawSettings) -> Result<ConnectionLimits, ConfigError> {
+    let short = |name: &'static str, text: &str| {
+        let n = positive_seconds(name, text, false)?;
+        if n > 3600 {
+            return Err(bad(name, "must be at most 3600 seconds"));
+        }
+        Ok(Duration::from_secs(n))
+    };
+    let max_connections = raw
+        .max_connections
+        .trim()
+        .parse::<usize>()
+        .ok()
+        .filter(|n| (1..=1_000_000).contains(n))
+        .ok_or_else(|| bad("TOLLGATE_MAX_CONNECTIONS", "1 to 1000000"))?;
+    Ok(ConnectionLimits {
+        header_timeout: short(
+            "TOLLGATE_HEADER_TIMEOUT_SECONDS",
+            &raw.header_timeout_seconds,
+        )?,
+        body_timeout: short("TOLLGATE_BODY_TIMEOUT_SECONDS", &raw.body_timeout_seconds)?,
+        idle_timeout: Duration::from_secs(positive_seconds(
+            "TOLLGATE_IDLE_TIMEOUT_SECONDS",
+            &raw.idle_timeout_seconds,
+            false,
+        )?),
+        max_connections,
+    })
 }
 
 impl Config {
@@ -372,6 +421,7 @@ impl Config {
             .ok()
             .filter(|n| (1..=60_000).contains(n))
             .ok_or_else(|| bad("TOLLGATE_REDIS_TIMEOUT_MS", "1 to 60000 milliseconds"))?;
+        let connections = connection_limits(raw)?;
         let inference = match raw.inference_rules.as_deref().map(str::trim) {
             None | Some("") => Inference::default(),
             Some(path) => {
@@ -456,6 +506,7 @@ impl Config {
             cleanup_interval: (cleanup > 0).then(|| Duration::from_secs(cleanup)),
             auto_delete_expired,
             redis_timeout: Duration::from_millis(timeout_ms),
+            connections,
             log_format,
         })
     }
@@ -484,6 +535,10 @@ impl Config {
             cleanup_interval_seconds: get("TOLLGATE_CLEANUP_INTERVAL_SECONDS", "300"),
             auto_delete_expired: get("TOLLGATE_AUTO_DELETE_EXPIRED", "false"),
             redis_timeout_ms: get("TOLLGATE_REDIS_TIMEOUT_MS", "250"),
+            header_timeout_seconds: get("TOLLGATE_HEADER_TIMEOUT_SECONDS", "10"),
+            body_timeout_seconds: get("TOLLGATE_BODY_TIMEOUT_SECONDS", "30"),
+            idle_timeout_seconds: get("TOLLGATE_IDLE_TIMEOUT_SECONDS", "3660"),
+            max_connections: get("TOLLGATE_MAX_CONNECTIONS", "10000"),
             log_format: get("TOLLGATE_LOG_FORMAT", "text"),
             inference_rules: map.get("TOLLGATE_INFERENCE_RULES").cloned(),
             sync_consumer: map.get("TOLLGATE_SYNC_CONSUMER").cloned(),
@@ -514,6 +569,10 @@ mod tests {
         assert!(!c.auto_delete_expired);
         assert!(c.sync_enabled);
         assert!(c.admin_token.is_none() && c.encryption_key.is_none());
+        assert_eq!(c.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.connections.body_timeout, Duration::from_secs(30));
+        assert_eq!(c.connections.idle_timeout, Duration::from_secs(3660));
+        assert_eq!(c.connections.max_connections, 10_000);
         assert_eq!(
             c.subrequest_lease_ttl,
             LeaseTerm::Ttl(Duration::from_secs(60))
@@ -532,6 +591,10 @@ mod tests {
             ("TOLLGATE_RATE_WINDOW_SECONDS", "0"),
             ("TOLLGATE_AUTO_DELETE_EXPIRED", "maybe"),
             ("TOLLGATE_SYNC_ENABLED", "off-ish"),
+            ("TOLLGATE_HEADER_TIMEOUT_SECONDS", "0"),
+            ("TOLLGATE_BODY_TIMEOUT_SECONDS", "3601"),
+            ("TOLLGATE_IDLE_TIMEOUT_SECONDS", "soon"),
+            ("TOLLGATE_MAX_CONNECTIONS", "0"),
             ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "0"),
             ("TOLLGATE_SUBREQUEST_LEASE_TTL_SECONDS", "86401"),
             ("TOLLGATE_ACCESS_LOG_LISTEN", "5140"),

@@ -9,6 +9,7 @@
 //!
 //! - [`config`]: every setting, flag and `TOLLGATE_*` variable, validated in one place
 //! - [`app`]: wiring of pools, scripts, background tasks and both listeners
+//! - [`startup`]: Postgres brought up in the background, and what needs it started then
 //! - [`http`]: where HTTP ends — routers, handlers, the one error-to-response mapping
 //! - [`hot`]: where a decision is made — Redis key layout, Lua scripts, the gate
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
@@ -31,5 +32,6 @@ pub mod metrics;
 pub mod money;
 pub mod period;
 pub mod prices;
+pub mod startup;
 pub mod store;
 pub mod sync;

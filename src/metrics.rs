@@ -22,6 +22,7 @@ pub const FAIL_OPEN: &str = "tollgate_fail_open_admissions_total";
 pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
 pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
 pub const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
+pub const SCRIPT_REFUSALS: &str = "tollgate_script_refusals_total";
 pub const ACCESS_LOG_RECORDS: &str = "tollgate_access_log_records_total";
 pub const TOKENS_SETTLED: &str = "tollgate_tokens_settled_total";
 
@@ -101,6 +102,11 @@ fn describe() {
     metrics::describe_counter!(
         EVENTS_SYNCED,
         "Usage events newly written to Postgres by this process"
+    );
+    metrics::describe_counter!(
+        SCRIPT_REFUSALS,
+        "Script calls refused before any write, by script and code: LIMIT_EXCEEDED, \
+         INVALID_ARGUMENT, CORRUPT_STATE"
     );
     metrics::describe_counter!(
         EVENTS_DEAD,
@@ -199,6 +205,10 @@ impl Metrics {
     }
 
     pub fn redis_error(&self, kind: &'static str) {
+        // A script's refusal is an answer, counted in `tollgate_script_refusals_total`.
+        if kind == "refused" {
+            return;
+        }
         metrics::counter!(REDIS_ERRORS, "kind" => kind).increment(1);
     }
 }

@@ -683,6 +683,27 @@ impl Binary {
                 lines.lock().unwrap().join("\n")
             );
         };
+        // `serve` migrates in the background while it already serves: wait for Postgres, as
+        // start-up used to.
+        let http = reqwest::Client::new();
+        let mut migrated = false;
+        for _ in 0..900 {
+            let body: Option<Value> = match http.get(format!("http://{admin}/readyz")).send().await
+            {
+                Ok(res) => res.json().await.ok(),
+                Err(_) => None,
+            };
+            if body.is_some_and(|b| b["postgres"] == "ok") {
+                migrated = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(
+            migrated,
+            "postgres not ready:\n{}",
+            lines.lock().unwrap().join("\n")
+        );
         Binary {
             child,
             lines,

@@ -328,7 +328,8 @@ async fn wait_ready(data: &Endpoint) -> Result<(), String> {
     let mut c = Conn::new(data.clone(), None);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match c.get("/readyz").await {
+        // strict: the run creates its keys through the admin API, which needs Postgres.
+        match c.get("/readyz?strict=true").await {
             Ok((s, _)) if s.is_success() => return Ok(()),
             Ok((s, b)) if Instant::now() > deadline => {
                 return Err(format!(

@@ -34,7 +34,15 @@ pub enum RedisFailure {
     /// retrying the same call will not help.
     #[error("redis refused the command: {0}")]
     Command(String),
+    /// A script refused the call before writing anything, with the first word of its error
+    /// reply (`LIMIT_EXCEEDED`, `INVALID_ARGUMENT`, `CORRUPT_STATE`; see lua/settle.lua): an
+    /// answer about the call, not a failure of Redis.
+    #[error("script refused the call: {code}: {detail}")]
+    Refused { code: &'static str, detail: String },
 }
+
+/// The refusals the scripts answer with (see [`RedisFailure::Refused`]).
+pub const REFUSALS: [&str; 3] = ["LIMIT_EXCEEDED", "INVALID_ARGUMENT", "CORRUPT_STATE"];
 
 impl RedisFailure {
     /// Label of `tollgate_redis_errors_total{kind}`.
@@ -43,12 +51,16 @@ impl RedisFailure {
             RedisFailure::Timeout => "timeout",
             RedisFailure::Connection => "connection",
             RedisFailure::Command(_) => "command",
+            RedisFailure::Refused { .. } => "refused",
         }
     }
 
     /// True when Redis could not be reached at all (what fail-open mode is for).
     pub fn is_transient(&self) -> bool {
-        !matches!(self, RedisFailure::Command(_))
+        !matches!(
+            self,
+            RedisFailure::Command(_) | RedisFailure::Refused { .. }
+        )
     }
 }
 
@@ -70,6 +82,11 @@ impl From<RedisError> for RedisFailure {
             )
         {
             RedisFailure::Connection
+        } else if let Some(code) = REFUSALS.iter().find(|c| e.code() == Some(**c)) {
+            RedisFailure::Refused {
+                code,
+                detail: e.detail().unwrap_or_default().to_string(),
+            }
         } else {
             // The server's own words identify the problem; they never contain key material
             // because tollgate only sends hashes.

@@ -53,6 +53,11 @@ impl Script {
                     .query(&self.command("EVAL", self.source, keys, args))
                     .await
             }
+            Err(RedisFailure::Refused { code, detail }) => {
+                metrics::counter!(crate::metrics::SCRIPT_REFUSALS, "script" => self.name, "code" => code)
+                    .increment(1);
+                Err(RedisFailure::Refused { code, detail })
+            }
             other => other,
         }
     }

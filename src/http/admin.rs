@@ -12,6 +12,7 @@ use axum::Json;
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
@@ -21,7 +22,7 @@ use super::AppState;
 use crate::keys;
 use crate::money::Money;
 use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
-use crate::store::{self, stats};
+use crate::store::{self, stats, StoreError};
 use crate::sync::{reconcile, sweeper};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
@@ -55,6 +56,21 @@ pub async fn require_token(
             "missing or wrong admin bearer token",
         )
         .into_response()
+    }
+}
+
+/// Until Postgres is up and migrated (`startup::postgres`), every admin call answers 503
+/// `unavailable`: the admin API lives in Postgres, admissions do not wait for it.
+pub async fn require_postgres(
+    State(state): State<Arc<AppState>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if state.postgres.is_ready() {
+        next.run(req).await
+    } else {
+        ApiError::unavailable("postgres is not reachable yet; the admin API starts once it is")
+            .into_response()
     }
 }
 
@@ -123,6 +139,22 @@ impl From<&KeyRow> for ApiKey {
             last_used_at: r.last_used_at,
         }
     }
+}
+
+/// An admin call's Postgres work, bounded by [`store::ADMIN_BOUND`]: a connection gone silent
+/// makes the call answer 503 `unavailable` within the bound instead of hanging.
+async fn db<T, F>(state: &AppState, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> store::ConnWork<'c, T> + Send + 'static,
+{
+    store::bounded(&state.db, store::ADMIN_BOUND, work).await
+}
+
+async fn get_row(state: &AppState, id: Uuid) -> Result<KeyRow, ApiError> {
+    db(state, move |c| Box::pin(store::keys::get(c, id)))
+        .await?
+        .ok_or_else(key_not_found)
 }
 
 fn parse_id(id: &str) -> Result<Uuid, ApiError> {
@@ -317,7 +349,10 @@ pub async fn create(
         budget_nanos: budget_usd(b.budget_usd)?,
         budget_period: budget_period(b.budget_period)?,
     };
-    let row = store::keys::insert(&state.db, &new).await?;
+    let row = db(&state, move |c| {
+        Box::pin(async move { store::keys::insert(c, &new).await })
+    })
+    .await?;
     push(&state, &row).await;
     tracing::info!(key_id = %row.id, user_id = %row.user_id, standalone = row.is_standalone, "key created");
     Ok((
@@ -331,9 +366,7 @@ pub async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let row = store::keys::get(&state.db, parse_id(&id)?)
-        .await?
-        .ok_or_else(key_not_found)?;
+    let row = get_row(&state, parse_id(&id)?).await?;
     Ok(Json(ApiKey::from(&row)))
 }
 
@@ -347,9 +380,12 @@ pub async fn lookup(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<LookupBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
-    let row = store::keys::by_hash(&state.db, &keys::hash(b.key.trim()))
-        .await?
-        .ok_or_else(key_not_found)?;
+    let hash = keys::hash(b.key.trim());
+    let row = db(&state, move |c| {
+        Box::pin(async move { store::keys::by_hash(c, &hash).await })
+    })
+    .await?
+    .ok_or_else(key_not_found)?;
     Ok(Json(ApiKey::from(&row)))
 }
 
@@ -357,9 +393,7 @@ pub async fn secret(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let row = store::keys::get(&state.db, parse_id(&id)?)
-        .await?
-        .ok_or_else(key_not_found)?;
+    let row = get_row(&state, parse_id(&id)?).await?;
     let Some(enc) = &state.config.encryption_key else {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -398,7 +432,11 @@ pub async fn list_user(
     Path(user): Path<String>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = store::keys::list_user(&state.db, user_id(&user)?, active_filter(&q)?).await?;
+    let (user, active) = (user_id(&user)?.to_string(), active_filter(&q)?);
+    let rows = db(&state, move |c| {
+        Box::pin(async move { store::keys::list_user(c, &user, active).await })
+    })
+    .await?;
     let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -407,7 +445,11 @@ pub async fn list_standalone(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let rows = store::keys::list_standalone(&state.db, active_filter(&q)?).await?;
+    let active = active_filter(&q)?;
+    let rows = db(&state, move |c| {
+        Box::pin(store::keys::list_standalone(c, active))
+    })
+    .await?;
     let keys: Vec<ApiKey> = rows.iter().map(ApiKey::from).collect();
     Ok(Json(json!({ "keys": keys })))
 }
@@ -489,7 +531,7 @@ pub async fn update(
         budget_nanos: b.budget_usd.map(budget_usd).transpose()?,
         budget_period: b.budget_period.map(budget_period).transpose()?,
     };
-    let row = store::keys::update(&state.db, id, patch)
+    let row = db(&state, move |c| Box::pin(store::keys::update(c, id, patch)))
         .await?
         .ok_or_else(key_not_found)?;
     push(&state, &row).await;
@@ -504,7 +546,8 @@ pub async fn delete(
         is_active: Some(false),
         ..KeyPatch::default()
     };
-    let row = store::keys::update(&state.db, parse_id(&id)?, patch)
+    let id = parse_id(&id)?;
+    let row = db(&state, move |c| Box::pin(store::keys::update(c, id, patch)))
         .await?
         .ok_or_else(key_not_found)?;
     push(&state, &row).await;
@@ -550,9 +593,7 @@ pub async fn adjust_balance(
     }
     // What Redis has charged so far runs ahead of Postgres; a deduction is checked against it.
     let used_now = if b.amount_usd.is_negative() {
-        let row = store::keys::get(&state.db, id)
-            .await?
-            .ok_or_else(key_not_found)?;
+        let row = get_row(&state, id).await?;
         state
             .gate
             .hot
@@ -563,15 +604,14 @@ pub async fn adjust_balance(
     } else {
         None
     };
-    let row = store::keys::adjust_balance(
-        &state.db,
-        id,
-        b.amount_usd.nanos(),
-        used_now,
-        idempotency.as_deref(),
-    )
-    .await
-    .map_err(|e| match e {
+    let amount = b.amount_usd.nanos();
+    let adjusted = db(&state, move |c| {
+        Box::pin(async move {
+            Ok(store::keys::adjust_balance(c, id, amount, used_now, idempotency.as_deref()).await)
+        })
+    })
+    .await?;
+    let row = adjusted.map_err(|e| match e {
         BalanceError::NotFound => key_not_found(),
         BalanceError::NotStandalone => ApiError::new(
             StatusCode::CONFLICT,
@@ -636,10 +676,11 @@ pub async fn key_stats(
             return Err(ApiError::bad_request("start is after end"));
         }
     }
-    let row = store::keys::get(&state.db, id)
-        .await?
-        .ok_or_else(key_not_found)?;
-    let s = stats::key_stats(&state.db, id, start, end).await?;
+    let row = get_row(&state, id).await?;
+    let s = db(&state, move |c| {
+        Box::pin(stats::key_stats_on(c, id, start, end))
+    })
+    .await?;
     let avg = if s.total.response_time_count > 0 {
         s.total.response_time_sum as f64 / s.total.response_time_count as f64
     } else {

@@ -53,6 +53,25 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A whole HTTP/1.1 answer with the JSON error shape, for the connection layer
+/// (`http::serve`), which must answer where no handler runs: a connection over the cap, a
+/// request head that timed out or that hyper could not parse. The connection closes after it.
+pub fn raw_response(status: StatusCode, code: &str, message: &str) -> Vec<u8> {
+    let body = json!({"code": code, "message": message}).to_string();
+    let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("Error"),
+        body.len()
+    )
+    .into_bytes()
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!(error = %e, source = ?std::error::Error::source(&e), "database call failed");
@@ -67,10 +86,37 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// The largest settlement and a key's lifetime spend, as lua/settle.lua bounds them.
+const LIMITS: &str = "one settlement may cost at most 9007199.254740991 USD, and one key may \
+     spend at most 4611686018.427387904 USD in its lifetime";
+
 impl From<RedisFailure> for ApiError {
     fn from(e: RedisFailure) -> Self {
-        tracing::warn!(error = %e, "redis call failed");
-        ApiError::unavailable("redis is unavailable")
+        match e {
+            // A script refused the call and wrote nothing: the call's fault, not Redis's.
+            RedisFailure::Refused { code, detail } => {
+                tracing::warn!(code, detail = %detail, "script refused a call");
+                match code {
+                    "LIMIT_EXCEEDED" => ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "limit_exceeded",
+                        format!("refused, nothing was changed: {LIMITS}"),
+                    ),
+                    "INVALID_ARGUMENT" => {
+                        ApiError::bad_request("refused: an argument is out of range")
+                    }
+                    _ => ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "internal",
+                        "internal error",
+                    ),
+                }
+            }
+            e => {
+                tracing::warn!(error = %e, "redis call failed");
+                ApiError::unavailable("redis is unavailable")
+            }
+        }
     }
 }
 

@@ -1,39 +1,89 @@
-//! `/healthz` (the process runs) and `/readyz` (the admission path works end to end).
+//! `/healthz` (the process runs) and `/readyz` (admissions can be decided).
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{Query, State};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use redis::Value;
+use serde::Deserialize;
 use serde_json::json;
 
+use super::error::ApiError;
 use super::AppState;
+use crate::store;
+
+/// How long the probe waits for Postgres: a kubelet probe times out after a couple of seconds.
+const POSTGRES_PROBE_BOUND: Duration = Duration::from_secs(1);
 
 pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
-/// Ready only when Redis runs the real settle script and Postgres answers a query; otherwise
-/// 503 naming each failing part.
-pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+#[derive(Debug, Deserialize)]
+pub struct ReadyQuery {
+    strict: Option<String>,
+}
+
+/// Whether the namespace's `loaded` marker is present: Redis holds every key.
+async fn keys_loaded(state: &AppState) -> Option<bool> {
+    let hot = &state.gate.hot;
+    let mut exists = redis::cmd("EXISTS");
+    exists.arg(hot.layout.loaded_marker());
+    match hot.redis.query(&exists).await {
+        Ok(Value::Int(n)) => Some(n == 1),
+        _ => None,
+    }
+}
+
+/// Ready when admissions can be decided: Redis runs the real settle script, and either Redis
+/// holds the namespace's keys (`loaded` marker) or Postgres can supply them. Postgres is not
+/// otherwise needed (contract v1.1, section 3). `?strict=true` is version 1's meaning: Redis
+/// and Postgres must both answer. The body names each dependency; a not-ready answer is 503
+/// with `Retry-After`, `code` and `message`, like every other 503.
+pub async fn readyz(State(state): State<Arc<AppState>>, Query(q): Query<ReadyQuery>) -> Response {
+    let strict = match q.strict.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return ApiError::bad_request("strict must be true or false").into_response(),
+    };
     let redis = state.gate.hot.probe();
-    let postgres = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&state.db);
-    let (redis, postgres) = tokio::join!(redis, postgres);
+    let postgres =
+        async { state.postgres.is_ready() && store::ping(&state.db, POSTGRES_PROBE_BOUND).await };
+    let (redis, postgres, loaded) = tokio::join!(redis, postgres, keys_loaded(&state));
+    let redis_ok = redis.is_ok();
+    let ready = redis_ok && (postgres || (!strict && loaded == Some(true)));
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    let mut body = json!({
+        "ready": ready,
+        "redis": word(redis_ok),
+        "postgres": word(postgres),
+        "keys": match loaded {
+            Some(true) => "loaded",
+            Some(false) => "not_loaded",
+            None => "unknown",
+        },
+    });
+    if ready {
+        return Json(body).into_response();
+    }
     let mut failing = Vec::new();
     if let Err(e) = &redis {
         failing.push(format!("redis: {e}"));
     }
-    if postgres.is_err() {
-        failing.push("postgres: unavailable".to_string());
+    if !postgres {
+        failing.push(if strict || !redis_ok {
+            "postgres: unavailable".to_string()
+        } else {
+            "postgres: unavailable, and redis does not hold the keys".to_string()
+        });
     }
-    if failing.is_empty() {
-        Json(json!({"status": "ready"})).into_response()
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"code": "not_ready", "message": failing.join("; ")})),
-        )
-            .into_response()
-    }
+    body["code"] = json!("not_ready");
+    body["message"] = json!(failing.join("; "));
+    let mut res = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    res.headers_mut()
+        .insert("retry-after", HeaderValue::from_static("1"));
+    res
 }

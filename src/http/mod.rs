@@ -6,12 +6,14 @@
 //! - [`admin`]: the `/admin/*` routes
 //! - [`health`]: `/healthz`, `/readyz`
 //! - [`error`]: the one place errors become responses; [`json`]: strict request bodies
+//! - [`serve`]: the serve loop — connection timeouts, the connection cap, the stack's own errors
 
 pub mod admin;
 pub mod data_plane;
 pub mod error;
 pub mod health;
 pub mod json;
+pub mod serve;
 pub mod subrequest;
 
 use std::sync::Arc;
@@ -37,6 +39,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub gate: Gate,
     pub db: PgPool,
+    /// Whether Postgres is migrated and the admin API may use it.
+    pub postgres: crate::store::PgReady,
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
     pub inference: Inference,
@@ -141,6 +145,12 @@ pub fn admin_router(state: Arc<AppState>) -> Router {
         .route("/admin/keys/{id}/stats", get(admin::key_stats))
         .route("/admin/users/{user_id}/keys", get(admin::list_user))
         .route("/admin/standalone-keys", get(admin::list_standalone))
+        // Inner layer: runs after the token check, so a wrong token is 401 whatever Postgres does.
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_postgres,
+        ))
+        // Added after that layer: the price table is in memory and answers without Postgres.
         .route("/admin/prices", get(admin::prices))
         .route("/admin/openapi.json", get(admin::openapi))
         .route_layer(middleware::from_fn_with_state(

@@ -5,7 +5,7 @@
 //! and pushes it again, so Redis never keeps a stale configuration or balance for long.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Acquire, PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -120,7 +120,7 @@ pub enum BalanceError {
 /// numbers (doubles), which are exact integers up to 2^53.
 pub const MAX_BALANCE_NANOS: i64 = (1 << 53) - 1;
 
-pub async fn insert(pool: &PgPool, k: &NewKey) -> Result<KeyRow, StoreError> {
+pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, StoreError> {
     let sql = format!(
         "INSERT INTO api_keys (id, user_id, name, key_hash, key_sealed, key_display, \
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, concurrent_limit, \
@@ -147,13 +147,13 @@ pub async fn insert(pool: &PgPool, k: &NewKey) -> Result<KeyRow, StoreError> {
         .bind(k.token_limit)
         .bind(k.budget_nanos)
         .bind(&k.budget_period)
-        .fetch_one(pool)
+        .fetch_one(db)
         .await?)
 }
 
-pub async fn get(pool: &PgPool, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
+pub async fn get<'e, E: PgExecutor<'e>>(db: E, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM api_keys WHERE id = $1");
-    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(pool).await?)
+    Ok(sqlx::query_as(&sql).bind(id).fetch_optional(db).await?)
 }
 
 pub async fn by_hash<'e, E>(db: E, key_hash: &str) -> Result<Option<KeyRow>, StoreError>
@@ -188,8 +188,8 @@ pub async fn by_hash_within(
 }
 
 /// A user's keys, standalone keys excluded, newest first.
-pub async fn list_user(
-    pool: &PgPool,
+pub async fn list_user<'e, E: PgExecutor<'e>>(
+    db: E,
     user_id: &str,
     active: Option<bool>,
 ) -> Result<Vec<KeyRow>, StoreError> {
@@ -200,20 +200,20 @@ pub async fn list_user(
     Ok(sqlx::query_as(&sql)
         .bind(user_id)
         .bind(active)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?)
 }
 
 /// All standalone keys, newest first.
-pub async fn list_standalone(
-    pool: &PgPool,
+pub async fn list_standalone<'e, E: PgExecutor<'e>>(
+    db: E,
     active: Option<bool>,
 ) -> Result<Vec<KeyRow>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM api_keys WHERE is_standalone \
          AND ($1::boolean IS NULL OR is_active = $1) ORDER BY created_at DESC, id"
     );
-    Ok(sqlx::query_as(&sql).bind(active).fetch_all(pool).await?)
+    Ok(sqlx::query_as(&sql).bind(active).fetch_all(db).await?)
 }
 
 async fn lock(tx: &mut Transaction<'_, Postgres>, id: Uuid) -> Result<Option<KeyRow>, StoreError> {
@@ -252,8 +252,12 @@ async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<Ke
 }
 
 /// Applies a PATCH under a row lock; `None` when the key does not exist.
-pub async fn update(pool: &PgPool, id: Uuid, p: KeyPatch) -> Result<Option<KeyRow>, StoreError> {
-    let mut tx = pool.begin().await?;
+pub async fn update<'a, A: Acquire<'a, Database = Postgres>>(
+    db: A,
+    id: Uuid,
+    p: KeyPatch,
+) -> Result<Option<KeyRow>, StoreError> {
+    let mut tx = db.begin().await?;
     let Some(mut r) = lock(&mut tx, id).await? else {
         return Ok(None);
     };
@@ -287,14 +291,14 @@ pub async fn update(pool: &PgPool, id: Uuid, p: KeyPatch) -> Result<Option<KeyRo
 /// `used_now` is what Redis says the key has spent (it runs ahead of Postgres by the sync lag);
 /// a deduction is checked against the larger of the two, so it cannot take the balance below
 /// what has really been spent.
-pub async fn adjust_balance(
-    pool: &PgPool,
+pub async fn adjust_balance<'a, A: Acquire<'a, Database = Postgres>>(
+    db: A,
     id: Uuid,
     amount_nanos: i64,
     used_now: Option<i64>,
     idempotency_key: Option<&str>,
 ) -> Result<KeyRow, BalanceError> {
-    let mut tx = pool.begin().await.map_err(StoreError::from)?;
+    let mut tx = db.begin().await.map_err(StoreError::from)?;
     let Some(mut r) = lock(&mut tx, id).await? else {
         return Err(BalanceError::NotFound);
     };
@@ -350,8 +354,8 @@ pub async fn adjust_balance(
 }
 
 /// Keys in id order after `after`, at most `limit`: a full scan in pages.
-pub async fn page(
-    pool: &PgPool,
+pub async fn page<'e, E: PgExecutor<'e>>(
+    db: E,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<KeyRow>, StoreError> {
@@ -361,16 +365,20 @@ pub async fn page(
     Ok(sqlx::query_as(&sql)
         .bind(after)
         .bind(limit)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?)
 }
 
 /// Records that Redis holds `version` of this key (never moves backwards).
-pub async fn mark_pushed(pool: &PgPool, id: Uuid, version: i64) -> Result<(), StoreError> {
+pub async fn mark_pushed<'e, E: PgExecutor<'e>>(
+    db: E,
+    id: Uuid,
+    version: i64,
+) -> Result<(), StoreError> {
     sqlx::query("UPDATE api_keys SET pushed_version = GREATEST(pushed_version, $2) WHERE id = $1")
         .bind(id)
         .bind(version)
-        .execute(pool)
+        .execute(db)
         .await?;
     Ok(())
 }
@@ -395,9 +403,12 @@ pub async fn lock_in_id_order(
 }
 
 /// [`mark_pushed`] for many keys in one statement, its rows locked in id order first.
-pub async fn mark_pushed_many(pool: &PgPool, pushed: &[(Uuid, i64)]) -> Result<(), StoreError> {
+pub async fn mark_pushed_many<'a, A: Acquire<'a, Database = Postgres>>(
+    db: A,
+    pushed: &[(Uuid, i64)],
+) -> Result<(), StoreError> {
     let (ids, versions): (Vec<Uuid>, Vec<i64>) = pushed.iter().copied().unzip();
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     lock_in_id_order(&mut tx, &ids).await?;
     sqlx::query(
         "UPDATE api_keys k SET pushed_version = GREATEST(k.pushed_version, p.version) \
@@ -412,12 +423,12 @@ pub async fn mark_pushed_many(pool: &PgPool, pushed: &[(Uuid, i64)]) -> Result<(
 }
 
 /// Keys whose latest write Redis has not acknowledged.
-pub async fn unpushed(pool: &PgPool, limit: i64) -> Result<Vec<KeyRow>, StoreError> {
+pub async fn unpushed<'e, E: PgExecutor<'e>>(db: E, limit: i64) -> Result<Vec<KeyRow>, StoreError> {
     let sql = format!(
         "SELECT {COLUMNS} FROM api_keys WHERE pushed_version < version \
          AND updated_at < now() - interval '2 seconds' LIMIT $1"
     );
-    Ok(sqlx::query_as(&sql).bind(limit).fetch_all(pool).await?)
+    Ok(sqlx::query_as(&sql).bind(limit).fetch_all(db).await?)
 }
 
 /// What happened to one expired key.
@@ -429,11 +440,11 @@ pub enum Expired {
 
 /// Active keys with `expires_at <= now`: physically deleted when their own
 /// `auto_delete_on_expiry` (else `default_delete`) says so, else disabled. Usage rows stay.
-pub async fn cleanup_expired(
-    pool: &PgPool,
+pub async fn cleanup_expired<'a, A: Acquire<'a, Database = Postgres>>(
+    db: A,
     default_delete: bool,
 ) -> Result<Vec<Expired>, StoreError> {
-    let mut tx = pool.begin().await?;
+    let mut tx = db.begin().await?;
     // The rows both statements will change, locked in id order like every multi-row write
     // (see [`lock_in_id_order`]).
     sqlx::query(

@@ -9,11 +9,15 @@ pub mod keys;
 pub mod stats;
 pub mod usage;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::migrate::MigrateDatabase;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgPool, Postgres};
+use sqlx::{PgConnection, PgPool, Postgres};
+use tokio::sync::watch;
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -103,4 +107,88 @@ pub async fn ensure_database(url: &str) -> Result<(), StoreError> {
 pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// Bound of one admin call's Postgres work (every statement of the call, on one connection).
+/// Admin statements take milliseconds; one that has no answer after this long is on a
+/// connection that went silent (half-open after a failover, forgotten by a NAT).
+pub const ADMIN_BOUND: Duration = Duration::from_secs(5);
+/// Bound of one Postgres call of the reconciler, the sweeper or the start-up reload: larger
+/// than [`ADMIN_BOUND`] because a sweep or a reload page may touch many rows.
+pub const BACKGROUND_BOUND: Duration = Duration::from_secs(10);
+
+/// Work on one connection, as [`bounded`] runs it.
+pub type ConnWork<'c, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>;
+
+/// Runs `work` on a connection of `pool` within `bound`, the way [`keys::by_hash_within`]
+/// bounds a look-up: a connection whose work overruns the bound is closed, not returned (sqlx
+/// would ping it with no bound on its way back, and a silent one would keep its place in the
+/// pool for good). The work runs in a task of its own, so that a caller dropped half-way (a
+/// client that hangs up, the shutdown's bound) cannot send the connection back unchecked
+/// either. The connection is acquired within the pool's acquire timeout.
+pub async fn bounded<T, F>(pool: &PgPool, bound: Duration, work: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: for<'c> FnOnce(&'c mut PgConnection) -> ConnWork<'c, T> + Send + 'static,
+{
+    let pool = pool.clone();
+    let task = tokio::spawn(async move {
+        let mut conn = pool.acquire().await?;
+        match tokio::time::timeout(bound, work(&mut conn)).await {
+            Ok(done) => done,
+            Err(_) => {
+                conn.close_on_drop();
+                Err(StoreError::no_answer(bound))
+            }
+        }
+    });
+    match task.await {
+        Ok(done) => done,
+        // Only a panic in the work (or a runtime shutting down) ends the task otherwise.
+        Err(e) => Err(StoreError::Unavailable(sqlx::Error::Io(
+            std::io::Error::other(e.to_string()),
+        ))),
+    }
+}
+
+/// Whether Postgres answers a trivial query within `bound`.
+pub async fn ping(pool: &PgPool, bound: Duration) -> bool {
+    let answered = bounded(pool, bound, |c| {
+        Box::pin(async move {
+            sqlx::query_scalar::<_, i32>("SELECT 1")
+                .fetch_one(c)
+                .await
+                .map_err(StoreError::from)
+        })
+    });
+    // The pool's acquire timeout is longer than a probe wants to wait.
+    matches!(tokio::time::timeout(bound, answered).await, Ok(Ok(1)))
+}
+
+/// Whether the database exists and is migrated. It starts false and turns true once, when the
+/// start-up's bring-up task has applied the migrations (`startup::postgres`); the admin API,
+/// the usage sync's writes and the strict readiness probe wait for it. Clones share the state.
+#[derive(Clone)]
+pub struct PgReady(Arc<watch::Sender<bool>>);
+
+impl Default for PgReady {
+    fn default() -> Self {
+        PgReady(Arc::new(watch::channel(false).0))
+    }
+}
+
+impl PgReady {
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    pub fn set_ready(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Resolves once Postgres is ready.
+    pub async fn wait(&self) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|ready| *ready).await;
+    }
 }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Duration, NaiveDate, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::StoreError;
@@ -63,6 +63,16 @@ pub async fn key_stats(
     start: Option<DateTime<Utc>>,
     end: Option<DateTime<Utc>>,
 ) -> Result<KeyStats, StoreError> {
+    key_stats_on(&mut *pool.acquire().await?, key_id, start, end).await
+}
+
+/// [`key_stats`] on one connection (what `store::bounded` hands out).
+pub async fn key_stats_on(
+    conn: &mut PgConnection,
+    key_id: Uuid,
+    start: Option<DateTime<Utc>>,
+    end: Option<DateTime<Utc>>,
+) -> Result<KeyStats, StoreError> {
     // Whole days: [full_from, full_to). Edges: [start, full_from) and [full_to, end].
     let full_from = start.map(midnight_ceil);
     let full_to = end.map(midnight_floor);
@@ -76,7 +86,7 @@ pub async fn key_stats(
     .bind(key_id)
     .bind(full_from.map(|t| t.date_naive()))
     .bind(full_to.map(|t| t.date_naive()))
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
 
     let empty_full_range = matches!((full_from, full_to), (Some(a), Some(b)) if a >= b);
@@ -111,7 +121,7 @@ pub async fn key_stats(
             .bind(key_id)
             .bind(from)
             .bind(to)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
         rows.extend(part);
     }

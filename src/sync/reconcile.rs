@@ -1,7 +1,8 @@
 //! Key state from Postgres to Redis: the push after each admin write, and the reconciler that
 //! retries pushes that did not happen (Redis down, or tollgate killed between the Postgres
 //! commit and the Redis write). Pushes are version-guarded in hydrate.lua, so repeating one,
-//! or racing another, never installs an older configuration or balance.
+//! or racing another, never installs an older configuration or balance. Every Postgres call is
+//! bounded (`store::bounded`): a connection gone silent costs one bound, not the reconciler.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use crate::hot::admission::HotPath;
 use crate::hot::redis::RedisFailure;
 use crate::metrics::Metrics;
 use crate::store::keys::{self, KeyRow};
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 
 const EVERY: Duration = Duration::from_secs(2);
 
@@ -21,7 +22,12 @@ const EVERY: Duration = Duration::from_secs(2);
 pub async fn push(hot: &HotPath, db: &PgPool, metrics: &Metrics, row: &KeyRow) -> bool {
     match hot.hydrate(row).await {
         Ok(()) => {
-            if let Err(e) = keys::mark_pushed(db, row.id, row.version).await {
+            let (id, version) = (row.id, row.version);
+            let marked = store::bounded(db, store::ADMIN_BOUND, move |c| {
+                Box::pin(keys::mark_pushed(c, id, version))
+            })
+            .await;
+            if let Err(e) = marked {
                 tracing::warn!(key_id = %row.id, error = %e, "could not record push");
             }
             true
@@ -40,7 +46,10 @@ pub async fn reconcile_once(
     db: &PgPool,
     metrics: &Metrics,
 ) -> Result<usize, StoreError> {
-    let rows = keys::unpushed(db, 500).await?;
+    let rows = store::bounded(db, store::BACKGROUND_BOUND, |c| {
+        Box::pin(keys::unpushed(c, 500))
+    })
+    .await?;
     let mut pushed = 0;
     for row in &rows {
         if push(hot, db, metrics, row).await {
@@ -85,7 +94,10 @@ pub async fn reload_if_wiped(hot: &HotPath, db: &PgPool) -> Result<usize, Reload
     let mut loaded = 0;
     let mut after = None;
     loop {
-        let rows = keys::page(db, after, RELOAD_BATCH).await?;
+        let rows = store::bounded(db, store::BACKGROUND_BOUND, move |c| {
+            Box::pin(keys::page(c, after, RELOAD_BATCH))
+        })
+        .await?;
         let Some(last) = rows.last() else { break };
         after = Some(last.id);
         let mut pushes = tokio::task::JoinSet::new();
@@ -99,8 +111,12 @@ pub async fn reload_if_wiped(hot: &HotPath, db: &PgPool) -> Result<usize, Reload
                 pushed.push(r?);
             }
         }
-        keys::mark_pushed_many(db, &pushed).await?;
-        loaded += pushed.len();
+        let marked = pushed.len();
+        store::bounded(db, store::BACKGROUND_BOUND, move |c| {
+            Box::pin(async move { keys::mark_pushed_many(c, &pushed).await })
+        })
+        .await?;
+        loaded += marked;
     }
     let mut mark = redis::cmd("SET");
     mark.arg(&marker).arg("1");

@@ -11,7 +11,7 @@ use super::reconcile::push;
 use crate::hot::admission::HotPath;
 use crate::metrics::Metrics;
 use crate::store::keys::{cleanup_expired, Expired};
-use crate::store::StoreError;
+use crate::store::{self, StoreError};
 
 /// Deletes or disables expired keys and brings Redis in line; returns how many were cleaned.
 pub async fn sweep(
@@ -20,7 +20,11 @@ pub async fn sweep(
     metrics: &Metrics,
     default_delete: bool,
 ) -> Result<usize, StoreError> {
-    let cleaned = cleanup_expired(db, default_delete).await?;
+    // Bounded: a sweep stuck on a silent connection would stop every later sweep.
+    let cleaned = store::bounded(db, store::BACKGROUND_BOUND, move |c| {
+        Box::pin(cleanup_expired(c, default_delete))
+    })
+    .await?;
     for c in &cleaned {
         match c {
             Expired::Deleted(row) => {

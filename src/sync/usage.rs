@@ -24,7 +24,7 @@ use crate::hot::redis::{Redis, RedisFailure};
 use crate::hot::scripts::{ScriptArg, Scripts};
 use crate::metrics::Metrics;
 use crate::store::usage::{insert_batch, UsageEvent};
-use crate::store::StoreError;
+use crate::store::{PgReady, StoreError};
 
 pub const GROUP: &str = "tollgate-sync";
 /// Most entries one pass gathers, across all shards: what one insert statement writes. It
@@ -51,12 +51,10 @@ pub struct Syncer {
     redis: Redis,
     db: PgPool,
     metrics: Metrics,
-    /// `tollgate_usage_sync_lag_seconds` and `tollgate_usage_events_pending`: registered here,
-    /// not with the other metrics, so that a process with the sync off does not export them.
-    /// Its zeros would read as "Postgres is up to date" while nobody syncs; absent, they leave
-    /// the sync processes' values as the only ones, and an alert can tell that none runs.
-    lag: Gauge,
-    pending: Gauge,
+    /// The backlog gauges, published by a loop of their own ([`Syncer::run`]).
+    backlog: Backlog,
+    /// When set, nothing is written before it says Postgres is migrated (`startup`).
+    pg_ready: Option<PgReady>,
     streams: Vec<String>,
     consumer: String,
     /// Shards where this consumer may hold delivered-but-unacknowledged entries.
@@ -146,6 +144,63 @@ fn entry_ms(id: &str) -> Option<i64> {
     id.split('-').next()?.parse().ok()
 }
 
+/// `tollgate_usage_sync_lag_seconds` and `tollgate_usage_events_pending`. Registered by the
+/// syncer, not with the other metrics, so that a process with the sync off does not export
+/// them: its zeros would read as "Postgres is up to date" while nobody syncs; absent, they
+/// leave the sync processes' values as the only ones, and an alert can tell that none runs.
+///
+/// Published by a loop of their own, beside the sync loop rather than between its passes:
+/// while a write hangs (a silent connection, up to [`WRITE_BOUND`]) the backlog they report
+/// is exactly what an operator needs to see growing.
+#[derive(Clone)]
+struct Backlog {
+    redis: Redis,
+    streams: Vec<String>,
+    lag: Gauge,
+    pending: Gauge,
+}
+
+impl Backlog {
+    /// Publishes how far Postgres is behind: unsynced entries, and the age of the oldest.
+    async fn publish(&self) -> Result<(), RedisFailure> {
+        let mut pending = 0i64;
+        let mut oldest: Option<i64> = None;
+        for stream in &self.streams {
+            let mut len = redis::cmd("XLEN");
+            len.arg(stream);
+            pending += i64::from_redis_value(self.redis.query(&len).await?).unwrap_or(0);
+            let mut first = redis::cmd("XRANGE");
+            first.arg(stream).arg("-").arg("+").arg("COUNT").arg(1);
+            let v = self.redis.query(&first).await?;
+            if let Ok(r) = redis::streams::StreamRangeReply::from_redis_value(v) {
+                if let Some(ms) = r.ids.first().and_then(|e| entry_ms(&e.id)) {
+                    oldest = Some(oldest.map_or(ms, |o: i64| o.min(ms)));
+                }
+            }
+        }
+        let lag = oldest
+            .map(|ms| (Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0);
+        self.pending.set(pending as f64);
+        self.lag.set(lag);
+        Ok(())
+    }
+
+    /// Publishes every [`GAUGE_EVERY`] until `done` turns true, then once more.
+    async fn run(self, mut done: watch::Receiver<bool>) {
+        loop {
+            if let Err(e) = self.publish().await {
+                tracing::debug!(error = %e, "sync gauges not updated");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(GAUGE_EVERY) => {}
+                _ = done.wait_for(|d| *d) => break,
+            }
+        }
+        let _ = self.publish().await;
+    }
+}
+
 impl Syncer {
     pub fn new(
         redis: Redis,
@@ -156,11 +211,16 @@ impl Syncer {
     ) -> Self {
         let n = streams.len();
         Syncer {
-            redis,
+            redis: redis.clone(),
             db,
             metrics,
-            lag: metrics::gauge!(crate::metrics::SYNC_LAG),
-            pending: metrics::gauge!(crate::metrics::EVENTS_PENDING),
+            backlog: Backlog {
+                redis,
+                streams: streams.clone(),
+                lag: metrics::gauge!(crate::metrics::SYNC_LAG),
+                pending: metrics::gauge!(crate::metrics::EVENTS_PENDING),
+            },
+            pg_ready: None,
             streams,
             consumer,
             own_pending: vec![true; n],
@@ -176,6 +236,13 @@ impl Syncer {
     /// For tests: how long before another consumer's entries are taken over.
     pub fn with_claim_idle(mut self, idle: Duration) -> Self {
         self.claim_idle = idle;
+        self
+    }
+
+    /// Writes nothing until `ready` says the database is migrated: a write against an older
+    /// schema could fail for its data and dead-letter good events. The gauges run meanwhile.
+    pub fn writing_once(mut self, ready: PgReady) -> Self {
+        self.pg_ready = Some(ready);
         self
     }
 
@@ -431,33 +498,26 @@ impl Syncer {
         Ok(if room == 0 { Pass::Full } else { Pass::Partial })
     }
 
-    /// Publishes how far Postgres is behind: unsynced entries, and the age of the oldest.
-    async fn gauges(&self) -> Result<(), RedisFailure> {
-        let mut pending = 0i64;
-        let mut oldest: Option<i64> = None;
-        for stream in &self.streams {
-            let mut len = redis::cmd("XLEN");
-            len.arg(stream);
-            pending += i64::from_redis_value(self.redis.query(&len).await?).unwrap_or(0);
-            let mut first = redis::cmd("XRANGE");
-            first.arg(stream).arg("-").arg("+").arg("COUNT").arg(1);
-            let v = self.redis.query(&first).await?;
-            if let Ok(r) = redis::streams::StreamRangeReply::from_redis_value(v) {
-                if let Some(ms) = r.ids.first().and_then(|e| entry_ms(&e.id)) {
-                    oldest = Some(oldest.map_or(ms, |o: i64| o.min(ms)));
-                }
-            }
-        }
-        let lag = oldest
-            .map(|ms| (Utc::now().timestamp_millis() - ms).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0);
-        self.pending.set(pending as f64);
-        self.lag.set(lag);
-        Ok(())
+    /// Runs until `shutdown` turns true, then drains what it can within `drain` and returns.
+    /// The backlog gauges are published all along, whatever the sync loop is waiting for.
+    pub async fn run(self, shutdown: watch::Receiver<bool>, drain: Duration) {
+        let (done_tx, done_rx) = watch::channel(false);
+        let gauges = self.backlog.clone().run(done_rx);
+        let work = async move {
+            self.work(shutdown, drain).await;
+            let _ = done_tx.send(true);
+        };
+        tokio::join!(work, gauges);
+        tracing::info!("usage syncer stopped");
     }
 
-    /// Runs until `shutdown` turns true, then drains what it can within `drain` and returns.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+    async fn work(mut self, mut shutdown: watch::Receiver<bool>, drain: Duration) {
+        if let Some(ready) = self.pg_ready.clone() {
+            tokio::select! {
+                _ = ready.wait() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
         for s in self.streams.clone() {
             if let Err(e) = self.ensure_group(&s).await {
                 tracing::warn!(error = %e, "could not create usage consumer group yet");
@@ -467,7 +527,6 @@ impl Syncer {
         // `Instant - Duration` panics on a machine booted more recently than the duration.
         let start = Instant::now();
         let mut last_claim = start.checked_sub(self.claim_idle).unwrap_or(start);
-        let mut last_gauge = start.checked_sub(GAUGE_EVERY).unwrap_or(start);
         loop {
             if *shutdown.borrow() {
                 break;
@@ -495,12 +554,6 @@ impl Syncer {
                     w
                 }
             };
-            if last_gauge.elapsed() >= GAUGE_EVERY {
-                last_gauge = Instant::now();
-                if let Err(e) = self.gauges().await {
-                    tracing::debug!(error = %e, "sync gauges not updated");
-                }
-            }
             if !wait.is_zero() {
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
@@ -523,7 +576,5 @@ impl Syncer {
                 }
             }
         }
-        let _ = self.gauges().await;
-        tracing::info!("usage syncer stopped");
     }
 }

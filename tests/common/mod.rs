@@ -131,6 +131,9 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
     let (data_addr, admin_addr) = (app.data_addr(), app.admin_addr());
     let access_log = app.access_log_addr();
     let state = app.state();
+    // `serve` no longer waits for Postgres before serving (it migrates in the background);
+    // tests start once it is migrated, as they always did.
+    let postgres = state.postgres.clone();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         app.run(async {
@@ -139,6 +142,9 @@ pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp 
         .await
         .expect("tollgate runs");
     });
+    tokio::time::timeout(Duration::from_secs(60), postgres.wait())
+        .await
+        .expect("postgres migrated within 60 s");
     let db_url = settings["TOLLGATE_DATABASE_URL"].clone();
     let db = PgPool::connect(&db_url)
         .await

@@ -69,9 +69,33 @@ impl super::Api for TollgateProcess {
 
 impl TollgateProcess {
     /// Starts `tollgate serve` with `settings` (plus port-0 listeners and JSON logs when the
-    /// settings do not name them) and waits until it serves. Panics with its stderr if it
-    /// exits or does not serve within the start bound.
+    /// settings do not name them) and waits until it serves and Postgres is migrated (its
+    /// `/readyz` says `"postgres": "ok"`). Panics with its stderr if it exits or is not there
+    /// within the start bound.
     pub async fn start(settings: &HashMap<&'static str, String>) -> TollgateProcess {
+        let p = Self::start_serving(settings).await;
+        let deadline = tokio::time::Instant::now() + START_BOUND;
+        loop {
+            let ready = p.http.get(format!("{}/readyz", p.admin)).send().await.ok();
+            let body: Option<Value> = match ready {
+                Some(res) => res.json().await.ok(),
+                None => None,
+            };
+            if body.is_some_and(|b| b["postgres"] == "ok") {
+                return p;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "postgres not ready within {START_BOUND:?}; stderr:\n{}",
+                p.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Starts `tollgate serve` and waits only until it serves (its `tollgate serving` line),
+    /// not for Postgres.
+    pub async fn start_serving(settings: &HashMap<&'static str, String>) -> TollgateProcess {
         let mut settings = settings.clone();
         settings
             .entry("TOLLGATE_LISTEN")

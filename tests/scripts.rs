@@ -1,0 +1,422 @@
+//! Scripts that never half-write: settle.lua, hydrate.lua and ack.lua check every bound before their first write, and a refused call leaves every key it touches byte-for-byte unchanged (DUMP before and after).
+
+mod common;
+
+use std::time::Duration;
+
+use common::hot_suite::amount;
+use common::*;
+use redis::aio::MultiplexedConnection;
+use serde_json::{json, Value};
+use tollgate::hot::layout::{Layout, LeaseRef};
+use tollgate::hot::redis::{Redis, RedisFailure};
+use tollgate::hot::scripts::{ScriptArg, Scripts};
+
+/// 2^62 nano-USD: a key's lifetime spend (lua/settle.lua).
+const MAX_USED: i64 = 1 << 62;
+/// 2^53 - 1 nano-USD: the largest settlement.
+const MAX_COST: i64 = (1 << 53) - 1;
+const MAX_COST_USD: &str = "9007199.254740991";
+
+async fn dump(redis: &MultiplexedConnection, keys: &[String]) -> Vec<Option<Vec<u8>>> {
+    let mut c = redis.clone();
+    let mut out = Vec::new();
+    for k in keys {
+        let v: Option<Vec<u8>> = redis::cmd("DUMP")
+            .arg(k)
+            .query_async(&mut c)
+            .await
+            .expect("dump");
+        out.push(v);
+    }
+    out
+}
+
+async fn hset(redis: &MultiplexedConnection, key: &str, field: &str, value: &str) {
+    let mut c = redis.clone();
+    let _: i64 = redis::cmd("HSET")
+        .arg(key)
+        .arg(field)
+        .arg(value)
+        .query_async(&mut c)
+        .await
+        .expect("hset");
+}
+
+async fn hget(redis: &MultiplexedConnection, key: &str, field: &str) -> Option<String> {
+    let mut c = redis.clone();
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query_async(&mut c)
+        .await
+        .expect("hget")
+}
+
+/// Every key settle.lua touches for this lease: state, live, holds, lease record, stream,
+/// token window.
+fn settle_keys(lease: &LeaseRef) -> Vec<String> {
+    vec![
+        lease.keys.state.clone(),
+        lease.keys.live.clone(),
+        lease.keys.holds.clone(),
+        lease.keys.lease(&lease.nonce),
+        lease.keys.stream(),
+        lease.keys.tokens.clone(),
+    ]
+}
+
+fn hot_redis() -> Redis {
+    Redis::new(vec![redis_url()], Duration::from_secs(2))
+}
+
+#[track_caller]
+fn assert_refused(result: Result<redis::Value, RedisFailure>, want: &str) {
+    match result {
+        Err(RedisFailure::Refused { code, .. }) => assert_eq!(code, want),
+        other => panic!("expected a {want} refusal, got {other:?}"),
+    }
+}
+
+async fn settle_raw(app: &TestApp, lease: &str, cost: &str) -> (u16, Value) {
+    let res = app
+        .post_data(
+            "/v1/settle",
+            json!({"lease_id": lease, "cost_usd": amount(cost)}),
+        )
+        .await;
+    let status = res.status().as_u16();
+    (status, res.json().await.expect("settle answers JSON"))
+}
+
+/// An app whose syncer is off: a syncer polling the usage streams would change their DUMP
+/// (its consumer's last-seen time) between the before and the after of a check.
+async fn no_sync_app() -> TestApp {
+    spawn_app_with(|s| {
+        s.insert("TOLLGATE_SYNC_ENABLED", "false".into());
+    })
+    .await
+}
+
+async fn lease_of(app: &TestApp, key: &str, extra: Value) -> (String, LeaseRef) {
+    let (status, body) = app.admit(key, extra).await;
+    assert_eq!(status, 200, "{body}");
+    let id = body["lease_id"].as_str().expect("lease").to_string();
+    let lease = Layout::new(&app.namespace).lease(&id).expect("lease ref");
+    (id, lease)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_that_would_pass_the_lifetime_limit_is_refused_422_and_changes_nothing() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-limit", "rate_limit": null, "concurrent_limit": null}))
+        .await;
+    let (id, lease) = lease_of(&app, &key, json!({})).await;
+    let keys = settle_keys(&lease);
+    // One nano-dollar too many: used + cost = 2^62 + 1.
+    let used = (MAX_USED - MAX_COST + 1).to_string();
+    hset(&app.redis, &lease.keys.state, "used", &used).await;
+
+    let before = dump(&app.redis, &keys).await;
+    let (status, body) = settle_raw(&app, &id, MAX_COST_USD).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "limit_exceeded", "{body}");
+    assert!(body["message"].is_string(), "{body}");
+    assert_eq!(
+        dump(&app.redis, &keys).await,
+        before,
+        "a refused settlement changes none of its keys"
+    );
+
+    // Exactly at the limit is allowed: the bound is compared exactly, not as a rounded number.
+    let used = (MAX_USED - MAX_COST).to_string();
+    hset(&app.redis, &lease.keys.state, "used", &used).await;
+    let (status, body) = settle_raw(&app, &id, MAX_COST_USD).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["settled"], true, "{body}");
+    assert_eq!(
+        hget(&app.redis, &lease.keys.state, "used").await,
+        Some(MAX_USED.to_string())
+    );
+    // Not one nano-dollar more.
+    let (id, lease) = lease_of(&app, &key, json!({})).await;
+    let keys = settle_keys(&lease);
+    let before = dump(&app.redis, &keys).await;
+    let (status, body) = settle_raw(&app, &id, "0.000000001").await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(dump(&app.redis, &keys).await, before);
+    // A settlement of nothing still goes through, and a duplicate still answers duplicate.
+    let (status, body) = settle_raw(&app, &id, "0").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = settle_raw(&app, &id, "0").await;
+    assert_eq!((status, &body["duplicate"]), (200, &json!(true)), "{body}");
+    let refusals = app
+        .metric_sum(
+            "tollgate_script_refusals_total",
+            Some("code=\"LIMIT_EXCEEDED\""),
+        )
+        .await;
+    assert!(refusals >= 2.0, "refusals counted: {refusals}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_512_settlements_of_the_largest_cost_the_next_is_refused_and_its_lease_stays_live() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-whale", "rate_limit": null, "concurrent_limit": 2}))
+        .await;
+    for i in 0..512 {
+        let (id, _) = lease_of(&app, &key, json!({})).await;
+        let (status, body) = settle_raw(&app, &id, MAX_COST_USD).await;
+        assert_eq!(status, 200, "settlement {i}: {body}");
+    }
+    let (id, lease) = lease_of(&app, &key, json!({})).await;
+    let keys = settle_keys(&lease);
+    let before = dump(&app.redis, &keys).await;
+    let (status, body) = settle_raw(&app, &id, MAX_COST_USD).await;
+    assert_eq!(status, 422, "version 1 answered 503 here: {body}");
+    assert_eq!(body["code"], "limit_exceeded", "{body}");
+    assert_eq!(dump(&app.redis, &keys).await, before);
+    // The lease is still live (version 1 had removed it): it holds its slot until released.
+    let mut c = app.redis.clone();
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(&lease.keys.live)
+        .arg(&lease.nonce)
+        .query_async(&mut c)
+        .await
+        .expect("zscore");
+    assert!(
+        score.is_some(),
+        "the refused settlement's lease is still live"
+    );
+    let (status, body) = app.release(&id).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "admission goes on: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any_write() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-bad", "is_standalone": true, "initial_balance_usd": 5}))
+        .await;
+    // A lease with a hold, so that settling it would touch every key.
+    let (id, lease) = lease_of(&app, &key, json!({"reserve_usd": 1})).await;
+    let keys = settle_keys(&lease);
+    let redis = hot_redis();
+    let scripts = Scripts::default();
+    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let args = |cost: &'static str, ttl: &'static str| {
+        vec![
+            ScriptArg::Str(cost),
+            ScriptArg::Str("1"),
+            ScriptArg::Str("2"),
+            ScriptArg::Str("3"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str(ttl),
+        ]
+    };
+    let before = dump(&app.redis, &keys).await;
+    for (cost, ttl, want) in [
+        // Version 1 freed the lease, charged it and recorded it, then failed on SET … PX 0.
+        ("1000", "0", "INVALID_ARGUMENT"),
+        ("1000", "-5", "INVALID_ARGUMENT"),
+        ("1000", "soon", "INVALID_ARGUMENT"),
+        ("12.5", "600000", "INVALID_ARGUMENT"),
+        ("9007199254740992", "600000", "LIMIT_EXCEEDED"),
+        ("99999999999999999999", "600000", "LIMIT_EXCEEDED"),
+    ] {
+        let mut a = args(cost, ttl);
+        a.push(ScriptArg::Str(&id));
+        a.push(ScriptArg::Str("any"));
+        a.push(ScriptArg::Str("60000"));
+        assert_refused(scripts.settle.run(&redis, &key_refs, &a).await, want);
+        assert_eq!(
+            dump(&app.redis, &keys).await,
+            before,
+            "cost {cost}, ttl {ttl}"
+        );
+    }
+    // State no script writes: `used` that is not a number.
+    hset(&app.redis, &lease.keys.state, "used", "lots").await;
+    let before = dump(&app.redis, &keys).await;
+    let mut a = args("1000", "600000");
+    a.push(ScriptArg::Str(&id));
+    a.push(ScriptArg::Str("any"));
+    a.push(ScriptArg::Str("60000"));
+    assert_refused(
+        scripts.settle.run(&redis, &key_refs, &a).await,
+        "CORRUPT_STATE",
+    );
+    assert_eq!(dump(&app.redis, &keys).await, before);
+    let (status, body) = settle_raw(&app, &id, "0.01").await;
+    assert_eq!(
+        status, 500,
+        "corrupt state is an internal error, not 503: {body}"
+    );
+    assert_eq!(body["code"], "internal", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hydrate_calls_out_of_bounds_are_refused_before_any_write() {
+    require_services().await;
+    let ns = unique("t");
+    let layout = Layout::new(&ns);
+    let redis = hot_redis();
+    let scripts = Scripts::default();
+    let mut c = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let state = layout
+        .for_hash(&tollgate::keys::hash("sk-hydrate-test"))
+        .state;
+    let key_args = |version: &'static str, bal: &'static str, used: &'static str| {
+        vec![
+            ScriptArg::Str("key"),
+            ScriptArg::Str(version),
+            ScriptArg::Str("7c9e6679-7425-40de-944b-e07fc1f90ae7"),
+            ScriptArg::Str("u-1"),
+            ScriptArg::Str("1"),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("1"),
+            ScriptArg::Str(bal),
+            ScriptArg::Str(used),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str(""),
+            ScriptArg::Str("0"),
+            ScriptArg::Str(""),
+        ]
+    };
+    let cases: Vec<(Vec<ScriptArg<'static>>, &str)> = vec![
+        // Version 1 wrote these: a balance admit.lua cannot compare exactly, a `used` past
+        // the lifetime bound.
+        (key_args("2", "9007199254740992", "0"), "LIMIT_EXCEEDED"),
+        (key_args("2", "5", "4611686018427387905"), "LIMIT_EXCEEDED"),
+        (key_args("two", "5", "0"), "INVALID_ARGUMENT"),
+        (key_args("2", "5", "-3"), "INVALID_ARGUMENT"),
+        // Version 1 set the `none` marker, then failed on the TTL: a marker for ever.
+        (
+            vec![ScriptArg::Str("none"), ScriptArg::Str("soon")],
+            "INVALID_ARGUMENT",
+        ),
+        (
+            vec![ScriptArg::Str("none"), ScriptArg::Str("0")],
+            "INVALID_ARGUMENT",
+        ),
+    ];
+    // Once on a key that does not exist, once on one that does.
+    for existing in [false, true] {
+        if existing {
+            let written = scripts
+                .hydrate
+                .run(&redis, &[&state], &key_args("1", "5", "7"))
+                .await
+                .expect("a valid hydrate");
+            assert!(format!("{written:?}").contains("written"), "{written:?}");
+        }
+        for (args, want) in &cases {
+            let before = dump(&c, std::slice::from_ref(&state)).await;
+            assert_refused(scripts.hydrate.run(&redis, &[&state], args).await, want);
+            assert_eq!(
+                dump(&c, std::slice::from_ref(&state)).await,
+                before,
+                "existing: {existing}, {args:?}"
+            );
+        }
+    }
+    let _: i64 = redis::cmd("DEL")
+        .arg(&state)
+        .query_async(&mut c)
+        .await
+        .expect("del");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
+    require_services().await;
+    let ns = unique("t");
+    let stream = Layout::new(&ns).streams()[0].clone();
+    let redis = hot_redis();
+    let scripts = Scripts::default();
+    let mut c = redis::Client::open(redis_url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: String = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(&stream)
+        .arg("g")
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(&mut c)
+        .await
+        .expect("group");
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let id: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("*")
+            .arg("e")
+            .arg(i)
+            .query_async(&mut c)
+            .await
+            .expect("xadd");
+        ids.push(id);
+    }
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("g")
+        .arg("c")
+        .arg("STREAMS")
+        .arg(&stream)
+        .arg(">")
+        .query_async(&mut c)
+        .await
+        .expect("read");
+    let before = dump(&c, std::slice::from_ref(&stream)).await;
+    let bad: Vec<String> = vec![ids[0].clone(), "not-an-id".into(), ids[1].clone()];
+    let too_many: Vec<String> = (0..1001).map(|_| ids[0].clone()).collect();
+    for (group, list, want) in [
+        ("g", &bad, "INVALID_ARGUMENT"),
+        ("", &ids, "INVALID_ARGUMENT"),
+        ("g", &too_many, "LIMIT_EXCEEDED"),
+    ] {
+        let mut args = vec![ScriptArg::Str(group)];
+        args.extend(list.iter().map(|i| ScriptArg::Str(i)));
+        assert_refused(scripts.ack.run(&redis, &[&stream], &args).await, want);
+        assert_eq!(
+            dump(&c, std::slice::from_ref(&stream)).await,
+            before,
+            "{want}: the stream and its group are unchanged"
+        );
+    }
+    // Well-formed, it acknowledges and deletes.
+    let mut args = vec![ScriptArg::Str("g")];
+    args.extend(ids.iter().map(|i| ScriptArg::Str(i)));
+    let deleted = scripts
+        .ack
+        .run(&redis, &[&stream], &args)
+        .await
+        .expect("ack");
+    assert_eq!(deleted, redis::Value::Int(3));
+    let _: i64 = redis::cmd("DEL")
+        .arg(&stream)
+        .query_async(&mut c)
+        .await
+        .expect("del");
+}
