@@ -414,18 +414,8 @@ async fn unreachable_cluster_seeds_do_not_queue_admissions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
     let mut redis = PrivateRedis::start();
-    let app = app_on(&redis, "open", None).await;
-    let (key, api_key) = app.create_key(json!({"user_id": "u-open"})).await;
-    let key_id = api_key["id"].as_str().expect("id").to_string();
-    let (status, body) = app.admit(&key, json!({})).await;
-    assert_eq!(status, 200, "{body}");
-
-    redis.stop();
-    let (status, body) = app
-        .admit(&key, json!({"provider": "openai", "model": "gpt-4o"}))
-        .await;
-    assert_eq!(status, 200, "fail-open admission: {body}");
-    let lease = body["lease_id"].as_str().expect("lease id").to_string();
+    let (app, key_id, lease) =
+        fail_open_lease(&mut redis, json!({"provider": "openai", "model": "gpt-4o"})).await;
     let (status, body) = app.settle(&lease, 0.25).await;
     assert_unavailable(status, &body, "settle while redis is down");
 
@@ -460,13 +450,30 @@ async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
         recorded,
         "the fail-open usage reached Postgres with the admission's model"
     );
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
-            .bind(&key_id)
-            .fetch_one(&app.db)
-            .await
-            .expect("count usage");
-    assert_eq!(count, 1, "recorded exactly once");
+    assert_eq!(usage_count(&app, &key_id).await, 1, "recorded exactly once");
+}
+
+/// A key validated by one admission, then Redis stopped and a fail-open lease granted with
+/// `extra` in the admission body: the app, the key id and the lease.
+async fn fail_open_lease(redis: &mut PrivateRedis, extra: Value) -> (TestApp, String, String) {
+    let app = app_on(redis, "open", None).await;
+    let (key, api_key) = app.create_key(json!({"user_id": unique("u-open-")})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    redis.stop();
+    let (status, body) = app.admit(&key, extra).await;
+    assert_eq!(status, 200, "fail-open admission: {body}");
+    let lease = body["lease_id"].as_str().expect("lease id").to_string();
+    (app, key_id, lease)
+}
+
+async fn usage_count(app: &TestApp, key_id: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
+        .bind(key_id)
+        .fetch_one(&app.db)
+        .await
+        .expect("count usage")
 }
 
 /// A lease granted in fail-open mode holds nothing in Redis, and releasing it works like any
@@ -475,16 +482,7 @@ async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_open_lease_can_be_released() {
     let mut redis = PrivateRedis::start();
-    let app = app_on(&redis, "open", None).await;
-    let (key, api_key) = app.create_key(json!({"user_id": "u-open-rel"})).await;
-    let key_id = api_key["id"].as_str().expect("id").to_string();
-    let (status, body) = app.admit(&key, json!({})).await;
-    assert_eq!(status, 200, "{body}");
-
-    redis.stop();
-    let (status, body) = app.admit(&key, json!({})).await;
-    assert_eq!(status, 200, "fail-open admission: {body}");
-    let lease = body["lease_id"].as_str().expect("lease id").to_string();
+    let (app, key_id, lease) = fail_open_lease(&mut redis, json!({})).await;
     let (status, body) = app.release(&lease).await;
     assert_eq!(
         (status, body["released"].as_bool()),
@@ -507,11 +505,9 @@ async fn a_fail_open_lease_can_be_released() {
         "a released fail-open lease is gone: {body}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let count: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
-            .bind(&key_id)
-            .fetch_one(&app.db)
-            .await
-            .expect("count usage");
-    assert_eq!(count, 0, "nothing recorded for a released lease");
+    assert_eq!(
+        usage_count(&app, &key_id).await,
+        0,
+        "nothing recorded for a released lease"
+    );
 }
