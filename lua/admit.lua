@@ -38,6 +38,15 @@
 --          in_flight, balance_available, token_limit, tokens_remaining, tokens_reset_ms,
 --          budget, budget_remaining, budget_resets_at_ms}
 --                                                   (-1 = unlimited / none / never)
+--   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
+--
+-- Never half-writes (see settle.lua): the state's numbers and the holds of expired leases are
+-- checked before the first write. The arguments are not: their one writer is the typed
+-- builder in `hot/admission.rs`, which refuses lease TTLs outside 1 ms to a year, a reserve
+-- above 2^53 - 1 nano-USD and reserved tokens above 2^53 - 1 before any call. Checks here are
+-- plain `tonumber`s of values the script reads anyway, no pattern matches: this is the call
+-- on every request's path.
+--
 -- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact. They are printed
 -- with '%.0f', never tostring(), which keeps only 14 digits (a balance of 100,000 USD is 1e14
 -- nano-USD) and would hand the caller an unparsable '1e+14'.
@@ -68,14 +77,20 @@ local function int(n) return string.format('%.0f', n) end
 
 local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
   'rl', 'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps')
-local token_limit = tonumber(s[14]) or -1
-local wtok = tonumber(s[15]) or 0
-local htok = tonumber(s[16]) or 0
-local budget = tonumber(s[17]) or -1
-local budget_period = s[18] or ''
 if s[1] == false then
   if s[2] ~= false then return {'deny', 'key_invalid', '0'} end
   return {'miss'}
+end
+-- Every number of the state, read once; a field that is not one is state no script writes,
+-- refused before the first write (below, the expired-lease repair). `held`, `htok` and `wtok`
+-- must also be whole: HINCRBY adds to them.
+local rl, cl, bal, used = tonumber(s[8]), tonumber(s[9]), tonumber(s[10]), tonumber(s[11])
+local held, htok, wtok = tonumber(s[12] or 0), tonumber(s[16] or 0), tonumber(s[15] or 0)
+local token_limit, budget = tonumber(s[14] or -1), tonumber(s[17] or -1)
+local budget_period = s[18] or ''
+if not (rl and cl and bal and used and held and htok and wtok and token_limit and budget)
+  or held % 1 ~= 0 or htok % 1 ~= 0 or wtok % 1 ~= 0 or (s[4] ~= '' and not tonumber(s[4])) then
+  return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
 end
 
 local t = redis.call('TIME')
@@ -97,20 +112,29 @@ if not allowed(s[7], ARGV[7]) then return {'deny', 'model_not_allowed', '0'} end
 
 -- Expired leases give back their slot and hold before anything is counted. Bounded per call;
 -- leftovers are only counted conservatively (their hold stays held) until the next call.
-local held = tonumber(s[12]) or 0
+-- Their holds are read and checked first, so that a corrupt one refuses the call before the
+-- first write.
 local expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
-for _, m in ipairs(expired) do
-  local h = redis.call('HGET', holds, m)
+local expired_holds = #expired > 0 and {}
+for i, m in ipairs(expired) do
+  local h = false
+  if held ~= 0 or htok ~= 0 then h = redis.call('HGET', holds, m) end
   if h then
     -- A hold is 'nanos' or 'nanos:tokens'.
     local hn, ht = string.match(h, '^(%-?%d+):(%d+)$')
     if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(h), 0 end
+    if hn == nil or hn ~= math.floor(hn) then
+      return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
+    end
     held = held - hn
     htok = htok - ht
-    redis.call('HDEL', holds, m)
+    expired_holds[i] = true
   end
-  redis.call('ZREM', live, m)
 end
+for i, m in ipairs(expired) do
+  if expired_holds[i] then redis.call('HDEL', holds, m) end
+end
+if #expired > 0 then redis.call('ZREM', live, unpack(expired)) end
 local repaired = #expired > 0
 -- No live lease left: nothing is held. This is also where the holds of an idle key's leases
 -- come back when `live` and `holds` expired as whole keys and the loop above saw nothing.
@@ -122,10 +146,9 @@ if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
 end
 if repaired then redis.call('HSET', state, 'held', int(held), 'htok', int(htok)) end
 
-local bal = tonumber(s[10])
 local available = -1
 if bal >= 0 then
-  available = bal - tonumber(s[11]) - held
+  available = bal - used - held
   if available <= 0 or available < reserve then
     return {'deny', 'balance_exhausted', '0'}
   end
@@ -135,7 +158,7 @@ end
 -- again) plus holds, against the budget; a budget that never resets counts all spend (`used`).
 local budget_remaining, budget_resets = -1, -1
 if budget >= 0 then
-  local spent = tonumber(s[11]) or 0
+  local spent = used
   if budget_period ~= '' then
     -- The budget period [start, end) that `now` falls in: a UTC day, a week from Monday, a
     -- month from the 1st (the same boundaries as settle.lua and the Rust side). Defined here,
@@ -185,7 +208,6 @@ if budget >= 0 then
   budget_remaining = budget - spent - held - reserve
 end
 
-local rl = tonumber(s[8])
 local remaining = -1
 local reset = 0
 local count = 0
@@ -243,7 +265,6 @@ if token_limit > 0 then
   if oldest[2] then tokens_reset = tonumber(oldest[2]) + window - now end
 end
 
-local cl = tonumber(s[9])
 local in_flight = redis.call('ZCARD', live)
 if leased and cl > 0 and in_flight >= cl then
   local soonest = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')

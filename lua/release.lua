@@ -10,7 +10,8 @@
 -- KEYS[4] lease   STRING this lease's record (see admit.lua)
 -- ARGV[1] lease nonce
 --
--- Returns {'unknown'} | {'released'} | {'ended'}. Releasing twice, or after a settle, is a
+-- Returns {'unknown'} | {'released'} | {'ended'}, or the error reply CORRUPT_STATE (the key's
+-- state or the hold holds what no script writes; nothing was changed). Releasing twice, or after a settle, is a
 -- no-op answered 'ended' (the HTTP API answers it like 'released'; an access-log report counts
 -- it as a duplicate). A released lease can still be settled (usage is never dropped).
 
@@ -23,22 +24,34 @@ if rec == false then return {'unknown'} end
 if string.sub(rec, 1, 1) ~= 'L' then return {'ended'} end
 
 local s = redis.call('HMGET', state, 'id', 'held', 'htok')
-local held = tonumber(s[2]) or 0
-local htok = tonumber(s[3]) or 0
+local held, htok = tonumber(s[2] or 0), tonumber(s[3] or 0)
+-- What HINCRBY adds to below must be whole, checked before the first write (a call refused
+-- changes nothing; see settle.lua).
+local function whole(n) return n and n == math.floor(n) end
+if not (whole(held) and whole(htok)) then
+  return redis.error_reply('CORRUPT_STATE a counter of the key state is not a whole number')
+end
 -- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant). A hold is 'nanos' or
 -- 'nanos:tokens'.
-if redis.call('ZREM', live, nonce) == 1 and (held ~= 0 or htok ~= 0) then
-  local h = redis.call('HGET', holds, nonce)
-  if h then
-    redis.call('HDEL', holds, nonce)
-    if s[1] ~= false then
-      local hn, ht = string.match(h, '^(%-?%d+):(%d+)$')
-      if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(h), 0 end
-      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
-      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
-      held = held - hn
-      htok = htok - ht
+local hold = false
+local hn, ht = 0, 0
+if held ~= 0 or htok ~= 0 then
+  hold = redis.call('HGET', holds, nonce)
+  if hold then
+    hn, ht = string.match(hold, '^(%-?%d+):(%d+)$')
+    if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(hold), 0 end
+    if not whole(hn) then
+      return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
     end
+  end
+end
+if redis.call('ZREM', live, nonce) == 1 and hold then
+  redis.call('HDEL', holds, nonce)
+  if s[1] ~= false then
+    if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
+    if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
+    held = held - hn
+    htok = htok - ht
   end
 end
 if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then

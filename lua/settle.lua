@@ -39,19 +39,26 @@
 --
 -- Never half-writes: every bound is checked before the first write, and a call that fails
 -- one changes nothing and answers an error reply whose first word says why:
---   LIMIT_EXCEEDED    the cost is above MAX_COST, or `used` + cost would pass MAX_USED
---   INVALID_ARGUMENT  an argument is not what tollgate sends (a number that is not one)
+--   LIMIT_EXCEEDED    `used` + cost would pass MAX_USED (likewise the budget period's spend
+--                     and the token window's sum)
 --   CORRUPT_STATE     the key's state or the lease record holds what no script writes
 -- (`hot::redis` reads these as `RedisFailure::Refused`; `http::error` answers 422
--- `limit_exceeded`, 400 `bad_request`, 500 `internal`.) Version 1 added the cost to `used` with
--- HINCRBY after freeing the lease: past the 64-bit range HINCRBY failed, and every later settle
--- answered 503 with the lease already gone from the live set.
+-- `limit_exceeded` and 500 `internal`.) Version 1 added the cost to `used` with HINCRBY after
+-- freeing the lease: past the 64-bit range HINCRBY failed, and every later settle answered 503
+-- with the lease already gone from the live set.
 --
--- MAX_COST = 2^53 - 1 nano-USD (9,007,199.254740991 USD; what the Rust side accepts, and
--- the largest integer a Lua number holds exactly). MAX_USED = 2^62 nano-USD (about 4.6
--- billion USD): a key's lifetime spend. It keeps `used`, Postgres's `balance_used_nanos` and
--- every sum of them (a day's roll-up, a batch of 500 events at MAX_COST on top) inside 64 bits.
--- It is compared exactly, in two 9-digit halves, never as a (rounded) Lua number.
+-- The arguments are not checked here: their one writer is the typed builder in
+-- `hot/admission.rs`, which refuses a cost above MAX_COST (LIMIT_EXCEEDED) and token counts
+-- above 2^53 - 1 (INVALID_ARGUMENT) before any call, and sends every other argument in the
+-- format above by construction. What only this script can see, the key's state and the running
+-- totals, it checks, and only the fields this call will do arithmetic on: each check is a
+-- pattern match that costs Redis time on every settlement (docs/PERFORMANCE.md).
+--
+-- MAX_COST = 2^53 - 1 nano-USD (9,007,199.254740991 USD; the largest integer a Lua number
+-- holds exactly). MAX_USED = 2^62 nano-USD (about 4.6 billion USD): a key's lifetime spend.
+-- It keeps `used`, Postgres's `balance_used_nanos` and every sum of them (a day's roll-up, a
+-- batch of 500 events at MAX_COST on top) inside 64 bits. It is compared exactly, in two
+-- 9-digit halves, never as a (rounded) Lua number.
 
 local state, live, holds, lease, stream, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
   KEYS[6]
@@ -63,64 +70,49 @@ local function hold_of(h)
   return tonumber(h), 0
 end
 
-local MAX_COST = 9007199254740991
 local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
 local function refuse(code, why) return redis.error_reply(code .. ' ' .. why) end
--- A whole number as tollgate writes it: digits, optionally '-'; at most 19 digits (64 bits).
-local function whole(v, signed)
-  if type(v) ~= 'string' or #v == 0 or #v > 20 then return false end
-  if signed then return string.find(v, '^%-?%d+$') ~= nil and #string.gsub(v, '^%-', '') <= 19 end
-  return string.find(v, '^%d+$') ~= nil and #v <= 19
-end
--- A non-negative whole number below 2^53, as an exact Lua number (or nil).
-local function exact(v)
-  if not whole(v, false) or #v > 16 then return nil end -- 16 digits: beyond, past 2^53 anyway
-  local n = tonumber(v)
-  if n > MAX_COST then return nil end
-  return n
+-- A counter HINCRBY can add to: digits, optionally '-', at most 19 of them.
+local function whole(v)
+  return #v <= 20 and string.find(v, '^%-?%d+$') ~= nil
+    and (#v <= 19 or string.byte(v) == 45)
 end
 -- (hi, lo) of a non-negative whole number string: both exact, lo < 1e9.
 local function halves(d)
   if #d <= 9 then return 0, tonumber(d) end
   return tonumber(string.sub(d, 1, #d - 9)), tonumber(string.sub(d, -9))
 end
+-- Whether counter + amount (whole number strings, amount >= 0) passes 2^62, exactly. A
+-- counter below 0 cannot pass it; below 10^17 plus an amount below 10^16, neither can the sum.
+local function passes(counter, amount)
+  if #counter <= 17 and #amount <= 16 then return false end
+  if string.sub(counter, 1, 1) == '-' then return false end
+  local ahi, alo = halves(counter)
+  local bhi, blo = halves(amount)
+  local lo, hi = alo + blo, ahi + bhi
+  if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
+  return hi > MAX_USED_HI or (hi == MAX_USED_HI and lo > MAX_USED_LO)
+end
 
--- Arguments (tollgate always sends them well-formed; a caller that does not is refused).
--- A cost of '?' asks for the price's provider and model and writes nothing.
 local cost = ARGV[1]
-if type(cost) ~= 'string' or (cost ~= '?' and string.find(cost, '^%d+$') == nil) then
-  return refuse('INVALID_ARGUMENT', 'cost')
-end
-if cost ~= '?' and exact(cost) == nil then
-  return refuse('LIMIT_EXCEEDED', 'cost above 2^53 - 1 nano-USD')
-end
-if exact(ARGV[2]) == nil or exact(ARGV[3]) == nil then return refuse('INVALID_ARGUMENT', 'tokens') end
-for i = 4, 6 do
-  if ARGV[i] ~= '-1' and exact(ARGV[i]) == nil then return refuse('INVALID_ARGUMENT', 'argument ' .. i) end
-end
-local tombstone_ttl = exact(ARGV[10])
-if tombstone_ttl == nil or tombstone_ttl < 1 then return refuse('INVALID_ARGUMENT', 'tombstone ttl') end
-local dot = string.find(ARGV[11] or '', '.', 1, true)
-if dot == nil then return refuse('INVALID_ARGUMENT', 'lease id') end
-local nonce = string.sub(ARGV[11], dot + 1)
-if ARGV[12] ~= 'any' and ARGV[12] ~= 'live' then return refuse('INVALID_ARGUMENT', 'lease state') end
-local window = exact(ARGV[13])
-if window == nil or window < 1 then return refuse('INVALID_ARGUMENT', 'rate window') end
-if ARGV[14] == 'failopen' and (exact(ARGV[20]) == nil or exact(ARGV[21]) == nil) then
-  return refuse('INVALID_ARGUMENT', 'fail-open lease times')
-end
+local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
+local window = ARGV[13]
 
 local rec = redis.call('GET', lease)
 -- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
 local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
   'bper', 'bps', 'bsp', 'wtok')
 local hydrated = s[1] ~= false
--- Every counter the writes below do arithmetic on must be a whole number (`bps`, the budget
--- period's start, is '' for a budget that never resets).
-for _, i in ipairs({2, 3, 4, 6, 7, 8, 10, 11, 12}) do
-  if s[i] and not (i == 10 and s[i] == '') and not whole(s[i], true) then
-    return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
-  end
+-- What this settlement will write besides `used`: the token window of a key with a token
+-- limit, the period spend of a budget that resets.
+local token_limited = hydrated and (tonumber(s[7]) or -1) > 0
+local budgeted = hydrated and (tonumber(s[8]) or -1) >= 0 and (s[9] or '') ~= ''
+-- Every counter that is read as a number or that HINCRBY adds to below must be a whole
+-- number.
+local function corrupt(i) return s[i] and not whole(s[i]) end
+if corrupt(2) or corrupt(3) or corrupt(4) or corrupt(6) or (token_limited and corrupt(12))
+  or (budgeted and corrupt(11)) then
+  return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
 end
 local used = tonumber(s[3]) or 0
 local held = tonumber(s[4]) or 0
@@ -155,16 +147,8 @@ if tonumber(r[6]) == nil or tonumber(r[7]) == nil then
   return refuse('CORRUPT_STATE', 'lease record times')
 end
 
--- Whether counter + amount (whole number strings, amount >= 0) passes 2^62, exactly. A
--- counter below 0 cannot pass it.
-local function passes(counter, amount)
-  if string.sub(counter, 1, 1) == '-' then return false end
-  local ahi, alo = halves(counter)
-  local bhi, blo = halves(amount)
-  local lo, hi = alo + blo, ahi + bhi
-  if lo >= 1000000000 then hi, lo = hi + 1, lo - 1000000000 end
-  return hi > MAX_USED_HI or (hi == MAX_USED_HI and lo > MAX_USED_LO)
-end
+local input, output, total = ARGV[2], ARGV[3], ARGV[4]
+if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 -- The lifetime bound: used + cost <= MAX_USED. The period spend (`bsp`) and the token window's
 -- sum (`wtok`) are bounded the same way (they are parts of lifetime totals), so no HINCRBY
 -- below can overflow.
@@ -172,13 +156,26 @@ if hydrated then
   if passes(s[3] or '0', cost) then
     return refuse('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
   end
-  if passes(s[11] or '0', cost) then
+  if budgeted and passes(s[11] or '0', cost) then
     return refuse('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
   end
-  local total = ARGV[4]
-  if total == '-1' then total = int(tonumber(ARGV[2]) + tonumber(ARGV[3])) end
-  if passes(s[12] or '0', total) then
+  if token_limited and passes(s[12] or '0', total) then
     return refuse('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
+  end
+end
+
+-- The lease's hold, if it has one. Nothing is held when `held` and `htok` are 0 (admit.lua's
+-- invariant), so `holds` is only read when it can matter; and an entry exists only for a live
+-- lease, so a released lease finds none (it gave its hold back already).
+local hold = false
+local hn, ht = 0, 0
+if held ~= 0 or htok ~= 0 then
+  hold = redis.call('HGET', holds, nonce)
+  if hold then
+    hn, ht = hold_of(hold)
+    if hn == nil or hn ~= math.floor(hn) then
+      return refuse('CORRUPT_STATE', 'a hold is not a whole number')
+    end
   end
 end
 
@@ -186,20 +183,14 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- Every bound holds: from here on every call succeeds.
--- Free the slot and hold (a released lease has given them back already). Nothing is held
--- when `held` and `htok` are 0 (admit.lua's invariant), so `holds` is only read when it can
--- matter.
-if redis.call('ZREM', live, nonce) == 1 and (held ~= 0 or htok ~= 0) then
-  local h = redis.call('HGET', holds, nonce)
-  if h then
-    redis.call('HDEL', holds, nonce)
-    if hydrated then
-      local hn, ht = hold_of(h)
-      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
-      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
-      held = held - hn
-      htok = htok - ht
-    end
+-- Free the slot and the hold.
+if redis.call('ZREM', live, nonce) == 1 and hold then
+  redis.call('HDEL', holds, nonce)
+  if hydrated then
+    if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
+    if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
+    held = held - hn
+    htok = htok - ht
   end
 end
 -- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
@@ -217,11 +208,8 @@ if hydrated then
   used = used + tonumber(cost)
 end
 
-local input, output, total = ARGV[2], ARGV[3], ARGV[4]
-if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
-
 -- The token window of a key with a token limit.
-if hydrated and (tonumber(s[7]) or -1) > 0 and total ~= '0' then
+if token_limited and total ~= '0' then
   redis.call('ZADD', tokens, now, nonce .. ':' .. total)
   redis.call('PEXPIRE', tokens, window)
   redis.call('HINCRBY', state, 'wtok', total)
@@ -230,7 +218,7 @@ end
 -- The spend of the budget's current period, started again when the period turned (the same
 -- UTC boundaries as admit.lua).
 local budget_period = s[9] or ''
-if hydrated and (tonumber(s[8]) or -1) >= 0 and budget_period ~= '' then
+if budgeted then
   local DAY = 86400000
   local function days_from_civil(y, m, d)
     if m <= 2 then y = y - 1 end
@@ -273,6 +261,6 @@ redis.call('XADD', stream, '*',
   'at', r[6], 'ts', now, 'x', expired)
 
 -- The record becomes a tombstone that only answers "duplicate".
-redis.call('SET', lease, 'S', 'PX', tombstone_ttl)
+redis.call('SET', lease, 'S', 'PX', ARGV[10])
 
 return {'settled', expired, available()}

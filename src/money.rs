@@ -13,6 +13,11 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 /// Nano-dollars per dollar.
 pub const NANOS_PER_USD: i64 = 1_000_000_000;
 
+/// The largest whole number a Lua number (a double) holds exactly, 2^53 - 1: the bound on a
+/// balance, a budget and one settlement's cost in nano-USD (about 9.0 million USD), and on a
+/// token count, because the scripts compare and add them as Lua numbers.
+pub const MAX_EXACT: i64 = (1 << 53) - 1;
+
 /// An exact amount of US dollars, stored as nano-dollars. May be negative (a deduction).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Money(i64);

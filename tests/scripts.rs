@@ -1,4 +1,4 @@
-//! Scripts that never half-write: settle.lua, hydrate.lua and ack.lua check every bound before their first write, and a refused call leaves every key it touches byte-for-byte unchanged (DUMP before and after).
+//! Scripts that never half-write: admit.lua, settle.lua, release.lua, hydrate.lua and ack.lua check every bound before their first write (or their typed caller does, before any call), and a refused call leaves every key it touches byte-for-byte unchanged (DUMP before and after).
 
 mod common;
 
@@ -8,9 +8,11 @@ use common::hot_suite::amount;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
+use tollgate::hot::admission::{AdmitArgs, HotPath, LeaseTerm, ScriptAdmit, SettleArgs};
 use tollgate::hot::layout::{Layout, LeaseRef};
 use tollgate::hot::redis::{Redis, RedisFailure};
 use tollgate::hot::scripts::{ScriptArg, Scripts};
+use tollgate::money::Money;
 
 /// 2^62 nano-USD: a key's lifetime spend (lua/settle.lua).
 const MAX_USED: i64 = 1 << 62;
@@ -91,6 +93,14 @@ async fn settle_raw(app: &TestApp, lease: &str, cost: &str) -> (u16, Value) {
 
 /// An app whose syncer is off: a syncer polling the usage streams would change their DUMP
 /// (its consumer's last-seen time) between the before and the after of a check.
+async fn release_raw(app: &TestApp, lease: &str) -> (u16, Value) {
+    let res = app
+        .post_data("/v1/release", json!({"lease_id": lease}))
+        .await;
+    let status = res.status().as_u16();
+    (status, res.json().await.expect("release answers JSON"))
+}
+
 async fn no_sync_app() -> TestApp {
     spawn_app_with(|s| {
         s.insert("TOLLGATE_SYNC_ENABLED", "false".into());
@@ -208,7 +218,58 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     let redis = hot_redis();
     let scripts = Scripts::default();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let args = |cost: &'static str, ttl: &'static str| {
+    // Arguments out of the script's range are refused by its typed caller, before any call.
+    let hot = HotPath::new(
+        redis.clone(),
+        &app.namespace,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    );
+    let before = dump(&app.redis, &keys).await;
+    let big = (MAX_COST as u64) + 1;
+    for (args, want) in [
+        (
+            SettleArgs {
+                cost: Some(Money::from_nanos(MAX_COST + 1)),
+                ..SettleArgs::default()
+            },
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            SettleArgs {
+                cost: Some(Money::from_nanos(-1)),
+                ..SettleArgs::default()
+            },
+            "INVALID_ARGUMENT",
+        ),
+        (
+            SettleArgs {
+                cost: Some(Money::ZERO),
+                input_tokens: big,
+                ..SettleArgs::default()
+            },
+            "INVALID_ARGUMENT",
+        ),
+        (
+            SettleArgs {
+                cost: Some(Money::ZERO),
+                total_tokens: Some(big),
+                ..SettleArgs::default()
+            },
+            "INVALID_ARGUMENT",
+        ),
+    ] {
+        let args = SettleArgs {
+            lease_id: &id,
+            ..args
+        };
+        match hot.settle(&args).await {
+            Err(RedisFailure::Refused { code, .. }) => assert_eq!(code, want, "{args:?}"),
+            other => panic!("expected a {want} refusal of {args:?}, got {other:?}"),
+        }
+        assert_eq!(dump(&app.redis, &keys).await, before, "{args:?}");
+    }
+    let a = |cost: &'static str| {
         vec![
             ScriptArg::Str(cost),
             ScriptArg::Str("1"),
@@ -219,39 +280,17 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
             ScriptArg::Str(""),
             ScriptArg::Str(""),
             ScriptArg::Str(""),
-            ScriptArg::Str(ttl),
+            ScriptArg::Str("600000"),
+            ScriptArg::Str(&id),
+            ScriptArg::Str("any"),
+            ScriptArg::Str("60000"),
         ]
     };
-    let before = dump(&app.redis, &keys).await;
-    for (cost, ttl, want) in [
-        // Version 1 freed the lease, charged it and recorded it, then failed on SET … PX 0.
-        ("1000", "0", "INVALID_ARGUMENT"),
-        ("1000", "-5", "INVALID_ARGUMENT"),
-        ("1000", "soon", "INVALID_ARGUMENT"),
-        ("12.5", "600000", "INVALID_ARGUMENT"),
-        ("9007199254740992", "600000", "LIMIT_EXCEEDED"),
-        ("99999999999999999999", "600000", "LIMIT_EXCEEDED"),
-    ] {
-        let mut a = args(cost, ttl);
-        a.push(ScriptArg::Str(&id));
-        a.push(ScriptArg::Str("any"));
-        a.push(ScriptArg::Str("60000"));
-        assert_refused(scripts.settle.run(&redis, &key_refs, &a).await, want);
-        assert_eq!(
-            dump(&app.redis, &keys).await,
-            before,
-            "cost {cost}, ttl {ttl}"
-        );
-    }
     // State no script writes: `used` that is not a number.
     hset(&app.redis, &lease.keys.state, "used", "lots").await;
     let before = dump(&app.redis, &keys).await;
-    let mut a = args("1000", "600000");
-    a.push(ScriptArg::Str(&id));
-    a.push(ScriptArg::Str("any"));
-    a.push(ScriptArg::Str("60000"));
     assert_refused(
-        scripts.settle.run(&redis, &key_refs, &a).await,
+        scripts.settle.run(&redis, &key_refs, &a("1000")).await,
         "CORRUPT_STATE",
     );
     assert_eq!(dump(&app.redis, &keys).await, before);
@@ -419,4 +458,166 @@ async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
         .query_async(&mut c)
         .await
         .expect("del");
+}
+
+/// Every key admit.lua touches for the key of `lease`, and the namespace's key count (a
+/// refused admission must not leave a new lease record).
+async fn admit_snapshot(app: &TestApp, lease: &LeaseRef) -> (Vec<Option<Vec<u8>>>, usize) {
+    let k = &lease.keys;
+    let keys = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens].map(|s| s.to_string());
+    let mut c = app.redis.clone();
+    let all: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}:*", app.namespace))
+        .query_async(&mut c)
+        .await
+        .expect("keys");
+    (dump(&app.redis, &keys).await, all.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_on_corrupt_state_are_refused_500_before_the_expired_lease_repair() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-adm", "is_standalone": true, "initial_balance_usd": 5}))
+        .await;
+    // An expired lease with a hold: the next admission would give it back first (its first
+    // write), so a refusal must come before that.
+    let (_, lease) = lease_of(
+        &app,
+        &key,
+        json!({"reserve_usd": 1, "lease_ttl_seconds": 1}),
+    )
+    .await;
+    // A longer lease keeps the live set (and the holds) from expiring whole with the first.
+    lease_of(&app, &key, json!({})).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (field, value) in [("used", "lots"), ("held", "1.5"), ("rl", "")] {
+        let good = hget(&app.redis, &lease.keys.state, field)
+            .await
+            .expect(field);
+        hset(&app.redis, &lease.keys.state, field, value).await;
+        let before = admit_snapshot(&app, &lease).await;
+        let (status, body) = app.admit(&key, json!({})).await;
+        assert_eq!(status, 500, "{field}={value}: {body}");
+        assert_eq!(body["code"], "internal", "{body}");
+        assert_eq!(
+            admit_snapshot(&app, &lease).await,
+            before,
+            "{field}={value}"
+        );
+        hset(&app.redis, &lease.keys.state, field, &good).await;
+    }
+    // A hold that is not a number.
+    hset(&app.redis, &lease.keys.holds, &lease.nonce, "much").await;
+    let before = admit_snapshot(&app, &lease).await;
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!((status, &body["code"]), (500, &json!("internal")), "{body}");
+    assert_eq!(admit_snapshot(&app, &lease).await, before);
+    // Healed, the same admission goes through and gives the expired hold back.
+    hset(&app.redis, &lease.keys.holds, &lease.nonce, "1000000000").await;
+    let (status, body) = app.admit(&key, json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        hget(&app.redis, &lease.keys.state, "held").await.as_deref(),
+        Some("0")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admissions_with_arguments_out_of_range_are_refused_by_their_caller_before_any_call() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(
+            json!({"user_id": "u-adm-args", "is_standalone": true, "initial_balance_usd": 5}),
+        )
+        .await;
+    let (_, lease) = lease_of(&app, &key, json!({})).await;
+    let hot = HotPath::new(
+        hot_redis(),
+        &app.namespace,
+        Duration::from_secs(60),
+        Duration::from_secs(600),
+    );
+    let key_hash = tollgate::keys::hash(&key);
+    let base = AdmitArgs {
+        key_hash: &key_hash,
+        provider: "",
+        api_format: "",
+        model: "",
+        reserve: Money::ZERO,
+        reserve_tokens: 0,
+        lease: LeaseTerm::Default,
+    };
+    let before = admit_snapshot(&app, &lease).await;
+    for (args, want) in [
+        (
+            AdmitArgs {
+                reserve: Money::from_nanos(MAX_COST + 1),
+                ..base
+            },
+            "LIMIT_EXCEEDED",
+        ),
+        (
+            AdmitArgs {
+                reserve_tokens: (MAX_COST as u64) + 1,
+                ..base
+            },
+            "INVALID_ARGUMENT",
+        ),
+        (
+            AdmitArgs {
+                lease: LeaseTerm::Ttl(Duration::ZERO),
+                ..base
+            },
+            "INVALID_ARGUMENT",
+        ),
+        (
+            AdmitArgs {
+                lease: LeaseTerm::Ttl(Duration::from_secs(400 * 86_400)),
+                ..base
+            },
+            "INVALID_ARGUMENT",
+        ),
+    ] {
+        match hot.admit(args).await {
+            Err(RedisFailure::Refused { code, .. }) => assert_eq!(code, want, "{args:?}"),
+            other => panic!("expected a {want} refusal of {args:?}, got {other:?}"),
+        }
+        assert_eq!(admit_snapshot(&app, &lease).await, before, "{args:?}");
+    }
+    // In range, the same call is granted.
+    assert!(matches!(hot.admit(base).await, Ok(ScriptAdmit::Allowed(_))));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_on_corrupt_state_are_refused_500_and_change_nothing() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-rel", "is_standalone": true, "initial_balance_usd": 5}))
+        .await;
+    let (id, lease) = lease_of(&app, &key, json!({"reserve_usd": 1})).await;
+    let keys = settle_keys(&lease);
+    for (key_name, field, value) in [
+        (&lease.keys.state, "held", "lots"),
+        (&lease.keys.state, "held", "2.5"),
+        (&lease.keys.holds, lease.nonce.as_str(), "much"),
+    ] {
+        let good = hget(&app.redis, key_name, field).await.expect(field);
+        hset(&app.redis, key_name, field, value).await;
+        let before = dump(&app.redis, &keys).await;
+        let (status, body) = release_raw(&app, &id).await;
+        assert_eq!(
+            (status, &body["code"]),
+            (500, &json!("internal")),
+            "{field}={value}: {body}"
+        );
+        assert_eq!(dump(&app.redis, &keys).await, before, "{field}={value}");
+        hset(&app.redis, key_name, field, &good).await;
+    }
+    let (status, body) = release_raw(&app, &id).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        hget(&app.redis, &lease.keys.state, "held").await.as_deref(),
+        Some("0")
+    );
 }

@@ -30,7 +30,7 @@ const LEASE_HEADER: &str = "x-tollgate-lease-id";
 /// Bounds of what one record may report; the same as `/v1/settle`'s.
 const MAX_TOKENS: u64 = 1 << 40;
 const MAX_RESPONSE_TIME_MS: u64 = 1 << 31;
-const MAX_COST_NANOS: i64 = (1 << 53) - 1;
+const MAX_COST_NANOS: i64 = crate::money::MAX_EXACT;
 const MAX_LABEL_LEN: usize = 256;
 
 /// What a record asks tollgate to do.

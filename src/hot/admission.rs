@@ -9,7 +9,7 @@ use super::layout::{new_nonce, KeyRedisKeys, Layout, LeaseRef};
 use super::redis::{Redis, RedisFailure};
 use super::scripts::{ScriptArg, Scripts};
 use crate::decision::DenyCode;
-use crate::money::Money;
+use crate::money::{Money, MAX_EXACT};
 use crate::period::BudgetPeriod;
 use crate::store::keys::KeyRow;
 
@@ -258,11 +258,22 @@ impl HotPath {
         let nonce = new_nonce();
         let lease = k.lease(&nonce);
         let ttl_ms = self.lease_ttl_ms(a.lease);
+        // The bounds admit.lua leaves to its one caller (see its header).
+        let script = &self.scripts.admit;
+        // A year: the longest `TOLLGATE_LEASE_TTL_SECONDS` (a caller's own TTL is at most a day).
+        let max_ttl_ms = 366 * 24 * 3600 * 1000;
+        if !(0..=max_ttl_ms).contains(&ttl_ms) || (ttl_ms == 0 && a.lease != LeaseTerm::None) {
+            return Err(script.refuse("INVALID_ARGUMENT", "lease ttl outside 1 ms to a year"));
+        }
+        if a.reserve.nanos() > MAX_EXACT {
+            return Err(script.refuse("LIMIT_EXCEEDED", "reserve above 2^53 - 1 nano-USD"));
+        }
+        if a.reserve_tokens > MAX_EXACT.unsigned_abs() {
+            return Err(script.refuse("INVALID_ARGUMENT", "reserved tokens above 2^53 - 1"));
+        }
         // The record outlives its lease, so a late settlement is still charged and recorded.
         let record_ttl_ms = ttl_ms.saturating_add(ms(LATE_SETTLE_GRACE));
-        let v = self
-            .scripts
-            .admit
+        let v = script
             .run(
                 &self.redis,
                 &[&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens],
@@ -275,7 +286,7 @@ impl HotPath {
                     ScriptArg::Str(a.api_format),
                     ScriptArg::Str(a.model),
                     ScriptArg::Int(a.reserve.nanos().max(0)),
-                    ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(i64::MAX)),
+                    ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT)),
                 ],
             )
             .await?;
@@ -335,14 +346,31 @@ impl HotPath {
         let Some(l) = self.layout.lease(a.lease_id) else {
             return Ok(SettleOutcome::Unknown);
         };
-        let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
-        let (p, f, m) = (given(a.provider), given(a.api_format), given(a.model));
-        let n = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        // The bounds settle.lua leaves to its one caller (see its header).
+        let script = &self.scripts.settle;
+        match a.cost {
+            Some(c) if c.is_negative() => {
+                return Err(script.refuse("INVALID_ARGUMENT", "a negative cost"))
+            }
+            Some(c) if c.nanos() > MAX_EXACT => {
+                return Err(script.refuse("LIMIT_EXCEEDED", "cost above 2^53 - 1 nano-USD"))
+            }
+            _ => {}
+        }
         // Summed here, not in Lua: Lua's doubles lose digits past 2^53 and print them as
         // `1e+15`, which the syncer could not read back.
         let total = a
             .total_tokens
             .unwrap_or_else(|| a.input_tokens.saturating_add(a.output_tokens));
+        if [a.input_tokens, a.output_tokens, total]
+            .iter()
+            .any(|t| *t > MAX_EXACT.unsigned_abs())
+        {
+            return Err(script.refuse("INVALID_ARGUMENT", "tokens above 2^53 - 1"));
+        }
+        let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
+        let (p, f, m) = (given(a.provider), given(a.api_format), given(a.model));
+        let n = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
         let mut args = vec![
             match a.cost {
                 Some(c) => ScriptArg::Int(c.nanos()),
@@ -375,9 +403,7 @@ impl HotPath {
         }
         let lease = l.keys.lease(&l.nonce);
         let stream = l.keys.stream();
-        let v = self
-            .scripts
-            .settle
+        let v = script
             .run(
                 &self.redis,
                 &[

@@ -40,8 +40,20 @@ const VALIDATED_MAX: usize = 100_000;
 // Not boxed, like `ScriptAdmit`: one allocation per allowed admission saved.
 #[allow(clippy::large_enum_variant)]
 pub enum Decision {
-    Allowed { grant: Grant, fail_open: bool },
-    Denied { code: DenyCode, retry_after_ms: u64 },
+    Allowed {
+        grant: Grant,
+        fail_open: bool,
+    },
+    Denied {
+        code: DenyCode,
+        retry_after_ms: u64,
+    },
+    /// admit.lua, or its typed caller, refused the call before any write (see
+    /// [`RedisFailure::Refused`]): not a denial of the key, and not worth retrying.
+    Refused {
+        code: &'static str,
+        detail: String,
+    },
 }
 
 impl Decision {
@@ -131,6 +143,8 @@ impl Gate {
         match &decision {
             Decision::Allowed { .. } => self.metrics.admission(None),
             Decision::Denied { code, .. } => self.metrics.admission(Some(*code)),
+            // Counted as a script refusal, where it happened.
+            Decision::Refused { .. } => {}
         }
         decision
     }
@@ -162,6 +176,7 @@ impl Gate {
                 Some(decision) => decision,
                 None => self.after_miss(args).await,
             },
+            Err(RedisFailure::Refused { code, detail }) => Decision::Refused { code, detail },
             Err(e) => {
                 self.metrics.redis_error(e.kind());
                 tracing::warn!(error = %e, "admission could not reach redis");
@@ -228,6 +243,7 @@ impl Gate {
             Ok(answer) => self
                 .answered(args.key_hash, answer)
                 .unwrap_or_else(|| Decision::deny(DenyCode::Unavailable)),
+            Err(RedisFailure::Refused { code, detail }) => Decision::Refused { code, detail },
             Err(e) => {
                 self.metrics.redis_error(e.kind());
                 Decision::deny(DenyCode::Unavailable)

@@ -35,6 +35,18 @@ impl Script {
         cmd
     }
 
+    /// Refuses a call without sending it, as the script would refuse it: for the bounds on
+    /// arguments, which the typed builder checks so that the script need not spend Redis time
+    /// on them. Counted with the script's own refusals.
+    pub fn refuse(&self, code: &'static str, detail: &str) -> RedisFailure {
+        metrics::counter!(crate::metrics::SCRIPT_REFUSALS, "script" => self.name, "code" => code)
+            .increment(1);
+        RedisFailure::Refused {
+            code,
+            detail: detail.to_string(),
+        }
+    }
+
     /// Runs the script: `EVALSHA`, falling back to `EVAL` on NOSCRIPT.
     pub async fn run(
         &self,

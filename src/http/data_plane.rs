@@ -16,6 +16,7 @@ use super::AppState;
 use crate::decision::DenyCode;
 use crate::hot::admission::{AdmitArgs, LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
 use crate::hot::gate::Decision;
+use crate::hot::redis::RedisFailure;
 use crate::keys;
 use crate::money::Money;
 use crate::store::keys::MAX_BALANCE_NANOS;
@@ -313,6 +314,9 @@ pub async fn admit(
                     .insert("retry-after", retry_after_header(retry_after_ms));
             }
             res
+        }
+        Decision::Refused { code, detail } => {
+            ApiError::from(RedisFailure::Refused { code, detail }).into_response()
         }
     }
 }

@@ -24,8 +24,9 @@ use super::AppState;
 use crate::decision::DenyCode;
 use crate::hot::admission::{Grant, LeaseTerm};
 use crate::hot::gate::Decision;
+use crate::hot::redis::RedisFailure;
 use crate::inference::Inferred;
-use crate::money::Money;
+use crate::money::{Money, MAX_EXACT};
 
 /// How a proxy wants denials shaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +148,7 @@ fn query(
         .unwrap_or_default(),
         reserve: header(headers, "x-tollgate-reserve-usd")
             .and_then(|v| Money::parse(v).ok())
-            .filter(|m| !m.is_negative())
+            .filter(|m| !m.is_negative() && m.nanos() <= MAX_EXACT)
             .unwrap_or_default(),
         reserve_tokens: 0,
         lease,
@@ -239,6 +240,10 @@ fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
             }
             res
         }
+        Decision::Refused { code, detail } => refused(
+            ApiError::from(RedisFailure::Refused { code, detail }),
+            flavor,
+        ),
     }
 }
 

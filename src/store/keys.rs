@@ -118,7 +118,7 @@ pub enum BalanceError {
 
 /// The largest balance a key may hold, in nano-USD: admit.lua compares balances as Lua
 /// numbers (doubles), which are exact integers up to 2^53.
-pub const MAX_BALANCE_NANOS: i64 = (1 << 53) - 1;
+pub const MAX_BALANCE_NANOS: i64 = crate::money::MAX_EXACT;
 
 pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, StoreError> {
     let sql = format!(
