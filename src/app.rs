@@ -21,8 +21,10 @@ use crate::access_log::Receiver;
 use crate::config::Config;
 use crate::hot::admission::HotPath;
 use crate::hot::gate::Gate;
+use crate::hot::layout::Layout;
 use crate::hot::redis::Redis;
 use crate::http::{self, serve, AppState};
+use crate::key_state::KeyState;
 use crate::metrics::{self, Metrics};
 use crate::store;
 use crate::sync;
@@ -197,6 +199,7 @@ impl App {
         );
         hot.scripts().preload(&redis).await;
         let metrics = Metrics::new();
+        let key_state = KeyState::new(hot.clone(), db.clone(), metrics.clone());
         let gate = Gate::new(
             hot,
             Redis::new(config.redis_urls.clone(), config.redis_timeout),
@@ -210,6 +213,7 @@ impl App {
             inference: config.inference.clone(),
             config: Arc::new(config),
             gate,
+            key_state,
             db,
             postgres: store::PgReady::default(),
             metrics,
@@ -251,7 +255,6 @@ impl App {
         let (stop_tx, stop_rx) = watch::channel(false);
         let state = self.state.clone();
         let config = state.config.clone();
-        let hot = state.gate.hot.clone();
         let (data_addr, admin_addr) = (self.data_addr(), self.admin_addr());
         let access_log_addr = self.access_log_addr();
 
@@ -272,7 +275,7 @@ impl App {
                 Redis::new(config.redis_urls.clone(), config.redis_timeout),
                 sync_db,
                 state.metrics.clone(),
-                hot.layout.streams(),
+                Layout::new(&config.redis_namespace).streams(),
                 consumer,
             )
             .with_claim_idle(config.sync_claim_idle)

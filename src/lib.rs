@@ -13,7 +13,8 @@
 //! - [`http`]: where HTTP ends — routers, handlers, the one error-to-response mapping
 //! - [`hot`]: where a decision is made — Redis key layout, Lua scripts, the gate
 //! - [`store`]: Postgres — keys, usage, balance ledger, statistics, migrations
-//! - [`sync`]: where usage goes to Postgres, and key state back to Redis
+//! - [`key_state`]: key configuration from Postgres into Redis (push, reload, sweep)
+//! - [`sync`]: background loops — where usage goes to Postgres, the reconciler, the sweeper
 //! - [`access_log`]: where proxies report the end of a request (access-log receiver)
 //! - [`prices`]: the price table, and a settlement's cost from its tokens
 //! - [`cli`]: `tollgate keys …`, the operators' client of the admin API
@@ -27,6 +28,7 @@ pub mod decision;
 pub mod hot;
 pub mod http;
 pub mod inference;
+pub mod key_state;
 pub mod keys;
 pub mod metrics;
 pub mod money;

@@ -70,31 +70,22 @@ pub async fn postgres(
     tracing::info!(
         "postgres ready: migrations applied; admin API, usage sync, reconciler and sweeper on"
     );
-    let hot = state.gate.hot.clone();
     // A namespace with no state yet (first start, or Redis lost everything) gets every key
     // before relying on throttled cache misses. Bounded, so a Redis outage does not hold it
     // up; the reconciler retries.
-    match tokio::time::timeout(
-        RELOAD_AT_START,
-        sync::reconcile::reload_if_wiped(&hot, &state.db),
-    )
-    .await
-    {
+    match tokio::time::timeout(RELOAD_AT_START, state.key_state.reload_if_wiped()).await {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "could not load keys into redis at start"),
         Err(_) => tracing::warn!("loading keys into redis at start timed out; continuing"),
     }
     let mut tasks = vec![tokio::spawn(sync::reconcile::run(
-        hot.clone(),
-        state.db.clone(),
+        state.key_state.clone(),
         state.metrics.clone(),
         stop.clone(),
     ))];
     if let Some(every) = state.config.cleanup_interval {
         tasks.push(tokio::spawn(sync::sweeper::run(
-            hot,
-            state.db.clone(),
-            state.metrics.clone(),
+            state.key_state.clone(),
             every,
             state.config.auto_delete_expired,
             stop,

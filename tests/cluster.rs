@@ -400,7 +400,10 @@ async fn usage_from_every_shard_reaches_postgres_on_a_cluster() {
 async fn script_flush_on_every_master_is_recovered() {
     let cluster = shared_cluster().await;
     let app = cluster_app(cluster, None).await;
-    let sha = app.state.gate.hot.scripts().admit.sha().to_string();
+    let sha = tollgate::hot::scripts::Scripts::default()
+        .admit
+        .sha()
+        .to_string();
     let (key, _) = app
         .create_key(json!({"user_id": "u-flush", "concurrent_limit": null}))
         .await;
@@ -421,10 +424,8 @@ async fn script_flush_on_every_master_is_recovered() {
     assert_eq!(status, 200, "release after SCRIPT FLUSH: {r}");
     // The master serving this key cached the admit script again through the EVAL fallback.
     let slot = cluster.keyslot(
-        &app.state
-            .gate
-            .hot
-            .keys_for(&tollgate::keys::hash(&key))
+        &tollgate::hot::layout::Layout::new(&app.namespace)
+            .for_hash(&tollgate::keys::hash(&key))
             .state,
     );
     let node = cluster.node_of_slot(slot);

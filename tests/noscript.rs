@@ -52,7 +52,7 @@ async fn admission_survives_script_flush_and_returns_to_evalsha() {
         s.insert("TOLLGATE_REDIS_URL", url);
     })
     .await;
-    let scripts = app.state.gate.hot.scripts();
+    let scripts = tollgate::hot::scripts::Scripts::default();
     let admit_sha = scripts.admit.sha().to_string();
     let (key, _) = app
         .create_key(json!({"user_id": "u-noscript", "rate_limit": null}))
@@ -106,7 +106,7 @@ async fn settle_release_and_readiness_survive_script_flush() {
         s.insert("TOLLGATE_REDIS_URL", url);
     })
     .await;
-    let scripts = app.state.gate.hot.scripts();
+    let scripts = tollgate::hot::scripts::Scripts::default();
     let (settle_sha, release_sha) = (
         scripts.settle.sha().to_string(),
         scripts.release.sha().to_string(),

@@ -70,7 +70,7 @@ async fn pushes_are_idempotent_and_never_go_back_in_time() {
     let new = keys::get(&app.db, id).await.unwrap().unwrap();
     assert!(new.version > old.version);
 
-    let hot = &app.state.gate.hot;
+    let hot = app.hot_path();
     hot.hydrate(&new).await.unwrap();
     hot.hydrate(&new).await.unwrap();
     hot.hydrate(&old).await.unwrap();

@@ -89,7 +89,7 @@ enum SettlePrice {
 }
 
 pub struct Gate {
-    pub hot: HotPath,
+    hot: HotPath,
     /// The hot path over a connection of its own, for end-of-request reports from access
     /// logs: a burst of reports then queues behind itself, not in front of admissions.
     reports: HotPath,
@@ -362,6 +362,16 @@ impl Gate {
         args: &SettleArgs<'_>,
     ) -> Result<SettleOutcome, RedisFailure> {
         self.settle_via(&self.reports, args).await
+    }
+
+    /// Whether Redis runs the scripts (readiness).
+    pub async fn probe(&self) -> Result<(), RedisFailure> {
+        self.hot.probe().await
+    }
+
+    /// What Redis has charged a key so far (`None`: no balance, or not in Redis).
+    pub async fn used(&self, key_hash: &str) -> Result<Option<Money>, RedisFailure> {
+        self.hot.used(key_hash).await
     }
 
     /// The price table in force.

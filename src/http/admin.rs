@@ -23,7 +23,6 @@ use crate::keys;
 use crate::money::Money;
 use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
 use crate::store::{self, stats, StoreError};
-use crate::sync::{reconcile, sweeper};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
 pub async fn require_token(
@@ -166,7 +165,7 @@ fn key_not_found() -> ApiError {
 }
 
 async fn push(state: &AppState, row: &KeyRow) {
-    reconcile::push(&state.gate.hot, &state.db, &state.metrics, row).await;
+    state.key_state.push(row).await;
 }
 
 /// `[]` means unrestricted, stored as null; entries must be non-empty strings.
@@ -596,7 +595,6 @@ pub async fn adjust_balance(
         let row = get_row(&state, id).await?;
         state
             .gate
-            .hot
             .used(&row.key_hash)
             .await
             .map_err(ApiError::from)?
@@ -730,8 +728,7 @@ pub async fn cleanup_expired(
     StrictJson(b): StrictJson<CleanupBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let default_delete = b.auto_delete.unwrap_or(state.config.auto_delete_expired);
-    let cleaned =
-        sweeper::sweep(&state.gate.hot, &state.db, &state.metrics, default_delete).await?;
+    let cleaned = state.key_state.sweep(default_delete).await?;
     Ok(Json(json!({ "cleaned": cleaned })))
 }
 

@@ -7,7 +7,6 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use redis::Value;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -27,17 +26,6 @@ pub struct ReadyQuery {
     strict: Option<String>,
 }
 
-/// Whether the namespace's `loaded` marker is present: Redis holds every key.
-async fn keys_loaded(state: &AppState) -> Option<bool> {
-    let hot = &state.gate.hot;
-    let mut exists = redis::cmd("EXISTS");
-    exists.arg(hot.layout.loaded_marker());
-    match hot.redis.query(&exists).await {
-        Ok(Value::Int(n)) => Some(n == 1),
-        _ => None,
-    }
-}
-
 /// Ready when admissions can be decided: Redis runs the real settle script, and either Redis
 /// holds the namespace's keys (`loaded` marker) or Postgres can supply them. Postgres is not
 /// otherwise needed (contract v1.1, section 3). `?strict=true` is version 1's meaning: Redis
@@ -49,10 +37,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>, Query(q): Query<ReadyQue
         Some("true") => true,
         Some(_) => return ApiError::bad_request("strict must be true or false").into_response(),
     };
-    let redis = state.gate.hot.probe();
+    let redis = state.gate.probe();
     let postgres =
         async { state.postgres.is_ready() && store::ping(&state.db, POSTGRES_PROBE_BOUND).await };
-    let (redis, postgres, loaded) = tokio::join!(redis, postgres, keys_loaded(&state));
+    let (redis, postgres, loaded) = tokio::join!(redis, postgres, state.key_state.loaded());
     let redis_ok = redis.is_ok();
     let ready = redis_ok && (postgres || (!strict && loaded == Some(true)));
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };

@@ -31,6 +31,7 @@ use sqlx::PgPool;
 use crate::config::Config;
 use crate::hot::gate::Gate;
 use crate::inference::Inference;
+use crate::key_state::KeyState;
 use crate::metrics::Metrics;
 use error::ApiError;
 
@@ -38,6 +39,8 @@ use error::ApiError;
 pub struct AppState {
     pub config: Arc<Config>,
     pub gate: Gate,
+    /// Key configuration from Postgres into Redis, after admin writes.
+    pub key_state: KeyState,
     pub db: PgPool,
     /// Whether Postgres is migrated and the admin API may use it.
     pub postgres: crate::store::PgReady,

@@ -2000,7 +2000,8 @@ pub async fn a_budget_turns_over_with_its_period(app: &TestApp) {
     let state = tollgate::hot::layout::Layout::new(&app.namespace)
         .for_hash(&tollgate::keys::hash(&key))
         .state;
-    let redis = &app.state.gate.hot.redis;
+    let hot = app.hot_path();
+    let redis = &hot.redis;
     let mut get = redis::cmd("HGET");
     get.arg(&state).arg("bps");
     let start: i64 = match redis.query(&get).await.expect("period start") {

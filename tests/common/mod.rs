@@ -333,6 +333,18 @@ impl Api for TestApp {
 }
 
 impl TestApp {
+    /// The hot path as this app's settings configure it, on a connection of the test's own:
+    /// for assertions and set-ups below the HTTP API (the app's own is private to its gate).
+    pub fn hot_path(&self) -> tollgate::hot::admission::HotPath {
+        let c = Config::from_map(&self.settings).expect("test settings are valid");
+        tollgate::hot::admission::HotPath::new(
+            tollgate::hot::redis::Redis::new(c.redis_urls.clone(), c.redis_timeout),
+            &c.redis_namespace,
+            c.rate_window,
+            c.lease_ttl,
+        )
+    }
+
     /// Settings for a second replica sharing this one's database and namespace.
     pub fn replica_settings(&self) -> HashMap<&'static str, String> {
         let mut s = self.settings.clone();
