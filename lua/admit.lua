@@ -215,8 +215,10 @@ if rl > 0 then
   redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
   count = redis.call('ZCARD', rate)
   if count >= rl then
-    local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
-    local retry = tonumber(oldest[2]) + window - now
+    -- Room comes when the entry that brings the count under the limit leaves: the oldest,
+    -- unless a lowered limit (a PATCH) left more than one too many in the window.
+    local leaving = redis.call('ZRANGE', rate, count - rl, count - rl, 'WITHSCORES')
+    local retry = tonumber(leaving[2]) + window - now
     if retry < 1 then retry = 1 end
     return {'deny', 'rate_limited', int(retry)}
   end

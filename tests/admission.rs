@@ -48,6 +48,12 @@ async fn allow_lists_admit_only_listed_values() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_rate_limit_retries_after_the_entry_that_must_leave() {
+    let app = spawn_app_with(hot_suite::short_window).await;
+    hot_suite::a_lowered_rate_limit_retries_after_the_entry_that_must_leave(&app).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_window_slides() {
     let app = spawn_app_with(hot_suite::short_window).await;
     hot_suite::the_rate_window_slides(&app).await;

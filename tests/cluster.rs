@@ -81,6 +81,10 @@ mod suite {
     on_cluster!(allow_lists_admit_only_listed_values);
     on_cluster!(the_rate_window_slides, hot_suite::short_window);
     on_cluster!(
+        a_lowered_rate_limit_retries_after_the_entry_that_must_leave,
+        hot_suite::short_window
+    );
+    on_cluster!(
         an_expired_lease_frees_its_slot_and_its_hold,
         hot_suite::short_lease
     );

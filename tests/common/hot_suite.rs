@@ -768,6 +768,46 @@ pub async fn the_rate_window_slides(app: &TestApp) {
     panic!("every sliding-window attempt was stretched by scheduling delays; the machine is too loaded to judge");
 }
 
+/// After a PATCH lowers `rate_limit` below what the window already holds, `retry_after_ms` is
+/// the time until enough entries have left for one more admission, not until the oldest
+/// leaves. Needs [`short_window`] (2 s): four admissions at t≈0 and t≈1 s (two each) with limit
+/// 4; limit lowered to 1; the next denial's retry is at least the time until the later pair
+/// leaves (≈1 s after the first pair), so a retry after the oldest's departure is refused.
+pub async fn a_lowered_rate_limit_retries_after_the_entry_that_must_leave(app: &TestApp) {
+    require_setting(app, "TOLLGATE_RATE_WINDOW_SECONDS", "2");
+    const WINDOW: u64 = 2000;
+    let (key, id) = new_key(app, json!({"rate_limit": 4, "concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    admit(app, body.clone()).await.lease("first");
+    admit(app, body.clone()).await.lease("second");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let third_sent = Instant::now();
+    admit(app, body.clone()).await.lease("third");
+    admit(app, body.clone()).await.lease("fourth");
+    patch_key(app, &id, json!({"rate_limit": 1})).await;
+    let denied = admit(app, body.clone()).await;
+    let asked = Instant::now();
+    denied.denied(429, "rate_limited", "four in the window, limit 1");
+    let retry = denied.retry_after_ms();
+    // The fourth entered at or after `third_sent`; it leaves the window no earlier than
+    // `third_sent + WINDOW`, and the answer came at `asked` at the latest.
+    let at_least = (third_sent + Duration::from_millis(WINDOW))
+        .saturating_duration_since(asked)
+        .as_millis() as u64;
+    assert!(
+        retry + 3 >= at_least && retry <= WINDOW,
+        "retry_after_ms {retry}: the fourth entry leaves in at least {at_least} ms (the oldest \
+         leaves about 1 s earlier)"
+    );
+    // Once the oldest pair has left, the window still holds two, over the lowered limit.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    admit(app, body.clone()).await.denied(
+        429,
+        "rate_limited",
+        "the later pair still in the window",
+    );
+}
+
 async fn sliding_window_attempt(app: &TestApp) -> Result<(), String> {
     const WINDOW: i64 = 2000;
     // Redis TIME is read in whole milliseconds.
