@@ -21,7 +21,7 @@ use super::json::{nullable, StrictJson};
 use super::AppState;
 use crate::keys;
 use crate::money::Money;
-use crate::store::keys::{BalanceError, KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
+use crate::store::keys::{KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
 use crate::store::{self, stats, StoreError};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
@@ -609,28 +609,7 @@ pub async fn adjust_balance(
         })
     })
     .await?;
-    let row = adjusted.map_err(|e| match e {
-        BalanceError::NotFound => key_not_found(),
-        BalanceError::NotStandalone => ApiError::new(
-            StatusCode::CONFLICT,
-            "not_standalone",
-            "only standalone keys have a balance",
-        ),
-        BalanceError::Insufficient => ApiError::new(
-            StatusCode::CONFLICT,
-            "insufficient_balance",
-            "the deduction exceeds the remaining balance",
-        ),
-        BalanceError::TooLarge => {
-            ApiError::bad_request("the balance would exceed the supported maximum")
-        }
-        BalanceError::IdempotencyConflict => ApiError::new(
-            StatusCode::CONFLICT,
-            "idempotency_conflict",
-            "this Idempotency-Key was used for a different amount",
-        ),
-        BalanceError::Store(e) => e.into(),
-    })?;
+    let row = adjusted?;
     push(&state, &row).await;
     tracing::info!(key_id = %row.id, amount = %b.amount_usd, "balance adjusted");
     Ok(Json(ApiKey::from(&row)))

@@ -7,6 +7,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::hot::redis::RedisFailure;
+use crate::store::keys::BalanceError;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone)]
@@ -89,6 +90,33 @@ impl From<StoreError> for ApiError {
 /// The largest settlement and a key's lifetime spend, as lua/settle.lua bounds them.
 const LIMITS: &str = "one settlement may cost at most 9007199.254740991 USD, and one key may \
      spend at most 4611686018.427387904 USD in its lifetime";
+
+impl From<BalanceError> for ApiError {
+    fn from(e: BalanceError) -> Self {
+        match e {
+            BalanceError::NotFound => ApiError::not_found("no such key"),
+            BalanceError::NotStandalone => ApiError::new(
+                StatusCode::CONFLICT,
+                "not_standalone",
+                "only standalone keys have a balance",
+            ),
+            BalanceError::Insufficient => ApiError::new(
+                StatusCode::CONFLICT,
+                "insufficient_balance",
+                "the deduction exceeds the remaining balance",
+            ),
+            BalanceError::TooLarge => {
+                ApiError::bad_request("the balance would exceed the supported maximum")
+            }
+            BalanceError::IdempotencyConflict => ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_conflict",
+                "this Idempotency-Key was used for a different amount",
+            ),
+            BalanceError::Store(e) => e.into(),
+        }
+    }
+}
 
 impl From<RedisFailure> for ApiError {
     fn from(e: RedisFailure) -> Self {
