@@ -16,6 +16,7 @@ use sqlx::PgConnection;
 use subtle::ConstantTimeEq;
 use uuid::Uuid;
 
+use super::credentials;
 use super::error::ApiError;
 use super::json::{nullable, StrictJson};
 use super::AppState;
@@ -38,14 +39,7 @@ pub async fn require_token(
         )
         .into_response();
     };
-    let given = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, t)| t.trim())
-        .unwrap_or("");
+    let given = credentials::bearer(req.headers()).unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
         next.run(req).await
     } else {

@@ -10,6 +10,7 @@ use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::credentials;
 use super::error::ApiError;
 use super::json::{parse, StrictJson};
 use super::AppState;
@@ -32,22 +33,6 @@ pub struct AdmitBody {
     reserve_tokens: Option<u64>,
     lease_ttl_seconds: Option<u64>,
     lease: Option<String>,
-}
-
-/// The API key of a request: `Authorization: Bearer`, then `x-api-key`, then `api-key`.
-pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
-    let bearer = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let (scheme, rest) = v.trim().split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-        });
-    bearer
-        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
-        .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
 }
 
 /// What an admission asks, whoever asked it (JSON API or a proxy subrequest).
@@ -291,7 +276,7 @@ pub async fn admit(
         key: body
             .key
             .filter(|k| !k.trim().is_empty())
-            .or_else(|| key_from_headers(&headers).map(str::to_string)),
+            .or_else(|| credentials::api_key(&headers).map(str::to_string)),
         provider: body.provider.unwrap_or_default(),
         api_format: body.api_format.unwrap_or_default(),
         model: body.model.unwrap_or_default(),

@@ -9,6 +9,7 @@
 //! - [`serve`]: the serve loop — connection timeouts, the connection cap, the stack's own errors
 
 pub mod admin;
+mod credentials;
 pub mod data_plane;
 pub mod error;
 pub mod health;

@@ -15,9 +15,10 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
+use super::credentials;
 use super::data_plane::{
-    allowed_body, decide, denial_body, is_label, key_from_headers, lease_mode, lease_ttl,
-    retry_after_header, AdmitQuery,
+    allowed_body, decide, denial_body, is_label, lease_mode, lease_ttl, retry_after_header,
+    AdmitQuery,
 };
 use super::error::ApiError;
 use super::AppState;
@@ -138,7 +139,7 @@ fn query(
             .filter(|v| is_label(v))
     };
     Ok(AdmitQuery {
-        key: key_from_headers(headers).map(str::to_string),
+        key: credentials::api_key(headers).map(str::to_string),
         provider: pick("x-tollgate-provider", provider).unwrap_or_default(),
         api_format: pick("x-tollgate-api-format", api_format).unwrap_or_default(),
         model: pick(
