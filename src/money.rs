@@ -130,10 +130,6 @@ impl Money {
         let nanos = i64::try_from(nanos).map_err(|_| MoneyError::Range)?;
         Ok(Money(if negative { -nanos } else { nanos }))
     }
-
-    pub fn checked_add(self, other: Money) -> Option<Money> {
-        self.0.checked_add(other.0).map(Money)
-    }
 }
 
 impl fmt::Display for Money {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use redis::{FromRedisValue, Value};
 
-use super::layout::{new_nonce, KeyRedisKeys, Layout, LeaseRef};
+use super::layout::{new_nonce, KeyRedisKeys, Layout};
 use super::redis::{Redis, RedisFailure};
 use super::scripts::{ScriptArg, Scripts};
 use crate::decision::DenyCode;
@@ -327,10 +327,6 @@ impl HotPath {
             }
             _ => Err(RedisFailure::Command("unexpected admit reply".into())),
         }
-    }
-
-    pub fn lease(&self, lease_id: &str) -> Option<LeaseRef> {
-        self.layout.lease(lease_id)
     }
 
     pub async fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {

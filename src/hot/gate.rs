@@ -42,7 +42,6 @@ const VALIDATED_MAX: usize = 100_000;
 pub enum Decision {
     Allowed {
         grant: Grant,
-        fail_open: bool,
     },
     Denied {
         code: DenyCode,
@@ -154,10 +153,7 @@ impl Gate {
         match answer {
             ScriptAdmit::Allowed(grant) => {
                 self.remember(key_hash, &grant);
-                Some(Decision::Allowed {
-                    grant,
-                    fail_open: false,
-                })
+                Some(Decision::Allowed { grant })
             }
             ScriptAdmit::Denied {
                 code,
@@ -183,10 +179,7 @@ impl Gate {
                 if self.fail_mode == FailMode::Open && e.is_transient() {
                     if let Some(grant) = self.fail_open(&args) {
                         self.metrics.fail_open.increment(1);
-                        return Decision::Allowed {
-                            grant,
-                            fail_open: true,
-                        };
+                        return Decision::Allowed { grant };
                     }
                 }
                 Decision::deny(DenyCode::Unavailable)

@@ -59,10 +59,6 @@ impl Layout {
         Layout { ns: ns.to_string() }
     }
 
-    pub fn namespace(&self) -> &str {
-        &self.ns
-    }
-
     fn shard_prefix(&self, shard: u8) -> String {
         format!("{ns}:{{{ns}.{shard:x}}}:", ns = self.ns)
     }
@@ -123,11 +119,6 @@ impl Layout {
             nonce: nonce.to_string(),
             lease_id: lease_id.to_string(),
         })
-    }
-
-    /// Prefix of every key in this namespace (for SCAN-based cleanup in tests and tools).
-    pub fn pattern(&self) -> String {
-        format!("{}:*", self.ns)
     }
 }
 

@@ -150,10 +150,6 @@ impl Redis {
         self.inner.urls.len() > 1
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.inner.timeout
-    }
-
     fn current(&self) -> Option<Conn> {
         self.inner.conn.read().ok().and_then(|g| g.clone())
     }

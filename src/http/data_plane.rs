@@ -285,7 +285,7 @@ pub async fn admit(
         lease,
     };
     match decide(&state, &q).await {
-        Decision::Allowed { grant, .. } => {
+        Decision::Allowed { grant } => {
             (StatusCode::OK, Json(allowed_body(&grant))).into_response()
         }
         Decision::Denied {

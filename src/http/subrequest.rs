@@ -194,7 +194,7 @@ fn set(res: &mut Response, name: &'static str, value: &str) {
 
 fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
     match decision {
-        Decision::Allowed { grant, .. } => {
+        Decision::Allowed { grant } => {
             let mut res = (StatusCode::OK, Json(allowed_body(&grant))).into_response();
             set(&mut res, "x-tollgate-key-id", &grant.key_id);
             set(&mut res, "x-tollgate-user-id", &grant.user_id);
