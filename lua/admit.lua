@@ -37,7 +37,9 @@
 --   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
 --          in_flight, balance_available, token_limit, tokens_remaining, tokens_reset_ms,
 --          budget, budget_remaining, budget_resets_at_ms}
---                                                   (-1 = unlimited / none / never)
+--                                                   (-1 = unlimited / none / never; the last
+--                                                   six only for a key with a token limit or
+--                                                   a budget)
 --   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
 --
 -- Never half-writes (see settle.lua): the state's numbers and the holds of expired leases are
@@ -297,7 +299,13 @@ if rl > 0 then
     reset = window
   end
 end
+-- The token and budget fields only for a key that has either: a plain key's reply is the nine
+-- fields it needs (every reply element costs Redis a conversion).
 local function answer(flight)
+  if token_limit < 0 and budget < 0 then
+    return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
+      int(available)}
+  end
   return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
     int(available), int(token_limit), int(tokens_remaining), int(tokens_reset), int(budget),
     int(budget_remaining), int(budget_resets)}

@@ -303,7 +303,9 @@ impl HotPath {
                     retry_after_ms: u64::try_from(int(r.get(2))).unwrap_or(0),
                 })
             }
-            Some("ok") if r.len() >= 15 => {
+            // Nine fields for a key without a token limit or a budget (see admit.lua): the
+            // missing ones read as -1, which is what they would say.
+            Some("ok") if r.len() >= 9 => {
                 let rl = limit(int(r.get(3)));
                 let tl = limit(int(r.get(9)));
                 Ok(ScriptAdmit::Allowed(Grant {

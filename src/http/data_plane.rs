@@ -285,9 +285,7 @@ pub async fn admit(
         lease,
     };
     match decide(&state, &q).await {
-        Decision::Allowed { grant } => {
-            (StatusCode::OK, Json(allowed_body(&grant))).into_response()
-        }
+        Decision::Allowed { grant } => (StatusCode::OK, Json(allowed_body(&grant))).into_response(),
         Decision::Denied {
             code,
             retry_after_ms,
