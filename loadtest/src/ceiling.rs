@@ -107,15 +107,12 @@ pub fn push_admit(
     nonce: &str,
     reserve_nanos: i64,
 ) {
+    let lease = k.lease(nonce);
+    let keys: [&str; 6] = [&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens];
     pipe.cmd("EVALSHA")
         .arg(sha)
-        .arg(6)
-        .arg(&k.state)
-        .arg(&k.rate)
-        .arg(&k.live)
-        .arg(&k.holds)
-        .arg(k.lease(nonce))
-        .arg(&k.tokens)
+        .arg(keys.len())
+        .arg(&keys[..])
         .arg(plan.window_ms)
         .arg(plan.lease_ttl_ms)
         .arg(plan.record_ttl_ms)
@@ -138,15 +135,12 @@ pub fn push_settle(
     stream: &str,
     cost_nanos: i64,
 ) {
+    let lease = k.lease(nonce);
+    let keys: [&str; 6] = [&k.state, &k.live, &k.holds, &lease, stream, &k.tokens];
     pipe.cmd("EVALSHA")
         .arg(sha)
-        .arg(6)
-        .arg(&k.state)
-        .arg(&k.live)
-        .arg(&k.holds)
-        .arg(k.lease(nonce))
-        .arg(stream)
-        .arg(&k.tokens)
+        .arg(keys.len())
+        .arg(&keys[..])
         .arg(cost_nanos)
         .arg(120)
         .arg(380)
