@@ -2,13 +2,26 @@
 # run.sh: limitador's `check_and_report` against tollgate's `/v1/admit`, driven by the same wrk
 # in the same sitting against one private Redis (issue #15's comparison; not part of CI).
 #
-# limitador is built from its public source (github.com/Kuadrant/limitador); the figures in
-# docs/PERFORMANCE.md name the commit. Build it once, outside this repository:
+# limitador is built from its public source (github.com/Kuadrant/limitador) at commit
+# 2981b2bd389d42cf668519f9aa981a53541c4278 (2026-05-07, "Merge pull request #486"), with its own
+# release profile (LTO, one codegen unit), outside this repository:
 #
 #   git clone https://github.com/Kuadrant/limitador /tmp/limitador
 #   git -C /tmp/limitador checkout 2981b2bd389d42cf668519f9aa981a53541c4278
 #   apt-get install -y protobuf-compiler libclang-dev wrk   # its build needs protoc and libclang
 #   (cd /tmp/limitador && cargo build --release -p limitador-server)
+#
+# The figures in docs/PERFORMANCE.md were taken with a shortcut that spares the hour of
+# compiling RocksDB on two shared vCPUs: RocksDB, which only limitador's disk storage uses (the
+# Redis storage measured here never touches it), linked from Debian's librocksdb-dev 7.8.3, and
+# the one RocksDB 8.x function it lacks, reachable only through a write buffer manager that
+# limitador never creates, stubbed to abort:
+#
+#   apt-get install -y librocksdb-dev libsnappy-dev
+#   printf '#include <stdlib.h>\nvoid rocksdb_write_buffer_manager_destroy(void *p) { (void)p; abort(); }\n' >/tmp/stub.c
+#   cc -O2 -fPIC -c /tmp/stub.c -o /tmp/stub.o
+#   cd /tmp/limitador && ROCKSDB_LIB_DIR=/usr/lib/x86_64-linux-gnu SNAPPY_LIB_DIR=/usr/lib/x86_64-linux-gnu \
+#     cargo rustc --release -p limitador-server --bin limitador-server -- -C link-arg=/tmp/stub.o
 #
 # then, from this repository (tollgate built with `cargo build --release -p tollgate`):
 #
