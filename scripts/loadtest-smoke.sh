@@ -3,8 +3,8 @@
 #
 # Builds tollgate and loadtest (debug), starts tollgate on free loopback ports with a fresh
 # Postgres database, a fresh Redis namespace, a random admin token and encryption key, runs
-# every phase of the harness briefly at low concurrency (Redis ceiling, the HTTP mix, memory
-# per key) and requires it to exit 0 (every invariant held). The limits are set small (a 2 s
+# every phase of the harness briefly at low concurrency (Redis ceiling, Redis time per script
+# against the reference, the HTTP mix, memory per key) and requires it to exit 0 (every invariant held). The limits are set small (a 2 s
 # rate window, rate limit 2, concurrency limit 2 with two hot keys) so that rate and
 # concurrency denials, and their checks, happen even in a 3-second run. Then stops tollgate with SIGTERM
 # (it must exit 0), drops the database and deletes the namespace's keys. Exits non-zero on any
@@ -106,6 +106,7 @@ TOLLGATE_ADMIN_TOKEN="$TOKEN" "$BIN/loadtest" \
   --url "http://$DATA" --admin-url "http://$ADMIN" \
   --redis-url "$REDIS_URL" --namespace "$NS" \
   --mode both --ceiling-duration 1s --ceiling-connections 2 --ceiling-pipeline 16 --ceiling-keys 20 \
+  --script-cost \
   --duration "$DURATION" --concurrency 6 --keys 200 --invalid-keys 20 \
   --limited-rate-limit 2 --concurrent-limit 2 --hot-keys 2 --hot-share 0.5 --hold 1ms \
   --token-limit 1000 --reserve-tokens 400 --budget-usd 0.003 \

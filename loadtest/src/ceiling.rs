@@ -74,25 +74,89 @@ impl Outcome {
 }
 
 pub async fn load_scripts(redis_url: &str) -> Result<(String, String), String> {
+    let shas = script_load(redis_url, &[ADMIT_LUA, SETTLE_LUA]).await?;
+    Ok((shas[0].clone(), shas[1].clone()))
+}
+
+/// `SCRIPT LOAD`s each source, returning the SHA-1s in order.
+pub async fn script_load(redis_url: &str, sources: &[&str]) -> Result<Vec<String>, String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let mut c = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| format!("redis: {e}"))?;
     let mut shas = Vec::new();
-    for src in [ADMIT_LUA, SETTLE_LUA] {
+    for src in sources {
         let sha: String = redis::cmd("SCRIPT")
             .arg("LOAD")
-            .arg(src)
+            .arg(*src)
             .query_async(&mut c)
             .await
             .map_err(|e| format!("SCRIPT LOAD: {e}"))?;
         shas.push(sha);
     }
-    Ok((shas[0].clone(), shas[1].clone()))
+    Ok(shas)
 }
 
-fn kind(v: &Value) -> String {
+/// One `admit.lua` call as tollgate's gate makes it for an admission with no token reserve.
+pub fn push_admit(
+    pipe: &mut redis::Pipeline,
+    sha: &str,
+    plan: &Plan,
+    k: &KeyRedisKeys,
+    nonce: &str,
+    reserve_nanos: i64,
+) {
+    let lease = k.lease(nonce);
+    let keys: [&str; 6] = [&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens];
+    pipe.cmd("EVALSHA")
+        .arg(sha)
+        .arg(keys.len())
+        .arg(&keys[..])
+        .arg(plan.window_ms)
+        .arg(plan.lease_ttl_ms)
+        .arg(plan.record_ttl_ms)
+        .arg(nonce)
+        .arg("openai")
+        .arg("openai:chat")
+        .arg("gpt-4o")
+        .arg(reserve_nanos)
+        .arg(0);
+}
+
+/// One `settle.lua` call as tollgate makes it for `/v1/settle`, its usage event appended to
+/// `stream` (the key's shard stream, or a scratch stream that the syncer does not read).
+pub fn push_settle(
+    pipe: &mut redis::Pipeline,
+    sha: &str,
+    plan: &Plan,
+    k: &KeyRedisKeys,
+    nonce: &str,
+    stream: &str,
+    cost_nanos: i64,
+) {
+    let lease = k.lease(nonce);
+    let keys: [&str; 6] = [&k.state, &k.live, &k.holds, &lease, stream, &k.tokens];
+    pipe.cmd("EVALSHA")
+        .arg(sha)
+        .arg(keys.len())
+        .arg(&keys[..])
+        .arg(cost_nanos)
+        .arg(120)
+        .arg(380)
+        .arg(-1)
+        .arg(840)
+        .arg(200)
+        .arg("")
+        .arg("")
+        .arg("")
+        .arg(plan.record_ttl_ms)
+        .arg(k.lease_id(nonce))
+        .arg("any")
+        .arg(plan.window_ms);
+}
+
+pub fn kind(v: &Value) -> String {
     match Vec::<String>::from_redis_value(v.clone()) {
         Ok(parts) => match parts.as_slice() {
             [first, code, ..] if first == "deny" => format!("deny:{code}"),
@@ -103,7 +167,7 @@ fn kind(v: &Value) -> String {
     }
 }
 
-fn first_is(v: &Value, what: &str) -> bool {
+pub fn first_is(v: &Value, what: &str) -> bool {
     match v {
         Value::Array(items) => {
             matches!(items.first(), Some(Value::BulkString(b)) if b == what.as_bytes())
@@ -112,16 +176,18 @@ fn first_is(v: &Value, what: &str) -> bool {
     }
 }
 
-pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
-    let (admit_sha, settle_sha) = load_scripts(&plan.redis_url).await?;
-    // TCP_NODELAY as tollgate sets it: the ceiling's connections must not be slower than
-    // tollgate's for a reason that has nothing to do with Redis.
-    let info = redis::IntoConnectionInfo::into_connection_info(plan.redis_url.as_str())
+/// `n` (at least one) connections with TCP_NODELAY as tollgate sets it: the ceiling's
+/// connections must not be slower than tollgate's for a reason that has nothing to do with Redis.
+pub async fn connections(
+    redis_url: &str,
+    n: usize,
+) -> Result<Vec<redis::aio::MultiplexedConnection>, String> {
+    let info = redis::IntoConnectionInfo::into_connection_info(redis_url)
         .map_err(|e| e.to_string())?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     let client = redis::Client::open(info).map_err(|e| e.to_string())?;
     let mut conns = Vec::new();
-    for _ in 0..plan.connections.max(1) {
+    for _ in 0..n.max(1) {
         conns.push(
             client
                 .get_multiplexed_async_connection()
@@ -129,6 +195,12 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                 .map_err(|e| format!("redis: {e}"))?,
         );
     }
+    Ok(conns)
+}
+
+pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
+    let (admit_sha, settle_sha) = load_scripts(&plan.redis_url).await?;
+    let conns = connections(&plan.redis_url, plan.connections).await?;
     let started = Instant::now();
     let deadline = started + plan.duration;
     let mut tasks = Vec::new();
@@ -146,24 +218,7 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                     next = (next + 1) % plan.keys.len();
                     let k = &plan.keys[next];
                     let nonce = new_nonce();
-                    pipe.cmd("EVALSHA")
-                        .arg(&admit_sha)
-                        .arg(6)
-                        .arg(&k.state)
-                        .arg(&k.rate)
-                        .arg(&k.live)
-                        .arg(&k.holds)
-                        .arg(k.lease(&nonce))
-                        .arg(&k.tokens)
-                        .arg(plan.window_ms)
-                        .arg(plan.lease_ttl_ms)
-                        .arg(plan.record_ttl_ms)
-                        .arg(&nonce)
-                        .arg("openai")
-                        .arg("openai:chat")
-                        .arg("gpt-4o")
-                        .arg(0)
-                        .arg(0);
+                    push_admit(&mut pipe, &admit_sha, &plan, k, &nonce, 0);
                     batch.push((next, nonce));
                 }
                 let t0 = Instant::now();
@@ -197,28 +252,7 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                     let k = &plan.keys[*idx];
                     let cost = rng.gen_range(0..=plan.max_cost_nanos);
                     costs.push((*idx, cost));
-                    pipe.cmd("EVALSHA")
-                        .arg(&settle_sha)
-                        .arg(6)
-                        .arg(&k.state)
-                        .arg(&k.live)
-                        .arg(&k.holds)
-                        .arg(k.lease(nonce))
-                        .arg(k.stream())
-                        .arg(&k.tokens)
-                        .arg(cost)
-                        .arg(120)
-                        .arg(380)
-                        .arg(-1)
-                        .arg(840)
-                        .arg(200)
-                        .arg("")
-                        .arg("")
-                        .arg("")
-                        .arg(plan.record_ttl_ms)
-                        .arg(k.lease_id(nonce))
-                        .arg("any")
-                        .arg(plan.window_ms);
+                    push_settle(&mut pipe, &settle_sha, &plan, k, nonce, &k.stream(), cost);
                 }
                 let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
                     Ok(v) => v,

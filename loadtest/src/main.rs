@@ -13,6 +13,7 @@ mod load;
 mod memory;
 mod observe;
 mod report;
+mod script_cost;
 mod verify;
 
 use std::collections::HashSet;
@@ -30,7 +31,7 @@ use tollgate::money::Money;
 
 use admin::{Class, Spec};
 use http::{Conn, Endpoint};
-use report::{CeilingReport, HttpReport, Report};
+use report::{CeilingReport, HttpReport, Report, ScriptCostReport};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -199,6 +200,19 @@ struct Args {
     /// Keys of the ceiling phase
     #[arg(long, default_value_t = 100)]
     ceiling_keys: usize,
+    /// Ceiling mode also measures Redis's own time per call of each script against a minimal
+    /// exact sliding-window script (issue #15), on keys of its own, one phase per script
+    #[arg(long)]
+    script_cost: bool,
+    /// With --script-cost: `CONFIG RESETSTAT` before each phase. It clears the counters of
+    /// every client of that Redis: use it on a private Redis only (else deltas are taken)
+    #[arg(long, requires = "script_cost")]
+    reset_stats: bool,
+    /// With --script-cost: also measure every `*.lua` in this directory (scratch designs, e.g.
+    /// loadtest/lua/candidates), called with KEYS = the key's state and a key of its own,
+    /// ARGV = window ms, limit, now ms, a unique id
+    #[arg(long, requires = "script_cost")]
+    script_cost_candidates: Option<std::path::PathBuf>,
     /// tollgate's process id: sample its RSS every second and its CPU time
     #[arg(long)]
     pid: Option<u32>,
@@ -426,6 +440,9 @@ async fn run(args: Args) -> Result<Report, String> {
     if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
         return Err("--rate must be a positive number".into());
     }
+    if args.script_cost && args.mode == Mode::Http {
+        return Err("--script-cost needs --mode ceiling or both".into());
+    }
     if args.keys == 0 && args.mode != Mode::Ceiling {
         return Err("--keys must be at least 1".into());
     }
@@ -549,6 +566,12 @@ async fn run(args: Args) -> Result<Report, String> {
             ));
         }
         report.ceiling = Some(c);
+        if args.script_cost {
+            let (s, ids) = script_cost(&args, &admin_ep, &token, &run_id, &layout, &plan).await?;
+            created.extend(ids);
+            report.invariants.push(s.1);
+            report.script_cost = Some(s.0);
+        }
     }
 
     if matches!(args.mode, Mode::Http | Mode::Both) {
@@ -727,6 +750,115 @@ async fn run(args: Args) -> Result<Report, String> {
     }
     report.finish();
     Ok(report)
+}
+
+/// The script-cost phases (`--script-cost`) on keys of their own: plain ones, like the
+/// ceiling's, and ones with a concurrency limit and a balance that every admission holds from.
+async fn script_cost(
+    args: &Args,
+    admin_ep: &Endpoint,
+    token: &str,
+    run_id: &str,
+    layout: &Layout,
+    plan: &ceiling::Plan,
+) -> Result<((ScriptCostReport, verify::Invariant), Vec<String>), String> {
+    let never = Some(args.normal_rate_limit);
+    let plain = Spec {
+        class: Class::Ceiling,
+        rate_limit: never,
+        concurrent_limit: None,
+        balance: None,
+        token_limit: None,
+        budget: None,
+    };
+    // Standalone with a balance no run can spend, so that admissions hold and never deny.
+    let held = Spec {
+        class: Class::Standalone,
+        concurrent_limit: never,
+        balance: Some(Money::from_nanos(1_000_000 * 1_000_000_000)),
+        ..plain.clone()
+    };
+    let n = args.ceiling_keys.max(1);
+    progress(&format!(
+        "script cost: creating {n} plain and {n} held keys"
+    ));
+    let mut ids = Vec::new();
+    let mut targets = Vec::new();
+    for (spec, name, reserve) in [
+        (plain, "plain", 0),
+        (held, "held", args.max_cost_usd.nanos()),
+    ] {
+        let keys = admin::create_many(
+            admin_ep,
+            token,
+            &format!("{run_id}-cost-{name}"),
+            vec![spec; n],
+            8,
+        )
+        .await?;
+        ids.extend(keys.iter().map(|k| k.id.clone()));
+        targets.push(script_cost::Target {
+            plan: ceiling::Plan {
+                keys: keys
+                    .iter()
+                    .map(|k| layout.for_hash(&tollgate::keys::hash(&k.secret)))
+                    .collect(),
+                ..plan.clone()
+            },
+            reserve_nanos: reserve,
+        });
+    }
+    let held = targets.pop().ok_or("no held keys")?;
+    let plain = targets.pop().ok_or("no plain keys")?;
+    let candidates = match &args.script_cost_candidates {
+        Some(dir) => read_scripts(dir)?,
+        None => Vec::new(),
+    };
+    let setup = script_cost::Setup {
+        candidates,
+        limit: args.normal_rate_limit,
+        reset_stats: args.reset_stats,
+        plain,
+        held,
+    };
+    let mut redis = observe::connect(&args.redis_url).await?;
+    let measured = script_cost::measure(&mut redis, &setup).await?;
+    let failures: Vec<String> = measured
+        .iter()
+        .filter(|m| m.errors > 0 || !m.other.is_empty())
+        .map(|m| {
+            format!(
+                "{}: errors {} ({:?}), other replies {:?}",
+                m.name, m.errors, m.error_sample, m.other
+            )
+        })
+        .collect();
+    let inv = verify::Invariant::new(
+        "script_cost_scripts_allow",
+        "every script-cost call takes the allow path".into(),
+        failures,
+    );
+    let report = ScriptCostReport::new(&setup.plain.plan, args.reset_stats, &measured);
+    Ok(((report, inv), ids))
+}
+
+/// The `*.lua` files of a directory, by name: (file name, source).
+fn read_scripts(dir: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = Vec::new();
+    for e in entries {
+        let path = e.map_err(|e| e.to_string())?.path();
+        if path.extension().is_some_and(|x| x == "lua") {
+            let src =
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let name = path
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+            out.push((name, src));
+        }
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// tollgate's admission-duration histogram, from its `/metrics` (no token needed).

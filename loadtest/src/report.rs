@@ -10,6 +10,7 @@ use crate::ceiling;
 use crate::load::Outcome;
 use crate::memory::MemoryReport;
 use crate::observe::{self, HostCpu, RedisSnapshot, Sample};
+use crate::script_cost::Measured;
 use crate::verify::Invariant;
 
 /// Latency percentiles, microseconds.
@@ -120,6 +121,188 @@ impl CeilingReport {
     ) {
         self.flow = Some(part(flow, before, after, host, 2.0));
         self.sync_drain_seconds = drained.map(|d| d.as_secs_f64());
+    }
+}
+
+/// One script-cost phase (`--script-cost`): Redis's own time per call of one script.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScriptPhase {
+    pub id: String,
+    pub name: String,
+    pub script: String,
+    pub seconds: f64,
+    /// EVALSHA calls the harness sent, and those `INFO commandstats` counted: more counted
+    /// than sent means another client ran scripts during the phase, and its figure is mixed.
+    pub sent: u64,
+    pub evalsha_calls: u64,
+    /// Units on the allow path (calls, or flows of two calls).
+    pub units: u64,
+    pub unit: String,
+    pub calls_per_second: f64,
+    /// commandstats `usec` / `calls` of `evalsha`: execution alone, network I/O excluded.
+    pub us_per_call: f64,
+    /// commandstats `usec` / units: per flow for a flow, else per call.
+    pub us_per_unit: f64,
+    /// Redis CPU (`INFO cpu`, user + sys) per call sent, and per unit: execution and network
+    /// I/O. Unlike `usec`, which is wall-clock time inside the call, CPU time does not grow
+    /// when the host preempts Redis in the middle of a script.
+    pub redis_cpu_us_per_call: f64,
+    pub redis_cpu_us_per_unit: f64,
+}
+
+/// A script's Redis time per unit against the reference's, with issue #15's goal if it sets one.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScriptRatio {
+    pub id: String,
+    pub name: String,
+    /// commandstats µs per unit / the reference's µs per call.
+    pub ratio: f64,
+    pub goal: Option<f64>,
+    /// The same with Redis CPU per unit: the cross-check on a busy host.
+    pub cpu_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ScriptCostReport {
+    pub keys: usize,
+    pub connections: usize,
+    pub pipeline_depth: usize,
+    /// Whether `CONFIG RESETSTAT` ran before each phase (else: before/after deltas).
+    pub reset_stats: bool,
+    pub phases: Vec<ScriptPhase>,
+    /// The reference's µs per call (commandstats, and Redis CPU): the mean of its first and
+    /// last phase.
+    pub reference_us: f64,
+    pub reference_cpu_us: f64,
+    pub ratios: Vec<ScriptRatio>,
+}
+
+/// What each ratio compares, and issue #15's goal for it.
+const SCRIPT_GOALS: [(&str, Option<f64>); 6] = [
+    ("admit_plain", Some(1.5)),
+    ("flow_plain", Some(3.0)),
+    ("admit_held", Some(2.5)),
+    ("settle_plain", None),
+    ("settle_held", None),
+    ("flow_held", None),
+];
+
+impl ScriptCostReport {
+    pub fn new(plan: &ceiling::Plan, reset_stats: bool, measured: &[Measured]) -> Self {
+        let phases: Vec<ScriptPhase> = measured
+            .iter()
+            .map(|m| ScriptPhase {
+                id: m.id.clone(),
+                name: m.name.clone(),
+                script: m.script.clone(),
+                seconds: m.seconds,
+                sent: m.sent,
+                evalsha_calls: m.evalsha_calls,
+                units: m.units,
+                unit: m.unit.into(),
+                calls_per_second: m.sent as f64 / m.seconds.max(1e-9),
+                us_per_call: m.evalsha_usec as f64 / m.evalsha_calls.max(1) as f64,
+                us_per_unit: m.evalsha_usec as f64 / m.units.max(1) as f64,
+                redis_cpu_us_per_call: m.redis_cpu_seconds * 1e6 / m.sent.max(1) as f64,
+                redis_cpu_us_per_unit: m.redis_cpu_seconds * 1e6 / m.units.max(1) as f64,
+            })
+            .collect();
+        let refs: Vec<&ScriptPhase> = phases
+            .iter()
+            .filter(|p| p.script == "exact_window.lua")
+            .collect();
+        let mean = |f: fn(&ScriptPhase) -> f64| {
+            refs.iter().map(|p| f(p)).sum::<f64>() / refs.len().max(1) as f64
+        };
+        let reference_us = mean(|p| p.us_per_call);
+        let reference_cpu_us = mean(|p| p.redis_cpu_us_per_call);
+        let candidates = phases
+            .iter()
+            .filter(|p| p.id.starts_with("candidate:"))
+            .map(|p| (p.id.as_str(), None));
+        let ratios = SCRIPT_GOALS
+            .iter()
+            .copied()
+            .chain(candidates)
+            .filter_map(|(id, goal)| {
+                let p = phases.iter().find(|p| p.id == id)?;
+                Some(ScriptRatio {
+                    id: p.id.clone(),
+                    name: p.name.clone(),
+                    ratio: p.us_per_unit / reference_us.max(1e-9),
+                    goal,
+                    cpu_ratio: p.redis_cpu_us_per_unit / reference_cpu_us.max(1e-9),
+                })
+            })
+            .collect();
+        ScriptCostReport {
+            keys: plan.keys.len(),
+            connections: plan.connections,
+            pipeline_depth: plan.pipeline,
+            reset_stats,
+            phases,
+            reference_us,
+            reference_cpu_us,
+            ratios,
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "Redis time per script (issue #15; {} keys of each kind, {} connections × pipeline {}; INFO commandstats {}):",
+            self.keys,
+            self.connections,
+            self.pipeline_depth,
+            if self.reset_stats {
+                "after CONFIG RESETSTAT per phase"
+            } else {
+                "deltas per phase"
+            }
+        );
+        println!(
+            "  {:<40} {:>8} {:>8} {:>9} {:>9} {:>9}",
+            "phase", "µs/call", "µs/unit", "calls/s", "CPU/call", "CPU/unit"
+        );
+        for p in &self.phases {
+            println!(
+                "  {:<40} {:>8.1} {:>8.1} {:>9.0} {:>9.1} {:>9.1}  ({} {}s{})",
+                p.name,
+                p.us_per_call,
+                p.us_per_unit,
+                p.calls_per_second,
+                p.redis_cpu_us_per_call,
+                p.redis_cpu_us_per_unit,
+                p.units,
+                p.unit,
+                if p.evalsha_calls > p.sent {
+                    format!(
+                        "; {} EVALSHA from another client: figure mixed",
+                        p.evalsha_calls - p.sent
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        println!(
+            "  (µs: commandstats usec, the time inside the script; CPU: Redis's user + sys CPU µs, network I/O included)"
+        );
+        println!(
+            "  per unit against the reference ({:.1} µs/call, {:.1} CPU µs/call: the mean of its two phases):",
+            self.reference_us, self.reference_cpu_us
+        );
+        for r in &self.ratios {
+            let goal = r.goal.map_or(String::new(), |g| {
+                format!(
+                    "goal ≤ {g}×: {}",
+                    if r.ratio <= g { "met" } else { "not met" }
+                )
+            });
+            println!(
+                "    {:<40} {:>6.2}×  (CPU {:>5.2}×)  {goal}",
+                r.name, r.ratio, r.cpu_ratio
+            );
+        }
     }
 }
 
@@ -373,6 +556,8 @@ pub struct Report {
     pub run_id: String,
     pub rate_window_ms: u64,
     pub ceiling: Option<CeilingReport>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub script_cost: Option<ScriptCostReport>,
     pub http: Option<HttpReport>,
     pub memory: Option<MemoryReport>,
     pub invariants: Vec<Invariant>,
@@ -387,6 +572,7 @@ impl Report {
             run_id,
             rate_window_ms: 0,
             ceiling: None,
+            script_cost: None,
             http: None,
             memory: None,
             invariants: Vec::new(),
@@ -431,6 +617,10 @@ impl Report {
             if let Some(s) = c.sync_drain_seconds {
                 println!("  syncer drained the ceiling's usage events {s:.1} s after it ended");
             }
+        }
+        if let Some(s) = &self.script_cost {
+            println!();
+            s.print();
         }
         if let Some(h) = &self.http {
             println!();

@@ -1,0 +1,540 @@
+//! Redis time per script call (issue #15): each tollgate script, and a minimal exact
+//! sliding-window script as the reference, run on Redis in a phase of its own and timed by
+//! Redis itself (`INFO commandstats`), so that their ratios hold whatever else the host does.
+//!
+//! Phases, in this order, each `--ceiling-duration` long unless said otherwise:
+//! 1. `admit.lua` on plain keys (a rate limit, no concurrency limit, no balance), keeping the
+//!    leases; 2. `settle.lua` of exactly those leases, timed alone (as long as that takes);
+//! 3. `exact_window.lua`, the reference, on one fresh log per plain key, making as many calls
+//!    as phase 1 did, so that its logs end as long as the rate logs phase 1 worked on;
+//! 4. and 5. as 1 and 2 on keys with a concurrency limit and a balance, admitted with a
+//!    reserve (a hold);
+//! 6. and 7. flows (`admit.lua` then `settle.lua` of the same lease) on each kind of key;
+//! 8. any candidate scripts (`--script-cost-candidates`: scratch designs, not tollgate) on the
+//!    plain keys, each given the key's state and a fresh key of its own, as many calls as 3;
+//! 9. the reference again, on fresh logs: the two reference figures bracket the run, and
+//!    their mean is what the ratios divide by.
+//!
+//! Settlements append their usage events to a scratch stream beside the shard's (same hash
+//! tag, same `XADD`), which tollgate's syncer does not read: the syncer's `ack.lua` would
+//! otherwise run during the phase and be counted as one of its `EVALSHA`s.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
+
+use crate::ceiling::{self, Plan};
+use crate::observe::{self, RedisSnapshot};
+
+pub const REFERENCE_LUA: &str = include_str!("../lua/exact_window.lua");
+
+/// A set of keys of one kind and the reserve their admissions ask for.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub plan: Plan,
+    pub reserve_nanos: i64,
+}
+
+/// Everything the phases need.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// Keys with a rate limit only.
+    pub plain: Target,
+    /// Keys with a rate limit, a concurrency limit and a balance; admitted with a reserve.
+    pub held: Target,
+    /// The reference's limit: tollgate's keys' rate limit, never reached.
+    pub limit: u64,
+    /// `CONFIG RESETSTAT` before each phase (clears every client's counters on that Redis).
+    pub reset_stats: bool,
+    /// Scratch scripts measured after tollgate's, on the plain keys: (file name, source).
+    pub candidates: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Work {
+    /// The reference on its logs of that round (0 or 1).
+    Reference(usize),
+    Admit,
+    Settle,
+    Flow,
+    /// The candidate script of that index in `Setup::candidates`.
+    Candidate(usize),
+}
+
+#[derive(Debug, Clone)]
+struct Shas {
+    admit: String,
+    settle: String,
+    reference: String,
+    candidates: Vec<String>,
+}
+
+/// What the harness saw of one phase.
+#[derive(Debug, Default)]
+struct Run {
+    elapsed: Duration,
+    /// EVALSHA calls sent.
+    sent: u64,
+    /// Units that took the allow path: reference admissions, admissions, settlements, flows.
+    done: u64,
+    /// Replies other than an allow, by kind: must stay empty.
+    other: BTreeMap<String, u64>,
+    errors: u64,
+    error_sample: Option<String>,
+    /// Leases an admit phase took, for the settle phase after it: (key index, nonce).
+    leases: Vec<(usize, String)>,
+}
+
+impl Run {
+    fn absorb(&mut self, o: Run) {
+        self.sent += o.sent;
+        self.done += o.done;
+        for (k, v) in o.other {
+            *self.other.entry(k).or_default() += v;
+        }
+        self.errors += o.errors;
+        if self.error_sample.is_none() {
+            self.error_sample = o.error_sample;
+        }
+        self.leases.extend(o.leases);
+    }
+
+    fn failed(&mut self, e: &redis::RedisError) {
+        self.errors += 1;
+        self.error_sample.get_or_insert_with(|| e.to_string());
+    }
+}
+
+/// One measured phase: what was sent, and what Redis counted for it.
+#[derive(Debug, Clone)]
+pub struct Measured {
+    /// Stable identifier (`admit_plain`, …), used by the report's ratios.
+    pub id: String,
+    pub name: String,
+    pub script: String,
+    /// What a unit is: a call, or a flow (two calls).
+    pub unit: &'static str,
+    pub seconds: f64,
+    pub sent: u64,
+    pub units: u64,
+    pub other: BTreeMap<String, u64>,
+    pub errors: u64,
+    pub error_sample: Option<String>,
+    /// `cmdstat_evalsha` calls and usec during the phase.
+    pub evalsha_calls: u64,
+    pub evalsha_usec: u64,
+    pub redis_cpu_seconds: f64,
+}
+
+/// Where a settlement's usage event goes: beside the shard's stream, out of the syncer's reach.
+fn scratch_stream(k: &KeyRedisKeys) -> String {
+    format!("{}:scriptcost", k.stream())
+}
+
+/// The reference's log for an API key in a round: same hash tag as the key's state, so that
+/// the reference runs on a cluster too.
+fn reference_log(k: &KeyRedisKeys, round: usize) -> String {
+    format!("{}:reference{round}", k.stream())
+}
+
+/// A candidate script's own key for an API key: same hash tag as the key's state.
+fn candidate_key(k: &KeyRedisKeys, candidate: usize) -> String {
+    format!("{}:candidate{candidate}", k.stream())
+}
+
+/// Runs every phase in order; see the module comment.
+pub async fn measure(
+    redis: &mut MultiplexedConnection,
+    setup: &Setup,
+) -> Result<Vec<Measured>, String> {
+    let mut sources = vec![ceiling::ADMIT_LUA, ceiling::SETTLE_LUA, REFERENCE_LUA];
+    sources.extend(setup.candidates.iter().map(|(_, src)| src.as_str()));
+    let mut shas = ceiling::script_load(&setup.plain.plan.redis_url, &sources)
+        .await?
+        .into_iter();
+    let mut sha = || shas.next().ok_or("SCRIPT LOAD answered too few SHAs");
+    let shas = Shas {
+        admit: sha()?,
+        settle: sha()?,
+        reference: sha()?,
+        candidates: setup
+            .candidates
+            .iter()
+            .map(|_| sha())
+            .collect::<Result<_, _>>()?,
+    };
+    let (plain, held) = (&setup.plain, &setup.held);
+    let mut out = Vec::new();
+    let mut budget = None;
+    for (target, kind, name) in [
+        (plain, "plain", "plain key"),
+        (held, "held", "concurrency + hold"),
+    ] {
+        let admit = Phase::new(
+            &format!("admit_{kind}"),
+            &format!("admit.lua, {name}"),
+            "admit.lua",
+            "call",
+            Work::Admit,
+        );
+        let (m, run) = phase(redis, setup, &shas, admit, target, Vec::new()).await?;
+        out.push(m);
+        let settle = Phase::new(
+            &format!("settle_{kind}"),
+            &format!("settle.lua, {name}"),
+            "settle.lua",
+            "call",
+            Work::Settle,
+        );
+        out.push(
+            phase(redis, setup, &shas, settle, target, run.leases)
+                .await?
+                .0,
+        );
+        if budget.is_none() {
+            // The reference makes as many calls on as many keys as admit.lua did, so that its
+            // logs hold as many entries as the rate logs admit.lua worked on.
+            budget = Some(run.sent);
+            let first = Phase::reference(0, budget);
+            out.push(
+                phase(redis, setup, &shas, first, plain, Vec::new())
+                    .await?
+                    .0,
+            );
+        }
+    }
+    for (target, kind, name) in [
+        (plain, "plain", "plain key"),
+        (held, "held", "concurrency + hold"),
+    ] {
+        let flow = Phase::new(
+            &format!("flow_{kind}"),
+            &format!("flow, {name}"),
+            "admit.lua + settle.lua",
+            "flow",
+            Work::Flow,
+        );
+        out.push(
+            phase(redis, setup, &shas, flow, target, Vec::new())
+                .await?
+                .0,
+        );
+    }
+    for (i, (file, _)) in setup.candidates.iter().enumerate() {
+        let mut c = Phase::new(
+            &format!("candidate:{file}"),
+            &format!("CANDIDATE {file}"),
+            &format!("candidates/{file}"),
+            "call",
+            Work::Candidate(i),
+        );
+        c.budget = budget;
+        out.push(phase(redis, setup, &shas, c, plain, Vec::new()).await?.0);
+    }
+    let last = Phase::reference(1, budget);
+    out.push(phase(redis, setup, &shas, last, plain, Vec::new()).await?.0);
+    clean_up(redis, setup).await?;
+    Ok(out)
+}
+
+/// What a phase is called and what it sends.
+#[derive(Debug, Clone)]
+struct Phase {
+    id: String,
+    name: String,
+    script: String,
+    unit: &'static str,
+    work: Work,
+    /// Calls to make, whatever the time; `None`: as many as `--ceiling-duration` allows.
+    budget: Option<u64>,
+}
+
+impl Phase {
+    fn new(id: &str, name: &str, script: &str, unit: &'static str, work: Work) -> Phase {
+        Phase {
+            id: id.into(),
+            name: name.into(),
+            script: script.into(),
+            unit,
+            work,
+            budget: None,
+        }
+    }
+
+    /// The reference's first (round 0) or last (round 1) phase, each on fresh logs.
+    fn reference(round: usize, budget: Option<u64>) -> Phase {
+        let (id, when) = if round == 0 {
+            ("reference_first", "first")
+        } else {
+            ("reference_last", "last")
+        };
+        let mut p = Phase::new(
+            id,
+            &format!("exact_window.lua (reference, {when})"),
+            "exact_window.lua",
+            "call",
+            Work::Reference(round),
+        );
+        p.budget = budget;
+        p
+    }
+}
+
+/// One phase between two commandstats snapshots (after `CONFIG RESETSTAT` if asked).
+async fn phase(
+    redis: &mut MultiplexedConnection,
+    setup: &Setup,
+    shas: &Shas,
+    p: Phase,
+    target: &Target,
+    leases: Vec<(usize, String)>,
+) -> Result<(Measured, Run), String> {
+    eprintln!("loadtest: script cost: {}", p.name);
+    if setup.reset_stats {
+        redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async::<()>(&mut *redis)
+            .await
+            .map_err(|e| format!("CONFIG RESETSTAT: {e}"))?;
+    }
+    let before = observe::snapshot(redis).await?;
+    let run = drive(setup, shas, &p, target, leases).await?;
+    let after = observe::snapshot(redis).await?;
+    Ok((measured(p, &run, &before, &after), run))
+}
+
+fn measured(p: Phase, run: &Run, before: &RedisSnapshot, after: &RedisSnapshot) -> Measured {
+    let d = |m: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>| {
+        m.get("evalsha")
+            .unwrap_or(&0)
+            .saturating_sub(*b.get("evalsha").unwrap_or(&0))
+    };
+    Measured {
+        id: p.id,
+        name: p.name,
+        script: p.script,
+        unit: p.unit,
+        seconds: run.elapsed.as_secs_f64(),
+        sent: run.sent,
+        units: run.done,
+        other: run.other.clone(),
+        errors: run.errors,
+        error_sample: run.error_sample.clone(),
+        evalsha_calls: d(&after.calls, &before.calls),
+        evalsha_usec: d(&after.usec, &before.usec),
+        redis_cpu_seconds: after.cpu_seconds - before.cpu_seconds,
+    }
+}
+
+/// Drives one phase over the ceiling's connections and pipeline depth.
+async fn drive(
+    setup: &Setup,
+    shas: &Shas,
+    p: &Phase,
+    target: &Target,
+    leases: Vec<(usize, String)>,
+) -> Result<Run, String> {
+    let plan = &target.plan;
+    let conns = ceiling::connections(&plan.redis_url, plan.connections).await?;
+    // Each connection settles its own share of the leases, and makes its share of a budget.
+    let n = conns.len();
+    let work = p.work;
+    let budget = p.budget.map(|b| b.div_ceil(n as u64));
+    let mut shares: Vec<Vec<(usize, String)>> = vec![Vec::new(); n];
+    for (i, l) in leases.into_iter().enumerate() {
+        shares[i % n].push(l);
+    }
+    let ctx = Arc::new((setup.clone(), shas.clone(), target.clone()));
+    let started = Instant::now();
+    let deadline = started + plan.duration;
+    let mut tasks = Vec::new();
+    for (ci, (conn, share)) in conns.into_iter().zip(shares).enumerate() {
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let (setup, shas, target) = &*ctx;
+            let until = match budget {
+                Some(calls) => Until::Calls(calls),
+                None => Until::Deadline(deadline),
+            };
+            connection(setup, shas, target, work, conn, ci, share, until).await
+        }));
+    }
+    let mut all = Run::default();
+    for t in tasks {
+        all.absorb(t.await.map_err(|e| e.to_string())?);
+    }
+    all.elapsed = started.elapsed();
+    Ok(all)
+}
+
+/// When a connection's part of a phase ends (a settle phase: when its leases are settled).
+#[derive(Debug, Clone, Copy)]
+enum Until {
+    Deadline(Instant),
+    Calls(u64),
+}
+
+/// One connection's part of a phase: pipelines until the deadline (or, settling, until its
+/// share of the leases is gone).
+#[allow(clippy::too_many_arguments)]
+async fn connection(
+    setup: &Setup,
+    shas: &Shas,
+    target: &Target,
+    work: Work,
+    mut conn: MultiplexedConnection,
+    ci: usize,
+    mut share: Vec<(usize, String)>,
+    until: Until,
+) -> Run {
+    let plan = &target.plan;
+    let mut out = Run::default();
+    let mut rng = SmallRng::from_entropy();
+    let mut next = ci * 7919;
+    loop {
+        let more = match until {
+            _ if work == Work::Settle => !share.is_empty(),
+            Until::Calls(calls) => out.sent < calls,
+            Until::Deadline(t) => Instant::now() < t,
+        };
+        if !more {
+            return out;
+        }
+        let mut pipe = redis::pipe();
+        if let Work::Reference(_) | Work::Candidate(_) = work {
+            let round = if let Work::Reference(r) = work { r } else { 0 };
+            let now = chrono::Utc::now().timestamp_millis();
+            for _ in 0..plan.pipeline {
+                next = (next + 1) % plan.keys.len();
+                let k = &plan.keys[next];
+                let cmd = pipe.cmd("EVALSHA");
+                match work {
+                    Work::Candidate(i) => cmd
+                        .arg(&shas.candidates[i])
+                        .arg(2)
+                        .arg(&k.state)
+                        .arg(candidate_key(k, i)),
+                    _ => cmd.arg(&shas.reference).arg(1).arg(reference_log(k, round)),
+                }
+                .arg(plan.window_ms)
+                .arg(setup.limit)
+                .arg(now)
+                .arg(new_nonce());
+            }
+            out.sent += plan.pipeline as u64;
+            match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Ok(replies) => {
+                    for v in replies {
+                        // The reference and ring candidates answer a count, the others
+                        // admit.lua's reply.
+                        if matches!(v, Value::Int(n) if n >= 0) || ceiling::first_is(&v, "ok") {
+                            out.done += 1;
+                        } else {
+                            *out.other.entry(ceiling::kind(&v)).or_default() += 1;
+                        }
+                    }
+                }
+                Err(e) => out.failed(&e),
+            }
+            continue;
+        }
+        let to_settle = if work == Work::Settle {
+            share.split_off(share.len().saturating_sub(plan.pipeline))
+        } else {
+            let mut batch = Vec::with_capacity(plan.pipeline);
+            for _ in 0..plan.pipeline {
+                next = (next + 1) % plan.keys.len();
+                let nonce = new_nonce();
+                ceiling::push_admit(
+                    &mut pipe,
+                    &shas.admit,
+                    plan,
+                    &plan.keys[next],
+                    &nonce,
+                    target.reserve_nanos,
+                );
+                batch.push((next, nonce));
+            }
+            out.sent += batch.len() as u64;
+            let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
+                Ok(v) => v,
+                Err(e) => {
+                    out.failed(&e);
+                    continue;
+                }
+            };
+            let mut granted = Vec::with_capacity(batch.len());
+            for (v, lease) in replies.iter().zip(batch) {
+                if ceiling::first_is(v, "ok") {
+                    granted.push(lease);
+                } else {
+                    *out.other.entry(ceiling::kind(v)).or_default() += 1;
+                }
+            }
+            if work == Work::Admit {
+                out.done += granted.len() as u64;
+                out.leases.extend(granted);
+                continue;
+            }
+            granted
+        };
+        let mut pipe = redis::pipe();
+        for (idx, nonce) in &to_settle {
+            let k = &plan.keys[*idx];
+            // Never above the held keys' reserve (= the largest cost), as at the gateway.
+            let cost = rng.gen_range(0..=plan.max_cost_nanos);
+            ceiling::push_settle(
+                &mut pipe,
+                &shas.settle,
+                plan,
+                k,
+                nonce,
+                &scratch_stream(k),
+                cost,
+            );
+        }
+        out.sent += to_settle.len() as u64;
+        match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            Ok(replies) => {
+                for v in replies {
+                    if ceiling::first_is(&v, "settled") {
+                        out.done += 1;
+                    } else {
+                        *out.other
+                            .entry(format!("settle:{}", ceiling::kind(&v)))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            Err(e) => out.failed(&e),
+        }
+    }
+}
+
+/// Removes the reference logs, the scratch streams and the candidates' keys; the keys' own
+/// logs, leases and tombstones expire as tollgate's do.
+async fn clean_up(redis: &mut MultiplexedConnection, setup: &Setup) -> Result<(), String> {
+    let mut names: Vec<String> = Vec::new();
+    for k in setup.plain.plan.keys.iter().chain(&setup.held.plan.keys) {
+        names.push(scratch_stream(k));
+        names.push(reference_log(k, 0));
+        names.push(reference_log(k, 1));
+        names.extend((0..setup.candidates.len()).map(|i| candidate_key(k, i)));
+    }
+    names.sort();
+    names.dedup();
+    for chunk in names.chunks(1000) {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(redis)
+            .await
+            .map_err(|e| format!("UNLINK: {e}"))?;
+    }
+    Ok(())
+}
