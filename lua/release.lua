@@ -11,9 +11,10 @@
 -- ARGV[1] lease nonce
 --
 -- Returns {'unknown'} | {'released'} | {'ended'}, or the error reply CORRUPT_STATE (the key's
--- state or the hold holds what no script writes; nothing was changed). Releasing twice, or after a settle, is a
--- no-op answered 'ended' (the HTTP API answers it like 'released'; an access-log report counts
--- it as a duplicate). A released lease can still be settled (usage is never dropped).
+-- state or the hold holds what no script writes; nothing was changed). Releasing twice, or
+-- after a settle, is a no-op answered 'ended' (the HTTP API answers it like 'released'; an
+-- access-log report counts it as a duplicate). A released lease can still be settled (usage
+-- is never dropped).
 
 local state, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nonce = ARGV[1]
