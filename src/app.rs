@@ -99,10 +99,10 @@ pub const SYNC_THREAD: &str = "tollgate-sync";
 
 /// Runs the syncer on a thread of its own, with a single-threaded runtime, so that a pass
 /// (parsing hundreds of stream entries, building the insert) never holds a worker with
-/// admissions queued on it: the kernel, which can preempt, shares the CPU between them.
-/// Measured at half load: admission p99 3.4–3.5 ms with the sync in a separate process against
-/// 3.8–4.2 ms with it on the serving runtime, and on this thread about as with a separate
-/// process (docs/PERFORMANCE.md). The handle resolves when the syncer is done. Should the OS
+/// admissions queued on it: the kernel, which can preempt, shares the CPU between them. On
+/// this thread the admission tail is about as with the sync in a separate process, and lower
+/// than with it on the serving runtime (docs/PERFORMANCE.md, "Load test"). The handle
+/// resolves when the syncer is done. Should the OS
 /// refuse a thread or a runtime, the syncer runs on the serving one.
 fn spawn_syncer(syncer: sync::usage::Syncer, stop: watch::Receiver<bool>) -> JoinHandle<()> {
     let serving = tokio::runtime::Handle::current();

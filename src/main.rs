@@ -5,8 +5,9 @@ use std::process::ExitCode;
 use tollgate::app::{self, App};
 use tollgate::config::{parse_cli, Command, Config, LogFormat};
 
-/// glibc malloc was about a quarter of tollgate's CPU under load; jemalloc took 12-18 % off
-/// its CPU per request (docs/PERFORMANCE.md). jemalloc does not build for MSVC.
+/// glibc malloc was a large share of tollgate's CPU under load, and jemalloc took a tenth or
+/// more off its CPU per request (docs/PERFORMANCE.md, "Load test"). jemalloc does not build
+/// for MSVC.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

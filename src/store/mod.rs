@@ -67,8 +67,8 @@ pub async fn connect(url: &str) -> Result<PgPool, StoreError> {
 /// The usage sync's own pool of one connection, so its one insert per pass always runs on the
 /// same Postgres backend. Taken from the shared pool, the inserts went round every idle
 /// connection (sqlx hands them out in turn), and each backend faulted in the same buffers and
-/// working memory for itself: 2.7 times the page faults, and on the measured VM a 10–15 %
-/// higher admission p99 (docs/PERFORMANCE.md). Apart, admin bursts and the sync also never
+/// working memory for itself: several times the page faults, and a higher admission p99
+/// (docs/PERFORMANCE.md, "What was tried"). Apart, admin bursts and the sync also never
 /// wait for each other's connections. The syncer holds the connection between its writes and
 /// bounds each of them (`sync::usage::Syncer::write`).
 pub fn connect_usage_sync(url: &str) -> Result<PgPool, StoreError> {

@@ -362,8 +362,7 @@ impl Syncer {
     ///
     /// One statement per pass rather than per shard: under steady traffic every shard holds a
     /// few events at each pass, and sixteen small transactions cost Postgres several times the
-    /// CPU of one larger one (measured at 3,500 settlements/s: about 100 µs of Postgres CPU per
-    /// event against 30).
+    /// CPU of one larger one (docs/PERFORMANCE.md, "What was tried").
     async fn sync(&mut self, gathered: Vec<Gathered>) -> Result<u64, SyncError> {
         let mut events = Vec::with_capacity(gathered.iter().map(|g| g.entries.len()).sum());
         for g in &gathered {
