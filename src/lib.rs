@@ -18,7 +18,7 @@
 //! - [`access_log`]: where proxies report the end of a request (access-log receiver)
 //! - [`prices`]: the price table, and a settlement's cost from its tokens
 //! - [`cli`]: `tollgate keys …`, the operators' client of the admin API
-//! - [`decision`], [`money`], [`keys`], [`inference`], [`metrics`]: shared vocabulary
+//! - [`decision`], [`money`], [`keys`], [`label`], [`inference`], [`metrics`]: shared vocabulary
 
 pub mod access_log;
 pub mod app;
@@ -30,6 +30,7 @@ pub mod http;
 pub mod inference;
 pub mod key_state;
 pub mod keys;
+pub mod label;
 pub mod metrics;
 pub mod money;
 pub mod period;

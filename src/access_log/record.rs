@@ -31,7 +31,6 @@ const LEASE_HEADER: &str = "x-tollgate-lease-id";
 const MAX_TOKENS: u64 = 1 << 40;
 const MAX_RESPONSE_TIME_MS: u64 = 1 << 31;
 const MAX_COST_NANOS: i64 = crate::money::MAX_EXACT;
-const MAX_LABEL_LEN: usize = 256;
 
 /// What a record asks tollgate to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,9 +172,7 @@ fn cost(v: Option<&Value>) -> Result<Option<Money>, Dropped> {
 
 fn label(v: Option<&Value>) -> Result<Option<String>, Dropped> {
     match text(v)? {
-        Some(l) if l.len() > MAX_LABEL_LEN || l.chars().any(char::is_control) => {
-            Err(Dropped::Malformed)
-        }
+        Some(l) if !crate::label::is_label(&l) => Err(Dropped::Malformed),
         other => Ok(other),
     }
 }

@@ -21,6 +21,7 @@ use super::error::ApiError;
 use super::json::{nullable, StrictJson};
 use super::AppState;
 use crate::keys;
+use crate::label::{has_control, is_label};
 use crate::money::Money;
 use crate::store::keys::{KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
 use crate::store::{self, stats, StoreError};
@@ -174,7 +175,7 @@ fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<Vec<String>>
         )));
     }
     for item in &list {
-        if item.is_empty() || item.len() > 256 || has_control(item) {
+        if item.is_empty() || !is_label(item) {
             return Err(ApiError::bad_request(format!(
                 "{field}: entries must be 1-256 characters, without control characters"
             )));
@@ -230,10 +231,6 @@ fn limit(field: &str, v: Option<i64>) -> Result<Option<i32>, ApiError> {
 /// Postgres text cannot hold NUL (the insert would fail as an internal error), and control
 /// characters in ids and names only garble logs and UIs: such strings are refused up front.
 /// For allow-list entries this also keeps out admit.lua's separator, `\x1f`.
-fn has_control(s: &str) -> bool {
-    s.chars().any(char::is_control)
-}
-
 fn name(v: &str) -> Result<String, ApiError> {
     let v = v.trim();
     if v.is_empty() || v.chars().count() > 255 || has_control(v) {

@@ -19,6 +19,7 @@ use crate::hot::admission::{AdmitArgs, LeaseTerm, ReleaseOutcome, SettleArgs, Se
 use crate::hot::gate::Decision;
 use crate::hot::redis::RedisFailure;
 use crate::keys;
+use crate::label::{is_label, MAX_LABEL_LEN};
 use crate::money::Money;
 use crate::store::keys::MAX_BALANCE_NANOS;
 
@@ -71,18 +72,10 @@ pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
         .await
 }
 
-/// Longest provider, API format or model name accepted.
-pub const MAX_LABEL_LEN: usize = 256;
 /// Bounds on what one settlement may report. Far above any real request, they keep a hostile
 /// or buggy caller from overflowing the running sums (Redis `used`, the Postgres roll-ups).
 const MAX_TOKENS: u64 = 1 << 40;
 const MAX_RESPONSE_TIME_MS: u64 = 1 << 31;
-
-/// A provider / API format / model name fit to be stored: bounded, no control characters
-/// (Postgres text cannot hold NUL; the allow-list separator is a control character too).
-pub fn is_label(value: &str) -> bool {
-    value.len() <= MAX_LABEL_LEN && !value.chars().any(char::is_control)
-}
 
 fn check_label(field: &str, value: Option<&str>) -> Result<(), ApiError> {
     match value {

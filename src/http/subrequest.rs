@@ -17,8 +17,7 @@ use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
 use super::credentials;
 use super::data_plane::{
-    allowed_body, decide, denial_body, is_label, lease_mode, lease_ttl, retry_after_header,
-    AdmitQuery,
+    allowed_body, decide, denial_body, lease_mode, lease_ttl, retry_after_header, AdmitQuery,
 };
 use super::error::ApiError;
 use super::AppState;
@@ -27,6 +26,7 @@ use crate::hot::admission::{Grant, LeaseTerm};
 use crate::hot::gate::Decision;
 use crate::hot::redis::RedisFailure;
 use crate::inference::Inferred;
+use crate::label::is_label;
 use crate::money::{Money, MAX_EXACT};
 
 /// How a proxy wants denials shaped.
