@@ -4,21 +4,20 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::credentials;
+use super::edge::{allowed_body, decide, denial, lease_mode, lease_ttl, AdmitQuery};
 use super::error::ApiError;
 use super::json::{parse, StrictJson};
 use super::AppState;
-use crate::decision::DenyCode;
-use crate::hot::admission::{AdmitArgs, LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
+use crate::hot::admission::{LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
 use crate::hot::gate::Decision;
 use crate::hot::redis::RedisFailure;
-use crate::keys;
 use crate::label::{is_label, MAX_LABEL_LEN};
 use crate::money::Money;
 use crate::store::keys::MAX_BALANCE_NANOS;
@@ -34,42 +33,6 @@ pub struct AdmitBody {
     reserve_tokens: Option<u64>,
     lease_ttl_seconds: Option<u64>,
     lease: Option<String>,
-}
-
-/// What an admission asks, whoever asked it (JSON API or a proxy subrequest).
-#[derive(Debug, Default)]
-pub struct AdmitQuery {
-    pub key: Option<String>,
-    pub provider: String,
-    pub api_format: String,
-    pub model: String,
-    pub reserve: Money,
-    pub reserve_tokens: u64,
-    pub lease: LeaseTerm,
-}
-
-/// Runs an admission: hashes the key and asks the gate. A missing key is decided here.
-pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
-    let Some(key) = q.key.as_deref() else {
-        state.metrics.admission(Some(DenyCode::KeyMissing));
-        return Decision::Denied {
-            code: DenyCode::KeyMissing,
-            retry_after_ms: 0,
-        };
-    };
-    let key_hash = keys::hash(key);
-    state
-        .gate
-        .admit(AdmitArgs {
-            key_hash: &key_hash,
-            provider: &q.provider,
-            api_format: &q.api_format,
-            model: &q.model,
-            reserve: q.reserve,
-            reserve_tokens: q.reserve_tokens,
-            lease: q.lease,
-        })
-        .await
 }
 
 /// Bounds on what one settlement may report. Far above any real request, they keep a hostile
@@ -105,28 +68,6 @@ fn check_count(field: &str, v: Option<u64>, max: u64) -> Result<(), ApiError> {
     }
 }
 
-/// A lease lifetime in whole seconds as the contract bounds it; `what` names where it came
-/// from in the error.
-pub fn lease_ttl(what: &str, secs: Option<u64>) -> Result<LeaseTerm, ApiError> {
-    secs.and_then(LeaseTerm::seconds).ok_or_else(|| {
-        ApiError::bad_request(format!(
-            "{what} must be a whole number of seconds from 1 to {}",
-            LeaseTerm::MAX_SECONDS
-        ))
-    })
-}
-
-/// `"lease": "none"` (or `X-Tollgate-Lease: none`): an admission without a lease.
-pub fn lease_mode(what: &str, value: &str) -> Result<LeaseTerm, ApiError> {
-    if value.trim().eq_ignore_ascii_case("none") {
-        Ok(LeaseTerm::None)
-    } else {
-        Err(ApiError::bad_request(format!(
-            "{what} takes only \"none\" (admit without a lease)"
-        )))
-    }
-}
-
 /// The lease an admission asks for: none, a lifetime of its own, or `default`.
 fn lease_term(
     mode: Option<&str>,
@@ -139,103 +80,6 @@ fn lease_term(
     match mode {
         Some(m) => lease_mode("lease", m),
         None => Ok(ttl.unwrap_or(default)),
-    }
-}
-
-/// `Retry-After` in whole seconds, rounded up.
-pub fn retry_after_header(retry_after_ms: u64) -> HeaderValue {
-    HeaderValue::from(retry_after_ms.div_ceil(1000).max(1))
-}
-
-/// The JSON body of a denial. Typed rather than a `json!` tree: one of these is built per
-/// request, and a struct serializes without allocating a map.
-#[derive(Serialize)]
-pub struct DenialBody {
-    allowed: bool,
-    code: &'static str,
-    message: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    retry_after_ms: Option<u64>,
-}
-
-pub fn denial_body(code: DenyCode, retry_after_ms: u64) -> DenialBody {
-    DenialBody {
-        allowed: false,
-        code: code.as_str(),
-        message: code.message(),
-        retry_after_ms: (retry_after_ms > 0).then_some(retry_after_ms),
-    }
-}
-
-#[derive(Serialize)]
-struct RateLimitBody {
-    limit: Option<u64>,
-    remaining: Option<u64>,
-    reset_ms: u64,
-}
-
-#[derive(Serialize)]
-struct ConcurrencyBody {
-    limit: Option<u64>,
-    in_flight: u64,
-}
-
-#[derive(Serialize)]
-struct TokensBody {
-    limit: Option<u64>,
-    remaining: Option<u64>,
-    reset_ms: u64,
-}
-
-#[derive(Serialize)]
-struct BudgetBody {
-    limit_usd: Money,
-    remaining_usd: Money,
-    resets_at: Option<chrono::DateTime<chrono::Utc>>,
-}
-
-/// The JSON body of an allowed admission.
-#[derive(Serialize)]
-pub struct AllowedBody<'a> {
-    allowed: bool,
-    key_id: &'a str,
-    user_id: &'a str,
-    lease_id: Option<&'a str>,
-    rate_limit: RateLimitBody,
-    concurrency: ConcurrencyBody,
-    balance_remaining_usd: Option<Money>,
-    tokens: TokensBody,
-    budget: Option<BudgetBody>,
-}
-
-pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
-    AllowedBody {
-        allowed: true,
-        key_id: &d.key_id,
-        user_id: &d.user_id,
-        lease_id: d.lease_id.as_deref(),
-        rate_limit: RateLimitBody {
-            limit: d.rate_limit,
-            remaining: d.rate_remaining,
-            reset_ms: d.reset_ms,
-        },
-        concurrency: ConcurrencyBody {
-            limit: d.concurrent_limit,
-            in_flight: d.in_flight,
-        },
-        balance_remaining_usd: d.balance_available,
-        tokens: TokensBody {
-            limit: d.token_limit,
-            remaining: d.tokens_remaining,
-            reset_ms: d.tokens_reset_ms,
-        },
-        budget: d.budget.map(|limit_usd| BudgetBody {
-            limit_usd,
-            remaining_usd: d.budget_remaining.unwrap_or_default(),
-            resets_at: d
-                .budget_resets_at_ms
-                .and_then(chrono::DateTime::from_timestamp_millis),
-        }),
     }
 }
 
@@ -284,12 +128,7 @@ pub async fn admit(
             retry_after_ms,
         } => {
             let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::FORBIDDEN);
-            let mut res = (status, Json(denial_body(code, retry_after_ms))).into_response();
-            if retry_after_ms > 0 {
-                res.headers_mut()
-                    .insert("retry-after", retry_after_header(retry_after_ms));
-            }
-            res
+            denial(status, code, retry_after_ms)
         }
         Decision::Refused { code, detail } => {
             ApiError::from(RedisFailure::Refused { code, detail }).into_response()

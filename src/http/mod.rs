@@ -11,6 +11,7 @@
 pub mod admin;
 mod credentials;
 pub mod data_plane;
+mod edge;
 pub mod error;
 pub mod health;
 pub mod json;

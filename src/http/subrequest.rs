@@ -16,9 +16,7 @@ use axum::Json;
 use serde::de::{self, IgnoredAny, MapAccess, Visitor};
 
 use super::credentials;
-use super::data_plane::{
-    allowed_body, decide, denial_body, lease_mode, lease_ttl, retry_after_header, AdmitQuery,
-};
+use super::edge::{allowed_body, decide, denial, lease_mode, lease_ttl, AdmitQuery};
 use super::error::ApiError;
 use super::AppState;
 use crate::decision::DenyCode;
@@ -218,10 +216,8 @@ fn answer(state: &AppState, decision: Decision, flavor: Flavor) -> Response {
                 Flavor::Nginx => 403,
             };
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
-            let mut res = (status, Json(denial_body(code, retry_after_ms))).into_response();
+            let mut res = denial(status, code, retry_after_ms);
             if retry_after_ms > 0 {
-                res.headers_mut()
-                    .insert("retry-after", retry_after_header(retry_after_ms));
                 let item = match code {
                     DenyCode::RateLimited => Some("default"),
                     DenyCode::TokenLimited => Some("tokens"),
