@@ -3,6 +3,8 @@
 //!
 //! - [`data_plane`]: `/v1/admit`, `/v1/settle`, `/v1/release`
 //! - [`subrequest`]: `/auth`, `/auth/nginx`, `/auth/envoy/*` for reverse proxies
+//! - `edge`: what both admission doors share (the question, the decision, the answer);
+//!   `credentials`: the bearer token and the API key, read one way
 //! - [`admin`]: the `/admin/*` routes
 //! - [`health`]: `/healthz`, `/readyz`
 //! - [`error`]: the one place errors become responses; [`json`]: strict request bodies
