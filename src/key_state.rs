@@ -97,7 +97,7 @@ impl KeyState {
     /// floods). The namespace's `loaded` marker says the load is done; the `loading` lock, held
     /// with a TTL, keeps replicas from all reloading at once (see `Layout::loaded_marker`). Returns how many keys were written.
     pub async fn reload_if_wiped(&self) -> Result<usize, ReloadError> {
-        let (hot, db) = (&self.hot, &self.db);
+        let hot = &self.hot;
         let (marker, lock) = (hot.layout.loaded_marker(), hot.layout.loading_lock());
         let mut exists = redis::cmd("EXISTS");
         exists.arg(&marker);
@@ -109,6 +109,36 @@ impl KeyState {
         if hot.redis.query(&take).await? == redis::Value::Nil {
             return Ok(0);
         }
+        let loaded = match self.load_all().await {
+            Ok(n) => n,
+            Err(e) => {
+                // Free the lock at once: held for its whole TTL it would stop every reload for
+                // a minute, so a Redis that came back empty while Postgres was away stayed
+                // without its `loaded` marker (plain /readyz then needing Postgres again) long
+                // after Postgres returned. The TTL is only for a replica that dies while
+                // loading. (Found by `loadtest faults`.)
+                let mut release = redis::cmd("DEL");
+                release.arg(&lock);
+                let _ = hot.redis.query(&release).await;
+                return Err(e);
+            }
+        };
+        let mut mark = redis::cmd("SET");
+        mark.arg(&marker).arg("1");
+        hot.redis.query(&mark).await?;
+        let mut release = redis::cmd("DEL");
+        release.arg(&lock);
+        hot.redis.query(&release).await?;
+        tracing::info!(
+            keys = loaded,
+            "redis state of the namespace (re)loaded from postgres"
+        );
+        Ok(loaded)
+    }
+
+    /// Writes every key from Postgres into Redis, page by page; how many were written.
+    async fn load_all(&self) -> Result<usize, ReloadError> {
+        let (hot, db) = (&self.hot, &self.db);
         let mut loaded = 0;
         let mut after = None;
         loop {
@@ -137,16 +167,6 @@ impl KeyState {
             .await?;
             loaded += marked;
         }
-        let mut mark = redis::cmd("SET");
-        mark.arg(&marker).arg("1");
-        hot.redis.query(&mark).await?;
-        let mut release = redis::cmd("DEL");
-        release.arg(&lock);
-        hot.redis.query(&release).await?;
-        tracing::info!(
-            keys = loaded,
-            "redis state of the namespace (re)loaded from postgres"
-        );
         Ok(loaded)
     }
 
