@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::json;
+use tollgate::key_state::KeyState;
 use tollgate::store::keys;
 
 /// A balance adjustment committed to Postgres whose Redis push never happened (the process died
@@ -132,4 +133,32 @@ async fn a_wiped_namespace_is_reloaded_from_postgres_in_bulk() {
         "0.75",
         "synced usage kept"
     );
+}
+
+/// A reload that fails because Postgres is away frees the `loading` lock at once, so the next
+/// pass, with Postgres back, reloads the namespace. Before, the failed reload held the lock for
+/// its whole minute: a Redis that came back empty during a Postgres outage stayed without its
+/// `loaded` marker, and plain `/readyz` answered 503 in the next outage (the fault-injection
+/// run, `loadtest faults`, found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_frees_its_lock() {
+    let mut app = spawn_app().await;
+    app.create_key(json!({"user_id": "u-lock"})).await;
+    let (hot, metrics) = (app.hot_path(), app.state.metrics.clone());
+    // No background reload may race the calls below.
+    app.stop().await;
+    app.wipe_namespace().await;
+    let away = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let failed = KeyState::new(hot.clone(), away, metrics.clone())
+        .reload_if_wiped()
+        .await;
+    assert!(failed.is_err(), "Postgres away: {failed:?}");
+    let loaded = KeyState::new(hot, app.db.clone(), metrics)
+        .reload_if_wiped()
+        .await
+        .expect("reload with Postgres back");
+    assert_eq!(loaded, 1, "reloaded at once, not after the lock's TTL");
 }
