@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tollgate::hot::layout::Layout;
@@ -80,6 +80,9 @@ struct FaultArgs {
     /// How long the final drain of the usage streams may take
     #[arg(long, default_value = "180s", value_parser = crate::duration)]
     sync_timeout: Duration,
+    /// Only these kinds of fault, comma-separated [default: all]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    kinds: Vec<Kind>,
     /// Keep the work directory (tollgate's and Redis's logs)
     #[arg(long)]
     keep_logs: bool,
@@ -90,7 +93,7 @@ const WINDOW_SECONDS: u64 = 2;
 /// and the audit can wait them out before probing balances.
 const LEASE_TTL_SECONDS: u64 = 10;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, ValueEnum)]
 enum Kind {
     TollgateKill,
     RedisRestart,
@@ -116,7 +119,16 @@ impl Kind {
 
     /// The schedule's mix: the cheap faults more often, a Redis loss (which resets every
     /// window and loses events) less.
-    fn pick(rng: &mut StdRng) -> Kind {
+    fn pick(rng: &mut StdRng, only: &[Kind]) -> Kind {
+        loop {
+            let k = Kind::draw(rng);
+            if only.is_empty() || only.contains(&k) {
+                return k;
+            }
+        }
+    }
+
+    fn draw(rng: &mut StdRng) -> Kind {
         match rng.gen_range(0..100) {
             0..=19 => Kind::TollgateKill,
             20..=31 => Kind::RedisRestart,
@@ -137,6 +149,8 @@ struct Fault {
     held: Duration,
     /// Usage events waiting in Redis when it was killed (the last read before the SIGKILL).
     backlog_at_kill: Option<u64>,
+    /// What the harness saw of the fault while it lasted.
+    note: String,
     recovered_in: Result<Duration, String>,
 }
 
@@ -439,8 +453,37 @@ async fn lose_redis(
     Ok((loss, backlog))
 }
 
-/// Holds the data listener's connection table full with idle sockets for `hold`; meanwhile the
-/// admin listener (its own table) must still answer.
+/// One GET on a fresh connection: its status, or why there was none.
+async fn probe(ep: &Endpoint, path: &str) -> String {
+    match Conn::new(ep.clone(), None).get(path).await {
+        Ok((s, _)) => s.as_u16().to_string(),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// What a new connection receives without sending anything: tollgate answers one over its
+/// connection cap with a 503 at once; one it accepts stays silent.
+async fn refused(addr: SocketAddr) -> String {
+    use tokio::io::AsyncReadExt;
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return "connection refused by the kernel".into();
+    };
+    let mut buf = vec![0u8; 512];
+    match tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        Ok(Ok(0)) => "closed without an answer".into(),
+        Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => "accepted (nothing received in 2 s)".into(),
+    }
+}
+
+/// Holds the data listener's connection table full with idle sockets for `hold`. One more
+/// connection must be refused with 503 (else the table was not full and the fault not real);
+/// the admin listener, which has its own table, must still answer.
 async fn fill_connections(env: &Env, n: usize, hold: Duration) -> Result<String, String> {
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
@@ -453,16 +496,46 @@ async fn fill_connections(env: &Env, n: usize, hold: Duration) -> Result<String,
             held.push(s);
         }
     }
+    let extra = refused(env.tollgate.data.addr).await;
     tokio::time::sleep(hold / 2).await;
-    let mut admin = Conn::new(env.tollgate.admin.clone(), None);
-    let admin_ok = matches!(admin.get("/healthz").await, Ok((s, _)) if s.is_success());
+    let admin = probe(&env.tollgate.admin, "/healthz").await;
     tokio::time::sleep(hold / 2).await;
     drop(held);
-    if admin_ok {
-        Ok(format!("{n} idle sockets"))
-    } else {
-        Err("the admin listener did not answer /healthz while the data table was full".into())
+    if !extra.starts_with("HTTP/1.1 503") {
+        return Err(format!(
+            "one connection over the table was not refused with 503: {extra:?}"
+        ));
     }
+    if admin != "200" {
+        return Err(format!(
+            "the admin /healthz answered {admin} while the data table was full"
+        ));
+    }
+    Ok(format!(
+        "{n} idle sockets; one more got 503; admin /healthz 200"
+    ))
+}
+
+/// Takes Postgres away (cut or silent) for `hold`. Halfway, the plain /readyz must still say
+/// 200 (admissions need Redis alone) and the strict one must not (the outage is real).
+async fn postgres_outage(env: &Env, net: Net, hold: Duration) -> Result<String, String> {
+    let set = |n: Net| {
+        if let Some(r) = env.relay.as_ref() {
+            r.set(n);
+        }
+    };
+    set(net);
+    tokio::time::sleep(hold / 2).await;
+    let plain = probe(&env.tollgate.data, "/readyz").await;
+    let strict = probe(&env.tollgate.data, "/readyz?strict=true").await;
+    tokio::time::sleep(hold / 2).await;
+    set(Net::Open);
+    if plain != "200" {
+        return Err(format!(
+            "/readyz answered {plain} while only Postgres was away"
+        ));
+    }
+    Ok(format!("mid-outage /readyz 200, strict {strict}"))
 }
 
 async fn inject(
@@ -478,6 +551,7 @@ async fn inject(
     let started = Instant::now();
     let mut loss = None;
     let mut backlog_at_kill = None;
+    let mut note = String::new();
     let relay_set = |env: &Env, n: Net| {
         if let Some(r) = env.relay.as_ref() {
             r.set(n);
@@ -517,17 +591,12 @@ async fn inject(
         }
         Kind::PostgresCut | Kind::PostgresSilent => {
             let hold = between(rng, 3000, 20000);
-            relay_set(
-                env,
-                if kind == Kind::PostgresCut {
-                    Net::Cut
-                } else {
-                    Net::Silent
-                },
-            );
-            tokio::time::sleep(hold).await;
-            relay_set(env, Net::Open);
-            Ok(())
+            let net = if kind == Kind::PostgresCut {
+                Net::Cut
+            } else {
+                Net::Silent
+            };
+            postgres_outage(env, net, hold).await.map(|n| note = n)
         }
         Kind::ScriptFlush => match crate::observe::connect(&env.redis.url()).await {
             Ok(mut c) => {
@@ -540,7 +609,7 @@ async fn inject(
             let hold = between(rng, 3000, 9000);
             fill_connections(env, args.max_connections, hold)
                 .await
-                .map(|_| ())
+                .map(|n| note = n)
         }
     };
     let held = started.elapsed();
@@ -558,6 +627,7 @@ async fn inject(
             at,
             held,
             backlog_at_kill,
+            note,
             recovered_in,
         },
         loss,
@@ -593,6 +663,8 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
         .position(|k| k.spec.class == Class::Normal)
         .unwrap_or(0);
     let epoch = Instant::now();
+    let started_utc = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string();
+    let host_load = load_average();
     let stop = Arc::new(AtomicBool::new(false));
     let last_empty = Arc::new(AtomicU64::new(0));
     let watcher = watch_backlog(
@@ -634,14 +706,19 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
             args.gap_max.as_millis() as u64,
         );
         tokio::time::sleep(gap).await;
-        let kind = Kind::pick(&mut rng);
+        let kind = Kind::pick(&mut rng, &args.kinds);
         let (f, loss) = inject(env, kind, &mut rng, epoch, &last_empty, faults.len(), args).await;
         progress(&format!(
-            "fault {} at {:.1} s: {} (held {:.1} s) → {}",
+            "fault {} at {:.1} s: {} (held {:.1} s{}) → {}",
             faults.len() + 1,
             f.at as f64 / 1e9,
             kind.name(),
             f.held.as_secs_f64(),
+            if f.note.is_empty() {
+                String::new()
+            } else {
+                format!("; {}", f.note)
+            },
             match &f.recovered_in {
                 Ok(d) => format!("ready again in {:.2} s", d.as_secs_f64()),
                 Err(e) => format!("NOT SURVIVED: {e}"),
@@ -709,6 +786,8 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
     ));
     let report = Report {
         seed,
+        started: started_utc,
+        host: (host_load, load_average()),
         faults_phase,
         faults: &faults,
         seen: &seen,
@@ -717,6 +796,13 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
     };
     report.print();
     Ok(report.passed())
+}
+
+/// The 1, 5 and 15 minute load averages of the host, as /proc/loadavg gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn read_postgres(url: &str) -> Result<PgView, String> {
@@ -756,6 +842,9 @@ fn read_postgres(url: &str) -> Result<PgView, String> {
 
 struct Report<'a> {
     seed: u64,
+    /// UTC start and end, and the host's load averages then: the run shares its host.
+    started: String,
+    host: (String, String),
     faults_phase: Duration,
     faults: &'a [Fault],
     seen: &'a traffic::Seen,
@@ -779,6 +868,13 @@ impl Report<'_> {
 
     fn print(&self) {
         println!("fault-injection run, seed {}", self.seed);
+        println!(
+            "  started {} UTC, ended {} UTC; host load average {} at the start, {} at the end",
+            self.started,
+            chrono::Utc::now().format("%Y-%m-%d %H:%M:%S"),
+            self.host.0,
+            self.host.1
+        );
         println!(
             "  faults for {:.0} s: {} injected, {} survived (tollgate ready again, strict)",
             self.faults_phase.as_secs_f64(),
