@@ -110,14 +110,8 @@ fn ledger(a: &mut Audit, seen: &Seen, losses: &[Loss], keys: &[Key], pg: &PgView
         }
         let fate = match l.end {
             End::Settled { cost, sent, recv } => match row {
-                Some((_, c)) if *c == cost => "settled, recorded once",
-                Some((_, c)) => {
-                    a.unexplained(format!(
-                        "lease {}: settled {cost} nano-USD, recorded {c}",
-                        l.id
-                    ));
-                    "settled, recorded with another cost"
-                }
+                Some((_, c)) if same_cost(a, &l.id, cost, *c) => "settled, recorded once",
+                Some(_) => "settled, recorded with another cost",
                 None => match losses.iter().find(|x| x.could_take(sent, recv)) {
                     Some(x) => {
                         let e = a.attributed.entry(x.fault).or_default();
@@ -136,14 +130,8 @@ fn ledger(a: &mut Audit, seen: &Seen, losses: &[Loss], keys: &[Key], pg: &PgView
                 },
             },
             End::SettleUnknown { cost } => match row {
-                Some((_, c)) if *c == cost => "settle unconfirmed, recorded",
-                Some((_, c)) => {
-                    a.unexplained(format!(
-                        "lease {}: settled {cost} nano-USD, recorded {c}",
-                        l.id
-                    ));
-                    "settle unconfirmed, recorded with another cost"
-                }
+                Some((_, c)) if same_cost(a, &l.id, cost, *c) => "settle unconfirmed, recorded",
+                Some(_) => "settle unconfirmed, recorded with another cost",
                 None => "settle unconfirmed, not recorded",
             },
             End::Released | End::ReleaseUnknown | End::Lost { .. } | End::Refused => {
@@ -188,6 +176,16 @@ fn ledger(a: &mut Audit, seen: &Seen, losses: &[Loss], keys: &[Key], pg: &PgView
     let mut v: Vec<_> = fates.into_iter().collect();
     v.sort();
     a.fates = v;
+}
+
+/// A recorded event must carry the cost its settle sent; a different one is unexplained.
+fn same_cost(a: &mut Audit, lease: &str, sent: i64, recorded: i64) -> bool {
+    if sent != recorded {
+        a.unexplained(format!(
+            "lease {lease}: settled {sent} nano-USD, recorded {recorded}"
+        ));
+    }
+    sent == recorded
 }
 
 /// Postgres agrees with itself: each key's balance_used and its daily roll-up equal the sum
@@ -249,27 +247,23 @@ fn limits(
     }
     stretches.push((from, Nanos::MAX));
     let grants = check::by_key(&seen.grants);
-    let group = |v: &[check::Attempt]| {
-        let mut m: HashMap<u32, Vec<check::Attempt>> = HashMap::new();
-        for x in v {
-            m.entry(x.key).or_default().push(*x);
+    // Per key: its rate denials, its concurrency denials, its admissions of unknown outcome.
+    let mut attempts: HashMap<u32, [Vec<check::Attempt>; 3]> = HashMap::new();
+    let lists = [&seen.rate_denials, &seen.conc_denials, &seen.unknown];
+    for (slot, list) in lists.into_iter().enumerate() {
+        for x in list {
+            attempts.entry(x.key).or_default()[slot].push(*x);
         }
-        m
-    };
-    let (rate_d, conc_d, unknown) = (
-        group(&seen.rate_denials),
-        group(&seen.conc_denials),
-        group(&seen.unknown),
-    );
+    }
     let (mut rate_f, mut rate_den_f, mut conc_f, mut conc_den_f) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut judged, mut straddling) = (0usize, 0usize);
     let none_g = Vec::new();
-    let none_a = Vec::new();
+    let none_a: [Vec<check::Attempt>; 3] = Default::default();
     for (i, k) in keys.iter().enumerate() {
         let kid = i as u32;
         let g = grants.get(&kid).unwrap_or(&none_g);
-        let u = unknown.get(&kid).unwrap_or(&none_a);
+        let [rate_d, conc_d, u] = attempts.get(&kid).unwrap_or(&none_a);
         for &(lo, hi) in &stretches {
             // Grants decided by this Redis; a lease's certain life ends at the loss, or at
             // its TTL, at the latest.
@@ -307,14 +301,12 @@ fn limits(
         // the window or live, a superset of what the Redis that denied could hold, so an
         // undeserved denial is still proven.
         if let Some(limit) = k.spec.rate_limit {
-            let d = rate_d.get(&kid).unwrap_or(&none_a);
-            if let Some(f) = check::rate_denials(g, u, d, limit, window) {
+            if let Some(f) = check::rate_denials(g, u, rate_d, limit, window) {
                 rate_den_f.push(format!("key #{i}: {f}"));
             }
         }
         if let Some(limit) = k.spec.concurrent_limit {
-            let d = conc_d.get(&kid).unwrap_or(&none_a);
-            if let Some(f) = check::concurrency_denials(g, u, d, limit) {
+            if let Some(f) = check::concurrency_denials(g, u, conc_d, limit) {
                 conc_den_f.push(format!("key #{i}: {f}"));
             }
         }

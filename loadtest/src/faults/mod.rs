@@ -156,18 +156,10 @@ struct Fault {
 
 pub fn main(args: impl Iterator<Item = String>) -> ExitCode {
     let args = FaultArgs::parse_from(args);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("loadtest faults: cannot start the runtime: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match rt.block_on(run(args)) {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .and_then(|rt| rt.block_on(run(args)));
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
@@ -948,15 +940,9 @@ impl Report<'_> {
         }
         println!("  limits: {}", self.audit.windows);
         for inv in self.invariants {
-            println!(
-                "  [{}] {} — {}",
-                if inv.ok { "ok" } else { "FAIL" },
-                inv.name,
-                inv.scope
-            );
-            for f in &inv.failures {
-                println!("        {f}");
-            }
+            let mark = if inv.ok { "ok" } else { "FAIL" };
+            println!("  [{mark}] {} — {}", inv.name, inv.scope);
+            inv.failures.iter().for_each(|f| println!("        {f}"));
         }
         println!(
             "  unexplained differences: {}",
