@@ -3,7 +3,8 @@
 # persistence, on a free port), a debug `tollgate serve` on free ports behind a TCP relay to the
 # local Postgres (a fresh database), drives traffic while it kills and restarts tollgate, restarts
 # Redis empty, cuts and silences Postgres, flushes the scripts and fills the connection table,
-# then heals, drains and audits. Everything it starts it stops; the database it creates it drops.
+# then heals, drains and audits. Every kind of fault comes once first, then they are drawn at
+# random. Everything it starts it stops; the database it creates it drops.
 # Exits non-zero on any unexplained difference or any fault tollgate did not recover from.
 #
 # Environment: FAULT_SMOKE_DURATION (default 75s of faults), FAULT_SMOKE_SEED (default 14),
@@ -30,5 +31,6 @@ fi
 
 started=$SECONDS
 target/debug/loadtest faults --seed "$SEED" --duration "$DURATION" --pg-url "$PG_URL" \
-  --rate 100 --concurrency 4 --keys 24 --max-connections 24 --gap-min 1s --gap-max 4s
+  --rate 100 --concurrency 4 --keys 24 --max-connections 24 --gap-min 1s --gap-max 4s \
+  --each-kind-first
 log "passed in $((SECONDS - started)) s"

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use clap::{Parser, ValueEnum};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tollgate::hot::layout::Layout;
 use tollgate::money::Money;
@@ -83,6 +84,10 @@ struct FaultArgs {
     /// Only these kinds of fault, comma-separated [default: all]
     #[arg(long, value_enum, value_delimiter = ',')]
     kinds: Vec<Kind>,
+    /// Start with one fault of each kind (of --kinds) in a seeded order, then draw at random:
+    /// a short run then covers every kind
+    #[arg(long)]
+    each_kind_first: bool,
     /// Keep the work directory (tollgate's and Redis's logs)
     #[arg(long)]
     keep_logs: bool,
@@ -690,6 +695,17 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
     let mut rng = StdRng::seed_from_u64(seed);
     let mut faults: Vec<Fault> = Vec::new();
     let mut losses: Vec<Loss> = Vec::new();
+    let mut first: Vec<Kind> = if args.each_kind_first {
+        let mut v: Vec<Kind> = Kind::value_variants()
+            .iter()
+            .copied()
+            .filter(|k| args.kinds.is_empty() || args.kinds.contains(k))
+            .collect();
+        v.shuffle(&mut rng);
+        v
+    } else {
+        Vec::new()
+    };
     let started = Instant::now();
     while started.elapsed() < args.duration {
         let gap = between(
@@ -698,7 +714,11 @@ async fn run_in(env: &mut Env, args: &FaultArgs, seed: u64) -> Result<bool, Stri
             args.gap_max.as_millis() as u64,
         );
         tokio::time::sleep(gap).await;
-        let kind = Kind::pick(&mut rng, &args.kinds);
+        let kind = if first.is_empty() {
+            Kind::pick(&mut rng, &args.kinds)
+        } else {
+            first.remove(0)
+        };
         let (f, loss) = inject(env, kind, &mut rng, epoch, &last_empty, faults.len(), args).await;
         progress(&format!(
             "fault {} at {:.1} s: {} (held {:.1} s{}) → {}",
