@@ -339,3 +339,119 @@ fn limits(
         a.invariants.push(Invariant::new(name, scope, f));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::{Class, Spec};
+    use crate::faults::traffic::Lease;
+
+    const S: Nanos = 1_000_000_000;
+
+    fn key() -> Key {
+        Key {
+            id: "k0".into(),
+            secret: String::new(),
+            spec: Spec {
+                class: Class::Normal,
+                rate_limit: None,
+                concurrent_limit: None,
+                balance: None,
+                token_limit: None,
+                budget: None,
+            },
+        }
+    }
+
+    fn lease(id: &str, end: End) -> Lease {
+        Lease {
+            key: 0,
+            id: id.into(),
+            admit_sent: 0,
+            end,
+        }
+    }
+
+    fn settled(cost: i64, at: Nanos) -> End {
+        End::Settled {
+            cost,
+            sent: at,
+            recv: at + 1000,
+        }
+    }
+
+    /// Postgres holding `events`, with balance and roll-up consistent with them.
+    fn pg(events: &[(&str, i64)]) -> PgView {
+        let total: i64 = events.iter().map(|e| e.1).sum();
+        PgView {
+            events: events
+                .iter()
+                .map(|(id, c)| (id.to_string(), ("k0".to_string(), *c)))
+                .collect(),
+            used: [("k0".to_string(), total)].into_iter().collect(),
+            daily: [("k0".to_string(), (events.len() as i64, total))]
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn audit(leases: Vec<Lease>, losses: &[Loss], pg: &PgView) -> Audit {
+        let seen = Seen {
+            leases,
+            ..Seen::default()
+        };
+        run(&seen, losses, &[key()], pg, 2 * S, 10 * S)
+    }
+
+    /// Redis was last seen drained at 10 s and killed at 20 s.
+    const LOSS: Loss = Loss {
+        fault: 3,
+        last_empty: 10 * S,
+        kill_sent: 20 * S,
+        kill_done: 20 * S + 5,
+        back: 21 * S,
+    };
+
+    #[test]
+    fn a_missing_event_is_attributed_only_to_a_loss_that_could_take_it() {
+        let leases = vec![lease("a", settled(7, S)), lease("b", settled(5, 15 * S))];
+        let db = pg(&[("a", 7)]);
+        let a = audit(leases.clone(), &[LOSS], &db);
+        assert_eq!(a.unexplained_count, 0, "{:?}", a.unexplained);
+        assert_eq!(a.attributed.get(&3), Some(&(1, 5)));
+        // Without the loss, or settled before Redis was last seen drained: unexplained.
+        assert_eq!(audit(leases.clone(), &[], &db).unexplained_count, 1);
+        let early = vec![lease("a", settled(7, S)), lease("b", settled(5, 5 * S))];
+        assert_eq!(audit(early, &[LOSS], &db).unexplained_count, 1);
+        // Settled after the kill: the new Redis had it, nothing could lose it.
+        let late = vec![lease("a", settled(7, S)), lease("b", settled(5, 30 * S))];
+        assert_eq!(audit(late, &[LOSS], &db).unexplained_count, 1);
+    }
+
+    #[test]
+    fn recorded_events_must_be_settled_once_at_their_cost() {
+        // An event for a released lease, an event nobody settled, a wrong cost.
+        let leases = vec![
+            lease("r", End::Released),
+            lease("s", settled(5, S)),
+            lease("u", End::SettleUnknown { cost: 4 }),
+        ];
+        let a = audit(leases, &[], &pg(&[("r", 1), ("s", 6), ("x", 2), ("u", 4)]));
+        assert_eq!(a.unexplained_count, 3, "{:?}", a.unexplained);
+    }
+
+    #[test]
+    fn balances_must_equal_the_usage_rows() {
+        let mut db = pg(&[("s", 5)]);
+        db.used.insert("k0".into(), 10);
+        let a = audit(vec![lease("s", settled(5, S))], &[], &db);
+        assert_eq!(a.unexplained_count, 1, "{:?}", a.unexplained);
+    }
+
+    #[test]
+    fn lease_unknown_needs_a_loss_between_admission_and_end() {
+        let lost = vec![lease("l", End::Lost { recv: 25 * S })];
+        assert_eq!(audit(lost.clone(), &[LOSS], &pg(&[])).unexplained_count, 0);
+        assert_eq!(audit(lost, &[], &pg(&[])).unexplained_count, 1);
+    }
+}
