@@ -91,6 +91,34 @@ pub async fn reload_if_wiped(hot: &HotPath, db: &PgPool) -> Result<usize, Reload
     if hot.redis.query(&take).await? == redis::Value::Nil {
         return Ok(0);
     }
+    let loaded = match load_all(hot, db).await {
+        Ok(n) => n,
+        Err(e) => {
+            // Free the lock at once: held for its whole TTL it would stop every reload for a
+            // minute, so a Redis that came back empty while Postgres was away stayed without
+            // its `loaded` marker (plain /readyz then needing Postgres again) long after
+            // Postgres returned. The TTL is only for a replica that dies while loading.
+            let mut release = redis::cmd("DEL");
+            release.arg(&lock);
+            let _ = hot.redis.query(&release).await;
+            return Err(e);
+        }
+    };
+    let mut mark = redis::cmd("SET");
+    mark.arg(&marker).arg("1");
+    hot.redis.query(&mark).await?;
+    let mut release = redis::cmd("DEL");
+    release.arg(&lock);
+    hot.redis.query(&release).await?;
+    tracing::info!(
+        keys = loaded,
+        "redis state of the namespace (re)loaded from postgres"
+    );
+    Ok(loaded)
+}
+
+/// Writes every key from Postgres into Redis, page by page; how many were written.
+async fn load_all(hot: &HotPath, db: &PgPool) -> Result<usize, ReloadError> {
     let mut loaded = 0;
     let mut after = None;
     loop {
@@ -118,16 +146,6 @@ pub async fn reload_if_wiped(hot: &HotPath, db: &PgPool) -> Result<usize, Reload
         .await?;
         loaded += marked;
     }
-    let mut mark = redis::cmd("SET");
-    mark.arg(&marker).arg("1");
-    hot.redis.query(&mark).await?;
-    let mut release = redis::cmd("DEL");
-    release.arg(&lock);
-    hot.redis.query(&release).await?;
-    tracing::info!(
-        keys = loaded,
-        "redis state of the namespace (re)loaded from postgres"
-    );
     Ok(loaded)
 }
 
