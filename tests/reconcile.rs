@@ -133,3 +133,28 @@ async fn a_wiped_namespace_is_reloaded_from_postgres_in_bulk() {
         "synced usage kept"
     );
 }
+
+/// A reload that fails because Postgres is away frees the `loading` lock at once, so the next
+/// pass, with Postgres back, reloads the namespace. Before, the failed reload held the lock for
+/// its whole minute: a Redis that came back empty during a Postgres outage stayed without its
+/// `loaded` marker, and plain `/readyz` answered 503 in the next outage (the fault-injection
+/// run, `loadtest faults`, found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_frees_its_lock() {
+    let mut app = spawn_app().await;
+    app.create_key(json!({"user_id": "u-lock"})).await;
+    let hot = app.state.gate.hot.clone();
+    // No background reload may race the calls below.
+    app.stop().await;
+    app.wipe_namespace().await;
+    let away = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://postgres@127.0.0.1:1/nowhere")
+        .unwrap();
+    let failed = tollgate::sync::reconcile::reload_if_wiped(&hot, &away).await;
+    assert!(failed.is_err(), "Postgres away: {failed:?}");
+    let loaded = tollgate::sync::reconcile::reload_if_wiped(&hot, &app.db)
+        .await
+        .expect("reload with Postgres back");
+    assert_eq!(loaded, 1, "reloaded at once, not after the lock's TTL");
+}
