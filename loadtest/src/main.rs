@@ -1,6 +1,7 @@
 //! `loadtest`: drives a running tollgate with a realistic admit-and-settle mix, measures
 //! throughput and latency against the Redis ceiling of the same work, and checks that every
-//! limit and every balance held under that load.
+//! limit and every balance held under that load. `loadtest faults …` is the fault-injection
+//! run instead (`faults/mod.rs`).
 //!
 //! Exit status: 0 when every invariant held, 1 when one failed (or more errors than
 //! `--max-errors`), 2 when the run could not be set up.
@@ -8,6 +9,7 @@
 mod admin;
 mod ceiling;
 mod check;
+mod faults;
 mod http;
 mod load;
 mod memory;
@@ -240,6 +242,10 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // A subcommand of its own: it starts its own tollgate, so none of the flags above apply.
+    if std::env::args().nth(1).as_deref() == Some("faults") {
+        return faults::main(std::env::args().skip(1));
+    }
     let mut args = Args::parse();
     if args.ceiling {
         args.mode = Mode::Ceiling;
