@@ -95,7 +95,8 @@ impl KeyState {
     /// empty replica, a flush), writes every key from Postgres back into Redis at once, instead of
     /// leaving each to a cache miss (which is throttled, to protect Postgres from unknown-key
     /// floods). The namespace's `loaded` marker says the load is done; the `loading` lock, held
-    /// with a TTL, keeps replicas from all reloading at once (see `Layout::loaded_marker`). Returns how many keys were written.
+    /// with a TTL, keeps replicas from all reloading at once (see `Layout::loaded_marker`).
+    /// Returns how many keys were written.
     pub async fn reload_if_wiped(&self) -> Result<usize, ReloadError> {
         let hot = &self.hot;
         let (marker, lock) = (hot.layout.loaded_marker(), hot.layout.loading_lock());

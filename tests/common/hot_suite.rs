@@ -2015,9 +2015,17 @@ pub async fn budgets_admit_exactly_what_fits(app: &TestApp) {
     let a = admit(app, with_key(&never, json!({}))).await;
     a.lease("a budget that never resets");
     assert_eq!(a.body["budget"]["resets_at"], Value::Null, "{}", a.body);
+    // A key with neither a budget nor a token limit gets the short grant from admit.lua (nine
+    // fields): both objects still answer "none".
     let (plain, _) = new_key(app, json!({"rate_limit": null})).await;
     let a = admit(app, with_key(&plain, json!({}))).await;
     assert_eq!(a.body["budget"], Value::Null, "{}", a.body);
+    assert_eq!(
+        a.body["tokens"],
+        json!({"limit": null, "remaining": null, "reset_ms": 0}),
+        "{}",
+        a.body
+    );
 }
 
 /// A budget's spend starts again when its period turns — decided by the scripts from the
