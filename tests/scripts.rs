@@ -8,7 +8,7 @@ use common::hot_suite::amount;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
-use tollgate::hot::admission::{AdmitArgs, HotPath, LeaseTerm, ScriptAdmit, SettleArgs};
+use tollgate::hot::admission::{AdmitArgs, LeaseTerm, ScriptAdmit, SettleArgs};
 use tollgate::hot::layout::{Layout, LeaseRef};
 use tollgate::hot::redis::{Redis, RedisFailure};
 use tollgate::hot::scripts::{ScriptArg, Scripts};
@@ -106,6 +106,14 @@ async fn no_sync_app() -> TestApp {
         s.insert("TOLLGATE_SYNC_ENABLED", "false".into());
     })
     .await
+}
+
+/// A standalone key with a balance of 5 USD, so that its leases can hold money.
+async fn standalone_key(app: &TestApp, user: &str) -> String {
+    let (key, _) = app
+        .create_key(json!({"user_id": user, "is_standalone": true, "initial_balance_usd": 5}))
+        .await;
+    key
 }
 
 async fn lease_of(app: &TestApp, key: &str, extra: Value) -> (String, LeaseRef) {
@@ -209,9 +217,7 @@ async fn after_512_settlements_of_the_largest_cost_the_next_is_refused_and_its_l
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any_write() {
     let app = no_sync_app().await;
-    let (key, _) = app
-        .create_key(json!({"user_id": "u-bad", "is_standalone": true, "initial_balance_usd": 5}))
-        .await;
+    let key = standalone_key(&app, "u-bad").await;
     // A lease with a hold, so that settling it would touch every key.
     let (id, lease) = lease_of(&app, &key, json!({"reserve_usd": 1})).await;
     let keys = settle_keys(&lease);
@@ -219,12 +225,7 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     let scripts = Scripts::default();
     let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
     // Arguments out of the script's range are refused by its typed caller, before any call.
-    let hot = HotPath::new(
-        redis.clone(),
-        &app.namespace,
-        Duration::from_secs(60),
-        Duration::from_secs(600),
-    );
+    let hot = app.hot_path();
     let before = dump(&app.redis, &keys).await;
     let big = (MAX_COST as u64) + 1;
     for (args, want) in [
@@ -477,9 +478,7 @@ async fn admit_snapshot(app: &TestApp, lease: &LeaseRef) -> (Vec<Option<Vec<u8>>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admissions_on_corrupt_state_are_refused_500_before_the_expired_lease_repair() {
     let app = no_sync_app().await;
-    let (key, _) = app
-        .create_key(json!({"user_id": "u-adm", "is_standalone": true, "initial_balance_usd": 5}))
-        .await;
+    let key = standalone_key(&app, "u-adm").await;
     // An expired lease with a hold: the next admission would give it back first (its first
     // write), so a refusal must come before that.
     let (_, lease) = lease_of(
@@ -526,18 +525,9 @@ async fn admissions_on_corrupt_state_are_refused_500_before_the_expired_lease_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admissions_with_arguments_out_of_range_are_refused_by_their_caller_before_any_call() {
     let app = no_sync_app().await;
-    let (key, _) = app
-        .create_key(
-            json!({"user_id": "u-adm-args", "is_standalone": true, "initial_balance_usd": 5}),
-        )
-        .await;
+    let key = standalone_key(&app, "u-adm-args").await;
     let (_, lease) = lease_of(&app, &key, json!({})).await;
-    let hot = HotPath::new(
-        hot_redis(),
-        &app.namespace,
-        Duration::from_secs(60),
-        Duration::from_secs(600),
-    );
+    let hot = app.hot_path();
     let key_hash = tollgate::keys::hash(&key);
     let base = AdmitArgs {
         key_hash: &key_hash,
@@ -592,9 +582,7 @@ async fn admissions_with_arguments_out_of_range_are_refused_by_their_caller_befo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_on_corrupt_state_are_refused_500_and_change_nothing() {
     let app = no_sync_app().await;
-    let (key, _) = app
-        .create_key(json!({"user_id": "u-rel", "is_standalone": true, "initial_balance_usd": 5}))
-        .await;
+    let key = standalone_key(&app, "u-rel").await;
     let (id, lease) = lease_of(&app, &key, json!({"reserve_usd": 1})).await;
     let keys = settle_keys(&lease);
     for (key_name, field, value) in [
