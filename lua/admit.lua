@@ -11,35 +11,37 @@
 -- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
 -- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
 -- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
--- KEYS[3] live    ZSET  live leases: member = lease nonce, score = lease expiry (ms)
+-- KEYS[3] live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
 -- KEYS[4] holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
 --                 it also holds tokens (reserve_tokens)
--- KEYS[5] lease   STRING the new lease's record, read by settle.lua / release.lua:
---                 'L' .. cmsgpack(key id, user id, provider, api format, model, admitted at ms,
---                 expires at ms); release.lua turns the 'L' into 'R', settle.lua replaces the
---                 whole record with the tombstone 'S'. One string, so that writing it with its
---                 expiry is one command (SET … PX), and msgpack, so that no label can break it.
--- KEYS[6] tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
+-- KEYS[5] tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
 --                 time (ms); state.wtok is the sum of the members' tokens (settle.lua adds)
 -- ARGV[1] rate window (ms)
 -- ARGV[2] this lease's TTL (ms); 0 = admit without a lease: the rate log and the balance still
 --         count, the concurrency limit and any hold do not, and nothing but the rate log is
 --         written (for proxies that cannot report the end of a request)
--- ARGV[3] lease record TTL (ms): how long an expired lease can still be settled
--- ARGV[4] lease nonce (unique)
--- ARGV[5] provider ('' = not given)   ARGV[6] api format   ARGV[7] model
--- ARGV[8] reserve (nano-USD, >= 0)
--- ARGV[9] reserve tokens (>= 0)
+-- ARGV[3] lease nonce (unique)
+-- ARGV[4] provider ('' = not given)   ARGV[5] api format   ARGV[6] model
+-- ARGV[7] reserve (nano-USD, >= 0)
+-- ARGV[8] reserve tokens (>= 0)
+--
+-- No lease record is written: the caller seals what settlement needs (key, labels, times,
+-- whether the lease is tracked) into the lease id (`hot/lease_id.rs`), and settle.lua and
+-- release.lua get those facts from it. A lease is *tracked* — in `live`, and in `holds` when it
+-- holds something — only when the key has a concurrency limit or the lease holds balance or
+-- tokens: a key with neither has nothing a live lease could change, so its admission touches
+-- neither set.
 --
 -- Returns one of
 --   {'miss'}                                       state not in Redis: hydrate, then retry
 --   {'deny', code, retry_after_ms}
 --   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
---          in_flight, balance_available, token_limit, tokens_remaining, tokens_reset_ms,
---          budget, budget_remaining, budget_resets_at_ms}
+--          in_flight, balance_available, now_ms, tracked (1|0), token_limit,
+--          tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms}
 --                                                   (-1 = unlimited / none / never; the last
 --                                                   six only for a key with a token limit or
---                                                   a budget)
+--                                                   a budget; in_flight is 0 for a key without
+--                                                   a concurrency limit: nothing counts them)
 --   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
 --
 -- Never half-writes (see settle.lua): the state's numbers and the holds of expired leases are
@@ -54,7 +56,8 @@
 -- nano-USD) and would hand the caller an unparsable '1e+14'.
 --
 -- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
--- and `holds` has an entry only for a lease in `live`. `live` and `holds` are given the same
+-- and `holds` has an entry only for a lease in `live`; every hold is positive, so `held` = 0
+-- and `htok` = 0 say that no lease holds anything. `live` and `holds` are given the same
 -- expiry on every grant (the latest lease's), so on a key left idle past its leases' TTL both
 -- vanish together, and a missing `live` means no lease is live and nothing can be held.
 --
@@ -63,14 +66,14 @@
 -- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
 -- `holds` is empty.
 
-local state, rate, live, holds, lease, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-  KEYS[6]
+local state, rate, live, holds, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local nonce = ARGV[4]
+local nonce = ARGV[3]
+local provider, api_format, model = ARGV[4], ARGV[5], ARGV[6]
 local leased = ttl > 0
-local reserve = tonumber(ARGV[8])
-local reserve_tokens = tonumber(ARGV[9])
+local reserve = tonumber(ARGV[7])
+local reserve_tokens = tonumber(ARGV[8])
 if not leased then
   reserve = 0
   reserve_tokens = 0
@@ -108,15 +111,20 @@ local function allowed(list, value)
   if value == '' or string.find(value, '\31', 1, true) then return false end
   return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
 end
-if not allowed(s[5], ARGV[5]) then return {'deny', 'provider_not_allowed', '0'} end
-if not allowed(s[6], ARGV[6]) then return {'deny', 'api_format_not_allowed', '0'} end
-if not allowed(s[7], ARGV[7]) then return {'deny', 'model_not_allowed', '0'} end
+if not allowed(s[5], provider) then return {'deny', 'provider_not_allowed', '0'} end
+if not allowed(s[6], api_format) then return {'deny', 'api_format_not_allowed', '0'} end
+if not allowed(s[7], model) then return {'deny', 'model_not_allowed', '0'} end
 
 -- Expired leases give back their slot and hold before anything is counted. Bounded per call;
 -- leftovers are only counted conservatively (their hold stays held) until the next call.
 -- Their holds are read and checked first, so that a corrupt one refuses the call before the
--- first write.
-local expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
+-- first write. Only where they can matter: with no concurrency limit and nothing held, an
+-- expired entry of `live` changes no answer (it leaves with `live`'s expiry, or with the
+-- next call that scans).
+local expired = {}
+if cl > 0 or held ~= 0 or htok ~= 0 then
+  expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
+end
 local expired_holds = #expired > 0 and {}
 for i, m in ipairs(expired) do
   local h = false
@@ -269,7 +277,8 @@ if token_limit > 0 then
   if oldest[2] then tokens_reset = tonumber(oldest[2]) + window - now end
 end
 
-local in_flight = redis.call('ZCARD', live)
+local in_flight = 0
+if cl > 0 then in_flight = redis.call('ZCARD', live) end
 if leased and cl > 0 and in_flight >= cl then
   local soonest = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
   local retry = tonumber(soonest[2]) - now
@@ -299,25 +308,31 @@ if rl > 0 then
     reset = window
   end
 end
--- The token and budget fields only for a key that has either: a plain key's reply is the nine
--- fields it needs (every reply element costs Redis a conversion).
-local function answer(flight)
+-- The token and budget fields only for a key that has either: a plain key's reply is the
+-- eleven fields it needs (every reply element costs Redis a conversion).
+local function answer(flight, tracked)
   if token_limit < 0 and budget < 0 then
     return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
-      int(available)}
+      int(available), int(now), tracked}
   end
   return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
-    int(available), int(token_limit), int(tokens_remaining), int(tokens_reset), int(budget),
-    int(budget_remaining), int(budget_resets)}
+    int(available), int(now), tracked, int(token_limit), int(tokens_remaining),
+    int(tokens_reset), int(budget), int(budget_remaining), int(budget_resets)}
 end
-if not leased then return answer(in_flight) end
-redis.call('ZADD', live, now + ttl, nonce)
-expire(live, in_flight > 0, ttl)
+if not leased then return answer(in_flight, '0') end
 -- Money is held only where a balance or a budget counts it; tokens where a limit does.
 local hold = 0
 if (bal >= 0 or budget >= 0) and reserve > 0 then hold = reserve end
 local hold_tokens = 0
 if token_limit > 0 then hold_tokens = reserve_tokens end
+if cl <= 0 and hold == 0 and hold_tokens == 0 then return answer(0, '0') end
+-- A tracked lease: its slot, and its hold if it has one. `live` exists iff it has entries, so
+-- a count of 0 (or no count: no concurrency limit) asks whether it does.
+local live_existed = in_flight > 0
+if cl <= 0 then live_existed = redis.call('EXISTS', live) == 1 end
+redis.call('ZADD', live, now + ttl, nonce)
+expire(live, live_existed, ttl)
+if cl > 0 then in_flight = in_flight + 1 end
 if hold > 0 or hold_tokens > 0 then
   local value = int(hold)
   if hold_tokens > 0 then
@@ -333,7 +348,4 @@ elseif held ~= 0 or htok ~= 0 then
   -- `holds` had `live`'s expiry before this grant; GT moves both the same way.
   redis.call('PEXPIRE', holds, ttl, 'GT')
 end
-redis.call('SET', lease, 'L' .. cmsgpack.pack(s[1], s[13], ARGV[5], ARGV[6], ARGV[7], int(now),
-  int(now + ttl)), 'PX', ARGV[3])
-
-return answer(in_flight + 1)
+return answer(in_flight, '1')

@@ -5,24 +5,37 @@
 -- the hold back twice (which would let later admissions overspend the balance).
 --
 -- KEYS[1] state   HASH  key state
--- KEYS[2] live    ZSET  live leases of the key
+-- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
--- KEYS[4] lease   STRING this lease's record (see admit.lua)
+-- KEYS[4] lease   STRING this lease's tombstone (see settle.lua), or, for a lease id issued
+--                 before sealed ids, its record
 -- ARGV[1] lease nonce
+-- ARGV[2] 'sealed': the lease id was opened by the caller (`hot/lease_id.rs`) and
+--         ARGV[3] says whether it is tracked (1|0, see admit.lua), ARGV[4] how long its
+--         tombstone must live (ms: until the sealed id's deadline);
+--         'record': a lease id issued before sealed ids, whose facts are in its record
 --
 -- Returns {'unknown'} | {'released'} | {'ended'}, or the error reply CORRUPT_STATE (the key's
 -- state or the hold holds what no script writes; nothing was changed). Releasing twice, or
 -- after a settle, is a no-op answered 'ended' (the HTTP API answers it like 'released'; an
 -- access-log report counts it as a duplicate). A released lease can still be settled (usage
--- is never dropped).
+-- is never dropped): its tombstone 'R' tells settle.lua that the slot and hold went back.
 
 local state, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nonce = ARGV[1]
-
-local rec = redis.call('GET', lease)
-if rec == false then return {'unknown'} end
--- Settled ('S') or released ('R…') already.
-if string.sub(rec, 1, 1) ~= 'L' then return {'ended'} end
+local sealed = ARGV[2] == 'sealed'
+local tracked = true
+local rec = false
+if sealed then
+  tracked = ARGV[3] == '1'
+  -- Settled or released already: a read, so that a refusal below can still change nothing.
+  if redis.call('EXISTS', lease) == 1 then return {'ended'} end
+else
+  rec = redis.call('GET', lease)
+  if rec == false then return {'unknown'} end
+  -- Settled ('S') or released ('R…') already.
+  if string.sub(rec, 1, 1) ~= 'L' then return {'ended'} end
+end
 
 local s = redis.call('HMGET', state, 'id', 'held', 'htok')
 local held, htok = tonumber(s[2] or 0), tonumber(s[3] or 0)
@@ -36,7 +49,7 @@ end
 -- 'nanos:tokens'.
 local hold = false
 local hn, ht = 0, 0
-if held ~= 0 or htok ~= 0 then
+if tracked and (held ~= 0 or htok ~= 0) then
   hold = redis.call('HGET', holds, nonce)
   if hold then
     hn, ht = string.match(hold, '^(%-?%d+):(%d+)$')
@@ -46,7 +59,7 @@ if held ~= 0 or htok ~= 0 then
     end
   end
 end
-if redis.call('ZREM', live, nonce) == 1 and hold then
+if tracked and redis.call('ZREM', live, nonce) == 1 and hold then
   redis.call('HDEL', holds, nonce)
   if s[1] ~= false then
     if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
@@ -55,10 +68,14 @@ if redis.call('ZREM', live, nonce) == 1 and hold then
     htok = htok - ht
   end
 end
-if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+if tracked and (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
   redis.call('HSET', state, 'held', 0, 'htok', 0)
   redis.call('DEL', holds)
 end
--- Still settleable: the record keeps its fields and its expiry.
-redis.call('SET', lease, 'R' .. string.sub(rec, 2), 'KEEPTTL')
+if sealed then
+  redis.call('SET', lease, 'R', 'PX', ARGV[4])
+else
+  -- Still settleable: the record keeps its fields and its expiry.
+  redis.call('SET', lease, 'R' .. string.sub(rec, 2), 'KEEPTTL')
+end
 return {'released'}

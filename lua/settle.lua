@@ -8,10 +8,10 @@
 -- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
 --
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
--- KEYS[2] live    ZSET  live leases of the key
+-- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
--- KEYS[4] lease   STRING this lease's record (see admit.lua): 'L…' live, 'R…' released,
---                 'S' settled (the tombstone)
+-- KEYS[4] lease   STRING this lease's tombstone: 'S' settled, 'R' released (or, for a lease id
+--                 issued before sealed ids, its record: 'L…' live, 'R…' released, 'S')
 -- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
 -- KEYS[6] tokens  ZSET  the key's token window (see admit.lua): a key with a token limit gets
 --                 this settlement's total tokens, at this instant
@@ -22,19 +22,23 @@
 --         computes exactly in Rust)   ARGV[5] response time ms (-1 = unknown)
 -- ARGV[6] status code (-1 = unknown)
 -- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
--- ARGV[10] tombstone TTL (ms): how long a settled lease is remembered for duplicate detection
--- ARGV[11] lease id (the event's idempotency id in Postgres)
+-- ARGV[10] tombstone TTL (ms): at least this long a settled lease is remembered for duplicate
+--         detection (a sealed lease's tombstone also lives until its deadline, ARGV[23])
+-- ARGV[11] event id '<sid>.<nonce>' (the event's idempotency id in Postgres)
 -- ARGV[12] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
 --         dropped); 'live': a released lease is a duplicate (an access-log report, which may
 --         arrive after the gateway or the proxy already ended the lease)
 -- ARGV[13] rate window (ms): how long settled tokens count against a token limit
--- ARGV[14..21] only for a lease granted in fail-open mode, which has no record because Redis
---         was down when it was granted: 'failopen', key id, user id, provider, api format,
---         model, admitted at (ms), expires at (ms) — the record's fields, from the granting
---         process's memory.
+-- ARGV[14] 'sealed': the lease's facts follow, opened from its sealed id by the caller, who
+--         checked its MAC (`hot/lease_id.rs`): ARGV[15] tracked (1|0: in `live`, see admit.lua),
+--         key id, user id, provider, api format, model, admitted at (ms), expires at (ms),
+--         ARGV[23] deadline (ms): past it the lease is unknown.
+--         'record': a lease id issued before sealed ids; its facts are in its record.
 --
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
 --   | {'price', provider, model} (ARGV[1] '?')
+-- A sealed lease's duplicate check is the tombstone's own write (`SET … GET`): one call where
+-- a read and a write were two.
 -- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
 --
 -- Never half-writes: every bound is checked before the first write, and a call that fails
@@ -95,10 +99,12 @@ local function passes(counter, amount)
 end
 
 local cost = ARGV[1]
-local nonce = string.sub(ARGV[11], string.find(ARGV[11], '.', 1, true) + 1)
+local event_id = ARGV[11]
+local nonce = string.sub(event_id, string.find(event_id, '.', 1, true) + 1)
 local window = ARGV[13]
+local sealed = ARGV[14] == 'sealed'
+local only_live = ARGV[12] == 'live'
 
-local rec = redis.call('GET', lease)
 -- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
 local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
   'bper', 'bps', 'bsp', 'wtok')
@@ -126,14 +132,29 @@ end
 
 -- r: key id, user id, provider, api format, model, admitted at, expires at
 local r
-if rec == 'S' then return {'duplicate', available()} end
-if ARGV[12] == 'live' and rec ~= false and string.sub(rec, 1, 1) == 'R' then
-  return {'duplicate', available()}
-end
-if rec == false then
-  if ARGV[14] ~= 'failopen' then return {'unknown'} end
-  r = {ARGV[15], ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21]}
+local tracked = true
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local tomb_ttl = tonumber(ARGV[10])
+if sealed then
+  r = {ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21], ARGV[22]}
+  tracked = ARGV[15] == '1'
+  -- The tombstone outlives the sealed id: until then, a replay is a duplicate, never a charge.
+  local deadline = tonumber(ARGV[23])
+  if deadline - now > tomb_ttl then tomb_ttl = deadline - now end
+  if now > deadline or ARGV[1] == '?' then
+    -- Reads only: past the deadline the lease is unknown unless it was settled.
+    local rec = redis.call('GET', lease)
+    if rec == 'S' or (only_live and rec == 'R') then return {'duplicate', available()} end
+    if now > deadline then return {'unknown'} end
+  end
 else
+  local rec = redis.call('GET', lease)
+  if rec == 'S' then return {'duplicate', available()} end
+  if only_live and rec ~= false and string.sub(rec, 1, 1) == 'R' then
+    return {'duplicate', available()}
+  end
+  if rec == false then return {'unknown'} end
   r = {cmsgpack.unpack(string.sub(rec, 2))}
 end
 
@@ -151,16 +172,25 @@ local input, output, total = ARGV[2], ARGV[3], ARGV[4]
 if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
 -- The lifetime bound: used + cost <= MAX_USED. The period spend (`bsp`) and the token window's
 -- sum (`wtok`) are bounded the same way (they are parts of lifetime totals), so no HINCRBY
--- below can overflow.
+-- below can overflow. A sealed lease's duplicate is found only by the tombstone's write below,
+-- so a refusal first makes sure it is not one (a replay is answered, not refused).
+local refuse_settle = refuse
+if sealed then
+  refuse_settle = function(code, why)
+    local rec = redis.call('GET', lease)
+    if rec == 'S' or (only_live and rec) then return {'duplicate', available()} end
+    return refuse(code, why)
+  end
+end
 if hydrated then
   if passes(s[3] or '0', cost) then
-    return refuse('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
+    return refuse_settle('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
   end
   if budgeted and passes(s[11] or '0', cost) then
-    return refuse('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
+    return refuse_settle('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
   end
   if token_limited and passes(s[12] or '0', total) then
-    return refuse('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
+    return refuse_settle('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
   end
 end
 
@@ -169,22 +199,33 @@ end
 -- lease, so a released lease finds none (it gave its hold back already).
 local hold = false
 local hn, ht = 0, 0
-if held ~= 0 or htok ~= 0 then
+if tracked and (held ~= 0 or htok ~= 0) then
   hold = redis.call('HGET', holds, nonce)
   if hold then
     hn, ht = hold_of(hold)
     if hn == nil or hn ~= math.floor(hn) then
-      return refuse('CORRUPT_STATE', 'a hold is not a whole number')
+      return refuse_settle('CORRUPT_STATE', 'a hold is not a whole number')
     end
   end
 end
 
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-
--- Every bound holds: from here on every call succeeds.
+-- Every bound holds: from here on every call succeeds. A sealed lease's tombstone is written
+-- first, and its previous value says whether this is a duplicate: NX for a report, which a
+-- release ended as surely as a settlement; plain for the gateway's settlement, which turns a
+-- release's 'R' into 'S' (a released lease is still charged once).
+if sealed then
+  local before
+  if only_live then
+    before = redis.call('SET', lease, 'S', 'PX', tomb_ttl, 'NX', 'GET')
+  else
+    before = redis.call('SET', lease, 'S', 'PX', tomb_ttl, 'GET')
+  end
+  if before == 'S' or (only_live and before) then return {'duplicate', available()} end
+  -- Released: the slot and the hold went back with the release.
+  if before then tracked = false end
+end
 -- Free the slot and the hold.
-if redis.call('ZREM', live, nonce) == 1 and hold then
+if tracked and redis.call('ZREM', live, nonce) == 1 and hold then
   redis.call('HDEL', holds, nonce)
   if hydrated then
     if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
@@ -195,7 +236,7 @@ if redis.call('ZREM', live, nonce) == 1 and hold then
 end
 -- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
 -- keys of an idle key expired whole, so the balance answered below is right.
-if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+if tracked and (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
   redis.call('HSET', state, 'held', 0, 'htok', 0)
   redis.call('DEL', holds)
   held = 0
@@ -255,12 +296,12 @@ if budgeted then
 end
 
 redis.call('XADD', stream, '*',
-  'e', ARGV[11], 'k', r[1], 'u', r[2], 'c', cost,
+  'e', event_id, 'k', r[1], 'u', r[2], 'c', cost,
   'it', input, 'ot', output, 'tt', total, 'rt', ARGV[5], 'sc', ARGV[6],
   'p', pick(ARGV[7], r[3]), 'f', pick(ARGV[8], r[4]), 'm', pick(ARGV[9], r[5]),
   'at', r[6], 'ts', now, 'x', expired)
 
--- The record becomes a tombstone that only answers "duplicate".
-redis.call('SET', lease, 'S', 'PX', ARGV[10])
+-- A record (an id from before sealed ids) becomes a tombstone that only answers "duplicate".
+if not sealed then redis.call('SET', lease, 'S', 'PX', tomb_ttl) end
 
 return {'settled', expired, available()}

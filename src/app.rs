@@ -196,7 +196,15 @@ impl App {
             &config.redis_namespace,
             config.rate_window,
             config.lease_ttl,
+            config.lease_secrets.clone(),
         );
+        if config.lease_secrets.ephemeral {
+            tracing::warn!(
+                "neither TOLLGATE_LEASE_SECRET nor TOLLGATE_ENCRYPTION_KEY is set: lease ids are \
+                 sealed with a random secret, so only this process can settle them, and only \
+                 until it restarts"
+            );
+        }
         hot.scripts().preload(&redis).await;
         let metrics = Metrics::new();
         let key_state = KeyState::new(hot.clone(), db.clone(), metrics.clone());

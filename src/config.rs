@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use crate::hot::admission::LeaseTerm;
+use crate::hot::lease_id::LeaseSecrets;
 use crate::http::serve::ConnectionLimits;
 use crate::inference::Inference;
 use crate::keys::{EncryptionKey, Secret};
@@ -71,6 +72,14 @@ pub struct RawSettings {
     /// cannot be created without it [default: none]
     #[arg(long, env = "TOLLGATE_ENCRYPTION_KEY", hide_env_values = true)]
     pub encryption_key: Option<String>,
+    /// Secret (at least 32 characters) that seals lease ids; every replica must share it
+    /// [default: derived from TOLLGATE_ENCRYPTION_KEY]
+    #[arg(long, env = "TOLLGATE_LEASE_SECRET", hide_env_values = true)]
+    pub lease_secret: Option<String>,
+    /// The lease secret before a rotation: lease ids it sealed still settle while it is set
+    /// [default: none]
+    #[arg(long, env = "TOLLGATE_LEASE_SECRET_PREVIOUS", hide_env_values = true)]
+    pub lease_secret_previous: Option<String>,
     /// Generated keys look like <prefix>- followed by 32 characters of [A-Za-z0-9]
     #[arg(long, env = "TOLLGATE_KEY_PREFIX", default_value = "sk")]
     pub key_prefix: String,
@@ -202,6 +211,32 @@ pub enum LogFormat {
     Json,
 }
 
+/// The lease secrets: `TOLLGATE_LEASE_SECRET`, else derived from the encryption key (which
+/// every replica shares already), else random (with a warning at start-up: ids then open only
+/// in this process, until it restarts).
+fn lease_secrets(raw: &RawSettings) -> Result<LeaseSecrets, ConfigError> {
+    use base64::Engine as _;
+    let given = |name: &'static str, v: &Option<String>| match v.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(s) if s.len() < 32 => Err(bad(name, "must be at least 32 characters")),
+        Some(s) => Ok(Some(s.as_bytes().to_vec())),
+    };
+    let previous = given("TOLLGATE_LEASE_SECRET_PREVIOUS", &raw.lease_secret_previous)?;
+    if let Some(current) = given("TOLLGATE_LEASE_SECRET", &raw.lease_secret)? {
+        return Ok(LeaseSecrets::new(&current, previous.as_deref()));
+    }
+    let encryption_key = raw
+        .encryption_key
+        .as_deref()
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .and_then(|k| base64::engine::general_purpose::STANDARD.decode(k).ok());
+    Ok(match encryption_key {
+        Some(k) => LeaseSecrets::derived_from(&k, previous.as_deref()),
+        None => LeaseSecrets::random(),
+    })
+}
+
 /// Checked settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -213,6 +248,8 @@ pub struct Config {
     pub redis_namespace: String,
     pub admin_token: Option<Secret>,
     pub encryption_key: Option<EncryptionKey>,
+    /// What lease ids are sealed with (`hot::lease_id`).
+    pub lease_secrets: LeaseSecrets,
     pub key_prefix: String,
     pub rate_window: Duration,
     pub lease_ttl: Duration,
@@ -375,6 +412,7 @@ impl Config {
                     .map_err(|e| bad("TOLLGATE_ENCRYPTION_KEY", e.to_string()))?,
             ),
         };
+        let lease_secrets = lease_secrets(raw)?;
         let prefix = raw.key_prefix.trim();
         if prefix.is_empty()
             || prefix.len() > 16
@@ -491,6 +529,7 @@ impl Config {
             redis_namespace: ns.to_string(),
             admin_token,
             encryption_key,
+            lease_secrets,
             key_prefix: prefix.to_string(),
             rate_window: Duration::from_secs(positive_seconds(
                 "TOLLGATE_RATE_WINDOW_SECONDS",
@@ -528,6 +567,8 @@ impl Config {
             redis_namespace: get("TOLLGATE_REDIS_NAMESPACE", "tollgate"),
             admin_token: map.get("TOLLGATE_ADMIN_TOKEN").cloned(),
             encryption_key: map.get("TOLLGATE_ENCRYPTION_KEY").cloned(),
+            lease_secret: map.get("TOLLGATE_LEASE_SECRET").cloned(),
+            lease_secret_previous: map.get("TOLLGATE_LEASE_SECRET_PREVIOUS").cloned(),
             key_prefix: get("TOLLGATE_KEY_PREFIX", "sk"),
             rate_window_seconds: get("TOLLGATE_RATE_WINDOW_SECONDS", "60"),
             lease_ttl_seconds: get("TOLLGATE_LEASE_TTL_SECONDS", "600"),

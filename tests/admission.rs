@@ -258,10 +258,11 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
     near(pttl(&app, &k.rate).await, window, "a new rate log");
     near(pttl(&app, &k.live).await, ttl, "a new live set");
     near(pttl(&app, &k.holds).await, ttl, "a new holds hash");
-    let record = k.lease(first.split_once('.').expect("lease id").1);
-    assert!(
-        pttl(&app, &record).await > ttl,
-        "the lease record outlives its lease"
+    let tombstone = k.lease(first.split('.').nth(1).expect("lease id"));
+    assert_eq!(
+        pttl(&app, &tombstone).await,
+        -2,
+        "an admission writes no lease record: its sealed id carries what settlement needs"
     );
 
     // Time passes (half the TTL, as if); a grant that reserves nothing still moves both
@@ -304,6 +305,10 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
     }
     assert_eq!(pttl(&app, &k.live).await, -2, "no live lease left");
     assert_eq!(pttl(&app, &k.holds).await, -2, "nothing held");
+    assert!(
+        pttl(&app, &tombstone).await > ttl,
+        "a settled lease's tombstone lives as long as its id could be settled (TTL and grace)"
+    );
     hot_suite::admit(&app, reserving)
         .await
         .lease("after the settlements");

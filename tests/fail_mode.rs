@@ -476,38 +476,62 @@ async fn usage_count(app: &TestApp, key_id: &str) -> i64 {
         .expect("count usage")
 }
 
-/// A lease granted in fail-open mode holds nothing in Redis, and releasing it works like any
-/// other release: `released`, even while Redis is still down, and it is gone afterwards, so a
-/// later settlement records nothing.
+/// A lease granted in fail-open mode is sealed like any other (issue #12: it used to be known
+/// only to the granting process's memory, and a release answered `lease_unknown`). It holds
+/// nothing in Redis, and it is released like any other lease: `unavailable` while Redis is
+/// down (the release writes the tombstone that ends it), `released` once Redis is back, and,
+/// like any released lease, still charged once if the gateway settles it afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fail_open_lease_can_be_released() {
     let mut redis = PrivateRedis::start();
     let (app, key_id, lease) = fail_open_lease(&mut redis, json!({})).await;
     let (status, body) = app.release(&lease).await;
-    assert_eq!(
-        (status, body["released"].as_bool()),
-        (200, Some(true)),
-        "release of a fail-open lease while redis is down: {body}"
+    assert_unavailable(
+        status,
+        &body,
+        "release of a fail-open lease while redis is down",
     );
 
     redis.restart();
-    let answered = app
+    let released = app
         .eventually(RESUME_WITHIN, || async {
-            let (status, _) = app.settle(&lease, 0.25).await;
-            status != 503
+            let (status, body) = app.release(&lease).await;
+            status == 200 && body["released"] == true
         })
         .await;
-    assert!(answered, "settle answers once redis is back");
-    let (status, body) = app.settle(&lease, 0.25).await;
+    assert!(
+        released,
+        "the fail-open lease is released once redis is back"
+    );
+    let (status, body) = app.release(&lease).await;
     assert_eq!(
-        (status, body["code"].as_str()),
-        (404, Some("lease_unknown")),
-        "a released fail-open lease is gone: {body}"
+        (status, body["released"].as_bool()),
+        (200, Some(true)),
+        "releasing again is a no-op: {body}"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         usage_count(&app, &key_id).await,
         0,
-        "nothing recorded for a released lease"
+        "nothing recorded for a release"
+    );
+    let (status, body) = app.settle(&lease, 0.25).await;
+    assert_eq!(
+        (
+            status,
+            body["settled"].as_bool(),
+            body["duplicate"].as_bool()
+        ),
+        (200, Some(true), Some(false)),
+        "a released lease is still settled: {body}"
+    );
+    let recorded = app
+        .eventually(Duration::from_secs(10), || async {
+            usage_count(&app, &key_id).await == 1
+        })
+        .await;
+    assert!(
+        recorded,
+        "the settlement of the released lease is recorded once"
     );
 }

@@ -9,7 +9,8 @@ use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};
 use tollgate::hot::admission::{AdmitArgs, LeaseTerm, ScriptAdmit, SettleArgs};
-use tollgate::hot::layout::{Layout, LeaseRef};
+use tollgate::hot::layout::Layout;
+use tollgate::hot::lease_id::LeaseRef;
 use tollgate::hot::redis::{Redis, RedisFailure};
 use tollgate::hot::scripts::{ScriptArg, Scripts};
 use tollgate::money::Money;
@@ -120,7 +121,7 @@ async fn lease_of(app: &TestApp, key: &str, extra: Value) -> (String, LeaseRef) 
     let (status, body) = app.admit(key, extra).await;
     assert_eq!(status, 200, "{body}");
     let id = body["lease_id"].as_str().expect("lease").to_string();
-    let lease = Layout::new(&app.namespace).lease(&id).expect("lease ref");
+    let lease = app.hot_path().open_lease(&id).expect("lease ref");
     (id, lease)
 }
 

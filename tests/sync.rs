@@ -130,7 +130,7 @@ async fn admit_and_settle(
     let cost = cost_of(i);
     let (input, output) = tokens_of(i);
     ledger.lock().unwrap().attempted.insert(
-        lease.clone(),
+        event_id(&lease),
         Attempt {
             key_id: key.1.clone(),
             cost,
@@ -155,7 +155,7 @@ async fn admit_and_settle(
     assert_eq!(status, 200, "settle: {body}");
     assert_eq!(body["settled"], true, "{body}");
     assert_eq!(body["duplicate"], false, "{body}");
-    ledger.lock().unwrap().acked.insert(lease);
+    ledger.lock().unwrap().acked.insert(event_id(&lease));
     Ok(())
 }
 
@@ -1302,7 +1302,7 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing(
         .eventually(std::time::Duration::from_secs(10), || async {
             let n: i64 =
                 sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = $1")
-                    .bind(&lease)
+                    .bind(event_id(&lease))
                     .fetch_one(&app.db)
                     .await
                     .expect("count");

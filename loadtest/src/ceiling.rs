@@ -38,7 +38,9 @@ pub struct Plan {
     pub duration: Duration,
     pub window_ms: u64,
     pub lease_ttl_ms: u64,
-    pub record_ttl_ms: u64,
+    /// How long after its admission a lease can be settled (its TTL and the late-settle
+    /// grace): a sealed lease id's deadline, and its tombstone's lifetime.
+    pub settle_window_ms: u64,
     pub max_cost_nanos: i64,
 }
 
@@ -54,8 +56,6 @@ pub struct Outcome {
     pub batch: Histogram<u64>,
     /// Per key index: settled cost and count (flow only).
     pub cost: HashMap<usize, (i64, u64)>,
-    /// Lease records left behind (admit only), for clean-up.
-    pub leftovers: Vec<String>,
 }
 
 impl Outcome {
@@ -68,7 +68,6 @@ impl Outcome {
             error_sample: None,
             batch: histogram(),
             cost: HashMap::new(),
-            leftovers: Vec::new(),
         }
     }
 }
@@ -107,15 +106,13 @@ pub fn push_admit(
     nonce: &str,
     reserve_nanos: i64,
 ) {
-    let lease = k.lease(nonce);
-    let keys: [&str; 6] = [&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens];
+    let keys: [&str; 5] = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens];
     pipe.cmd("EVALSHA")
         .arg(sha)
         .arg(keys.len())
         .arg(&keys[..])
         .arg(plan.window_ms)
         .arg(plan.lease_ttl_ms)
-        .arg(plan.record_ttl_ms)
         .arg(nonce)
         .arg("openai")
         .arg("openai:chat")
@@ -124,17 +121,44 @@ pub fn push_admit(
         .arg(0);
 }
 
-/// One `settle.lua` call as tollgate makes it for `/v1/settle`, its usage event appended to
-/// `stream` (the key's shard stream, or a scratch stream that the syncer does not read).
+/// What settle.lua needs of a granted lease: tollgate seals it into the lease id and opens it
+/// (checking its MAC) before calling the script; here it comes from admit.lua's reply.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub nonce: String,
+    pub key_id: String,
+    pub user_id: String,
+    pub admitted_at_ms: i64,
+    pub tracked: bool,
+}
+
+impl Granted {
+    /// The grant in an admit.lua reply (`{'ok', key id, user id, …, now, tracked, …}`).
+    pub fn from_reply(v: &Value, nonce: String) -> Option<Granted> {
+        let r = Vec::<String>::from_redis_value(v.clone()).ok()?;
+        (r.first()? == "ok" && r.len() >= 11).then(|| Granted {
+            nonce,
+            key_id: r[1].clone(),
+            user_id: r[2].clone(),
+            admitted_at_ms: r[9].parse().unwrap_or(0),
+            tracked: r[10] == "1",
+        })
+    }
+}
+
+/// One `settle.lua` call as tollgate makes it for `/v1/settle` of a sealed lease id, its usage
+/// event appended to `stream` (the key's shard stream, or a scratch stream that the syncer
+/// does not read).
 pub fn push_settle(
     pipe: &mut redis::Pipeline,
     sha: &str,
     plan: &Plan,
     k: &KeyRedisKeys,
-    nonce: &str,
+    g: &Granted,
     stream: &str,
     cost_nanos: i64,
 ) {
+    let nonce = &g.nonce;
     let lease = k.lease(nonce);
     let keys: [&str; 6] = [&k.state, &k.live, &k.holds, &lease, stream, &k.tokens];
     pipe.cmd("EVALSHA")
@@ -150,10 +174,20 @@ pub fn push_settle(
         .arg("")
         .arg("")
         .arg("")
-        .arg(plan.record_ttl_ms)
+        .arg(plan.settle_window_ms)
         .arg(k.lease_id(nonce))
         .arg("any")
-        .arg(plan.window_ms);
+        .arg(plan.window_ms)
+        .arg("sealed")
+        .arg(if g.tracked { "1" } else { "0" })
+        .arg(&g.key_id)
+        .arg(&g.user_id)
+        .arg("openai")
+        .arg("openai:chat")
+        .arg("gpt-4o")
+        .arg(g.admitted_at_ms)
+        .arg(g.admitted_at_ms + i64::try_from(plan.lease_ttl_ms).unwrap_or(0))
+        .arg(g.admitted_at_ms + i64::try_from(plan.settle_window_ms).unwrap_or(0));
 }
 
 pub fn kind(v: &Value) -> String {
@@ -232,27 +266,24 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                 };
                 let mut granted = Vec::with_capacity(batch.len());
                 for (v, (idx, nonce)) in replies.iter().zip(batch) {
-                    if first_is(v, "ok") {
-                        granted.push((idx, nonce));
-                    } else {
-                        *out.other.entry(kind(v)).or_default() += 1;
+                    match Granted::from_reply(v, nonce) {
+                        Some(g) => granted.push((idx, g)),
+                        None => *out.other.entry(kind(v)).or_default() += 1,
                     }
                 }
                 if work == Work::Admit {
                     out.batch
                         .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
                     out.completed += granted.len() as u64;
-                    out.leftovers
-                        .extend(granted.iter().map(|(i, n)| plan.keys[*i].lease(n)));
                     continue;
                 }
                 let mut pipe = redis::pipe();
                 let mut costs = Vec::with_capacity(granted.len());
-                for (idx, nonce) in &granted {
+                for (idx, g) in &granted {
                     let k = &plan.keys[*idx];
                     let cost = rng.gen_range(0..=plan.max_cost_nanos);
                     costs.push((*idx, cost));
-                    push_settle(&mut pipe, &settle_sha, &plan, k, nonce, &k.stream(), cost);
+                    push_settle(&mut pipe, &settle_sha, &plan, k, g, &k.stream(), cost);
                 }
                 let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
                     Ok(v) => v,
@@ -295,25 +326,20 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
             e.0 += c;
             e.1 += n;
         }
-        all.leftovers.extend(o.leftovers);
     }
     all.elapsed = started.elapsed();
     Ok(all)
 }
 
-/// Removes what the admit-only measurement left: its lease records, and the ceiling keys'
-/// live-lease and rate logs (nobody else uses those keys).
-pub async fn clean_up(
-    redis_url: &str,
-    keys: &[KeyRedisKeys],
-    leftovers: &[String],
-) -> Result<(), String> {
+/// Removes what the admit-only measurement left: the ceiling keys' live-lease and rate logs
+/// (nobody else uses those keys).
+pub async fn clean_up(redis_url: &str, keys: &[KeyRedisKeys]) -> Result<(), String> {
     let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
     let mut c = client
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| format!("redis: {e}"))?;
-    let mut names: Vec<&str> = leftovers.iter().map(String::as_str).collect();
+    let mut names: Vec<&str> = Vec::new();
     for k in keys {
         names.push(&k.live);
         names.push(&k.rate);

@@ -512,7 +512,7 @@ async fn run(args: Args) -> Result<Report, String> {
             duration: args.ceiling_duration,
             window_ms,
             lease_ttl_ms: args.lease_ttl_seconds * 1000,
-            record_ttl_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
+            settle_window_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
             max_cost_nanos: args.max_cost_usd.nanos(),
         };
         progress("ceiling: admit.lua alone");
@@ -521,7 +521,7 @@ async fn run(args: Args) -> Result<Report, String> {
         let admit = ceiling::run(&plan, ceiling::Work::Admit).await?;
         let host1 = observe::host_cpu();
         let after = observe::snapshot(&mut redis).await?;
-        ceiling::clean_up(&args.redis_url, &plan.keys, &admit.leftovers).await?;
+        ceiling::clean_up(&args.redis_url, &plan.keys).await?;
         progress("ceiling: admit.lua then settle.lua");
         let before_flow = observe::snapshot(&mut redis).await?;
         let host2 = observe::host_cpu();

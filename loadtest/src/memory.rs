@@ -86,7 +86,7 @@ pub async fn measure(
     let live_set_full = memory_usage(redis, &k.live).await?;
     let nonces: Vec<String> = leases
         .iter()
-        .filter_map(|l| l.split_once('.').map(|(_, n)| n.to_string()))
+        .filter_map(|l| l.split('.').nth(1).map(str::to_string))
         .collect();
     let mut records = 0;
     for n in &nonces {

@@ -88,7 +88,7 @@ struct Run {
     errors: u64,
     error_sample: Option<String>,
     /// Leases an admit phase took, for the settle phase after it: (key index, nonce).
-    leases: Vec<(usize, String)>,
+    leases: Vec<(usize, ceiling::Granted)>,
 }
 
 impl Run {
@@ -293,7 +293,7 @@ async fn phase(
     shas: &Shas,
     p: Phase,
     target: &Target,
-    leases: Vec<(usize, String)>,
+    leases: Vec<(usize, ceiling::Granted)>,
 ) -> Result<(Measured, Run), String> {
     eprintln!("loadtest: script cost: {}", p.name);
     if setup.reset_stats {
@@ -338,7 +338,7 @@ async fn drive(
     shas: &Shas,
     p: &Phase,
     target: &Target,
-    leases: Vec<(usize, String)>,
+    leases: Vec<(usize, ceiling::Granted)>,
 ) -> Result<Run, String> {
     let plan = &target.plan;
     let conns = ceiling::connections(&plan.redis_url, plan.connections).await?;
@@ -346,7 +346,7 @@ async fn drive(
     let n = conns.len();
     let work = p.work;
     let budget = p.budget.map(|b| b.div_ceil(n as u64));
-    let mut shares: Vec<Vec<(usize, String)>> = vec![Vec::new(); n];
+    let mut shares: Vec<Vec<(usize, ceiling::Granted)>> = vec![Vec::new(); n];
     for (i, l) in leases.into_iter().enumerate() {
         shares[i % n].push(l);
     }
@@ -390,7 +390,7 @@ async fn connection(
     work: Work,
     mut conn: MultiplexedConnection,
     ci: usize,
-    mut share: Vec<(usize, String)>,
+    mut share: Vec<(usize, ceiling::Granted)>,
     until: Until,
 ) -> Run {
     let plan = &target.plan;
@@ -470,11 +470,10 @@ async fn connection(
                 }
             };
             let mut granted = Vec::with_capacity(batch.len());
-            for (v, lease) in replies.iter().zip(batch) {
-                if ceiling::first_is(v, "ok") {
-                    granted.push(lease);
-                } else {
-                    *out.other.entry(ceiling::kind(v)).or_default() += 1;
+            for (v, (idx, nonce)) in replies.iter().zip(batch) {
+                match ceiling::Granted::from_reply(v, nonce) {
+                    Some(g) => granted.push((idx, g)),
+                    None => *out.other.entry(ceiling::kind(v)).or_default() += 1,
                 }
             }
             if work == Work::Admit {
@@ -485,7 +484,7 @@ async fn connection(
             granted
         };
         let mut pipe = redis::pipe();
-        for (idx, nonce) in &to_settle {
+        for (idx, g) in &to_settle {
             let k = &plan.keys[*idx];
             // Never above the held keys' reserve (= the largest cost), as at the gateway.
             let cost = rng.gen_range(0..=plan.max_cost_nanos);
@@ -494,7 +493,7 @@ async fn connection(
                 &shas.settle,
                 plan,
                 k,
-                nonce,
+                g,
                 &scratch_stream(k),
                 cost,
             );

@@ -6,6 +6,7 @@ use std::time::Duration;
 use redis::{FromRedisValue, Value};
 
 use super::layout::{new_nonce, KeyRedisKeys, Layout};
+use super::lease_id::{LeaseFacts, LeaseRef, LeaseSeal, LeaseSecrets};
 use super::redis::{Redis, RedisFailure};
 use super::scripts::{ScriptArg, Scripts};
 use crate::decision::DenyCode;
@@ -108,19 +109,6 @@ pub struct SettleArgs<'a> {
     pub only_live: bool,
 }
 
-/// What a fail-open admission knew about its lease. It has no record in Redis (Redis was
-/// unreachable), so its settlement carries these facts to settle.lua instead.
-#[derive(Debug, Clone, PartialEq)]
-pub struct FailOpenLease {
-    pub key_id: String,
-    pub user_id: String,
-    pub provider: String,
-    pub api_format: String,
-    pub model: String,
-    pub admitted_at_ms: i64,
-    pub expires_at_ms: i64,
-}
-
 #[derive(Debug, Clone, PartialEq)]
 pub enum SettleOutcome {
     Unknown,
@@ -156,6 +144,7 @@ pub enum ReleaseOutcome {
 pub struct HotPath {
     pub redis: Redis,
     pub layout: Layout,
+    seal: LeaseSeal,
     scripts: std::sync::Arc<Scripts>,
     window_ms: i64,
     lease_ttl_ms: i64,
@@ -164,8 +153,8 @@ pub struct HotPath {
     negative_ttl_ms: i64,
 }
 
-/// A lease record outlives its lease by this much: an upstream call that outran the lease TTL
-/// can still be settled (and charged) this long after the lease expired.
+/// A lease can still be settled this long after it expired: an upstream call that outran the
+/// lease TTL is still charged (a sealed id is valid until then, and so is its tombstone).
 pub const LATE_SETTLE_GRACE: Duration = Duration::from_secs(3600);
 /// A settled lease is remembered this long, so a retried settlement answers `duplicate`
 /// (later it answers `lease_unknown`; either way nothing is charged twice). Every settlement
@@ -215,10 +204,17 @@ fn allow_list(list: &Option<Vec<String>>) -> String {
 }
 
 impl HotPath {
-    pub fn new(redis: Redis, namespace: &str, window: Duration, lease_ttl: Duration) -> Self {
+    pub fn new(
+        redis: Redis,
+        namespace: &str,
+        window: Duration,
+        lease_ttl: Duration,
+        secrets: LeaseSecrets,
+    ) -> Self {
         HotPath {
             redis,
             layout: Layout::new(namespace),
+            seal: LeaseSeal::new(namespace, secrets),
             scripts: std::sync::Arc::new(Scripts::default()),
             window_ms: ms(window),
             lease_ttl_ms: ms(lease_ttl),
@@ -256,7 +252,6 @@ impl HotPath {
     pub async fn admit(&self, a: AdmitArgs<'_>) -> Result<ScriptAdmit, RedisFailure> {
         let k = self.layout.for_hash(a.key_hash);
         let nonce = new_nonce();
-        let lease = k.lease(&nonce);
         let ttl_ms = self.lease_ttl_ms(a.lease);
         // The bounds admit.lua leaves to its one caller (see its header).
         let script = &self.scripts.admit;
@@ -271,16 +266,13 @@ impl HotPath {
         if a.reserve_tokens > MAX_EXACT.unsigned_abs() {
             return Err(script.refuse("INVALID_ARGUMENT", "reserved tokens above 2^53 - 1"));
         }
-        // The record outlives its lease, so a late settlement is still charged and recorded.
-        let record_ttl_ms = ttl_ms.saturating_add(ms(LATE_SETTLE_GRACE));
         let v = script
             .run(
                 &self.redis,
-                &[&k.state, &k.rate, &k.live, &k.holds, &lease, &k.tokens],
+                &[&k.state, &k.rate, &k.live, &k.holds, &k.tokens],
                 &[
                     ScriptArg::Int(self.window_ms),
                     ScriptArg::Int(ttl_ms),
-                    ScriptArg::Int(record_ttl_ms),
                     ScriptArg::Str(&nonce),
                     ScriptArg::Str(a.provider),
                     ScriptArg::Str(a.api_format),
@@ -303,15 +295,32 @@ impl HotPath {
                     retry_after_ms: u64::try_from(int(r.get(2))).unwrap_or(0),
                 })
             }
-            // Nine fields for a key without a token limit or a budget (see admit.lua): the
+            // Eleven fields for a key without a token limit or a budget (see admit.lua): the
             // missing ones read as -1, which is what they would say.
-            Some("ok") if r.len() >= 9 => {
+            Some("ok") if r.len() >= 11 => {
                 let rl = limit(int(r.get(3)));
-                let tl = limit(int(r.get(9)));
+                let tl = limit(int(r.get(11)));
+                let now_ms = int(r.get(9));
+                let lease_id = (ttl_ms > 0).then(|| {
+                    self.seal.seal(
+                        &k,
+                        &nonce,
+                        &LeaseFacts {
+                            tracked: r[10] == "1",
+                            key_id: r[1].clone(),
+                            user_id: r[2].clone(),
+                            provider: a.provider.to_string(),
+                            api_format: a.api_format.to_string(),
+                            model: a.model.to_string(),
+                            admitted_at_ms: now_ms,
+                            expires_at_ms: now_ms.saturating_add(ttl_ms),
+                        },
+                    )
+                });
                 Ok(ScriptAdmit::Allowed(Grant {
                     key_id: r[1].clone(),
                     user_id: r[2].clone(),
-                    lease_id: (ttl_ms > 0).then(|| k.lease_id(&nonce)),
+                    lease_id,
                     rate_limit: rl,
                     rate_remaining: rl.map(|_| u64::try_from(int(r.get(4))).unwrap_or(0)),
                     reset_ms: u64::try_from(int(r.get(5))).unwrap_or(0),
@@ -319,29 +328,32 @@ impl HotPath {
                     in_flight: u64::try_from(int(r.get(7))).unwrap_or(0),
                     balance_available: balance(int(r.get(8))),
                     token_limit: tl,
-                    tokens_remaining: tl.map(|_| u64::try_from(int(r.get(10))).unwrap_or(0)),
-                    tokens_reset_ms: u64::try_from(int(r.get(11))).unwrap_or(0),
-                    budget: balance(int(r.get(12))),
-                    budget_remaining: balance(int(r.get(12)))
-                        .map(|_| Money::from_nanos(int(r.get(13)).max(0))),
-                    budget_resets_at_ms: Some(int(r.get(14))).filter(|t| *t >= 0),
+                    tokens_remaining: tl.map(|_| u64::try_from(int(r.get(12))).unwrap_or(0)),
+                    tokens_reset_ms: u64::try_from(int(r.get(13))).unwrap_or(0),
+                    budget: balance(int(r.get(14))),
+                    budget_remaining: balance(int(r.get(14)))
+                        .map(|_| Money::from_nanos(int(r.get(15)).max(0))),
+                    budget_resets_at_ms: Some(int(r.get(16))).filter(|t| *t >= 0),
                 }))
             }
             _ => Err(RedisFailure::Command("unexpected admit reply".into())),
         }
     }
 
-    pub async fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
-        self.settle_lease(a, None).await
+    /// The id of a lease granted while Redis could not be reached: sealed like any other, and
+    /// untracked (nothing of it is in Redis), so its settlement is recorded like any other.
+    pub fn fail_open_lease(&self, key_hash: &str, facts: &LeaseFacts) -> String {
+        let k = self.layout.for_hash(key_hash);
+        self.seal.seal(&k, &new_nonce(), facts)
     }
 
-    /// Settles a lease; `fail_open` supplies the record of a lease granted while Redis was down.
-    pub async fn settle_lease(
-        &self,
-        a: &SettleArgs<'_>,
-        fail_open: Option<&FailOpenLease>,
-    ) -> Result<SettleOutcome, RedisFailure> {
-        let Some(l) = self.layout.lease(a.lease_id) else {
+    /// A lease id taken apart and verified; `None` for one this hot path did not issue.
+    pub fn open_lease(&self, lease_id: &str) -> Option<LeaseRef> {
+        self.seal.open(lease_id)
+    }
+
+    pub async fn settle(&self, a: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
+        let Some(l) = self.seal.open(a.lease_id) else {
             return Ok(SettleOutcome::Unknown);
         };
         // The bounds settle.lua leaves to its one caller (see its header).
@@ -383,21 +395,24 @@ impl HotPath {
             ScriptArg::Str(&f),
             ScriptArg::Str(&m),
             ScriptArg::Int(self.tombstone_ttl_ms),
-            ScriptArg::Str(&l.lease_id),
+            ScriptArg::Str(&l.event_id),
             ScriptArg::Str(if a.only_live { "live" } else { "any" }),
             ScriptArg::Int(self.window_ms),
         ];
-        if let Some(fo) = fail_open {
-            args.extend([
-                ScriptArg::Str("failopen"),
-                ScriptArg::Str(&fo.key_id),
-                ScriptArg::Str(&fo.user_id),
-                ScriptArg::Str(&fo.provider),
-                ScriptArg::Str(&fo.api_format),
-                ScriptArg::Str(&fo.model),
-                ScriptArg::Int(fo.admitted_at_ms),
-                ScriptArg::Int(fo.expires_at_ms),
-            ]);
+        match &l.facts {
+            Some(f) => args.extend([
+                ScriptArg::Str("sealed"),
+                ScriptArg::Str(if f.tracked { "1" } else { "0" }),
+                ScriptArg::Str(&f.key_id),
+                ScriptArg::Str(&f.user_id),
+                ScriptArg::Str(&f.provider),
+                ScriptArg::Str(&f.api_format),
+                ScriptArg::Str(&f.model),
+                ScriptArg::Int(f.admitted_at_ms),
+                ScriptArg::Int(f.expires_at_ms),
+                ScriptArg::Int(f.deadline_ms()),
+            ]),
+            None => args.push(ScriptArg::Str("record")),
         }
         let lease = l.keys.lease(&l.nonce);
         let stream = l.keys.stream();
@@ -434,9 +449,27 @@ impl HotPath {
     }
 
     pub async fn release(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
-        let Some(l) = self.layout.lease(lease_id) else {
+        let Some(l) = self.seal.open(lease_id) else {
             return Ok(ReleaseOutcome::Unknown);
         };
+        let mut args = vec![ScriptArg::Str(&l.nonce)];
+        match &l.facts {
+            Some(f) => {
+                let left = f
+                    .deadline_ms()
+                    .saturating_sub(chrono::Utc::now().timestamp_millis());
+                if left <= 0 {
+                    return Ok(ReleaseOutcome::Unknown);
+                }
+                // The 'R' must outlive the id, so a later report of it is a duplicate.
+                args.extend([
+                    ScriptArg::Str("sealed"),
+                    ScriptArg::Str(if f.tracked { "1" } else { "0" }),
+                    ScriptArg::Int(left.max(self.tombstone_ttl_ms)),
+                ]);
+            }
+            None => args.push(ScriptArg::Str("record")),
+        }
         let v = self
             .scripts
             .release
@@ -448,7 +481,7 @@ impl HotPath {
                     &l.keys.holds,
                     &l.keys.lease(&l.nonce),
                 ],
-                &[ScriptArg::Str(&l.nonce)],
+                &args,
             )
             .await?;
         match strings(v)?.first().map(String::as_str) {

@@ -13,10 +13,9 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 
 use super::admission::{
-    AdmitArgs, FailOpenLease, Grant, HotPath, LeaseTerm, ReleaseOutcome, ScriptAdmit, SettleArgs,
-    SettleOutcome, LATE_SETTLE_GRACE,
+    AdmitArgs, Grant, HotPath, LeaseTerm, ReleaseOutcome, ScriptAdmit, SettleArgs, SettleOutcome,
 };
-use super::layout::new_nonce;
+use super::lease_id::LeaseFacts;
 use super::redis::{Redis, RedisFailure};
 use crate::config::FailMode;
 use crate::decision::DenyCode;
@@ -99,9 +98,6 @@ pub struct Gate {
     lease_ttl: Duration,
     /// Keys admitted recently, without a balance: who may pass while Redis is down.
     validated: Mutex<HashMap<String, Validated>>,
-    /// Leases granted in fail-open mode, by lease id, until settled: Redis holds no record of
-    /// them, so their settlement brings these facts along and their usage is still recorded.
-    open_leases: Mutex<HashMap<String, (Instant, FailOpenLease)>>,
     lookups: Mutex<Bucket>,
 }
 
@@ -124,7 +120,6 @@ impl Gate {
             fail_mode,
             lease_ttl,
             validated: Mutex::new(HashMap::new()),
-            open_leases: Mutex::new(HashMap::new()),
             lookups: Mutex::new(Bucket {
                 tokens: LOOKUP_BURST,
                 at: Instant::now(),
@@ -319,32 +314,26 @@ impl Gate {
         if args.lease == LeaseTerm::None {
             return Some(grant(None));
         }
-        // A lease id of the usual form, so its settlement lands in the key's slot.
-        let lease_id = self.hot.keys_for(args.key_hash).lease_id(&new_nonce());
+        // Sealed like every lease id, so any replica settles it and its usage is recorded;
+        // untracked, because Redis holds nothing of it.
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let facts = FailOpenLease {
-            key_id: key_id.clone(),
-            user_id: user_id.clone(),
-            provider: args.provider.to_string(),
-            api_format: args.api_format.to_string(),
-            model: args.model.to_string(),
-            admitted_at_ms: now_ms,
-            expires_at_ms: now_ms.saturating_add(ttl_ms),
-        };
-        if let Ok(mut open) = self.open_leases.lock() {
-            if open.len() >= VALIDATED_MAX {
-                let keep = self.lease_ttl + LATE_SETTLE_GRACE;
-                open.retain(|_, (at, _)| at.elapsed() < keep);
-            }
-            if open.len() < VALIDATED_MAX {
-                open.insert(lease_id.clone(), (Instant::now(), facts));
-            }
-        }
+        let lease_id = self.hot.fail_open_lease(
+            args.key_hash,
+            &LeaseFacts {
+                tracked: false,
+                key_id: key_id.clone(),
+                user_id: user_id.clone(),
+                provider: args.provider.to_string(),
+                api_format: args.api_format.to_string(),
+                model: args.model.to_string(),
+                admitted_at_ms: now_ms,
+                expires_at_ms: now_ms.saturating_add(ttl_ms),
+            },
+        );
         Some(grant(Some(lease_id)))
     }
 
-    /// Settles a lease. A lease this process granted in fail-open mode is settled with the
-    /// facts it remembered, so its usage is recorded like any other.
+    /// Settles a lease.
     pub async fn settle(&self, args: &SettleArgs<'_>) -> Result<SettleOutcome, RedisFailure> {
         self.settle_via(&self.hot, args).await
     }
@@ -396,7 +385,6 @@ impl Gate {
         hot: &HotPath,
         args: &SettleArgs<'_>,
     ) -> Result<SettleOutcome, RedisFailure> {
-        let open = self.open_lease(args.lease_id);
         let mut args = args.clone();
         if args.cost.is_none() && args.input_tokens == 0 && args.output_tokens == 0 {
             args.cost = Some(Money::ZERO);
@@ -408,14 +396,14 @@ impl Gate {
                 SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
             }
         }
-        let mut outcome = hot.settle_lease(&args, open.as_ref()).await?;
+        let mut outcome = hot.settle(&args).await?;
         if let SettleOutcome::NeedsPrice { provider, model } = &outcome {
             match self.price(provider, model, &args) {
                 SettlePrice::Cost(c) => args.cost = Some(c),
                 SettlePrice::Unknown => return Ok(SettleOutcome::PriceUnknown),
                 SettlePrice::TooLarge => return Ok(SettleOutcome::CostTooLarge),
             }
-            outcome = hot.settle_lease(&args, open.as_ref()).await?;
+            outcome = hot.settle(&args).await?;
         }
         if let SettleOutcome::Settled { .. } = outcome {
             let total = args
@@ -423,15 +411,10 @@ impl Gate {
                 .unwrap_or_else(|| args.input_tokens.saturating_add(args.output_tokens));
             self.metrics.tokens_settled.increment(total);
         }
-        if open.is_some() && outcome != SettleOutcome::Unknown {
-            self.forget_open_lease(args.lease_id);
-        }
         Ok(outcome)
     }
 
-    /// Releases a lease. One granted in fail-open mode holds nothing in Redis: releasing it
-    /// forgets it here, so a later settlement of it is `lease_unknown` like any released-
-    /// then-expired lease would be, and it no longer occupies the fail-open memory.
+    /// Releases a lease.
     pub async fn release(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
         self.release_via(&self.hot, lease_id).await
     }
@@ -446,29 +429,6 @@ impl Gate {
         hot: &HotPath,
         lease_id: &str,
     ) -> Result<ReleaseOutcome, RedisFailure> {
-        if self.forget_open_lease(lease_id) {
-            return Ok(ReleaseOutcome::Released);
-        }
         hot.release(lease_id).await
-    }
-
-    /// The facts of a lease granted here in fail-open mode. Only that mode ever grants such
-    /// leases; closed mode skips the lock.
-    fn open_lease(&self, lease_id: &str) -> Option<FailOpenLease> {
-        if self.fail_mode != FailMode::Open {
-            return None;
-        }
-        let m = self.open_leases.lock().ok()?;
-        m.get(lease_id).map(|(_, f)| f.clone())
-    }
-
-    fn forget_open_lease(&self, lease_id: &str) -> bool {
-        if self.fail_mode != FailMode::Open {
-            return false;
-        }
-        self.open_leases
-            .lock()
-            .map(|mut m| m.remove(lease_id).is_some())
-            .unwrap_or(false)
     }
 }

@@ -46,14 +46,6 @@ impl KeyRedisKeys {
     }
 }
 
-/// A lease id taken apart: the key it belongs to and its nonce.
-#[derive(Debug, Clone)]
-pub struct LeaseRef {
-    pub keys: KeyRedisKeys,
-    pub nonce: String,
-    pub lease_id: String,
-}
-
 impl Layout {
     pub fn new(ns: &str) -> Self {
         Layout { ns: ns.to_string() }
@@ -100,9 +92,10 @@ impl Layout {
             .collect()
     }
 
-    /// Parses a lease id; `None` for anything tollgate could not have issued.
-    pub fn lease(&self, lease_id: &str) -> Option<LeaseRef> {
-        let (sid, nonce) = lease_id.split_once('.')?;
+    /// The keys and nonce named by a lease id's head `<sid>.<nonce>`; `None` for anything
+    /// tollgate could not have issued (the sealed rest is `hot::lease_id`'s).
+    pub fn lease(&self, head: &str) -> Option<(KeyRedisKeys, String)> {
+        let (sid, nonce) = head.split_once('.')?;
         let sid_ok = sid.len() == SID_LEN
             && sid
                 .bytes()
@@ -114,11 +107,7 @@ impl Layout {
         if !(sid_ok && nonce_ok) {
             return None;
         }
-        Some(LeaseRef {
-            keys: self.for_sid(sid),
-            nonce: nonce.to_string(),
-            lease_id: lease_id.to_string(),
-        })
+        Some((self.for_sid(sid), nonce.to_string()))
     }
 }
 
@@ -158,14 +147,14 @@ mod tests {
     }
 
     #[test]
-    fn lease_ids_round_trip_and_garbage_is_refused() {
+    fn lease_id_heads_round_trip_and_garbage_is_refused() {
         let layout = Layout::new("tg");
         let k = layout.for_hash(&"0f".repeat(32));
         let nonce = new_nonce();
         let id = k.lease_id(&nonce);
-        let parsed = layout.lease(&id).unwrap();
-        assert_eq!(parsed.keys, k);
-        assert_eq!(parsed.nonce, nonce);
+        let (keys, parsed) = layout.lease(&id).unwrap();
+        assert_eq!(keys, k);
+        assert_eq!(parsed, nonce);
         for bad in [
             "",
             "x.y",

@@ -10,5 +10,6 @@
 pub mod admission;
 pub mod gate;
 pub mod layout;
+pub mod lease_id;
 pub mod redis;
 pub mod scripts;

@@ -1261,12 +1261,14 @@ pub async fn admin_changes_reach_the_next_admission(app: &TestApp) {
     assert_eq!(a.body["rate_limit"]["limit"], Value::Null);
 
     patch_key(app, &id, json!({"concurrent_limit": 1})).await;
-    // Several leases are live already; a limit of 1 refuses the next one.
-    admit(app, body.clone()).await.denied(
-        429,
-        "concurrency_limited",
-        "concurrent_limit lowered to 1",
-    );
+    // Leases granted while the key had no limit were not counted (nothing tracks them); the
+    // limit counts from the next admission on, so the second one after the PATCH is refused.
+    let a = admit(app, body.clone()).await;
+    a.lease("1 of concurrency 1");
+    assert_eq!(a.body["concurrency"]["in_flight"], json!(1), "{}", a.body);
+    admit(app, body.clone())
+        .await
+        .denied(429, "concurrency_limited", "concurrent_limit set to 1");
     patch_key(app, &id, json!({"concurrent_limit": null})).await;
     admit(app, body.clone())
         .await

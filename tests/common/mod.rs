@@ -46,6 +46,16 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::new_v4().simple())
 }
 
+/// The usage event id of a lease: its id's first two parts, `<sid>.<nonce>` (the rest is the
+/// sealed body, see `hot::lease_id`).
+pub fn event_id(lease_id: &str) -> String {
+    let mut parts = lease_id.splitn(3, '.');
+    match (parts.next(), parts.next()) {
+        (Some(sid), Some(nonce)) => format!("{sid}.{nonce}"),
+        _ => lease_id.to_string(),
+    }
+}
+
 pub fn encryption_key() -> String {
     base64::engine::general_purpose::STANDARD.encode([42u8; 32])
 }
@@ -342,6 +352,7 @@ impl TestApp {
             &c.redis_namespace,
             c.rate_window,
             c.lease_ttl,
+            c.lease_secrets,
         )
     }
 
@@ -355,7 +366,17 @@ impl TestApp {
 
     /// A replica that shares this app's database and namespace; it cleans up nothing on drop.
     pub async fn replica(&self) -> TestApp {
-        let mut r = spawn_app_from(self.replica_settings()).await;
+        self.replica_with(|_| {}).await
+    }
+
+    /// [`TestApp::replica`] with settings of its own.
+    pub async fn replica_with(
+        &self,
+        tweak: impl FnOnce(&mut HashMap<&'static str, String>),
+    ) -> TestApp {
+        let mut settings = self.replica_settings();
+        tweak(&mut settings);
+        let mut r = spawn_app_from(settings).await;
         r.cleanup = false;
         r
     }
