@@ -10,6 +10,7 @@
 
 #![allow(dead_code)]
 
+pub mod alone;
 pub mod hot_suite;
 pub mod private_pg;
 pub mod private_redis;

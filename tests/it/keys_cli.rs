@@ -2,7 +2,7 @@
 //! plaintext keys only from `create` and `secret`, and the exit codes (1 for the API's
 //! refusals, with its code and message on one line; 2 for usage errors).
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 use std::time::Duration;

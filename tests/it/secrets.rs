@@ -4,7 +4,7 @@
 //! The recoverable copy opens only under the encryption key that sealed it, and a copy that
 //! does not open is a clean error, never a 500.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! record does to its lease, and what floods, garbage, an endless line and idle connections
 //! cannot do to the receiver or to admissions.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! provider, API format and model are found (headers, the original path, a forwarded JSON
 //! body, a user rules file), and how allowed and denied answers look to each proxy.
 
-mod common;
+use crate::common;
 
 use common::private_redis::PrivateRedis;
 use common::proxies::TempDir;

@@ -1,7 +1,7 @@
 //! The Grafana dashboard (deploy/grafana/tollgate.json) names only metrics that a running
 //! tollgate binary exposes, and its checker fails for a panel naming one that does not exist.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::{Command, Output};

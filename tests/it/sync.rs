@@ -8,7 +8,7 @@
 //! settled, each row carries the cost that was sent, and each key's `balance_used` and the
 //! daily roll-up agree with the rows, so an event applied twice would show.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;

@@ -1,7 +1,7 @@
 //! The hot path against a single Redis: every scenario of `common::hot_suite`, each on its own
 //! tollgate with its own database and namespace.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

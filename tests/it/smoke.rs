@@ -1,7 +1,7 @@
 //! The harness itself: a server starts on port 0 with its own database and namespace, and
 //! dropping it leaves nothing behind.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::json;

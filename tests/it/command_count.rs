@@ -6,7 +6,7 @@
 //! acknowledges with its own script (`lua/ack.lua`, told apart by its SHA); those are allowed
 //! during the measured phases, anything else (EVAL, SCRIPT, HGET, PING …) is not.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -38,7 +38,7 @@ const ACK: &str = "EVALSHA(ack)";
 fn ack_sha() -> &'static str {
     static SHA: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SHA.get_or_init(|| {
-        redis::Script::new(include_str!("../lua/ack.lua"))
+        redis::Script::new(include_str!("../../lua/ack.lua"))
             .get_hash()
             .to_string()
     })

@@ -1,7 +1,7 @@
 //! A balance adjustment retried with the same `Idempotency-Key` (its answer was lost to a
 //! timeout or a crash) is applied once.
 
-mod common;
+use crate::common;
 
 use common::*;
 use serde_json::{json, Value};

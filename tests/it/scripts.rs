@@ -1,6 +1,6 @@
 //! Scripts that never half-write: admit.lua, settle.lua, release.lua, hydrate.lua and ack.lua check every bound before their first write (or their typed caller does, before any call), and a refused call leaves every key it touches byte-for-byte unchanged (DUMP before and after).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

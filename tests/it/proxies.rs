@@ -3,7 +3,7 @@
 //! learns who was admitted from the `X-Tollgate-*` headers. The proxies report the end of each
 //! request to tollgate's access-log receiver, which settles or releases its lease.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! The real binary runs as a child process against a private Postgres that the tests stop and
 //! start (`common::private_pg`); the shared Postgres is never touched.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! bodies, odd headers, bad ids, unknown paths and wrong methods, on both listeners. And no
 //! answer ever echoes a plaintext key that was sent where it does not belong.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

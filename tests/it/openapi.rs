@@ -4,7 +4,7 @@
 //! finds no 5xx, no status, header, content type or body the document does not allow, and no
 //! error without the contract's `{code, message}`.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::process::{Command, Output, Stdio};

@@ -3,7 +3,7 @@
 //! within the Redis deadline, `open` admits only keys this process validated recently and
 //! without a balance, and service resumes by itself once Redis is back, even empty.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

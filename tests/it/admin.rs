@@ -2,7 +2,7 @@
 //! statuses, codes, defaults, validation, PATCH semantics, balances (exact to the nano-dollar),
 //! statistics, expiry clean-up, the periodic sweeper and the bearer token.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

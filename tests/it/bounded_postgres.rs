@@ -4,7 +4,7 @@
 //! that sends a given statement, as a half-open connection after a failover would: the
 //! client waits for an answer that never comes, with no error to wake it.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

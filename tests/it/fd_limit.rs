@@ -1,11 +1,13 @@
 //! The process's file descriptors: it raises its soft open-file limit to the hard one, and an accept loop out of descriptors backs off instead of spinning.
 //!
-//! A test binary of its own: it lowers its own soft limit, which its children inherit.
+//! Alone in a process of its own (`common::alone`): it lowers its own soft limit, which its
+//! children inherit.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
+use common::alone::{in_own_process, this_test};
 use common::process::{cleanup_state, TollgateProcess};
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -49,6 +51,9 @@ async fn healthz(addr: std::net::SocketAddr) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_raises_its_soft_open_file_limit_and_backs_off_when_accept_runs_out_of_descriptors() {
+    if !in_own_process(this_test!()).await {
+        return;
+    }
     require_services().await;
     let (_, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).expect("getrlimit");
     let low = 256.min(hard);

@@ -3,7 +3,7 @@
 //! Raw TCP clients, so that a test controls every byte and sees exactly what the server sends
 //! and when it closes. Timeouts are set short through the settings.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -2,10 +2,10 @@
 //! happened, no label value identifies a key, user or lease; and the binary's structured logs
 //! are JSON lines that never contain a secret.
 //!
-//! Metrics are process-global, so this file is its own test binary and its metric tests take
-//! one lock: no other server in this process admits while a test measures deltas.
+//! Metrics are process-global, so each metric test runs alone in a process of its own
+//! (`common::alone`): no other server in its process admits while it measures deltas.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader};
@@ -14,11 +14,10 @@ use std::process::{Command, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
+use common::alone::{in_own_process, this_test};
 use common::private_redis::PrivateRedis;
 use common::*;
 use serde_json::{json, Value};
-
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// One sample line of the Prometheus text format.
 #[derive(Debug, Clone)]
@@ -286,7 +285,9 @@ fn lease_of(body: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admissions_settlements_and_latency_move_by_exactly_what_happened() {
-    let _serial = SERIAL.lock().await;
+    if !in_own_process(this_test!()).await {
+        return;
+    }
     let app = spawn_app().await;
     let s0 = scrape(&app).await;
     assert_contract_series(&s0);
@@ -466,7 +467,9 @@ async fn admissions_settlements_and_latency_move_by_exactly_what_happened() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_gauges_show_events_waiting_for_postgres_and_their_age() {
-    let _serial = SERIAL.lock().await;
+    if !in_own_process(this_test!()).await {
+        return;
+    }
     let app = spawn_app().await;
     let pending = |s: &Scrape| s.get("tollgate_usage_events_pending", &[]);
     let lag = |s: &Scrape| s.get("tollgate_usage_sync_lag_seconds", &[]);
@@ -542,7 +545,9 @@ async fn usage_gauges_show_events_waiting_for_postgres_and_their_age() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_errors_by_kind_and_fail_open_admissions_are_counted() {
-    let _serial = SERIAL.lock().await;
+    if !in_own_process(this_test!()).await {
+        return;
+    }
 
     // A command error: the key's state in Redis is not what the script expects.
     let app = spawn_app().await;

@@ -1,7 +1,7 @@
 //! Admin writes reach Redis even when tollgate dies between the Postgres commit and the Redis
 //! push, and re-pushing a write never applies it twice.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! The `tollgate` binary: its help lists every setting of the contract with its default, a bad
 //! setting stops it with one clear line and no panic, and `tollgate migrate` migrates.
 
-mod common;
+use crate::common;
 
 use std::process::Output;
 use std::time::Duration;

@@ -3,7 +3,7 @@
 //! admission, settlement, release and the usage syncer run unchanged — no CROSSSLOT, no MOVED
 //! left unanswered — and keys of different shards spread over different masters.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;

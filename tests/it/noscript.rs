@@ -3,7 +3,7 @@
 //! same call goes once as `EVAL`, which caches the script again — and the call after that is a
 //! plain `EVALSHA`. Runs on a private `redis-server`, so its command statistics are this test's.
 
-mod common;
+use crate::common;
 
 use common::private_redis::PrivateRedis;
 use common::*;
