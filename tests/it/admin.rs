@@ -37,12 +37,6 @@ fn time(v: &Value) -> DateTime<Utc> {
         .with_timezone(&Utc)
 }
 
-/// The exact decimal text of a JSON number (serde_json keeps it: arbitrary_precision).
-fn text(v: &Value) -> String {
-    assert!(v.is_number(), "not a number: {v}");
-    v.to_string()
-}
-
 fn id_of(key: &Value) -> String {
     key["id"].as_str().expect("id").to_string()
 }
@@ -64,17 +58,6 @@ async fn adjust(app: &TestApp, id: &str, amount: Value) -> (u16, Value) {
 
 async fn row_count(app: &TestApp, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(&app.db).await.expect(sql)
-}
-
-/// Admits and settles one request with this settle body (lease_id is filled in).
-async fn admit_and_settle(app: &TestApp, key: &str, mut settle: Value) -> Value {
-    let (status, admitted) = app.admit(key, json!({})).await;
-    assert_eq!(status, 200, "admit: {admitted}");
-    settle["lease_id"] = admitted["lease_id"].clone();
-    let (status, settled) = read(app.post_data("/v1/settle", settle).await).await;
-    assert_eq!(status, 200, "settle: {settled}");
-    assert_eq!(settled["settled"], true);
-    settled
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -130,7 +113,7 @@ async fn create_applies_the_defaults_of_a_new_key() {
     assert_eq!(k["allowed_models"], Value::Null);
     assert_eq!(k["current_balance_usd"], Value::Null);
     assert_eq!(k["remaining_balance_usd"], Value::Null);
-    assert_eq!(usd(&k["balance_used_usd"]), 0.0);
+    assert_eq!(nanos(&k["balance_used_usd"]), 0);
     assert_eq!(k["last_used_at"], Value::Null);
     let created = time(&k["created_at"]);
     assert!(
@@ -199,12 +182,12 @@ async fn standalone_keys_report_their_balance() {
         .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 12.5}))
         .await;
     assert_eq!(k["is_standalone"], true);
-    assert_eq!(text(&k["current_balance_usd"]), "12.5");
-    assert_eq!(text(&k["remaining_balance_usd"]), "12.5");
-    assert_eq!(usd(&k["balance_used_usd"]), 0.0);
+    assert_eq!(decimal(&k["current_balance_usd"]), "12.5");
+    assert_eq!(decimal(&k["remaining_balance_usd"]), "12.5");
+    assert_eq!(nanos(&k["balance_used_usd"]), 0);
     let (status, admitted) = app.admit(&key, json!({})).await;
     assert_eq!(status, 200, "{admitted}");
-    assert_eq!(text(&admitted["balance_remaining_usd"]), "12.5");
+    assert_eq!(decimal(&admitted["balance_remaining_usd"]), "12.5");
 
     // Standalone without a balance: unlimited, so both balances are null.
     let (key, k) = app
@@ -220,7 +203,7 @@ async fn standalone_keys_report_their_balance() {
     let (key, k) = app
         .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 0}))
         .await;
-    assert_eq!(usd(&k["current_balance_usd"]), 0.0);
+    assert_eq!(nanos(&k["current_balance_usd"]), 0);
     let (status, denied) = app.admit(&key, json!({})).await;
     assert_eq!(
         (status, &denied["code"]),
@@ -770,38 +753,38 @@ async fn balance_adjustments_are_exact_and_each_writes_one_ledger_row() {
     let id = id_of(&k);
     let (status, after) = adjust(&app, &id, json!(0.1)).await;
     assert_eq!(status, 200, "{after}");
-    assert_eq!(text(&after["current_balance_usd"]), "0.1");
+    assert_eq!(decimal(&after["current_balance_usd"]), "0.1");
     let (_, after) = adjust(&app, &id, json!(0.2)).await;
     assert_eq!(
-        text(&after["current_balance_usd"]),
+        decimal(&after["current_balance_usd"]),
         "0.3",
         "0.1 + 0.2 is exactly 0.3"
     );
-    assert_eq!(text(&after["remaining_balance_usd"]), "0.3");
+    assert_eq!(decimal(&after["remaining_balance_usd"]), "0.3");
     assert!(time(&after["updated_at"]) > time(&k["updated_at"]));
     for _ in 0..10 {
         let (status, _) = adjust(&app, &id, json!(0.000000001)).await;
         assert_eq!(status, 200);
     }
     let (_, after) = adjust(&app, &id, json!(-0.1)).await;
-    assert_eq!(text(&after["current_balance_usd"]), "0.20000001");
+    assert_eq!(decimal(&after["current_balance_usd"]), "0.20000001");
     let (status, after) = adjust(&app, &id, json!(-0.20000001)).await;
     assert_eq!(status, 200, "{after}");
-    assert_eq!(text(&after["current_balance_usd"]), "0");
-    assert_eq!(text(&after["remaining_balance_usd"]), "0");
+    assert_eq!(decimal(&after["current_balance_usd"]), "0");
+    assert_eq!(decimal(&after["remaining_balance_usd"]), "0");
     let (status, denied) = app.admit(&key, json!({})).await;
     assert_eq!(
         (status, &denied["code"]),
         (402, &json!("balance_exhausted"))
     );
     let (_, after) = adjust(&app, &id, json!(1e-3)).await;
-    assert_eq!(text(&after["current_balance_usd"]), "0.001");
+    assert_eq!(decimal(&after["current_balance_usd"]), "0.001");
     let (status, admitted) = app.admit(&key, json!({})).await;
     assert_eq!(
         status, 200,
         "a top-up is seen by the next admission: {admitted}"
     );
-    assert_eq!(text(&admitted["balance_remaining_usd"]), "0.001");
+    assert_eq!(decimal(&admitted["balance_remaining_usd"]), "0.001");
 
     let ledger: Vec<(i64, i64)> = sqlx::query_as(
         "SELECT amount_nanos, balance_after_nanos FROM balance_ledger WHERE key_id = $1 ORDER BY id",
@@ -894,12 +877,12 @@ async fn balance_errors_have_their_codes_and_write_no_ledger_row() {
         0
     );
     let (_, unchanged) = get_key(&app, &sa_id).await;
-    assert_eq!(text(&unchanged["current_balance_usd"]), "1");
+    assert_eq!(decimal(&unchanged["current_balance_usd"]), "1");
 
     // Exactly what remains may be deducted.
     let (status, emptied) = adjust(&app, &sa_id, json!(-1)).await;
     assert_eq!(status, 200, "{emptied}");
-    assert_eq!(text(&emptied["remaining_balance_usd"]), "0");
+    assert_eq!(decimal(&emptied["remaining_balance_usd"]), "0");
     assert_error(
         &adjust(&app, &sa_id, json!(-0.000000001)).await,
         409,
@@ -918,8 +901,8 @@ async fn a_deduction_is_checked_against_what_remains_after_usage() {
         .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 1}))
         .await;
     let id = id_of(&k);
-    let settled = admit_and_settle(&app, &key, json!({"cost_usd": 0.7})).await;
-    assert_eq!(text(&settled["balance_remaining_usd"]), "0.3");
+    let settled = app.admit_and_settle(&key, json!({"cost_usd": 0.7})).await;
+    assert_eq!(decimal(&settled["balance_remaining_usd"]), "0.3");
 
     // Right after the charge, before the syncer has written it to Postgres.
     assert_error(
@@ -931,12 +914,12 @@ async fn a_deduction_is_checked_against_what_remains_after_usage() {
     let synced = app
         .eventually(Duration::from_secs(15), || async {
             let (_, k) = get_key(&app, &id).await;
-            text(&k["balance_used_usd"]) == "0.7"
+            decimal(&k["balance_used_usd"]) == "0.7"
         })
         .await;
     assert!(synced, "the charge reached Postgres");
     let (_, k) = get_key(&app, &id).await;
-    assert_eq!(text(&k["remaining_balance_usd"]), "0.3");
+    assert_eq!(decimal(&k["remaining_balance_usd"]), "0.3");
     assert!(k["last_used_at"].is_string(), "last_used_at is set: {k}");
     assert_error(
         &adjust(&app, &id, json!(-0.300000001)).await,
@@ -946,8 +929,8 @@ async fn a_deduction_is_checked_against_what_remains_after_usage() {
 
     let (status, after) = adjust(&app, &id, json!(-0.3)).await;
     assert_eq!(status, 200, "{after}");
-    assert_eq!(text(&after["current_balance_usd"]), "0.7");
-    assert_eq!(text(&after["remaining_balance_usd"]), "0");
+    assert_eq!(decimal(&after["current_balance_usd"]), "0.7");
+    assert_eq!(decimal(&after["remaining_balance_usd"]), "0");
     let (status, denied) = app.admit(&key, json!({})).await;
     assert_eq!(
         (status, &denied["code"]),
@@ -1010,17 +993,17 @@ async fn top_ups_and_charges_racing_each_other_are_all_counted() {
     let synced = app
         .eventually(Duration::from_secs(15), || async {
             let (_, k) = get_key(&app, &id).await;
-            text(&k["balance_used_usd"]) == "0.22"
+            decimal(&k["balance_used_usd"]) == "0.22"
         })
         .await;
     assert!(synced, "every charge reached Postgres");
     let (_, k) = get_key(&app, &id).await;
-    assert_eq!(text(&k["current_balance_usd"]), "11");
-    assert_eq!(text(&k["remaining_balance_usd"]), "10.78");
+    assert_eq!(decimal(&k["current_balance_usd"]), "11");
+    assert_eq!(decimal(&k["remaining_balance_usd"]), "10.78");
     let (status, admitted) = app.admit(&key, json!({})).await;
     assert_eq!(status, 200);
     assert_eq!(
-        text(&admitted["balance_remaining_usd"]),
+        decimal(&admitted["balance_remaining_usd"]),
         "10.78",
         "Redis agrees"
     );
@@ -1045,26 +1028,23 @@ async fn stats_count_settled_usage_after_the_syncer_writes_it() {
     assert_eq!(empty["total_requests"], 0);
     assert_eq!(empty["daily_stats"], json!([]));
 
-    admit_and_settle(
-        &app,
+    app.admit_and_settle(
         &key,
         json!({"cost_usd": 0.0123, "input_tokens": 120, "output_tokens": 380, "total_tokens": 500,
                "response_time_ms": 100}),
     )
     .await;
-    admit_and_settle(
-        &app,
+    app.admit_and_settle(
         &key,
         json!({"cost_usd": 0.1, "input_tokens": 10, "output_tokens": 20, "response_time_ms": 200}),
     )
     .await;
-    admit_and_settle(
-        &app,
+    app.admit_and_settle(
         &key,
         json!({"cost_usd": 0.0000001, "total_tokens": 7, "response_time_ms": 600}),
     )
     .await;
-    admit_and_settle(&app, &key, json!({"cost_usd": 0})).await;
+    app.admit_and_settle(&key, json!({"cost_usd": 0})).await;
 
     let path = format!("/admin/keys/{id}/stats");
     let arrived = app
@@ -1080,10 +1060,10 @@ async fn stats_count_settled_usage_after_the_syncer_writes_it() {
     assert_eq!(s["key_name"], "stats key");
     // total_tokens defaults to input + output.
     assert_eq!(s["total_tokens"], 500 + 30 + 7, "{s}");
-    assert_eq!(text(&s["total_cost_usd"]), "0.1123001");
+    assert_eq!(decimal(&s["total_cost_usd"]), "0.1123001");
     assert_eq!(
-        usd(&s["avg_response_time_ms"]),
-        300.0,
+        s["avg_response_time_ms"].as_f64(),
+        Some(300.0),
         "the average of the known times"
     );
     let today: chrono::NaiveDate = sqlx::query_scalar(
@@ -1098,7 +1078,7 @@ async fn stats_count_settled_usage_after_the_syncer_writes_it() {
     assert_eq!(daily[0]["date"], today.format("%Y-%m-%d").to_string());
     assert_eq!(daily[0]["requests"], 4);
     assert_eq!(daily[0]["tokens"], 537);
-    assert_eq!(text(&daily[0]["cost_usd"]), "0.1123001");
+    assert_eq!(decimal(&daily[0]["cost_usd"]), "0.1123001");
 }
 
 /// One usage row, inserted the way the syncer writes it (event plus daily roll-up).
@@ -1161,7 +1141,7 @@ fn days(s: &Value) -> Vec<(String, i64, i64, String)> {
                 d["date"].as_str().unwrap().to_string(),
                 d["requests"].as_i64().unwrap(),
                 d["tokens"].as_i64().unwrap(),
-                text(&d["cost_usd"]),
+                decimal(&d["cost_usd"]),
             )
         })
         .collect()
@@ -1211,10 +1191,10 @@ async fn stats_aggregate_days_oldest_first_and_honour_the_range() {
     assert_eq!(status, 200, "{all}");
     assert_eq!(all["total_requests"], 4);
     assert_eq!(all["total_tokens"], 100);
-    assert_eq!(text(&all["total_cost_usd"]), "10");
+    assert_eq!(decimal(&all["total_cost_usd"]), "10");
     assert_eq!(
-        usd(&all["avg_response_time_ms"]),
-        800.0 / 3.0,
+        all["avg_response_time_ms"].as_f64(),
+        Some(800.0 / 3.0),
         "rows without a time are not averaged"
     );
     assert_eq!(
@@ -1243,8 +1223,8 @@ async fn stats_aggregate_days_oldest_first_and_honour_the_range() {
     );
     assert_eq!(s["total_requests"], 2);
     assert_eq!(s["total_tokens"], 70);
-    assert_eq!(text(&s["total_cost_usd"]), "7");
-    assert_eq!(usd(&s["avg_response_time_ms"]), 350.0);
+    assert_eq!(decimal(&s["total_cost_usd"]), "7");
+    assert_eq!(s["avg_response_time_ms"].as_f64(), Some(350.0));
 
     // Both ends inside one day; offsets other than Z are understood.
     let (_, s) = stats(vec![
@@ -1258,8 +1238,8 @@ async fn stats_aggregate_days_oldest_first_and_honour_the_range() {
         "{s}"
     );
     assert_eq!(
-        usd(&s["avg_response_time_ms"]),
-        0.0,
+        s["avg_response_time_ms"].as_f64(),
+        Some(0.0),
         "no known time in range"
     );
 
@@ -1377,7 +1357,8 @@ async fn cleanup_deletes_or_disables_expired_keys_by_their_own_setting_first() {
         .create_key(json!({"user_id": "u", "auto_delete_on_expiry": true}))
         .await;
     // Used before it expires: its usage must outlive it.
-    admit_and_settle(&app, &del_key, json!({"cost_usd": 0.5, "total_tokens": 10})).await;
+    app.admit_and_settle(&del_key, json!({"cost_usd": 0.5, "total_tokens": 10}))
+        .await;
     let del_id = Uuid::parse_str(&id_of(&del)).unwrap();
     let synced = app
         .eventually(Duration::from_secs(15), || async {

@@ -11,137 +11,22 @@ use common::*;
 use serde_json::json;
 use tollgate::hot::gate::LOOKUP_BOUND;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_admissions_never_exceed_the_rate_limit() {
-    let app = spawn_app().await;
-    hot_suite::parallel_admissions_never_exceed_the_rate_limit(&app).await;
+/// One test of `hot_suite::$scenario` on its own tollgate, started with the settings tweak the
+/// scenario needs.
+macro_rules! on_single_redis {
+    ($scenario:ident) => {
+        on_single_redis!($scenario, |_: &mut hot_suite::Settings| {});
+    };
+    ($scenario:ident, $tweak:expr) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $scenario() {
+            let app = spawn_app_with($tweak).await;
+            hot_suite::$scenario(&app).await;
+        }
+    };
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_admissions_never_exceed_the_concurrency_limit() {
-    let app = spawn_app().await;
-    hot_suite::parallel_admissions_never_exceed_the_concurrency_limit(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn parallel_reservations_never_exceed_the_balance() {
-    let app = spawn_app().await;
-    hot_suite::parallel_reservations_never_exceed_the_balance(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_denied_admission_consumes_nothing() {
-    let app = spawn_app().await;
-    hot_suite::a_denied_admission_consumes_nothing(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn checks_run_in_the_contract_order() {
-    let app = spawn_app().await;
-    hot_suite::checks_run_in_the_contract_order(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allow_lists_admit_only_listed_values() {
-    let app = spawn_app().await;
-    hot_suite::allow_lists_admit_only_listed_values(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lowered_rate_limit_retries_after_the_entry_that_must_leave() {
-    let app = spawn_app_with(hot_suite::short_window).await;
-    hot_suite::a_lowered_rate_limit_retries_after_the_entry_that_must_leave(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rate_window_slides() {
-    let app = spawn_app_with(hot_suite::short_window).await;
-    hot_suite::the_rate_window_slides(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_lease_frees_its_slot_and_its_hold() {
-    let app = spawn_app_with(hot_suite::short_lease).await;
-    hot_suite::an_expired_lease_frees_its_slot_and_its_hold(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lease_lives_as_long_as_its_admission_asked() {
-    let app = spawn_app().await;
-    hot_suite::a_lease_lives_as_long_as_its_admission_asked(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admission_without_a_lease_skips_concurrency_and_holds() {
-    let app = spawn_app().await;
-    hot_suite::an_admission_without_a_lease_skips_concurrency_and_holds(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn priced_settlements_are_exact_to_the_nano_dollar() {
-    let app = spawn_app_with(hot_suite::awkward_prices).await;
-    hot_suite::priced_settlements_are_exact_to_the_nano_dollar(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn token_limits_admit_exactly_what_fits() {
-    let app = spawn_app().await;
-    hot_suite::token_limits_admit_exactly_what_fits(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn budgets_admit_exactly_what_fits() {
-    let app = spawn_app().await;
-    hot_suite::budgets_admit_exactly_what_fits(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_late_settlement_is_still_charged() {
-    let app = spawn_app_with(hot_suite::short_lease).await;
-    hot_suite::a_late_settlement_is_still_charged(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_settlement_charges_exactly_once() {
-    let app = spawn_app().await;
-    hot_suite::a_settlement_charges_exactly_once(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_and_malformed_leases_are_404() {
-    let app = spawn_app().await;
-    hot_suite::unknown_and_malformed_leases_are_404(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_frees_the_lease_and_a_later_settlement_still_charges() {
-    let app = spawn_app().await;
-    hot_suite::release_frees_the_lease_and_a_later_settlement_still_charges(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_tiny_charges_sum_exactly() {
-    let app = spawn_app().await;
-    hot_suite::a_thousand_tiny_charges_sum_exactly(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reserve_holds_add_up() {
-    let app = spawn_app().await;
-    hot_suite::reserve_holds_add_up(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_amounts_stay_exact() {
-    let app = spawn_app().await;
-    hot_suite::large_amounts_stay_exact(&app).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_changes_reach_the_next_admission() {
-    let app = spawn_app().await;
-    hot_suite::admin_changes_reach_the_next_admission(&app).await;
-}
+hot_suite::every_scenario!(on_single_redis);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_redis_state_is_rehydrated_from_postgres() {
@@ -240,10 +125,7 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
     .await;
     let k =
         tollgate::hot::layout::Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(&key));
-    let reserving = hot_suite::with_key(
-        &key,
-        serde_json::json!({"reserve_usd": hot_suite::amount("0.01")}),
-    );
+    let reserving = hot_suite::with_key(&key, serde_json::json!({"reserve_usd": amount("0.01")}));
     let plain = hot_suite::with_key(&key, serde_json::json!({}));
     let near = |got: i64, want: i64, what: &str| {
         assert!(
@@ -316,7 +198,7 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
 /// connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_budget_survives_a_redis_loss() {
-    use hot_suite::{admit, await_balance_used, new_key, settle, with_key, USD};
+    use hot_suite::{admit, await_balance_used, new_key, settle, with_key};
     let app = spawn_app().await;
     let (key, id) = new_key(
         &app,
@@ -333,10 +215,4 @@ async fn a_spent_budget_survives_a_redis_loss() {
         "budget_exceeded",
         "re-seeded from Postgres after the loss",
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_budget_turns_over_with_its_period() {
-    let app = spawn_app().await;
-    hot_suite::a_budget_turns_over_with_its_period(&app).await;
 }

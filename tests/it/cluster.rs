@@ -73,38 +73,7 @@ mod suite {
     //! `lost_cluster_state_is_rehydrated_from_postgres` below.
     use super::*;
 
-    on_cluster!(parallel_admissions_never_exceed_the_rate_limit);
-    on_cluster!(parallel_admissions_never_exceed_the_concurrency_limit);
-    on_cluster!(parallel_reservations_never_exceed_the_balance);
-    on_cluster!(a_denied_admission_consumes_nothing);
-    on_cluster!(checks_run_in_the_contract_order);
-    on_cluster!(allow_lists_admit_only_listed_values);
-    on_cluster!(the_rate_window_slides, hot_suite::short_window);
-    on_cluster!(
-        a_lowered_rate_limit_retries_after_the_entry_that_must_leave,
-        hot_suite::short_window
-    );
-    on_cluster!(
-        an_expired_lease_frees_its_slot_and_its_hold,
-        hot_suite::short_lease
-    );
-    on_cluster!(a_late_settlement_is_still_charged, hot_suite::short_lease);
-    on_cluster!(a_settlement_charges_exactly_once);
-    on_cluster!(unknown_and_malformed_leases_are_404);
-    on_cluster!(release_frees_the_lease_and_a_later_settlement_still_charges);
-    on_cluster!(a_thousand_tiny_charges_sum_exactly);
-    on_cluster!(reserve_holds_add_up);
-    on_cluster!(large_amounts_stay_exact);
-    on_cluster!(admin_changes_reach_the_next_admission);
-    on_cluster!(a_lease_lives_as_long_as_its_admission_asked);
-    on_cluster!(an_admission_without_a_lease_skips_concurrency_and_holds);
-    on_cluster!(token_limits_admit_exactly_what_fits);
-    on_cluster!(budgets_admit_exactly_what_fits);
-    on_cluster!(a_budget_turns_over_with_its_period);
-    on_cluster!(
-        priced_settlements_are_exact_to_the_nano_dollar,
-        hot_suite::awkward_prices
-    );
+    hot_suite::every_scenario!(on_cluster);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_keys_cost_bounded_postgres_lookups() {
@@ -189,8 +158,8 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
     let (status, g) = app.admit(&funded, json!({"reserve_usd": 0.4})).await;
     assert_eq!(status, 200, "{g}");
     assert_eq!(
-        usd(&g["balance_remaining_usd"]),
-        0.6,
+        nanos(&g["balance_remaining_usd"]),
+        600_000_000,
         "the hold is taken: {g}"
     );
     let (status, h) = app.admit(&funded, json!({"reserve_usd": 0.7})).await;
@@ -200,7 +169,7 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
         .settle(g["lease_id"].as_str().expect("lease"), 0.3)
         .await;
     assert_eq!(status, 200, "{s}");
-    assert_eq!(usd(&s["balance_remaining_usd"]), 0.7, "{s}");
+    assert_eq!(nanos(&s["balance_remaining_usd"]), 700_000_000, "{s}");
 
     // An admin write reaches the cluster at once.
     let id = api_key["id"].as_str().expect("id");
@@ -373,14 +342,14 @@ async fn usage_from_every_shard_reaches_postgres_on_a_cluster() {
         assert!(synced, "usage of the key on master {node} reached Postgres");
         let s = stats(&app, id).await;
         assert_eq!(s["total_tokens"], 45, "{s}");
-        assert!((usd(&s["total_cost_usd"]) - 0.6).abs() < 1e-9, "{s}");
+        assert_eq!(nanos(&s["total_cost_usd"]), 600_000_000, "{s}");
         let k: Value = app
             .admin_get(&format!("/admin/keys/{id}"))
             .await
             .json()
             .await
             .expect("key");
-        assert!((usd(&k["balance_used_usd"]) - 0.6).abs() < 1e-9, "{k}");
+        assert_eq!(nanos(&k["balance_used_usd"]), 600_000_000, "{k}");
         assert!(!k["last_used_at"].is_null(), "{k}");
         // Synced entries are deleted from the shard's stream on its master.
         let stream = Layout::new(&ns)
@@ -526,8 +495,8 @@ async fn lost_cluster_state_is_rehydrated_from_postgres() {
     let (status, b) = app.admit(&key, json!({"model": "m1"})).await;
     assert_eq!(status, 200, "first admission after the wipe: {b}");
     assert_eq!(
-        usd(&b["balance_remaining_usd"]),
-        0.75,
+        nanos(&b["balance_remaining_usd"]),
+        750_000_000,
         "the synced spend survived: {b}"
     );
     assert_eq!(b["rate_limit"]["limit"], 2, "{b}");
@@ -550,5 +519,5 @@ async fn lost_cluster_state_is_rehydrated_from_postgres() {
         .json()
         .await
         .expect("key");
-    assert!((usd(&k["balance_used_usd"]) - 0.3).abs() < 1e-9, "{k}");
+    assert_eq!(nanos(&k["balance_used_usd"]), 300_000_000, "{k}");
 }

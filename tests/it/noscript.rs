@@ -131,7 +131,7 @@ async fn settle_release_and_readiness_survive_script_flush() {
         body["duplicate"], false,
         "charged once, not retried into a duplicate: {body}"
     );
-    assert_eq!(usd(&body["balance_remaining_usd"]), 0.75, "{body}");
+    assert_eq!(nanos(&body["balance_remaining_usd"]), 750_000_000, "{body}");
     let (status, body) = app
         .release(second["lease_id"].as_str().expect("lease"))
         .await;
@@ -172,5 +172,5 @@ async fn settle_release_and_readiness_survive_script_flush() {
         .json()
         .await
         .expect("key");
-    assert_eq!(usd(&v["balance_used_usd"]), 0.25, "{v}");
+    assert_eq!(nanos(&v["balance_used_usd"]), 250_000_000, "{v}");
 }

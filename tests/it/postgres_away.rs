@@ -171,7 +171,7 @@ async fn serve_decides_from_redis_while_postgres_is_away_at_start_and_catches_up
             .json()
             .await
             .expect("json");
-        k["balance_used_usd"].as_f64() == Some(1.25)
+        k["balance_used_usd"].is_number() && nanos(&k["balance_used_usd"]) == 1_250_000_000
     })
     .await;
     assert!(synced, "usage settled while postgres was away arrives");

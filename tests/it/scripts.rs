@@ -4,7 +4,6 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::hot_suite::amount;
 use common::*;
 use redis::aio::MultiplexedConnection;
 use serde_json::{json, Value};

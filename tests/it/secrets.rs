@@ -589,7 +589,7 @@ async fn the_logs_never_show_key_material() {
         loop {
             let res = p.admin_get(&format!("/admin/keys/{id}")).await;
             let v: Value = res.json().await.unwrap();
-            if usd(&v["balance_used_usd"]) == 0.5 {
+            if nanos(&v["balance_used_usd"]) == 500_000_000 {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;

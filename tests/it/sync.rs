@@ -26,7 +26,6 @@ use serde_json::{json, Value};
 use sqlx::PgPool;
 use tollgate::app::SYNC_THREAD;
 use tollgate::hot::layout::Layout;
-use tollgate::money::Money;
 use tollgate::store::keys::Expired;
 use tollgate::store::usage::{insert_batch, UsageEvent};
 use tollgate::store::SYNC_APPLICATION_NAME;
@@ -34,12 +33,6 @@ use tollgate::sync::usage::GROUP;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-fn nanos(v: &Value) -> i64 {
-    Money::parse(&v.to_string())
-        .unwrap_or_else(|e| panic!("{v} is not an amount: {e}"))
-        .nanos()
-}
 
 /// Distinct, irregular costs with all nine decimals used, so any float rounding would show.
 fn cost_of(i: usize) -> i64 {
@@ -108,53 +101,32 @@ fn acked(l: &Shared) -> usize {
 /// (plaintext, key id)
 type Key = (String, String);
 
-/// One admission and its settlement against `data`. `Err` only when the server could not be
-/// reached or hung up (it was killed or is shutting down); any answer it gives must be a 200.
-async fn admit_and_settle(
+/// Admission and settlement `i` of `key` against `data`, in the ledger. `Err` only when the
+/// server could not be reached or hung up (it was killed or is shutting down).
+async fn admit_and_settle_logged(
     http: &reqwest::Client,
     data: &str,
     key: &Key,
     i: usize,
     ledger: &Shared,
 ) -> Result<(), String> {
-    let res = http
-        .post(format!("{data}/v1/admit"))
-        .json(&json!({"key": key.0, "provider": "openai", "api_format": "openai:chat", "model": "gpt-4o"}))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.map_err(|e| e.to_string())?;
-    assert_eq!(status, 200, "admit: {body}");
-    let lease = body["lease_id"].as_str().expect("lease_id").to_string();
     let cost = cost_of(i);
     let (input, output) = tokens_of(i);
-    ledger.lock().unwrap().attempted.insert(
-        lease.clone(),
-        Attempt {
-            key_id: key.1.clone(),
-            cost,
-            tokens: input + output,
-        },
-    );
-    // Written by hand so the cost crosses as the exact decimal, not via a float.
-    let text = format!(
-        r#"{{"lease_id":"{lease}","cost_usd":{},"input_tokens":{input},"output_tokens":{output},"response_time_ms":{},"status_code":200}}"#,
-        Money::from_nanos(cost),
-        100 + i % 900
-    );
-    let res = http
-        .post(format!("{data}/v1/settle"))
-        .header("content-type", "application/json")
-        .body(text)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
-    let status = res.status().as_u16();
-    let body: Value = res.json().await.map_err(|e| e.to_string())?;
-    assert_eq!(status, 200, "settle: {body}");
-    assert_eq!(body["settled"], true, "{body}");
-    assert_eq!(body["duplicate"], false, "{body}");
+    let admit =
+        json!({"key": key.0, "provider": "openai", "api_format": "openai:chat", "model": "gpt-4o"});
+    let settle = json!({"cost_usd": amount_of(cost), "input_tokens": input, "output_tokens": output,
+                        "response_time_ms": 100 + i % 900, "status_code": 200});
+    let (lease, _) = admit_and_settle(http, data, admit, settle, |lease| {
+        ledger.lock().unwrap().attempted.insert(
+            lease.to_string(),
+            Attempt {
+                key_id: key.1.clone(),
+                cost,
+                tokens: input + output,
+            },
+        );
+    })
+    .await?;
     ledger.lock().unwrap().acked.insert(lease);
     Ok(())
 }
@@ -187,7 +159,7 @@ async fn drive(
                     return 0;
                 }
                 let key = &keys[i % keys.len()];
-                if admit_and_settle(&http, &data, key, i, &ledger)
+                if admit_and_settle_logged(&http, &data, key, i, &ledger)
                     .await
                     .is_err()
                 {

@@ -1,5 +1,5 @@
 //! The hot-path suite: admission, settlement and release scenarios, written once and run against
-//! a single Redis (`tests/admission.rs`) and a Redis Cluster (`tests/cluster.rs`).
+//! a single Redis (`tests/it/admission.rs`) and a Redis Cluster (`tests/it/cluster.rs`).
 //!
 //! Every scenario is a `pub async fn` that takes a running [`TestApp`] and drives it over HTTP
 //! only (data plane and admin API), so it holds on any Redis topology. Scenarios that need a
@@ -23,12 +23,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tollgate::hot::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
 use tollgate::money::Money;
 
-use super::{unique, Api, TestApp};
+use super::{amount, nanos, unique, Api, TestApp, USD};
 
 pub type Settings = HashMap<&'static str, String>;
-
-/// Nano-USD in one US dollar.
-pub const USD: i64 = 1_000_000_000;
 
 /// Settings tweak for [`the_rate_window_slides`]: a 2-second window.
 pub fn short_window(s: &mut Settings) {
@@ -39,6 +36,42 @@ pub fn short_window(s: &mut Settings) {
 pub fn short_lease(s: &mut Settings) {
     s.insert("TOLLGATE_LEASE_TTL_SECONDS", "1".into());
 }
+
+/// Every scenario that runs on any topology, with the settings tweak it needs: `$run!(name)` or
+/// `$run!(name, tweak)` for each, where `$run` is a macro of the caller's that makes one test of
+/// it (`tests/it/admission.rs` on a single Redis, `tests/it/cluster.rs` on the cluster). Left
+/// out: [`unknown_keys_cost_bounded_postgres_lookups`] (it takes a [`PgLookupCounter`] too) and
+/// [`lost_redis_state_is_rehydrated_from_postgres`] (single Redis only), which each caller
+/// writes out.
+#[rustfmt::skip]
+macro_rules! every_scenario {
+    ($run:ident) => {
+        $run!(parallel_admissions_never_exceed_the_rate_limit);
+        $run!(parallel_admissions_never_exceed_the_concurrency_limit);
+        $run!(parallel_reservations_never_exceed_the_balance);
+        $run!(a_denied_admission_consumes_nothing);
+        $run!(checks_run_in_the_contract_order);
+        $run!(allow_lists_admit_only_listed_values);
+        $run!(a_lowered_rate_limit_retries_after_the_entry_that_must_leave, $crate::common::hot_suite::short_window);
+        $run!(the_rate_window_slides, $crate::common::hot_suite::short_window);
+        $run!(an_expired_lease_frees_its_slot_and_its_hold, $crate::common::hot_suite::short_lease);
+        $run!(a_lease_lives_as_long_as_its_admission_asked);
+        $run!(an_admission_without_a_lease_skips_concurrency_and_holds);
+        $run!(priced_settlements_are_exact_to_the_nano_dollar, $crate::common::hot_suite::awkward_prices);
+        $run!(token_limits_admit_exactly_what_fits);
+        $run!(budgets_admit_exactly_what_fits);
+        $run!(a_late_settlement_is_still_charged, $crate::common::hot_suite::short_lease);
+        $run!(a_settlement_charges_exactly_once);
+        $run!(unknown_and_malformed_leases_are_404);
+        $run!(release_frees_the_lease_and_a_later_settlement_still_charges);
+        $run!(a_thousand_tiny_charges_sum_exactly);
+        $run!(reserve_holds_add_up);
+        $run!(large_amounts_stay_exact);
+        $run!(admin_changes_reach_the_next_admission);
+        $run!(a_budget_turns_over_with_its_period);
+    };
+}
+pub(crate) use every_scenario;
 
 fn require_setting(app: &TestApp, name: &str, value: &str) {
     assert_eq!(
@@ -51,20 +84,6 @@ fn require_setting(app: &TestApp, name: &str, value: &str) {
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-/// Exact nano-USD of a JSON money amount.
-#[track_caller]
-pub fn nanos(v: &Value) -> i64 {
-    assert!(v.is_number(), "expected a money amount, got {v}");
-    Money::parse(&v.to_string())
-        .unwrap_or_else(|e| panic!("{v} is not an exact amount: {e}"))
-        .nanos()
-}
-
-/// A JSON number with exactly this decimal text (no trip through f64).
-pub fn amount(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|e| panic!("{text} is not a JSON number: {e}"))
-}
 
 /// One data-plane answer.
 #[derive(Debug, Clone)]

@@ -8,10 +8,9 @@
 //! Environment: `TEST_REDIS_URL` (default `redis://127.0.0.1:6379`), `TEST_DATABASE_URL`
 //! (default `postgres://postgres@127.0.0.1:5432`, a server URL without a database name).
 
-#![allow(dead_code)]
-
 pub mod alone;
 pub mod hot_suite;
+pub mod money;
 pub mod private_pg;
 pub mod private_redis;
 pub mod process;
@@ -31,6 +30,8 @@ use tokio::sync::oneshot;
 use tollgate::app::App;
 use tollgate::config::Config;
 use tollgate::http::AppState;
+
+pub use money::{amount, amount_of, decimal, nanos, USD};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
 
@@ -346,6 +347,20 @@ impl TestApp {
         )
     }
 
+    /// [`admit_and_settle`] of `key` with these settlement fields; returns the settlement.
+    pub async fn admit_and_settle(&self, key: &str, settle: Value) -> Value {
+        admit_and_settle(
+            &self.http,
+            &self.data,
+            json!({ "key": key }),
+            settle,
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tollgate did not answer: {e}"))
+        .1
+    }
+
     /// Settings for a second replica sharing this one's database and namespace.
     pub fn replica_settings(&self) -> HashMap<&'static str, String> {
         let mut s = self.settings.clone();
@@ -432,6 +447,36 @@ impl TestApp {
     }
 }
 
+/// One admission with the body `admit`, then the settlement of its lease with the fields of
+/// `settle` (the lease id is added), against the data plane at `data`; `granted` sees the lease
+/// between the two. Both must answer 200, the settlement `settled` and no duplicate. Returns the
+/// lease and the settlement's answer; `Err` only when the server could not be reached or hung up.
+pub async fn admit_and_settle(
+    http: &reqwest::Client,
+    data: &str,
+    admit: Value,
+    mut settle: Value,
+    granted: impl FnOnce(&str),
+) -> Result<(String, Value), String> {
+    let post = |path: &str, body: &Value| http.post(format!("{data}{path}")).json(body).send();
+    let res = post("/v1/admit", &admit).await.map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let admitted: Value = res.json().await.map_err(|e| e.to_string())?;
+    assert_eq!(status, 200, "admit: {admitted}");
+    let lease = admitted["lease_id"].as_str().expect("lease_id").to_string();
+    granted(&lease);
+    settle["lease_id"] = json!(lease);
+    let res = post("/v1/settle", &settle)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = res.status().as_u16();
+    let settled: Value = res.json().await.map_err(|e| e.to_string())?;
+    assert_eq!(status, 200, "settle: {settled}");
+    assert_eq!(settled["settled"], true, "{settled}");
+    assert_eq!(settled["duplicate"], false, "{settled}");
+    Ok((lease, settled))
+}
+
 /// Waits for the server to stop, then drops its test database and Redis namespace. Runs on
 /// its own thread, so it works from `Drop`; tests use the multi-thread runtime, whose workers
 /// keep shutting the server down meanwhile.
@@ -513,9 +558,4 @@ impl Drop for TestApp {
             self.namespace.clone(),
         );
     }
-}
-
-/// Reads a JSON number as f64 (money fields are exact decimals on the wire).
-pub fn usd(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }

@@ -208,20 +208,6 @@ impl PrivatePg {
     pub fn stop(&mut self) {
         self.stop_mode("fast");
     }
-
-    /// An immediate shutdown, as a crash: crash recovery runs on the next start.
-    pub fn crash(&mut self) {
-        self.stop_mode("immediate");
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.running
-    }
-
-    /// The server's log so far, for failure messages.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
-    }
 }
 
 fn path_str(p: &Path) -> &str {

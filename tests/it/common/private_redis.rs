@@ -242,10 +242,6 @@ impl PrivateRedis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    pub fn is_running(&self) -> bool {
-        self.server.is_some()
-    }
-
     /// Kills the server at once (SIGKILL, like a crash) and waits until the port is closed.
     pub fn stop(&mut self) {
         if let Some(mut s) = self.server.take() {

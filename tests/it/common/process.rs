@@ -33,7 +33,6 @@ pub struct TollgateProcess {
     pub admin_addr: SocketAddr,
     /// The access-log receiver, when `TOLLGATE_ACCESS_LOG_LISTEN` is set.
     pub access_log: Option<SocketAddr>,
-    pub settings: HashMap<&'static str, String>,
     pub http: reqwest::Client,
     logs: Arc<Mutex<Vec<String>>>,
 }
@@ -153,7 +152,6 @@ impl TollgateProcess {
             data_addr: ([127, 0, 0, 1], 0).into(),
             admin_addr: ([127, 0, 0, 1], 0).into(),
             access_log: None,
-            settings,
             http: reqwest::Client::builder()
                 .pool_max_idle_per_host(64)
                 .timeout(Duration::from_secs(30))

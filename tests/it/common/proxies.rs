@@ -244,22 +244,18 @@ impl Drop for Upstream {
 /// A proxy process: killed (and its temp dir removed) on drop.
 pub struct Proxy {
     pub name: &'static str,
-    pub addr: SocketAddr,
     /// `http://127.0.0.1:<port>`
     pub url: String,
     child: Child,
     log: PathBuf,
-    dir: TempDir,
+    /// Removed with the proxy.
+    _dir: TempDir,
 }
 
 impl Proxy {
     /// What the proxy wrote to its log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
     }
 
     /// Starts nginx with `deploy/nginx/tollgate.conf.template` rendered for these addresses,
@@ -404,11 +400,10 @@ async fn start_with_retries(
             if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(500), connect).await {
                 return Proxy {
                     name,
-                    addr,
                     url: format!("http://{addr}"),
                     child,
                     log,
-                    dir,
+                    _dir: dir,
                 };
             }
             if Instant::now() >= deadline {
