@@ -215,6 +215,7 @@ async fn standalone_keys_report_their_balance() {
 async fn create_rejects_invalid_bodies_and_stores_nothing() {
     let app = spawn_app().await;
     let long = "x".repeat(129);
+    #[rustfmt::skip]
     let cases: Vec<(Value, &str)> = vec![
         (json!({}), "bad_request"),
         (json!({"user_id": ""}), "bad_request"),
@@ -227,64 +228,25 @@ async fn create_rejects_invalid_bodies_and_stores_nothing() {
         (json!({"user_id": "u", "rate_limit": "10"}), "bad_request"),
         (json!({"user_id": "u", "rate_limit": 1.5}), "bad_request"),
         (json!({"user_id": "u", "rate_limit": 1e30}), "bad_request"),
-        (
-            json!({"user_id": "u", "concurrent_limit": -1}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "concurrent_limit": 0}),
-            "bad_request",
-        ),
+        (json!({"user_id": "u", "concurrent_limit": -1}), "bad_request"),
+        (json!({"user_id": "u", "concurrent_limit": 0}), "bad_request"),
         (json!({"user_id": "u", "expire_days": 0}), "bad_request"),
         (json!({"user_id": "u", "expire_days": -1}), "bad_request"),
-        (
-            json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": -1}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": "5"}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 1e-12}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "initial_balance_usd": 5}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "is_standalone": false, "initial_balance_usd": 5}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "is_standalone": "yes"}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "allowed_models": "gpt-4o"}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "allowed_models": [1]}),
-            "bad_request",
-        ),
-        (
-            json!({"user_id": "u", "allowed_models": [""]}),
-            "bad_request",
-        ),
+        (json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": -1}), "bad_request"),
+        (json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": "5"}), "bad_request"),
+        (json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 1e-12}), "bad_request"),
+        (json!({"user_id": "u", "initial_balance_usd": 5}), "bad_request"),
+        (json!({"user_id": "u", "is_standalone": false, "initial_balance_usd": 5}), "bad_request"),
+        (json!({"user_id": "u", "is_standalone": "yes"}), "bad_request"),
+        (json!({"user_id": "u", "allowed_models": "gpt-4o"}), "bad_request"),
+        (json!({"user_id": "u", "allowed_models": [1]}), "bad_request"),
+        (json!({"user_id": "u", "allowed_models": [""]}), "bad_request"),
         (json!({"user_id": "u", "name": 5}), "bad_request"),
         (json!({"user_id": "u", "name": ""}), "bad_request"),
-        (
-            json!({"user_id": "u", "auto_delete_on_expiry": "true"}),
-            "bad_request",
-        ),
+        (json!({"user_id": "u", "auto_delete_on_expiry": "true"}), "bad_request"),
         (json!({"user_id": "u", "colour": "red"}), "unknown_field"),
         (json!({"user_id": "u", "is_active": false}), "unknown_field"),
-        (
-            json!({"user_id": "u", "balance_used_usd": 0}),
-            "unknown_field",
-        ),
+        (json!({"user_id": "u", "balance_used_usd": 0}), "unknown_field"),
         (json!(["u"]), "bad_request"),
         (json!("u"), "bad_request"),
     ];
@@ -1536,44 +1498,17 @@ async fn admin_calls_need_the_bearer_token() {
     let (_, k) = app.create_key(json!({"user_id": "u-1"})).await;
     let id = id_of(&k);
     let wrong_same_length = "x".repeat(ADMIN_TOKEN.len());
+    #[rustfmt::skip]
     let calls: Vec<(reqwest::Method, String, Option<Value>)> = vec![
-        (
-            reqwest::Method::POST,
-            "/admin/keys".into(),
-            Some(json!({"user_id": "intruder"})),
-        ),
+        (reqwest::Method::POST, "/admin/keys".into(), Some(json!({"user_id": "intruder"}))),
         (reqwest::Method::GET, format!("/admin/keys/{id}"), None),
-        (
-            reqwest::Method::GET,
-            format!("/admin/keys/{id}/secret"),
-            None,
-        ),
-        (
-            reqwest::Method::PATCH,
-            format!("/admin/keys/{id}"),
-            Some(json!({"rate_limit": null})),
-        ),
+        (reqwest::Method::GET, format!("/admin/keys/{id}/secret"), None),
+        (reqwest::Method::PATCH, format!("/admin/keys/{id}"), Some(json!({"rate_limit": null}))),
         (reqwest::Method::DELETE, format!("/admin/keys/{id}"), None),
-        (
-            reqwest::Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            Some(json!({"amount_usd": 1})),
-        ),
-        (
-            reqwest::Method::GET,
-            format!("/admin/keys/{id}/stats"),
-            None,
-        ),
-        (
-            reqwest::Method::POST,
-            "/admin/keys/lookup".into(),
-            Some(json!({"key": "sk-x"})),
-        ),
-        (
-            reqwest::Method::POST,
-            "/admin/keys/cleanup-expired".into(),
-            Some(json!({})),
-        ),
+        (reqwest::Method::POST, format!("/admin/keys/{id}/balance"), Some(json!({"amount_usd": 1}))),
+        (reqwest::Method::GET, format!("/admin/keys/{id}/stats"), None),
+        (reqwest::Method::POST, "/admin/keys/lookup".into(), Some(json!({"key": "sk-x"}))),
+        (reqwest::Method::POST, "/admin/keys/cleanup-expired".into(), Some(json!({}))),
         (reqwest::Method::GET, "/admin/users/u-1/keys".into(), None),
         (reqwest::Method::GET, "/admin/standalone-keys".into(), None),
     ];

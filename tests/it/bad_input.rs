@@ -8,92 +8,19 @@ use crate::common;
 use std::time::Duration;
 
 use common::*;
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE};
+use reqwest::header::{HeaderValue, CONTENT_TYPE};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
-
-/// One answer, as text, with its headers.
-struct Answer {
-    what: String,
-    status: u16,
-    headers: HeaderMap,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body)
-            .unwrap_or_else(|e| panic!("{}: body is not JSON ({e}): {:?}", self.what, self.body))
-    }
-
-    /// Not a 5xx, and every non-2xx has `{"code", "message"}` as JSON.
-    fn assert_clean(&self) {
-        assert!(
-            self.status < 500,
-            "{}: {} {}",
-            self.what,
-            self.status,
-            self.body
-        );
-        if self.status >= 400 {
-            let ct = self
-                .headers
-                .get(CONTENT_TYPE)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("");
-            assert!(
-                ct.starts_with("application/json"),
-                "{}: content-type {ct:?} of {} {}",
-                self.what,
-                self.status,
-                self.body
-            );
-            let v = self.json();
-            let code = v["code"].as_str().unwrap_or("");
-            assert!(
-                !code.is_empty() && code.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
-                "{}: snake_case code in {v}",
-                self.what
-            );
-            assert!(
-                v["message"].as_str().is_some_and(|m| !m.is_empty()),
-                "{}: message in {v}",
-                self.what
-            );
-        }
-    }
-
-    fn assert_error(&self, status: u16, code: &str) {
-        self.assert_clean();
-        assert_eq!(self.status, status, "{}: {}", self.what, self.body);
-        assert_eq!(self.json()["code"], code, "{}: {}", self.what, self.body);
-    }
-
-    /// Neither the body nor any header holds `secret`.
-    fn assert_no_echo(&self, secret: &str) {
-        assert!(
-            !self.body.contains(secret),
-            "{}: the body echoes the key: {}",
-            self.what,
-            self.body
-        );
-        for (name, value) in &self.headers {
-            assert!(
-                !String::from_utf8_lossy(value.as_bytes()).contains(secret),
-                "{}: header {name} echoes the key",
-                self.what
-            );
-        }
-    }
-}
 
 #[derive(Clone, Copy, PartialEq)]
 enum Listener {
     Data,
     Admin,
 }
+
+use Listener::{Admin, Data};
 
 struct Client<'a> {
     app: &'a TestApp,
@@ -102,8 +29,8 @@ struct Client<'a> {
 impl Client<'_> {
     fn base(&self, on: Listener) -> &str {
         match on {
-            Listener::Data => &self.app.data,
-            Listener::Admin => &self.app.admin,
+            Data => &self.app.data,
+            Admin => &self.app.admin,
         }
     }
 
@@ -138,25 +65,13 @@ impl Client<'_> {
         let res = req.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
         let status = res.status().as_u16();
         let headers = res.headers().clone();
-        let body = res.text().await.unwrap_or_default();
-        Answer {
-            what,
-            status,
-            headers,
-            body,
-        }
+        let text = res.text().await.unwrap_or_default();
+        Answer::new(what, status, headers, text)
     }
 
     async fn post_raw(&self, on: Listener, method: Method, path: &str, body: &[u8]) -> Answer {
-        self.send(
-            on,
-            method,
-            path,
-            Some(body.to_vec()),
-            &[],
-            on == Listener::Admin,
-        )
-        .await
+        self.send(on, method, path, Some(body.to_vec()), &[], on == Admin)
+            .await
     }
 
     async fn post_json(&self, on: Listener, method: Method, path: &str, body: &Value) -> Answer {
@@ -166,24 +81,17 @@ impl Client<'_> {
 }
 
 /// Every endpoint that reads a JSON body: (listener, method, path).
+#[rustfmt::skip]
 fn json_endpoints(id: &str) -> Vec<(Listener, Method, String)> {
     vec![
-        (Listener::Data, Method::POST, "/v1/admit".into()),
-        (Listener::Data, Method::POST, "/v1/settle".into()),
-        (Listener::Data, Method::POST, "/v1/release".into()),
-        (Listener::Admin, Method::POST, "/admin/keys".into()),
-        (Listener::Admin, Method::POST, "/admin/keys/lookup".into()),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys/cleanup-expired".into(),
-        ),
-        (Listener::Admin, Method::PATCH, format!("/admin/keys/{id}")),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-        ),
+        (Data, Method::POST, "/v1/admit".into()),
+        (Data, Method::POST, "/v1/settle".into()),
+        (Data, Method::POST, "/v1/release".into()),
+        (Admin, Method::POST, "/admin/keys".into()),
+        (Admin, Method::POST, "/admin/keys/lookup".into()),
+        (Admin, Method::POST, "/admin/keys/cleanup-expired".into()),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}")),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance")),
     ]
 }
 
@@ -231,7 +139,7 @@ async fn malformed_json_is_a_400_everywhere() {
     for (on, method, path) in json_endpoints(&id) {
         for body in &bodies {
             let a = c.post_raw(on, method.clone(), &path, body).await;
-            assert_eq!(a.status, 400, "{}: {}", a.what, a.body);
+            assert_eq!(a.status, 400, "{}: {}", a.what, a.text);
             a.assert_clean();
         }
     }
@@ -273,387 +181,76 @@ async fn wrong_types_and_out_of_range_numbers_are_a_400() {
     let l = lease(&app, key.clone()).await;
     let huge = "1".repeat(400);
     let raw = |s: String| serde_json::from_str::<Value>(&s).expect("test JSON");
+    #[rustfmt::skip]
     let cases: Vec<(Listener, Method, String, Value)> = vec![
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": 5}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": [key]}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_usd": -1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_usd": "NaN"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_usd": "Infinity"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_usd": 1e-12}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            raw(format!("{{\"key\": \"{key}\", \"reserve_usd\": {huge}}}")),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            raw(format!("{{\"key\": \"{key}\", \"reserve_usd\": -{huge}}}")),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_usd": 1e300}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "model": ["a"]}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "provider": {"a": 1}}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "colour": "red"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"cost_usd": 1}),
-        ),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": 5})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": [key]})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_usd": -1})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_usd": "NaN"})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_usd": "Infinity"})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_usd": 1e-12})),
+        (Data, Method::POST, "/v1/admit".into(), raw(format!("{{\"key\": \"{key}\", \"reserve_usd\": {huge}}}"))),
+        (Data, Method::POST, "/v1/admit".into(), raw(format!("{{\"key\": \"{key}\", \"reserve_usd\": -{huge}}}"))),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_usd": 1e300})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "model": ["a"]})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "provider": {"a": 1}})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "colour": "red"})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"cost_usd": 1})),
         // Since contract v1.1 `cost_usd` is optional (a settlement without it is priced from
         // its tokens), so `{"lease_id": l}` and `"cost_usd": null` are valid.
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1, "cached_input_tokens": 2}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cached_input_tokens": -1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": 5, "cost_usd": 1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": -1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": "NaN"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": "0.1"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/admit".into(),
-            json!({"key": key, "reserve_tokens": -1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            raw(format!("{{\"lease_id\": \"{l}\", \"cost_usd\": {huge}}}")),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 1e-10}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "input_tokens": -1}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1.5}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1e30}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            raw(format!(
-                "{{\"lease_id\": \"{l}\", \"cost_usd\": 0, \"output_tokens\": {huge}}}"
-            )),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "status_code": 70000}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "response_time_ms": -5}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "response_time_ms": "fast"}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/settle".into(),
-            json!({"lease_id": l, "cost_usd": 0, "model": 4}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/release".into(),
-            json!({}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/release".into(),
-            json!({"lease_id": null}),
-        ),
-        (
-            Listener::Data,
-            Method::POST,
-            "/v1/release".into(),
-            json!({"lease_id": [l]}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            raw(format!("{{\"user_id\": \"u\", \"rate_limit\": {huge}}}")),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "rate_limit": 2147483648i64}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "concurrent_limit": 1e300}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "expire_days": i64::MAX}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "expire_days": 1e10}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "expire_days": "7"}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 1e30}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": "Infinity"}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "name": "n".repeat(10_000)}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "allowed_models": vec!["m"; 5000]}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "allowed_models": ["x".repeat(300)]}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u\u{0}x"}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "name": "a\u{0}b"}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys".into(),
-            json!({"user_id": "u", "allowed_models": ["a\u{0}b"]}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys/lookup".into(),
-            json!({"key": 5}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys/lookup".into(),
-            json!({"key": null}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            "/admin/keys/cleanup-expired".into(),
-            json!({"auto_delete": 1}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"expires_at": "+200000-01-01T00:00:00Z"}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"expires_at": "300000-01-01T00:00:00Z"}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"expires_at": "2026-13-01T00:00:00Z"}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"expires_at": 1e300}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"rate_limit": -1e300}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"name": "a\u{0}b"}),
-        ),
-        (
-            Listener::Admin,
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            json!({"allowed_providers": ["a\u{0}b"]}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            json!({"amount_usd": "NaN"}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            json!({"amount_usd": 1e30}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            json!({"amount_usd": -1e30}),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            raw(format!("{{\"amount_usd\": -{huge}}}")),
-        ),
-        (
-            Listener::Admin,
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            json!({"amount_usd": 9007199.254740992}),
-        ),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1, "cached_input_tokens": 2})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cached_input_tokens": -1})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": 5, "cost_usd": 1})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": -1})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": "NaN"})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": "0.1"})),
+        (Data, Method::POST, "/v1/admit".into(), json!({"key": key, "reserve_tokens": -1})),
+        (Data, Method::POST, "/v1/settle".into(), raw(format!("{{\"lease_id\": \"{l}\", \"cost_usd\": {huge}}}"))),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 1e-10})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "input_tokens": -1})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1.5})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "input_tokens": 1e30})),
+        (Data, Method::POST, "/v1/settle".into(), raw(format!("{{\"lease_id\": \"{l}\", \"cost_usd\": 0, \"output_tokens\": {huge}}}"))),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "status_code": 70000})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "response_time_ms": -5})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "response_time_ms": "fast"})),
+        (Data, Method::POST, "/v1/settle".into(), json!({"lease_id": l, "cost_usd": 0, "model": 4})),
+        (Data, Method::POST, "/v1/release".into(), json!({})),
+        (Data, Method::POST, "/v1/release".into(), json!({"lease_id": null})),
+        (Data, Method::POST, "/v1/release".into(), json!({"lease_id": [l]})),
+        (Admin, Method::POST, "/admin/keys".into(), raw(format!("{{\"user_id\": \"u\", \"rate_limit\": {huge}}}"))),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "rate_limit": 2147483648i64})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "concurrent_limit": 1e300})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "expire_days": i64::MAX})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "expire_days": 1e10})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "expire_days": "7"})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": 1e30})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "is_standalone": true, "initial_balance_usd": "Infinity"})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "name": "n".repeat(10_000)})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "allowed_models": vec!["m"; 5000]})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "allowed_models": ["x".repeat(300)]})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u\u{0}x"})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "name": "a\u{0}b"})),
+        (Admin, Method::POST, "/admin/keys".into(), json!({"user_id": "u", "allowed_models": ["a\u{0}b"]})),
+        (Admin, Method::POST, "/admin/keys/lookup".into(), json!({"key": 5})),
+        (Admin, Method::POST, "/admin/keys/lookup".into(), json!({"key": null})),
+        (Admin, Method::POST, "/admin/keys/cleanup-expired".into(), json!({"auto_delete": 1})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"expires_at": "+200000-01-01T00:00:00Z"})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"expires_at": "300000-01-01T00:00:00Z"})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"expires_at": "2026-13-01T00:00:00Z"})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"expires_at": 1e300})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"rate_limit": -1e300})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"name": "a\u{0}b"})),
+        (Admin, Method::PATCH, format!("/admin/keys/{id}"), json!({"allowed_providers": ["a\u{0}b"]})),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance"), json!({"amount_usd": "NaN"})),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance"), json!({"amount_usd": 1e30})),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance"), json!({"amount_usd": -1e30})),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance"), raw(format!("{{\"amount_usd\": -{huge}}}"))),
+        (Admin, Method::POST, format!("/admin/keys/{id}/balance"), json!({"amount_usd": 9007199.254740992})),
     ];
     for (on, method, path, body) in cases {
         let a = c.post_json(on, method, &path, &body).await;
-        assert_eq!(a.status, 400, "{}: {}", a.what, a.body);
+        assert_eq!(a.status, 400, "{}: {}", a.what, a.text);
         a.assert_clean();
     }
     // None of it changed the key or its balance.
@@ -702,16 +299,14 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
             let body = (method != Method::GET && method != Method::DELETE)
                 .then(|| br#"{"name": "x", "amount_usd": 1}"#.to_vec());
             let path = format!("/admin/keys/{bad_id}{suffix}");
-            let a = c
-                .send(Listener::Admin, method, &path, body, &[], true)
-                .await;
+            let a = c.send(Admin, method, &path, body, &[], true).await;
             a.assert_clean();
             assert!(
                 a.status == 404 || a.status == 400,
                 "{}: {} {}",
                 a.what,
                 a.status,
-                a.body
+                a.text
             );
         }
     }
@@ -727,7 +322,7 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
     ] {
         let a = c
             .send(
-                Listener::Admin,
+                Admin,
                 Method::GET,
                 &format!("/admin/keys/{id}/stats?{q}"),
                 None,
@@ -744,20 +339,18 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
         "/admin/users/u-1/keys?is_active=true&is_active=false",
         "/admin/standalone-keys?is_active=",
     ] {
-        let a = c
-            .send(Listener::Admin, Method::GET, path, None, &[], true)
-            .await;
+        let a = c.send(Admin, Method::GET, path, None, &[], true).await;
         a.assert_clean();
         assert!(
             a.status != 200 || a.json()["keys"].is_array(),
             "{}: {}",
             a.what,
-            a.body
+            a.text
         );
     }
     let a = c
         .send(
-            Listener::Admin,
+            Admin,
             Method::GET,
             &format!("/admin/users/{long}/keys"),
             None,
@@ -778,17 +371,13 @@ async fn bodies_over_one_mebibyte_are_a_413_and_empty_bodies_are_not_a_500() {
     let c = Client { app: &app };
     let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(1024 * 1024 + 16)).into_bytes();
     let mut endpoints = json_endpoints(&id);
-    endpoints.push((Listener::Data, Method::POST, "/auth".into()));
-    endpoints.push((
-        Listener::Data,
-        Method::POST,
-        "/auth/envoy/v1/chat/completions".into(),
-    ));
+    endpoints.push((Data, Method::POST, "/auth".into()));
+    endpoints.push((Data, Method::POST, "/auth/envoy/v1/chat/completions".into()));
     for (on, method, path) in &endpoints {
         let a = c.post_raw(*on, method.clone(), path, &big).await;
         a.assert_clean();
         if path.starts_with("/v1/") || path.starts_with("/admin/") {
-            assert_eq!(a.status, 413, "{}: {}", a.what, a.body);
+            assert_eq!(a.status, 413, "{}: {}", a.what, a.text);
         }
         let a = c
             .send(
@@ -797,24 +386,21 @@ async fn bodies_over_one_mebibyte_are_a_413_and_empty_bodies_are_not_a_500() {
                 path,
                 Some(Vec::new()),
                 &[],
-                *on == Listener::Admin,
+                *on == Admin,
             )
             .await;
         a.assert_clean();
         let a = c
-            .send(*on, method.clone(), path, None, &[], *on == Listener::Admin)
+            .send(*on, method.clone(), path, None, &[], *on == Admin)
             .await;
         a.assert_clean();
     }
     // Without a Content-Length: chunked, as a streaming client sends it.
-    for (on, path) in [
-        (Listener::Data, "/v1/admit"),
-        (Listener::Admin, "/admin/keys"),
-    ] {
+    for (on, path) in [(Data, "/v1/admit"), (Admin, "/admin/keys")] {
         let (status, head, body) = raw_chunked(
             match on {
-                Listener::Data => app.data_addr,
-                Listener::Admin => app.admin_addr,
+                Data => app.data_addr,
+                Admin => app.admin_addr,
             },
             path,
             &big,
@@ -830,11 +416,9 @@ async fn bodies_over_one_mebibyte_are_a_413_and_empty_bodies_are_not_a_500() {
     at_limit.resize(1024 * 1024 - 2, b'x');
     at_limit.extend_from_slice(b"\"}");
     assert_eq!(at_limit.len(), 1024 * 1024);
-    let a = c
-        .post_raw(Listener::Data, Method::POST, "/v1/admit", &at_limit)
-        .await;
+    let a = c.post_raw(Data, Method::POST, "/v1/admit", &at_limit).await;
     a.assert_error(400, "bad_request");
-    assert!(a.body.contains("model"), "{}", a.body);
+    assert!(a.text.contains("model"), "{}", a.text);
 }
 
 /// Sends `body` chunked over a raw connection; returns (status, head, body).
@@ -907,36 +491,22 @@ async fn odd_headers_are_clean_errors() {
     let c = Client { app: &app };
     let non_utf8 = HeaderValue::from_bytes(b"Bearer sk-\xff\xfe\xfd").unwrap();
     let huge = HeaderValue::from_str(&format!("Bearer sk-{}", "A".repeat(64 * 1024))).unwrap();
+    #[rustfmt::skip]
     let cases: Vec<(&str, HeaderValue)> = vec![
         ("authorization", non_utf8.clone()),
         ("authorization", huge.clone()),
         ("authorization", HeaderValue::from_static("Bearer")),
         ("authorization", HeaderValue::from_static("Bearer ")),
         ("authorization", HeaderValue::from_static("Bearer    ")),
-        (
-            "authorization",
-            HeaderValue::from_static("Basic dXNlcjpwYXNz"),
-        ),
+        ("authorization", HeaderValue::from_static("Basic dXNlcjpwYXNz")),
         ("authorization", HeaderValue::from_static("sk-nope")),
         ("x-api-key", HeaderValue::from_bytes(b"\x80\x81").unwrap()),
         ("x-api-key", HeaderValue::from_static("")),
         ("api-key", HeaderValue::from_bytes(b"\xff").unwrap()),
-        (
-            "x-tollgate-model",
-            HeaderValue::from_bytes(b"\xff").unwrap(),
-        ),
-        (
-            "x-original-uri",
-            HeaderValue::from_bytes(b"/v1/\xff").unwrap(),
-        ),
-        (
-            "x-forwarded-uri",
-            HeaderValue::from_static("not a path at all"),
-        ),
-        (
-            "content-type",
-            HeaderValue::from_bytes(b"application/\xff").unwrap(),
-        ),
+        ("x-tollgate-model", HeaderValue::from_bytes(b"\xff").unwrap()),
+        ("x-original-uri", HeaderValue::from_bytes(b"/v1/\xff").unwrap()),
+        ("x-forwarded-uri", HeaderValue::from_static("not a path at all")),
+        ("content-type", HeaderValue::from_bytes(b"application/\xff").unwrap()),
     ];
     for (name, value) in &cases {
         let hs = [(*name, value.clone())];
@@ -947,20 +517,20 @@ async fn odd_headers_are_clean_errors() {
             (Method::POST, "/auth/envoy/v1/chat/completions"),
         ] {
             let body = (method == Method::POST).then(Vec::new);
-            let a = c.send(Listener::Data, method, path, body, &hs, false).await;
+            let a = c.send(Data, method, path, body, &hs, false).await;
             a.assert_clean();
             assert!(
                 a.status == 401 || a.status == 403,
                 "{name}: {}: {} {}",
                 a.what,
                 a.status,
-                a.body
+                a.text
             );
         }
         if *name == "authorization" {
             let a = c
                 .send(
-                    Listener::Admin,
+                    Admin,
                     Method::GET,
                     "/admin/standalone-keys",
                     None,
@@ -978,7 +548,7 @@ async fn odd_headers_are_clean_errors() {
     ];
     let a = c
         .send(
-            Listener::Data,
+            Data,
             Method::POST,
             "/v1/admit",
             Some(Vec::new()),
@@ -986,10 +556,10 @@ async fn odd_headers_are_clean_errors() {
             false,
         )
         .await;
-    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.status, 200, "{}", a.text);
     let a = c
         .send(
-            Listener::Data,
+            Data,
             Method::POST,
             "/v1/admit",
             Some(Vec::new()),
@@ -1050,67 +620,57 @@ async fn odd_headers_are_clean_errors() {
 async fn unknown_paths_are_404_and_wrong_methods_405_on_both_listeners() {
     let app = spawn_app().await;
     let c = Client { app: &app };
+    #[rustfmt::skip]
     let not_found: Vec<(Listener, Method, &str)> = vec![
-        (Listener::Data, Method::GET, "/"),
-        (Listener::Data, Method::GET, "/nope"),
-        (Listener::Data, Method::POST, "/v1/nope"),
-        (Listener::Data, Method::POST, "/v2/admit"),
-        (Listener::Data, Method::POST, "/admin/keys"),
-        (Listener::Data, Method::GET, "/admin/standalone-keys"),
-        (Listener::Data, Method::GET, "/metrics"),
-        (Listener::Data, Method::GET, "/v1/admit/extra"),
-        (Listener::Admin, Method::GET, "/"),
-        (Listener::Admin, Method::POST, "/v1/admit"),
-        (Listener::Admin, Method::GET, "/auth"),
-        (Listener::Admin, Method::GET, "/admin"),
-        (Listener::Admin, Method::GET, "/admin/nope"),
-        (Listener::Admin, Method::GET, "/admin/keys/lookup/x"),
-        (Listener::Admin, Method::GET, "/admin/users/u-1"),
-        (Listener::Admin, Method::GET, "/%ff"),
+        (Data, Method::GET, "/"),
+        (Data, Method::GET, "/nope"),
+        (Data, Method::POST, "/v1/nope"),
+        (Data, Method::POST, "/v2/admit"),
+        (Data, Method::POST, "/admin/keys"),
+        (Data, Method::GET, "/admin/standalone-keys"),
+        (Data, Method::GET, "/metrics"),
+        (Data, Method::GET, "/v1/admit/extra"),
+        (Admin, Method::GET, "/"),
+        (Admin, Method::POST, "/v1/admit"),
+        (Admin, Method::GET, "/auth"),
+        (Admin, Method::GET, "/admin"),
+        (Admin, Method::GET, "/admin/nope"),
+        (Admin, Method::GET, "/admin/keys/lookup/x"),
+        (Admin, Method::GET, "/admin/users/u-1"),
+        (Admin, Method::GET, "/%ff"),
     ];
     for (on, method, path) in not_found {
-        let a = c
-            .send(on, method, path, None, &[], on == Listener::Admin)
-            .await;
+        let a = c.send(on, method, path, None, &[], on == Admin).await;
         a.assert_error(404, "not_found");
     }
+    #[rustfmt::skip]
     let wrong_method: Vec<(Listener, Method, &str)> = vec![
-        (Listener::Data, Method::GET, "/v1/admit"),
-        (Listener::Data, Method::PUT, "/v1/settle"),
-        (Listener::Data, Method::DELETE, "/v1/release"),
-        (Listener::Data, Method::OPTIONS, "/v1/admit"),
-        (Listener::Data, Method::POST, "/healthz"),
-        (Listener::Data, Method::DELETE, "/readyz"),
-        (Listener::Data, Method::PUT, "/auth"),
-        (Listener::Admin, Method::GET, "/admin/keys"),
-        (Listener::Admin, Method::PUT, "/admin/keys"),
-        (Listener::Admin, Method::GET, "/admin/keys/lookup"),
-        (Listener::Admin, Method::GET, "/admin/keys/cleanup-expired"),
-        (Listener::Admin, Method::POST, "/admin/standalone-keys"),
-        (Listener::Admin, Method::DELETE, "/admin/users/u-1/keys"),
-        (
-            Listener::Admin,
-            Method::PUT,
-            "/admin/keys/00000000-0000-0000-0000-000000000000",
-        ),
-        (
-            Listener::Admin,
-            Method::GET,
-            "/admin/keys/00000000-0000-0000-0000-000000000000/balance",
-        ),
-        (Listener::Admin, Method::POST, "/metrics"),
-        (Listener::Admin, Method::POST, "/healthz"),
+        (Data, Method::GET, "/v1/admit"),
+        (Data, Method::PUT, "/v1/settle"),
+        (Data, Method::DELETE, "/v1/release"),
+        (Data, Method::OPTIONS, "/v1/admit"),
+        (Data, Method::POST, "/healthz"),
+        (Data, Method::DELETE, "/readyz"),
+        (Data, Method::PUT, "/auth"),
+        (Admin, Method::GET, "/admin/keys"),
+        (Admin, Method::PUT, "/admin/keys"),
+        (Admin, Method::GET, "/admin/keys/lookup"),
+        (Admin, Method::GET, "/admin/keys/cleanup-expired"),
+        (Admin, Method::POST, "/admin/standalone-keys"),
+        (Admin, Method::DELETE, "/admin/users/u-1/keys"),
+        (Admin, Method::PUT, "/admin/keys/00000000-0000-0000-0000-000000000000"),
+        (Admin, Method::GET, "/admin/keys/00000000-0000-0000-0000-000000000000/balance"),
+        (Admin, Method::POST, "/metrics"),
+        (Admin, Method::POST, "/healthz"),
     ];
     for (on, method, path) in wrong_method {
-        let a = c
-            .send(on, method, path, None, &[], on == Listener::Admin)
-            .await;
+        let a = c.send(on, method, path, None, &[], on == Admin).await;
         a.assert_error(405, "method_not_allowed");
     }
-    for on in [Listener::Data, Listener::Admin] {
+    for on in [Data, Admin] {
         for path in ["/healthz", "/readyz"] {
             let a = c.send(on, Method::GET, path, None, &[], false).await;
-            assert_eq!(a.status, 200, "{}: {}", a.what, a.body);
+            assert_eq!(a.status, 200, "{}: {}", a.what, a.text);
         }
     }
 }
@@ -1128,8 +688,8 @@ async fn no_error_echoes_a_plaintext_key() {
     let cases: Vec<(Listener, Method, String, Vec<u8>)> = {
         let j = |v: Value| v.to_string().into_bytes();
         let mut v: Vec<(Listener, Method, String, Vec<u8>)> = Vec::new();
-        let data = |p: &str, b: Vec<u8>| (Listener::Data, Method::POST, p.to_string(), b);
-        let admin = |m: Method, p: String, b: Vec<u8>| (Listener::Admin, m, p, b);
+        let data = |p: &str, b: Vec<u8>| (Data, Method::POST, p.to_string(), b);
+        let admin = |m: Method, p: String, b: Vec<u8>| (Admin, m, p, b);
         v.push(data("/v1/admit", j(json!({"key": [key]}))));
         v.push(data("/v1/admit", j(json!({"key": {"k": key}}))));
         v.push(data(
@@ -1301,61 +861,30 @@ async fn no_error_echoes_a_plaintext_key() {
             Vec::new(),
         ));
         v.push(admin(Method::GET, format!("/admin/nope/{key}"), Vec::new()));
-        v.push((
-            Listener::Data,
-            Method::GET,
-            format!("/nope/{key}"),
-            Vec::new(),
-        ));
+        v.push((Data, Method::GET, format!("/nope/{key}"), Vec::new()));
         v
     };
     for (on, method, path, body) in cases {
         let body = (!body.is_empty()).then_some(body);
-        let a = c
-            .send(on, method, &path, body, &[], on == Listener::Admin)
-            .await;
+        let a = c.send(on, method, &path, body, &[], on == Admin).await;
         a.assert_clean();
         assert!(
             a.status >= 400 || a.json()["keys"].is_array(),
             "{}: {} {}",
             a.what,
             a.status,
-            a.body
+            a.text
         );
         a.assert_no_echo(&random_part);
     }
     // Keys in headers where they fail: disabled, wrong, or as the admin token.
+    #[rustfmt::skip]
     let header_cases: Vec<(Listener, Method, &str, (&str, String))> = vec![
-        (
-            Listener::Data,
-            Method::GET,
-            "/auth",
-            ("authorization", format!("Bearer {key}x")),
-        ),
-        (
-            Listener::Data,
-            Method::GET,
-            "/auth/nginx",
-            ("x-api-key", format!("{key}x")),
-        ),
-        (
-            Listener::Data,
-            Method::GET,
-            "/auth/envoy/v1/chat/completions",
-            ("api-key", format!("{key}x")),
-        ),
-        (
-            Listener::Admin,
-            Method::GET,
-            "/admin/standalone-keys",
-            ("authorization", format!("Bearer {key}")),
-        ),
-        (
-            Listener::Data,
-            Method::GET,
-            "/auth",
-            ("x-tollgate-model", key.clone()),
-        ),
+        (Data, Method::GET, "/auth", ("authorization", format!("Bearer {key}x"))),
+        (Data, Method::GET, "/auth/nginx", ("x-api-key", format!("{key}x"))),
+        (Data, Method::GET, "/auth/envoy/v1/chat/completions", ("api-key", format!("{key}x"))),
+        (Admin, Method::GET, "/admin/standalone-keys", ("authorization", format!("Bearer {key}"))),
+        (Data, Method::GET, "/auth", ("x-tollgate-model", key.clone())),
     ];
     for (on, method, path, (name, value)) in header_cases {
         let hs = [(name, HeaderValue::from_str(&value).unwrap())];
@@ -1368,7 +897,7 @@ async fn no_error_echoes_a_plaintext_key() {
     assert_eq!(res.status(), 200);
     let a = c
         .send(
-            Listener::Data,
+            Data,
             Method::POST,
             "/v1/admit",
             Some(json!({"key": key}).to_string().into_bytes()),
@@ -1383,14 +912,14 @@ async fn no_error_echoes_a_plaintext_key() {
         HeaderValue::from_str(&format!("Bearer {key}")).unwrap(),
     )];
     let a = c
-        .send(Listener::Data, Method::GET, "/auth/nginx", None, &hs, false)
+        .send(Data, Method::GET, "/auth/nginx", None, &hs, false)
         .await;
     a.assert_clean();
     a.assert_no_echo(&random_part);
     // A sanity check of the check: a lookup does answer, by id, without the key.
     let a = c
         .send(
-            Listener::Admin,
+            Admin,
             Method::POST,
             "/admin/keys/lookup",
             Some(json!({"key": key}).to_string().into_bytes()),
@@ -1398,7 +927,7 @@ async fn no_error_echoes_a_plaintext_key() {
             true,
         )
         .await;
-    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.status, 200, "{}", a.text);
     assert_eq!(a.json()["id"], Value::String(id.clone()));
     a.assert_no_echo(&random_part);
     let _ = Uuid::parse_str(&id).expect("uuid");
@@ -1420,21 +949,13 @@ async fn usage_rows(app: &TestApp, key_id: &str, n: i64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_usage_values_never_block_the_usage_pipeline() {
+    #[rustfmt::skip]
     let hostile: Vec<(Value, Value)> = vec![
         (json!({"model": "a\u{0}b"}), json!({"cost_usd": 0})),
         (json!({}), json!({"cost_usd": 0, "provider": "p\u{0}"})),
-        (
-            json!({}),
-            json!({"cost_usd": 0, "input_tokens": u64::MAX, "output_tokens": u64::MAX}),
-        ),
-        (
-            json!({}),
-            json!({"cost_usd": 0, "total_tokens": i64::MAX as u64}),
-        ),
-        (
-            json!({}),
-            json!({"cost_usd": 0, "response_time_ms": u64::MAX}),
-        ),
+        (json!({}), json!({"cost_usd": 0, "input_tokens": u64::MAX, "output_tokens": u64::MAX})),
+        (json!({}), json!({"cost_usd": 0, "total_tokens": i64::MAX as u64})),
+        (json!({}), json!({"cost_usd": 0, "response_time_ms": u64::MAX})),
         (json!({}), json!({"cost_usd": 9_000_000_000u64})),
     ];
     let mut failures = Vec::new();
@@ -1456,13 +977,11 @@ async fn hostile_usage_values_never_block_the_usage_pipeline() {
             }
             let mut body = settle.clone();
             body["lease_id"] = lease["lease_id"].clone();
-            let a = c
-                .post_json(Listener::Data, Method::POST, "/v1/settle", &body)
-                .await;
+            let a = c.post_json(Data, Method::POST, "/v1/settle", &body).await;
             if a.status >= 500 {
                 failures.push(format!(
                     "{admit} / {settle}: settle answered {} {}",
-                    a.status, a.body
+                    a.status, a.text
                 ));
             }
             if a.status == 200 {

@@ -8,45 +8,45 @@ use crate::common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::Value;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// An answer as read off the wire.
-#[derive(Debug)]
-struct Answer {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
+/// An answer as read off the wire: the head's status and headers, and `body`.
+fn wire_answer(head: String, body: &[u8]) -> Option<Answer> {
+    let mut lines = head.lines();
+    let status_line = lines.next()?.to_string();
+    let status = status_line.split_whitespace().nth(1)?.parse().ok()?;
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        if let Some((name, value)) = line.split_once(':') {
+            headers.append(
+                HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+                HeaderValue::from_str(value.trim()).ok()?,
+            );
+        }
+    }
+    let text = String::from_utf8_lossy(body).into_owned();
+    Some(Answer::new(status_line, status, headers, text))
 }
 
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
-            panic!(
-                "body is not JSON ({e}): {:?}\n{}",
-                String::from_utf8_lossy(&self.body),
-                self.head
-            )
-        })
-    }
+/// The contract's error shape as it goes over the wire.
+trait OnTheWire {
+    /// Exactly `application/json`, with this code and a message (a 503 too, which
+    /// [`Answer::assert_error`] refuses as a 5xx).
+    fn assert_wire_error(&self, status: u16, code: &str);
+}
 
-    fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (n, v) = l.split_once(':')?;
-            n.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    }
-
-    fn assert_error(&self, status: u16, code: &str) {
-        assert_eq!(self.status, status, "{}", self.head);
+impl OnTheWire for Answer {
+    #[track_caller]
+    fn assert_wire_error(&self, status: u16, code: &str) {
+        assert_eq!(self.status, status, "{} {:?}", self.what, self.headers);
         assert_eq!(
-            self.header("content-type").as_deref(),
+            self.header("content-type"),
             Some("application/json"),
-            "{}",
-            self.head
+            "{} {:?}",
+            self.what,
+            self.headers
         );
         let body = self.json();
         assert_eq!(body["code"], code, "{body}");
@@ -73,7 +73,6 @@ async fn read_answer(s: &mut TcpStream, within: Duration) -> Option<Answer> {
             buf.extend_from_slice(&chunk[..n]);
         };
         let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-        let status = head.split_whitespace().nth(1)?.parse().ok()?;
         let len: usize = head
             .lines()
             .find_map(|l| {
@@ -89,11 +88,7 @@ async fn read_answer(s: &mut TcpStream, within: Duration) -> Option<Answer> {
             }
             buf.extend_from_slice(&chunk[..n]);
         }
-        Some(Answer {
-            status,
-            head,
-            body: buf[head_end..head_end + len].to_vec(),
-        })
+        wire_answer(head, &buf[head_end..head_end + len])
     };
     tokio::time::timeout(within, read).await.ok().flatten()
 }
@@ -119,11 +114,7 @@ async fn closed_within(s: &mut TcpStream, within: Duration) -> (Option<Duration>
 fn parse_raw(bytes: &[u8]) -> Option<Answer> {
     let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&bytes[..head_end]).to_string();
-    Some(Answer {
-        status: head.split_whitespace().nth(1)?.parse().ok()?,
-        head,
-        body: bytes[head_end..].to_vec(),
-    })
+    wire_answer(head, &bytes[head_end..])
 }
 
 const HEALTHZ: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n";
@@ -169,7 +160,7 @@ async fn a_client_sending_its_headers_a_byte_a_second_is_closed_after_the_header
         "closed after {took:?}, expected about the 2 s header timeout"
     );
     if let Some(answer) = parse_raw(&got) {
-        answer.assert_error(408, "request_timeout");
+        answer.assert_wire_error(408, "request_timeout");
     }
 }
 
@@ -188,7 +179,7 @@ async fn a_request_head_left_unfinished_is_answered_408_with_the_json_shape() {
     assert!(took >= Duration::from_millis(800), "closed after {took:?}");
     parse_raw(&got)
         .expect("an answer before the close")
-        .assert_error(408, "request_timeout");
+        .assert_wire_error(408, "request_timeout");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -212,8 +203,8 @@ async fn a_body_announced_as_a_terabyte_that_never_comes_is_answered_408_and_clo
         "closed after {took:?}, expected about the 2 s body timeout"
     );
     let answer = parse_raw(&got).expect("an answer before the close");
-    answer.assert_error(408, "request_timeout");
-    assert_eq!(answer.header("connection").as_deref(), Some("close"));
+    answer.assert_wire_error(408, "request_timeout");
+    assert_eq!(answer.header("connection"), Some("close"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,8 +262,8 @@ async fn connections_above_the_cap_are_refused_with_503_while_open_ones_keep_wor
     let a = read_answer(&mut third, Duration::from_secs(5))
         .await
         .expect("the connection over the cap gets an answer");
-    a.assert_error(503, "unavailable");
-    assert_eq!(a.header("retry-after").as_deref(), Some("1"));
+    a.assert_wire_error(503, "unavailable");
+    assert_eq!(a.header("retry-after"), Some("1"));
     let (closed, _) = closed_within(&mut third, Duration::from_secs(3)).await;
     assert!(closed.is_some(), "the refused connection is closed");
 
@@ -313,14 +304,14 @@ async fn errors_of_the_http_stack_itself_carry_the_json_shape() {
     read_answer(&mut s, Duration::from_secs(5))
         .await
         .expect("an answer to oversized headers")
-        .assert_error(431, "headers_too_large");
+        .assert_wire_error(431, "headers_too_large");
 
     let mut s = connect(&app).await;
     s.write_all(b"NOT A REQUEST\r\n\r\n").await.expect("write");
     read_answer(&mut s, Duration::from_secs(5))
         .await
         .expect("an answer to a malformed request line")
-        .assert_error(400, "bad_request");
+        .assert_wire_error(400, "bad_request");
 
     // The stack's errors do not disturb ordinary answers on the next connection.
     let mut s = connect(&app).await;

@@ -49,21 +49,12 @@ async fn readyz(p: &TollgateProcess, query: &str) -> (u16, Option<String>, Value
     )
 }
 
-async fn poll_until<F, Fut>(within: Duration, mut check: F) -> bool
+async fn poll_until<F, Fut>(within: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    poll_every(Duration::from_millis(200), within, check).await
 }
 
 fn settings_on(pg: &PrivatePg) -> HashMap<&'static str, String> {

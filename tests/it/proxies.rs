@@ -18,15 +18,9 @@ enum Kind {
     Caddy,
 }
 
-struct Reply {
-    status: u16,
-    headers: reqwest::header::HeaderMap,
-    body: Value,
-}
-
 /// A client request through the proxy: an LLM call with a JSON body, trying to forge the
 /// identity headers the upstream trusts.
-async fn call(proxy: &Proxy, path: &str, key: Option<&str>) -> Reply {
+async fn call(proxy: &Proxy, path: &str, key: Option<&str>) -> Answer {
     let mut req = reqwest::Client::new()
         .post(format!("{}{path}", proxy.url))
         .header("content-type", "application/json")
@@ -46,16 +40,7 @@ async fn call(proxy: &Proxy, path: &str, key: Option<&str>) -> Reply {
     let status = res.status().as_u16();
     let headers = res.headers().clone();
     let text = res.text().await.expect("proxy body");
-    let body = serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }));
-    Reply {
-        status,
-        headers,
-        body,
-    }
-}
-
-fn header<'a>(r: &'a Reply, name: &str) -> Option<&'a str> {
-    r.headers.get(name).and_then(|v| v.to_str().ok())
+    Answer::new(format!("POST {path}"), status, headers, text)
 }
 
 /// A tollgate with its access-log receiver on.
@@ -100,7 +85,7 @@ async fn scenario(kind: Kind) {
         r.status,
         200,
         "{kind:?} admitted: {}\n{}",
-        r.body,
+        r.text,
         proxy.log()
     );
     assert_eq!(r.body, json!({"upstream": "ok"}));
@@ -154,13 +139,14 @@ async fn scenario(kind: Kind) {
     );
 
     let r = call(&proxy, "/v1/chat/completions", Some(&good)).await;
-    assert_eq!(r.status, 200, "{kind:?} second: {}", r.body);
+    assert_eq!(r.status, 200, "{kind:?} second: {}", r.text);
 
     // Over the rate limit: 429 with Retry-After in whole seconds.
     let r = call(&proxy, "/v1/chat/completions", Some(&good)).await;
-    assert_eq!(r.status, 429, "{kind:?} rate limited: {}", r.body);
-    assert_eq!(r.body["code"], "rate_limited", "{}", r.body);
-    let retry: u64 = header(&r, "retry-after")
+    assert_eq!(r.status, 429, "{kind:?} rate limited: {}", r.text);
+    assert_eq!(r.body["code"], "rate_limited", "{}", r.text);
+    let retry: u64 = r
+        .header("retry-after")
         .unwrap_or_else(|| panic!("{kind:?}: no Retry-After: {:?}", r.headers))
         .parse()
         .expect("Retry-After is whole seconds");
@@ -171,7 +157,7 @@ async fn scenario(kind: Kind) {
         (r.status, r.body["code"].as_str()),
         (402, Some("balance_exhausted")),
         "{kind:?} {}",
-        r.body
+        r.text
     );
 
     let r = call(&proxy, "/v1/chat/completions", None).await;
@@ -179,7 +165,7 @@ async fn scenario(kind: Kind) {
         (r.status, r.body["code"].as_str()),
         (401, Some("key_missing")),
         "{kind:?} {}",
-        r.body
+        r.text
     );
 
     let r = call(
@@ -192,7 +178,7 @@ async fn scenario(kind: Kind) {
         (r.status, r.body["code"].as_str()),
         (401, Some("key_invalid")),
         "{kind:?} {}",
-        r.body
+        r.text
     );
 
     let r = call(&proxy, "/v1/chat/completions", Some(&off)).await;
@@ -200,7 +186,7 @@ async fn scenario(kind: Kind) {
         (r.status, r.body["code"].as_str()),
         (403, Some("key_disabled")),
         "{kind:?} {}",
-        r.body
+        r.text
     );
 
     // The proxy hands tollgate the original path, so path inference decides the API format.
@@ -208,14 +194,14 @@ async fn scenario(kind: Kind) {
     assert_eq!(
         r.status, 200,
         "{kind:?} anthropic on /v1/messages: {}",
-        r.body
+        r.text
     );
     let r = call(&proxy, "/v1/chat/completions", Some(&anthropic_only)).await;
     assert_eq!(
         (r.status, r.body["code"].as_str()),
         (403, Some("api_format_not_allowed")),
         "{kind:?} {}",
-        r.body
+        r.text
     );
 
     // A key without a rate limit has no RateLimit fields: the upstream gets none, not an
@@ -224,7 +210,7 @@ async fn scenario(kind: Kind) {
         .create_key(json!({"user_id": "u-unl", "rate_limit": null}))
         .await;
     let r = call(&proxy, "/v1/embeddings", Some(&unlimited)).await;
-    assert_eq!(r.status, 200, "{kind:?} unlimited: {}", r.body);
+    assert_eq!(r.status, 200, "{kind:?} unlimited: {}", r.text);
     let seen = upstream.seen();
     let s = seen.last().expect("seen");
     assert_eq!(s.header("x-tollgate-key-id"), unlimited_key["id"].as_str());
@@ -252,7 +238,7 @@ async fn scenario(kind: Kind) {
     let dead: std::net::SocketAddr = ([127, 0, 0, 1], common::proxies::free_port()).into();
     let to_nowhere = start_proxy(kind, &app, dead).await;
     let r = call(&to_nowhere, "/v1/embeddings", Some(&unlimited)).await;
-    assert_eq!(r.status, 502, "{kind:?} upstream down: {}", r.body);
+    assert_eq!(r.status, 502, "{kind:?} upstream down: {}", r.text);
     assert_ne!(r.body["code"].as_str(), Some("unavailable"), "{kind:?}");
     drop(to_nowhere);
 
@@ -264,11 +250,11 @@ async fn scenario(kind: Kind) {
         (r.status, r.body["code"].as_str()),
         (503, Some("unavailable")),
         "{kind:?} tollgate down: {} {:?}",
-        r.body,
+        r.text,
         r.headers
     );
     assert!(
-        header(&r, "retry-after").is_some(),
+        r.header("retry-after").is_some(),
         "{kind:?}: {:?}",
         r.headers
     );
@@ -349,7 +335,7 @@ async fn loop_scenario(kind: Kind) {
             r.status,
             200,
             "{kind:?} request {i}: {}\n{}",
-            r.body,
+            r.text,
             proxy.log()
         );
     }
@@ -387,7 +373,7 @@ async fn loop_scenario(kind: Kind) {
     // An answered request is charged exactly the upstream's cost header.
     upstream.answer_with(200, &[("x-litellm-response-cost", "0.012345678")]);
     let r = call(&proxy, "/v1/chat/completions", Some(&prepaid)).await;
-    assert_eq!(r.status, 200, "{kind:?}: {}", r.body);
+    assert_eq!(r.status, 200, "{kind:?}: {}", r.text);
     let charged = within(Duration::from_secs(2), || async {
         total_requests(&app, &prepaid_id).await == 1
     })

@@ -8,25 +8,8 @@ use crate::common;
 use common::private_redis::PrivateRedis;
 use common::proxies::TempDir;
 use common::*;
-use reqwest::header::HeaderMap;
 use reqwest::Method;
 use serde_json::{json, Value};
-
-struct Answer {
-    status: u16,
-    headers: HeaderMap,
-    body: Value,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn code(&self) -> Option<&str> {
-        self.body["code"].as_str()
-    }
-}
 
 async fn ask(
     app: &TestApp,
@@ -35,23 +18,18 @@ async fn ask(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Answer {
-    let mut req = app.http.request(method, format!("{}{path}", app.data));
+    let mut req = app
+        .http
+        .request(method.clone(), format!("{}{path}", app.data));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
     if let Some(b) = body {
         req = req.body(b.to_string());
     }
+    let what = format!("{method} {path}");
     let res = req.send().await.expect("subrequest");
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    let text = res.text().await.expect("body");
-    let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-    Answer {
-        status,
-        headers,
-        body,
-    }
+    Answer::read(what, res).await
 }
 
 async fn get(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> Answer {

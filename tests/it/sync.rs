@@ -269,21 +269,12 @@ async fn pending_of(redis: &mut MultiplexedConnection, ns: &str, consumer: &str)
     n
 }
 
-async fn poll_until<F, Fut>(within: Duration, mut check: F) -> bool
+async fn poll_until<F, Fut>(within: Duration, check: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    poll_every(Duration::from_millis(100), within, check).await
 }
 
 async fn rows_present(db: &PgPool, leases: &[String]) -> i64 {

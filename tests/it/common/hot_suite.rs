@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tollgate::hot::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
 use tollgate::money::Money;
 
-use super::{amount, nanos, unique, Api, TestApp, USD};
+use super::{amount, nanos, unique, Answer, Api, TestApp, USD};
 
 pub type Settings = HashMap<&'static str, String>;
 
@@ -85,76 +85,6 @@ fn require_setting(app: &TestApp, name: &str, value: &str) {
 // Helpers
 // ---------------------------------------------------------------------------------------------
 
-/// One data-plane answer.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub retry_after: Option<String>,
-    pub body: Value,
-}
-
-impl Answer {
-    /// `200`, or `<status> <code>`: what tallies count.
-    pub fn outcome(&self) -> String {
-        if self.status == 200 {
-            "200".into()
-        } else {
-            format!(
-                "{} {}",
-                self.status,
-                self.body["code"].as_str().unwrap_or("?")
-            )
-        }
-    }
-
-    /// Asserts an allowed admission and returns its lease id.
-    #[track_caller]
-    pub fn lease(&self, what: &str) -> String {
-        assert_eq!(
-            self.status, 200,
-            "{what}: expected allowed, got {}",
-            self.body
-        );
-        assert_eq!(self.body["allowed"], json!(true), "{what}: {}", self.body);
-        self.body["lease_id"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{what}: no lease_id in {}", self.body))
-            .to_string()
-    }
-
-    /// Asserts a denial with this status and code.
-    #[track_caller]
-    pub fn denied(&self, status: u16, code: &str, what: &str) {
-        assert_eq!(
-            (self.status, self.body["code"].as_str()),
-            (status, Some(code)),
-            "{what}: expected {status} {code}, got {} {}",
-            self.status,
-            self.body
-        );
-        assert_eq!(self.body["allowed"], json!(false), "{what}: {}", self.body);
-        assert!(
-            self.body["message"].is_string(),
-            "{what}: no message in {}",
-            self.body
-        );
-    }
-
-    /// `balance_remaining_usd` in nano-USD (`None` when null).
-    #[track_caller]
-    pub fn balance(&self) -> Option<i64> {
-        let v = &self.body["balance_remaining_usd"];
-        (!v.is_null()).then(|| nanos(v))
-    }
-
-    #[track_caller]
-    pub fn retry_after_ms(&self) -> u64 {
-        self.body["retry_after_ms"]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no retry_after_ms in {}", self.body))
-    }
-}
-
 /// A cloneable handle on the data plane, for requests sent from spawned tasks.
 #[derive(Clone)]
 pub struct DataPlane {
@@ -178,20 +108,9 @@ impl DataPlane {
             .send()
             .await
             .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = res.status().as_u16();
-        let retry_after = res
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap_or("<not text>").to_string());
-        let body = res
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("POST {path} answered {status} without JSON: {e}"));
-        Answer {
-            status,
-            retry_after,
-            body,
-        }
+        let answer = Answer::read(format!("POST {path}"), res).await;
+        answer.json();
+        answer
     }
 }
 
@@ -858,8 +777,8 @@ async fn sliding_window_attempt(app: &TestApp) -> Result<(), String> {
         "C's retry_after_ms {retry} is the time until A leaves the window: expected {lo}..={hi}"
     );
     let header = c
-        .retry_after
-        .clone()
+        .header("retry-after")
+        .map(str::to_string)
         .expect("Retry-After header on rate_limited");
     assert_eq!(
         header,

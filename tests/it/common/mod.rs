@@ -9,6 +9,7 @@
 //! (default `postgres://postgres@127.0.0.1:5432`, a server URL without a database name).
 
 pub mod alone;
+pub mod answer;
 pub mod hot_suite;
 pub mod money;
 pub mod private_pg;
@@ -31,6 +32,7 @@ use tollgate::app::App;
 use tollgate::config::Config;
 use tollgate::http::AppState;
 
+pub use answer::Answer;
 pub use money::{amount, amount_of, decimal, nanos, USD};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
@@ -429,21 +431,30 @@ impl TestApp {
     }
 
     /// Polls `check` until it returns true or `within` passes.
-    pub async fn eventually<F, Fut>(&self, within: Duration, mut check: F) -> bool
+    pub async fn eventually<F, Fut>(&self, within: Duration, check: F) -> bool
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = bool>,
     {
-        let deadline = tokio::time::Instant::now() + within;
-        loop {
-            if check().await {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        poll_every(Duration::from_millis(50), within, check).await
+    }
+}
+
+/// Runs `check` every `every` until it returns true (true) or `within` passes (false).
+pub async fn poll_every<F, Fut>(every: Duration, within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
         }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(every).await;
     }
 }
 

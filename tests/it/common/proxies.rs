@@ -118,7 +118,7 @@ impl Seen {
 
 /// How the upstream answers: a status and extra response headers.
 #[derive(Debug, Clone)]
-struct Answer {
+struct Canned {
     status: u16,
     headers: Vec<(String, String)>,
 }
@@ -129,7 +129,7 @@ struct Answer {
 pub struct Upstream {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
-    answer: Arc<Mutex<Answer>>,
+    answer: Arc<Mutex<Canned>>,
     open: tokio::sync::watch::Sender<bool>,
     waiting: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
@@ -142,7 +142,7 @@ impl Upstream {
             .expect("bind upstream");
         let addr = listener.local_addr().expect("upstream addr");
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let answer = Arc::new(Mutex::new(Answer {
+        let answer = Arc::new(Mutex::new(Canned {
             status: 200,
             headers: Vec::new(),
         }));
@@ -206,7 +206,7 @@ impl Upstream {
 
     /// Answers later requests with this status and these extra headers.
     pub fn answer_with(&self, status: u16, headers: &[(&str, &str)]) {
-        *self.answer.lock().expect("upstream answer") = Answer {
+        *self.answer.lock().expect("upstream answer") = Canned {
             status,
             headers: headers
                 .iter()
