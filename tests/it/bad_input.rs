@@ -265,7 +265,7 @@ async fn wrong_types_and_out_of_range_numbers_are_a_400() {
         .await
         .unwrap();
     assert_eq!(n, 1, "no bad create stored a key");
-    let (status, body) = app.settle(&l, 0.25).await;
+    let (status, body) = app.settle(&l, "0.25").await;
     assert_eq!(
         status, 200,
         "the lease survived the bad settlements: {body}"
@@ -990,7 +990,9 @@ async fn hostile_usage_values_never_block_the_usage_pipeline() {
         }
         let (status, lease) = app.admit(&key, json!({})).await;
         assert_eq!(status, 200, "{lease}");
-        let (status, body) = app.settle(lease["lease_id"].as_str().unwrap(), 0.001).await;
+        let (status, body) = app
+            .settle(lease["lease_id"].as_str().unwrap(), "0.001")
+            .await;
         assert_eq!(status, 200, "{body}");
         expected += 1;
         if !usage_rows(&app, &id, expected).await {

@@ -162,7 +162,7 @@ async fn the_sync_gauges_keep_moving_while_a_sync_write_hangs() {
         let (status, body) = p.admit(&key, json!({})).await;
         assert_eq!(status, 200, "{body}");
         let (status, body) = p
-            .settle(body["lease_id"].as_str().expect("lease"), 0.01)
+            .settle(body["lease_id"].as_str().expect("lease"), "0.01")
             .await;
         assert_eq!(status, 200, "{body}");
     };

@@ -117,11 +117,11 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
     assert_eq!(c["code"], "concurrency_limited", "{c}");
 
     let lease_a = a["lease_id"].as_str().expect("lease");
-    let (status, s) = app.settle(lease_a, 0.5).await;
+    let (status, s) = app.settle(lease_a, "0.5").await;
     assert_eq!(status, 200, "{s}");
     assert_eq!(s["settled"], true);
     assert_eq!(s["duplicate"], false);
-    let (status, s) = app.settle(lease_a, 0.5).await;
+    let (status, s) = app.settle(lease_a, "0.5").await;
     assert_eq!(status, 200, "{s}");
     assert_eq!(
         s["duplicate"], true,
@@ -142,7 +142,7 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
     assert_eq!(e["code"], "rate_limited", "{e}");
 
     let unknown = format!("{}.{}", "ab".repeat(16), "A".repeat(22));
-    let (status, u) = app.settle(&unknown, 0.1).await;
+    let (status, u) = app.settle(&unknown, "0.1").await;
     assert_eq!(status, 404, "{u}");
     assert_eq!(u["code"], "lease_unknown");
     let (status, body) = app
@@ -166,7 +166,7 @@ async fn admit_settle_release_work_on_a_three_master_cluster() {
     assert_eq!(status, 402, "{h}");
     assert_eq!(h["code"], "balance_exhausted");
     let (status, s) = app
-        .settle(g["lease_id"].as_str().expect("lease"), 0.3)
+        .settle(g["lease_id"].as_str().expect("lease"), "0.3")
         .await;
     assert_eq!(status, 200, "{s}");
     assert_eq!(nanos(&s["balance_remaining_usd"]), 700_000_000, "{s}");
@@ -233,7 +233,7 @@ async fn keys_of_different_shards_land_on_different_masters() {
         let (status, body) = app.admit(key, json!({})).await;
         assert_eq!(status, 200, "{body}");
         let (status, body) = app
-            .settle(body["lease_id"].as_str().expect("lease"), 0.001)
+            .settle(body["lease_id"].as_str().expect("lease"), "0.001")
             .await;
         assert_eq!(status, 200, "{body}");
     }
@@ -390,7 +390,7 @@ async fn script_flush_on_every_master_is_recovered() {
         "admission right after SCRIPT FLUSH on every master: {b}"
     );
     let (status, s) = app
-        .settle(a["lease_id"].as_str().expect("lease"), 0.01)
+        .settle(a["lease_id"].as_str().expect("lease"), "0.01")
         .await;
     assert_eq!(status, 200, "settle after SCRIPT FLUSH: {s}");
     let (status, r) = app.release(b["lease_id"].as_str().expect("lease")).await;
@@ -466,7 +466,7 @@ async fn lost_cluster_state_is_rehydrated_from_postgres() {
     let (status, a) = app.admit(&key, json!({"model": "m1"})).await;
     assert_eq!(status, 200, "{a}");
     let (status, s) = app
-        .settle(a["lease_id"].as_str().expect("lease"), 0.25)
+        .settle(a["lease_id"].as_str().expect("lease"), "0.25")
         .await;
     assert_eq!(status, 200, "{s}");
     let synced = app
@@ -503,7 +503,7 @@ async fn lost_cluster_state_is_rehydrated_from_postgres() {
     let (status, c) = app.admit(&key, json!({"model": "m2"})).await;
     assert_eq!(status, 403, "the allow-list came back too: {c}");
     let (status, s) = app
-        .settle(b["lease_id"].as_str().expect("lease"), 0.05)
+        .settle(b["lease_id"].as_str().expect("lease"), "0.05")
         .await;
     assert_eq!(status, 200, "{s}");
     // The syncer recreates its consumer group on the wiped stream and carries on.

@@ -38,7 +38,7 @@ async fn real_scrape(tg: &TollgateProcess) -> String {
     let (status, admitted) = tg.admit(&key, json!({})).await;
     assert_eq!(status, 200, "{admitted}");
     let lease = admitted["lease_id"].as_str().expect("lease id");
-    assert_eq!(tg.settle(lease, 0.01).await.0, 200);
+    assert_eq!(tg.settle(lease, "0.01").await.0, 200);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let scrape = tg.metrics_text().await;

@@ -119,7 +119,7 @@ async fn closed_mode_answers_unavailable_fast_while_redis_is_down_and_resumes_by
     );
 
     let started = Instant::now();
-    let (status, body) = app.settle(&lease, 0.01).await;
+    let (status, body) = app.settle(&lease, "0.01").await;
     assert_unavailable(status, &body, "settle with redis down");
     assert!(
         started.elapsed() < FAST,
@@ -179,7 +179,7 @@ async fn closed_mode_answers_unavailable_fast_while_redis_is_down_and_resumes_by
     let body = resumes(&app, &key).await;
     assert_eq!(body["key_id"], api_key["id"], "{body}");
     let lease = body["lease_id"].as_str().expect("lease").to_string();
-    let (status, body) = app.settle(&lease, 0.25).await;
+    let (status, body) = app.settle(&lease, "0.25").await;
     assert_eq!(status, 200, "settle after recovery: {body}");
     assert_eq!(body["settled"], true, "{body}");
     let ok = app
@@ -318,7 +318,7 @@ async fn open_mode_admits_only_recently_validated_keys_without_a_balance() {
     let lease = body["lease_id"].as_str().expect("lease").to_string();
     let (status, body) = app.admit(&seen, json!({})).await;
     assert_eq!(status, 429, "limits apply again once redis is back: {body}");
-    let (status, body) = app.settle(&lease, 0.0).await;
+    let (status, body) = app.settle(&lease, "0.0").await;
     assert_eq!(status, 200, "a real lease again: {body}");
     let (status, body) = app.admit(&funded, json!({})).await;
     assert_eq!(status, 200, "{body}");
@@ -416,18 +416,18 @@ async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
     let mut redis = PrivateRedis::start();
     let (app, key_id, lease) =
         fail_open_lease(&mut redis, json!({"provider": "openai", "model": "gpt-4o"})).await;
-    let (status, body) = app.settle(&lease, 0.25).await;
+    let (status, body) = app.settle(&lease, "0.25").await;
     assert_unavailable(status, &body, "settle while redis is down");
 
     redis.restart();
     let settled = app
         .eventually(RESUME_WITHIN, || async {
-            let (status, body) = app.settle(&lease, 0.25).await;
+            let (status, body) = app.settle(&lease, "0.25").await;
             status == 200 && body["duplicate"] == false
         })
         .await;
     assert!(settled, "the fail-open lease settles once redis is back");
-    let (status, body) = app.settle(&lease, 0.25).await;
+    let (status, body) = app.settle(&lease, "0.25").await;
     assert_eq!(
         (status, body["duplicate"].as_bool()),
         (200, Some(true)),
@@ -493,12 +493,12 @@ async fn a_fail_open_lease_can_be_released() {
     redis.restart();
     let answered = app
         .eventually(RESUME_WITHIN, || async {
-            let (status, _) = app.settle(&lease, 0.25).await;
+            let (status, _) = app.settle(&lease, "0.25").await;
             status != 503
         })
         .await;
     assert!(answered, "settle answers once redis is back");
-    let (status, body) = app.settle(&lease, 0.25).await;
+    let (status, body) = app.settle(&lease, "0.25").await;
     assert_eq!(
         (status, body["code"].as_str()),
         (404, Some("lease_unknown")),

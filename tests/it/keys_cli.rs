@@ -388,7 +388,7 @@ async fn keys_stats_shows_settled_usage_per_day_within_from_and_to() {
         "{}",
         empty.stdout
     );
-    for cost in [0.25, 0.5] {
+    for cost in ["0.25", "0.5"] {
         let (status, admitted) = app.admit(&plaintext, json!({})).await;
         assert_eq!(status, 200);
         let lease = admitted["lease_id"].as_str().expect("lease");

@@ -394,11 +394,11 @@ async fn admissions_settlements_and_latency_move_by_exactly_what_happened() {
     for l in [&l1, &l2, &l3] {
         secrets.push(l.split('.').nth(1).unwrap().to_string());
     }
-    let (st, b) = app.settle(&l1, 0.5).await;
+    let (st, b) = app.settle(&l1, "0.5").await;
     assert_eq!((st, &b["duplicate"]), (200, &json!(false)), "{b}");
-    let (st, b) = app.settle(&l1, 0.5).await;
+    let (st, b) = app.settle(&l1, "0.5").await;
     assert_eq!((st, &b["duplicate"]), (200, &json!(true)), "{b}");
-    let (st, _) = app.settle(&l3, 0.25).await;
+    let (st, _) = app.settle(&l3, "0.25").await;
     assert_eq!(st, 200);
     let (st, _) = app.release(&l2).await;
     assert_eq!(st, 200, "a release is no settlement");
@@ -406,7 +406,7 @@ async fn admissions_settlements_and_latency_move_by_exactly_what_happened() {
         "{}.AAAAAAAAAAAAAAAAAAAAAA",
         &tollgate::keys::hash(&limited)[..32]
     );
-    let (st, b) = app.settle(&unknown, 0.1).await;
+    let (st, b) = app.settle(&unknown, "0.1").await;
     assert_eq!(
         (st, b["code"].as_str()),
         (404, Some("lease_unknown")),
@@ -425,7 +425,7 @@ async fn admissions_settlements_and_latency_move_by_exactly_what_happened() {
     let (st, a4) = short.admit(&key, json!({})).await;
     assert_eq!(st, 200, "{a4}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (st, b) = short.settle(&lease_of(&a4), 0.1).await;
+    let (st, b) = short.settle(&lease_of(&a4), "0.1").await;
     assert_eq!((st, &b["lease_expired"]), (200, &json!(true)), "{b}");
     secrets.push(lease_of(&a4));
 
@@ -498,7 +498,7 @@ async fn usage_gauges_show_events_waiting_for_postgres_and_their_age() {
     for _ in 0..3 {
         let (st, a) = app.admit(&key, json!({})).await;
         assert_eq!(st, 200, "{a}");
-        let (st, b) = app.settle(&lease_of(&a), 0.01).await;
+        let (st, b) = app.settle(&lease_of(&a), "0.01").await;
         assert_eq!(st, 200, "{b}");
     }
 

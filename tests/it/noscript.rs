@@ -123,7 +123,7 @@ async fn settle_release_and_readiness_survive_script_flush() {
 
     flush_scripts(&redis, &[&settle_sha, &release_sha]);
     let (status, body) = app
-        .settle(first["lease_id"].as_str().expect("lease"), 0.25)
+        .settle(first["lease_id"].as_str().expect("lease"), "0.25")
         .await;
     assert_eq!(status, 200, "settle after SCRIPT FLUSH: {body}");
     assert_eq!(body["settled"], true, "{body}");

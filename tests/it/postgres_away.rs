@@ -93,7 +93,7 @@ async fn serve_decides_from_redis_while_postgres_is_away_at_start_and_catches_up
         "admission from redis with postgres away: {body}"
     );
     let (status, body) = p
-        .settle(body["lease_id"].as_str().expect("lease"), 1.25)
+        .settle(body["lease_id"].as_str().expect("lease"), "1.25")
         .await;
     assert_eq!(status, 200, "settlement with postgres away: {body}");
     assert_eq!(body["settled"], true, "{body}");

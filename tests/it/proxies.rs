@@ -131,7 +131,7 @@ async fn scenario(kind: Kind) {
         recorded.is_some(),
         "{kind:?}: the proxy's record was not settled"
     );
-    let (st, body) = app.settle(&lease, 0.001).await;
+    let (st, body) = app.settle(&lease, "0.001").await;
     assert_eq!(
         (st, body["duplicate"].clone()),
         (200, json!(true)),

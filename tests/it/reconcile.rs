@@ -57,7 +57,7 @@ async fn pushes_are_idempotent_and_never_go_back_in_time() {
         .await;
     let id = uuid::Uuid::parse_str(api_key["id"].as_str().unwrap()).unwrap();
     let (_, body) = app.admit(&key, json!({})).await;
-    let (status, _) = app.settle(body["lease_id"].as_str().unwrap(), 0.25).await;
+    let (status, _) = app.settle(body["lease_id"].as_str().unwrap(), "0.25").await;
     assert_eq!(status, 200);
 
     let old = keys::get(&app.db, id).await.unwrap().unwrap();
@@ -96,7 +96,7 @@ async fn a_wiped_namespace_is_reloaded_from_postgres_in_bulk() {
         keys.push(key);
     }
     let (_, body) = app.admit(&keys[0], json!({})).await;
-    let (status, _) = app.settle(body["lease_id"].as_str().unwrap(), 0.25).await;
+    let (status, _) = app.settle(body["lease_id"].as_str().unwrap(), "0.25").await;
     assert_eq!(status, 200);
     let synced = app
         .eventually(Duration::from_secs(10), || async {

@@ -228,7 +228,7 @@ async fn no_column_no_redis_value_and_no_ordinary_response_holds_key_material() 
     keep("settle", body_of(settled).await);
     let (status, l2) = app.admit(&k2, json!({"reserve_usd": 0.5})).await;
     assert_eq!(status, 200, "{l2}");
-    let (status, _) = app.settle(l2["lease_id"].as_str().unwrap(), 0.5).await;
+    let (status, _) = app.settle(l2["lease_id"].as_str().unwrap(), "0.5").await;
     assert_eq!(status, 200);
     let (status, l3) = app
         .admit(&k1, json!({"provider": "openai", "model": "gpt-4o"}))

@@ -167,7 +167,7 @@ async fn an_allowed_answer_carries_the_ids_and_structured_ratelimit_fields() {
         leases.push(lease);
     }
     // The lease ids handed to the proxy are real leases.
-    let (st, body) = app.settle(&leases[0], 0.01).await;
+    let (st, body) = app.settle(&leases[0], "0.01").await;
     assert_eq!(
         (st, &body["settled"], &body["duplicate"]),
         (200, &json!(true), &json!(false)),

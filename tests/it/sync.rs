@@ -98,6 +98,11 @@ fn acked(l: &Shared) -> usize {
     l.lock().unwrap().acked.len()
 }
 
+/// What [`drive`] needs of a running tollgate: its HTTP client and data-plane URL.
+fn on(tollgate: &impl Api) -> (reqwest::Client, String) {
+    (tollgate.http().clone(), tollgate.data_url().to_string())
+}
+
 /// (plaintext, key id)
 type Key = (String, String);
 
@@ -134,8 +139,7 @@ async fn admit_and_settle_logged(
 /// Runs the rounds `range` over `keys` with `workers` concurrent workers. A worker stops at its
 /// first connection failure (the server died or is stopping); returns how many failed so.
 async fn drive(
-    http: reqwest::Client,
-    data: String,
+    (http, data): (reqwest::Client, String),
     keys: Arc<Vec<Key>>,
     range: Range<usize>,
     workers: usize,
@@ -702,15 +706,7 @@ async fn crash_and_restart(same_consumer: bool) {
     let mut first = TollgateProcess::start(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&first, 4).await);
     let ledger = Shared::default();
-    let failed = drive(
-        first.http.clone(),
-        first.data.clone(),
-        keys,
-        0..300,
-        16,
-        ledger.clone(),
-    )
-    .await;
+    let failed = drive(on(&first), keys, 0..300, 16, ledger.clone()).await;
     assert_eq!(failed, 0, "the server was up throughout");
     first.kill9();
 
@@ -765,15 +761,7 @@ async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowled
     let db = connect_db(&db_url).await;
     let warm = Shared::default();
     assert_eq!(
-        drive(
-            first.http.clone(),
-            first.data.clone(),
-            keys.clone(),
-            0..6,
-            3,
-            warm.clone()
-        )
-        .await,
+        drive(on(&first), keys.clone(), 0..6, 3, warm.clone()).await,
         0
     );
     wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
@@ -782,15 +770,7 @@ async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowled
     tokio::task::block_in_place(|| pg.stop());
     let during = Shared::default();
     assert_eq!(
-        drive(
-            first.http.clone(),
-            first.data.clone(),
-            keys.clone(),
-            6..66,
-            4,
-            during.clone()
-        )
-        .await,
+        drive(on(&first), keys.clone(), 6..66, 4, during.clone()).await,
         0
     );
     let mut redis = redis_conn().await;
@@ -840,22 +820,8 @@ async fn when_one_of_two_replicas_is_killed_mid_burst_every_event_arrives_exactl
     let keys = Arc::new(create_keys_in_shards(&a, 4).await);
 
     let (la, lb) = (Shared::default(), Shared::default());
-    let drive_a = tokio::spawn(drive(
-        a.http.clone(),
-        a.data.clone(),
-        keys.clone(),
-        0..400,
-        8,
-        la.clone(),
-    ));
-    let drive_b = tokio::spawn(drive(
-        b.http.clone(),
-        b.data.clone(),
-        keys.clone(),
-        400..700,
-        8,
-        lb.clone(),
-    ));
+    let drive_a = tokio::spawn(drive(on(&a), keys.clone(), 0..400, 8, la.clone()));
+    let drive_b = tokio::spawn(drive(on(&b), keys.clone(), 400..700, 8, lb.clone()));
     let midway = poll_until(Duration::from_secs(60), || {
         let la = la.clone();
         async move { acked(&la) >= 120 }
@@ -911,40 +877,15 @@ async fn a_dead_replicas_delivered_but_unsynced_events_are_claimed_by_the_surviv
 
     // Hydrate every key while Postgres is up.
     let warm = Shared::default();
-    assert_eq!(
-        drive(
-            a.http.clone(),
-            a.data.clone(),
-            keys.clone(),
-            0..8,
-            4,
-            warm.clone()
-        )
-        .await,
-        0
-    );
+    assert_eq!(drive(on(&a), keys.clone(), 0..8, 4, warm.clone()).await, 0);
     wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
     db.close().await;
 
     tokio::task::block_in_place(|| pg.stop());
     let (la, lb) = (Shared::default(), Shared::default());
     let (fa, fb) = tokio::join!(
-        drive(
-            a.http.clone(),
-            a.data.clone(),
-            keys.clone(),
-            8..68,
-            4,
-            la.clone()
-        ),
-        drive(
-            b.http.clone(),
-            b.data.clone(),
-            keys.clone(),
-            68..128,
-            4,
-            lb.clone()
-        ),
+        drive(on(&a), keys.clone(), 8..68, 4, la.clone()),
+        drive(on(&b), keys.clone(), 68..128, 4, lb.clone()),
     );
     assert_eq!((fa, fb), (0, 0), "settlements go on while postgres is down");
     let mut redis = redis_conn().await;
@@ -992,15 +933,7 @@ async fn while_postgres_is_down_admission_and_settlement_go_on_and_usage_waits_i
 
     let before = Shared::default();
     assert_eq!(
-        drive(
-            p.http.clone(),
-            p.data.clone(),
-            keys.clone(),
-            0..30,
-            4,
-            before.clone()
-        )
-        .await,
+        drive(on(&p), keys.clone(), 0..30, 4, before.clone()).await,
         0
     );
     wait_synced(&db, &ns, &merged(&[&before]), Duration::from_secs(20)).await;
@@ -1008,15 +941,7 @@ async fn while_postgres_is_down_admission_and_settlement_go_on_and_usage_waits_i
 
     tokio::task::block_in_place(|| pg.stop());
     let during = Shared::default();
-    let failed = drive(
-        p.http.clone(),
-        p.data.clone(),
-        keys.clone(),
-        30..130,
-        4,
-        during.clone(),
-    )
-    .await;
+    let failed = drive(on(&p), keys.clone(), 30..130, 4, during.clone()).await;
     assert_eq!(failed, 0);
     assert_eq!(
         acked(&during),
@@ -1067,15 +992,7 @@ async fn a_wiped_redis_rehydrates_keys_with_the_synced_balance_and_charges_nothi
     let keys = Arc::new(vec![(key.clone(), id.clone())]);
     let ledger = Shared::default();
     assert_eq!(
-        drive(
-            app.http.clone(),
-            app.data.clone(),
-            keys.clone(),
-            0..15,
-            3,
-            ledger.clone()
-        )
-        .await,
+        drive(on(&app), keys.clone(), 0..15, 3, ledger.clone()).await,
         0
     );
     let first: i64 = (0..15).map(cost_of).sum();
@@ -1107,15 +1024,7 @@ async fn a_wiped_redis_rehydrates_keys_with_the_synced_balance_and_charges_nothi
     assert_eq!(status, 200);
 
     assert_eq!(
-        drive(
-            app.http.clone(),
-            app.data.clone(),
-            keys.clone(),
-            15..30,
-            3,
-            ledger.clone()
-        )
-        .await,
+        drive(on(&app), keys.clone(), 15..30, 3, ledger.clone()).await,
         0
     );
     let all: i64 = (0..30).map(cost_of).sum();
@@ -1158,14 +1067,7 @@ async fn sigterm_during_a_burst_exits_0_with_everything_settled_in_postgres() {
     let mut p = TollgateProcess::start(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&p, 4).await);
     let ledger = Shared::default();
-    let burst = tokio::spawn(drive(
-        p.http.clone(),
-        p.data.clone(),
-        keys,
-        0..1_000_000,
-        12,
-        ledger.clone(),
-    ));
+    let burst = tokio::spawn(drive(on(&p), keys, 0..1_000_000, 12, ledger.clone()));
     let busy = poll_until(Duration::from_secs(60), || {
         let l = ledger.clone();
         async move { acked(&l) >= 200 }
@@ -1259,7 +1161,7 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing(
     // The shard still flows: a real settlement after the poison arrives too.
     let (_, body) = app.admit(&key, serde_json::json!({})).await;
     let lease = body["lease_id"].as_str().expect("lease").to_string();
-    let (status, _) = app.settle(&lease, 0.5).await;
+    let (status, _) = app.settle(&lease, "0.5").await;
     assert_eq!(status, 200);
     let arrived = app
         .eventually(std::time::Duration::from_secs(10), || async {
@@ -1354,15 +1256,7 @@ async fn a_process_with_sync_off_leaves_its_usage_to_one_with_it_on() {
     let mut sidecar = TollgateProcess::start(&sidecar_settings).await;
     let keys = Arc::new(create_keys_in_shards(&sidecar, 4).await);
     let ledger = Shared::default();
-    let failed = drive(
-        sidecar.http.clone(),
-        sidecar.data.clone(),
-        keys,
-        0..120,
-        6,
-        ledger.clone(),
-    )
-    .await;
+    let failed = drive(on(&sidecar), keys, 0..120, 6, ledger.clone()).await;
     assert_eq!(failed, 0);
     assert_eq!(acked(&ledger), 120);
 
@@ -1455,15 +1349,7 @@ async fn the_usage_sync_writes_through_one_connection_of_its_own() {
     // Three bursts with pauses longer than a pass: several separate inserts.
     for round in 0..3 {
         let from = round * 40;
-        let failed = drive(
-            p.http.clone(),
-            p.data.clone(),
-            keys.clone(),
-            from..from + 40,
-            4,
-            ledger.clone(),
-        )
-        .await;
+        let failed = drive(on(&p), keys.clone(), from..from + 40, 4, ledger.clone()).await;
         assert_eq!(failed, 0);
         let so_far = merged(&[&ledger]);
         wait_synced(&db, &ns, &so_far, Duration::from_secs(30)).await;

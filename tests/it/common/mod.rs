@@ -287,11 +287,12 @@ pub trait Api {
         (status, res.json().await.expect("admit answers JSON"))
     }
 
-    async fn settle(&self, lease_id: &str, cost_usd: f64) -> (u16, Value) {
+    /// Settles `lease_id` with `cost_usd`, an exact decimal (it goes out as written).
+    async fn settle(&self, lease_id: &str, cost_usd: &str) -> (u16, Value) {
         let res = self
             .post_data(
                 "/v1/settle",
-                json!({"lease_id": lease_id, "cost_usd": cost_usd}),
+                json!({"lease_id": lease_id, "cost_usd": amount(cost_usd)}),
             )
             .await;
         let status = res.status().as_u16();
