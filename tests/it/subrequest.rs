@@ -240,13 +240,10 @@ async fn auth_and_envoy_denials_carry_the_real_status_json_body_and_retry_after(
     let app = spawn_app().await;
     let k = denial_keys(&app).await;
     for path in ["/auth", "/auth/envoy/v1/chat/completions"] {
+        #[rustfmt::skip]
         let cases: [(Option<&str>, u16, &str); 7] = [
             (None, 401, "key_missing"),
-            (
-                Some("sk-NoSuchKey0123456789abcdefABCDEF"),
-                401,
-                "key_invalid",
-            ),
+            (Some("sk-NoSuchKey0123456789abcdefABCDEF"), 401, "key_invalid"),
             (Some(&k.disabled), 403, "key_disabled"),
             (Some(&k.expired), 403, "key_expired"),
             (Some(&k.anthropic_only), 403, "provider_not_allowed"),
@@ -310,14 +307,10 @@ async fn auth_and_envoy_denials_carry_the_real_status_json_body_and_retry_after(
 async fn nginx_denials_are_401_or_403_with_the_real_status_in_headers() {
     let app = spawn_app().await;
     let k = denial_keys(&app).await;
+    #[rustfmt::skip]
     let cases: [(Option<&str>, u16, &str, &str); 7] = [
         (None, 401, "401", "key_missing"),
-        (
-            Some("sk-NoSuchKey0123456789abcdefABCDEF"),
-            401,
-            "401",
-            "key_invalid",
-        ),
+        (Some("sk-NoSuchKey0123456789abcdefABCDEF"), 401, "401", "key_invalid"),
         (Some(&k.disabled), 403, "403", "key_disabled"),
         (Some(&k.expired), 403, "403", "key_expired"),
         (Some(&k.anthropic_only), 403, "403", "provider_not_allowed"),
@@ -390,36 +383,17 @@ async fn redis_down_is_503_unavailable_and_nginx_carries_it_in_x_tollgate_status
 }
 
 /// The built-in table: original path → (provider, API format, model from the path).
+#[rustfmt::skip]
 const TABLE: &[(&str, &str, &str, Option<&str>)] = &[
     ("/v1/chat/completions", "openai", "openai:chat", None),
     ("/v1/completions", "openai", "openai:completions", None),
     ("/v1/responses", "openai", "openai:responses", None),
     ("/v1/embeddings", "openai", "openai:embeddings", None),
     ("/v1/messages", "anthropic", "anthropic:messages", None),
-    (
-        "/v1beta/models/gemini-2.0-flash:generateContent",
-        "gemini",
-        "gemini:generateContent",
-        Some("gemini-2.0-flash"),
-    ),
-    (
-        "/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
-        "gemini",
-        "gemini:streamGenerateContent",
-        Some("gemini-2.0-flash"),
-    ),
-    (
-        "/v1/models/gemini-1.5-pro:generateContent",
-        "gemini",
-        "gemini:generateContent",
-        Some("gemini-1.5-pro"),
-    ),
-    (
-        "/v1/models/gemini-1.5-pro:streamGenerateContent",
-        "gemini",
-        "gemini:streamGenerateContent",
-        Some("gemini-1.5-pro"),
-    ),
+    ("/v1beta/models/gemini-2.0-flash:generateContent", "gemini", "gemini:generateContent", Some("gemini-2.0-flash")),
+    ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "gemini", "gemini:streamGenerateContent", Some("gemini-2.0-flash")),
+    ("/v1/models/gemini-1.5-pro:generateContent", "gemini", "gemini:generateContent", Some("gemini-1.5-pro")),
+    ("/v1/models/gemini-1.5-pro:streamGenerateContent", "gemini", "gemini:streamGenerateContent", Some("gemini-1.5-pro")),
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
