@@ -5,7 +5,7 @@
 # `cargo test` works on a fresh machine. Idempotent and quiet when all is there.
 # Also the Python tools of the OpenAPI tests (openapi-spec-validator, Schemathesis), pinned in
 # scripts/test-tools-requirements.txt, in a virtualenv at $TOLLGATE_TEST_VENV (default
-# ~/.cache/tollgate-test-tools); tests find it there (tests/common/tools.rs).
+# ~/.cache/tollgate-test-tools); tests find it there (tests/it/common/tools.rs).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 VENV="${TOLLGATE_TEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/tollgate-test-tools}"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerates docs/openapi.json (what the binary serves at /admin/openapi.json) from
-# docs/openapi.yaml (what people edit); tests/openapi.rs fails while the two disagree.
+# docs/openapi.yaml (what people edit); tests/it/openapi.rs fails while the two disagree.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$ROOT/scripts/install-test-deps.sh" >/dev/null

@@ -1,4 +1,4 @@
-"""Schemathesis hooks of tests/openapi.rs: a check that every error has the contract's shape."""
+"""Schemathesis hooks of tests/it/openapi.rs: a check that every error has the contract's shape."""
 import json
 
 import schemathesis

@@ -1,0 +1,299 @@
+//! Sealed lease ids (issue #15): an admission writes no lease record, the id carries what settlement needs under a MAC, and these tests pin what that must keep safe — forged, altered and foreign ids are unknown, expired ones still settle, a rotated secret keeps old ids valid while it is kept, duplicates are caught, and a plain key's admission writes nothing but its rate log.
+
+use crate::common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use serde_json::{json, Value};
+use tollgate::hot::layout::Layout;
+
+const SECRET_1: &str = "lease-secret-one-0123456789abcdef0123456789";
+const SECRET_2: &str = "lease-secret-two-0123456789abcdef0123456789";
+
+async fn lease(app: &TestApp, key: &str, extra: Value) -> String {
+    let (status, body) = app.admit(key, extra).await;
+    assert_eq!(status, 200, "{body}");
+    body["lease_id"].as_str().expect("lease id").to_string()
+}
+
+#[track_caller]
+fn assert_unknown(status: u16, body: &Value, what: &str) {
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (404, Some("lease_unknown")),
+        "{what}: {body}"
+    );
+}
+
+/// The id with one byte of its sealed payload changed and re-encoded: a well-formed id whose
+/// MAC no longer matches.
+fn with_payload_byte_changed(id: &str, at: usize) -> String {
+    let (head, body) = id.rsplit_once('.').expect("sealed id");
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let mut raw = b64.decode(body).expect("base64url body");
+    raw[at] ^= 0x01;
+    format!("{head}.{}", b64.encode(raw))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_altered_lease_ids_are_unknown_and_change_nothing() {
+    let app = spawn_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-forge", "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let id = lease(&app, &key, json!({"reserve_usd": 0.5})).await;
+
+    let (head, body) = id.rsplit_once('.').expect("sealed id");
+    let mut forgeries = vec![
+        // The tracked flag, the admission time, the expiry (payload bytes 1, 9, 17).
+        with_payload_byte_changed(&id, 1),
+        with_payload_byte_changed(&id, 9),
+        with_payload_byte_changed(&id, 17),
+        // The MAC's last byte.
+        with_payload_byte_changed(
+            &id,
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(body)
+                .expect("body")
+                .len()
+                - 1,
+        ),
+        // Another lease's head on this body, and this head without a body.
+        format!(
+            "{}.{}",
+            Layout::new(&app.namespace)
+                .for_hash(&"0".repeat(64))
+                .lease_id("AAAAAAAAAAAAAAAAAAAAAA"),
+            body
+        ),
+        format!("{head}.{}", "A".repeat(body.len())),
+    ];
+    // The same facts sealed with a secret tollgate does not hold.
+    let other = {
+        let mut s = app.settings.clone();
+        s.insert("TOLLGATE_LEASE_SECRET", SECRET_2.into());
+        let c = tollgate::config::Config::from_map(&s).expect("settings");
+        tollgate::hot::lease_id::LeaseSeal::new(&app.namespace, c.lease_secrets)
+    };
+    let opened = app
+        .hot_path()
+        .open_lease(&id)
+        .expect("the genuine id opens");
+    forgeries.push(other.seal(
+        &opened.keys,
+        &opened.nonce,
+        opened.facts.as_ref().expect("sealed facts"),
+    ));
+    for forged in &forgeries {
+        assert_ne!(forged, &id);
+        let (status, body) = app.settle(forged, "0.25").await;
+        assert_unknown(status, &body, &format!("settle {forged}"));
+        let (status, body) = app.release(forged).await;
+        assert_unknown(status, &body, &format!("release {forged}"));
+    }
+
+    // None of them touched the real lease: it still holds its reserve and settles once.
+    let (status, body) = app.settle(&id, "0.25").await;
+    assert_eq!(
+        (
+            status,
+            body["settled"].as_bool(),
+            body["duplicate"].as_bool()
+        ),
+        (200, Some(true), Some(false)),
+        "{body}"
+    );
+    assert_eq!(body["balance_remaining_usd"].to_string(), "0.75", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_id_still_settles_with_lease_expired() {
+    let app = spawn_app().await;
+    let (key, _) = app.create_key(json!({"user_id": "u-late"})).await;
+    let id = lease(&app, &key, json!({"lease_ttl_seconds": 1})).await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (status, body) = app.settle(&id, "0.01").await;
+    assert_eq!(
+        (
+            status,
+            body["settled"].as_bool(),
+            body["lease_expired"].as_bool()
+        ),
+        (200, Some(true), Some(true)),
+        "{body}"
+    );
+    let (status, body) = app.settle(&id, "0.01").await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_id_from_another_namespace_is_unknown() {
+    // Same encryption key, so the same derived secret: only the namespace differs.
+    let a = spawn_app().await;
+    let b = spawn_app().await;
+    let (key, _) = a.create_key(json!({"user_id": "u-ns"})).await;
+    let id = lease(&a, &key, json!({})).await;
+    let (status, body) = b.settle(&id, "0.01").await;
+    assert_unknown(status, &body, "settled in another namespace");
+    let (status, body) = b.release(&id).await;
+    assert_unknown(status, &body, "released in another namespace");
+    let (status, body) = a.settle(&id, "0.01").await;
+    assert_eq!(
+        (status, body["settled"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_sealed_before_a_secret_rotation_settles_while_the_previous_secret_is_kept() {
+    let before = spawn_app_with(|s| {
+        s.insert("TOLLGATE_LEASE_SECRET", SECRET_1.into());
+    })
+    .await;
+    let (key, _) = before.create_key(json!({"user_id": "u-rotate"})).await;
+    let kept = lease(&before, &key, json!({})).await;
+    let dropped = lease(&before, &key, json!({})).await;
+
+    let rotating = before
+        .replica_with(|s| {
+            s.insert("TOLLGATE_LEASE_SECRET", SECRET_2.into());
+            s.insert("TOLLGATE_LEASE_SECRET_PREVIOUS", SECRET_1.into());
+        })
+        .await;
+    let (status, body) = rotating.settle(&kept, "0.01").await;
+    assert_eq!(
+        (
+            status,
+            body["settled"].as_bool(),
+            body["duplicate"].as_bool()
+        ),
+        (200, Some(true), Some(false)),
+        "sealed with the previous secret, settled by a replica that keeps it: {body}"
+    );
+    // What the new secret seals, the old replica cannot open (it holds only the old one).
+    let fresh = lease(&rotating, &key, json!({})).await;
+    let (status, body) = before.settle(&fresh, "0.01").await;
+    assert_unknown(status, &body, "a new-secret id at a replica without it");
+
+    let done = before
+        .replica_with(|s| {
+            s.insert("TOLLGATE_LEASE_SECRET", SECRET_2.into());
+        })
+        .await;
+    let (status, body) = done.settle(&dropped, "0.01").await;
+    assert_unknown(status, &body, "the previous secret dropped");
+    let (status, body) = done.settle(&fresh, "0.01").await;
+    assert_eq!(
+        (status, body["settled"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_lease_is_charged_once_whichever_replica_sees_it_again() {
+    let app = spawn_app().await;
+    let replica = app.replica().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-dup", "is_standalone": true, "initial_balance_usd": 1}))
+        .await;
+    let id = lease(&app, &key, json!({})).await;
+    let (status, body) = app.settle(&id, "0.25").await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(false)),
+        "{body}"
+    );
+    for (who, r) in [("the replica", &replica), ("the same process", &app)] {
+        let (status, body) = r.settle(&id, "0.25").await;
+        assert_eq!(
+            (status, body["duplicate"].as_bool()),
+            (200, Some(true)),
+            "{who}: {body}"
+        );
+        assert_eq!(body["balance_remaining_usd"].to_string(), "0.75", "{body}");
+    }
+    let (status, body) = replica.release(&id).await;
+    assert_eq!(
+        (status, body["released"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let (status, body) = app.settle(&id, "0.25").await;
+    assert_eq!(
+        (status, body["duplicate"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_keys_admission_writes_nothing_but_its_rate_log() {
+    let app = spawn_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-plain", "rate_limit": 100, "concurrent_limit": null}))
+        .await;
+    let k = Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(&key));
+    let before: BTreeSet<String> = app.namespace_keys().await.into_iter().collect();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = app.admit(&key, json!({})).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(
+            body["concurrency"]["in_flight"], 0,
+            "nothing counts them: {body}"
+        );
+        ids.push(body["lease_id"].as_str().expect("lease").to_string());
+    }
+    let after: BTreeSet<String> = app.namespace_keys().await.into_iter().collect();
+    let written: BTreeSet<String> = after.difference(&before).cloned().collect();
+    let expected: BTreeSet<String> = [k.rate.clone()]
+        .into_iter()
+        .chain((!before.contains(&k.state)).then(|| k.state.clone()))
+        .collect();
+    assert_eq!(
+        written, expected,
+        "only the rate log (and the state, hydrated)"
+    );
+
+    // Settling writes the tombstone that catches a replay, for as long as the id is valid.
+    let (status, body) = app.settle(&ids[0], "0.01").await;
+    assert_eq!(
+        (status, body["settled"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let tombstone = k.lease(ids[0].split('.').nth(1).expect("nonce"));
+    let mut c = app.redis.clone();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&tombstone)
+        .query_async(&mut c)
+        .await
+        .expect("pttl");
+    let valid_for = 600_000 + 3_600_000;
+    assert!(
+        ttl > valid_for - 10_000 && ttl <= valid_for,
+        "the tombstone lives until the id's deadline: {ttl} ms"
+    );
+    // Releasing an untracked lease writes its tombstone and nothing else.
+    let (status, body) = app.release(&ids[1]).await;
+    assert_eq!(
+        (status, body["released"].as_bool()),
+        (200, Some(true)),
+        "{body}"
+    );
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(k.live.as_str())
+        .query_async(&mut c)
+        .await
+        .expect("exists");
+    assert_eq!(exists, 0, "a plain key never has a live set");
+}
