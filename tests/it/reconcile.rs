@@ -39,12 +39,20 @@ async fn a_write_that_missed_redis_is_reconciled() {
         })
         .await;
     assert!(admitted, "the reconciler pushed the new balance within 10s");
-    let pushed: i64 = sqlx::query_scalar("SELECT pushed_version FROM api_keys WHERE id = $1")
-        .bind(id)
-        .fetch_one(&app.db)
-        .await
-        .unwrap();
-    assert_eq!(pushed, row.version);
+    // The reconciler records a push in Postgres after Redis has it, so the record may trail
+    // the admission that already sees the new balance by a moment.
+    let recorded = app
+        .eventually(Duration::from_secs(5), || async {
+            let pushed: i64 =
+                sqlx::query_scalar("SELECT pushed_version FROM api_keys WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&app.db)
+                    .await
+                    .unwrap();
+            pushed == row.version
+        })
+        .await;
+    assert!(recorded, "the push of version {} is recorded", row.version);
 }
 
 /// Pushing the same row again, or an older row after a newer one, changes nothing: Redis keeps
