@@ -19,8 +19,8 @@ use tokio::task::JoinHandle;
 
 use crate::access_log::Receiver;
 use crate::config::Config;
+use crate::gate::Gate;
 use crate::hot::admission::HotPath;
-use crate::hot::gate::Gate;
 use crate::hot::layout::Layout;
 use crate::hot::redis::Redis;
 use crate::http::{self, serve, AppState};

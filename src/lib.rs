@@ -25,6 +25,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod decision;
+pub mod gate;
 pub mod hot;
 pub mod http;
 pub mod inference;

@@ -33,8 +33,8 @@ use tokio::sync::{watch, Notify, Semaphore};
 pub use record::COST_HEADERS;
 use record::{Dropped, Report, Settlement};
 
-use crate::hot::admission::{ReleaseOutcome, SettleArgs, SettleOutcome};
-use crate::hot::redis::RedisFailure;
+use crate::gate::RedisFailure;
+use crate::gate::{ReleaseOutcome, SettleArgs, SettleOutcome};
 use crate::http::AppState;
 
 /// Longest record accepted, in bytes. A Caddy access-log line with every request and response

@@ -15,9 +15,9 @@ use super::edge::{allowed_body, decide, denial, lease_mode, lease_ttl, AdmitQuer
 use super::error::ApiError;
 use super::json::{parse, StrictJson};
 use super::AppState;
-use crate::hot::admission::{LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
-use crate::hot::gate::Decision;
-use crate::hot::redis::RedisFailure;
+use crate::gate::Decision;
+use crate::gate::RedisFailure;
+use crate::gate::{LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
 use crate::label::{is_label, MAX_LABEL_LEN};
 use crate::money::Money;
 use crate::store::keys::MAX_BALANCE_NANOS;

@@ -10,8 +10,8 @@ use serde::Serialize;
 use super::error::ApiError;
 use super::AppState;
 use crate::decision::DenyCode;
-use crate::hot::admission::{AdmitArgs, LeaseTerm};
-use crate::hot::gate::Decision;
+use crate::gate::Decision;
+use crate::gate::{AdmitArgs, LeaseTerm};
 use crate::keys;
 use crate::money::Money;
 
@@ -149,7 +149,7 @@ pub(crate) struct AllowedBody<'a> {
     budget: Option<BudgetBody>,
 }
 
-pub(crate) fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
+pub(crate) fn allowed_body(d: &crate::gate::Grant) -> AllowedBody<'_> {
     AllowedBody {
         allowed: true,
         key_id: &d.key_id,

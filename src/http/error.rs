@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::json;
 
-use crate::hot::redis::RedisFailure;
+use crate::gate::RedisFailure;
 use crate::store::keys::BalanceError;
 use crate::store::StoreError;
 

@@ -33,7 +33,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
 use crate::config::Config;
-use crate::hot::gate::Gate;
+use crate::gate::Gate;
 use crate::inference::Inference;
 use crate::key_state::KeyState;
 use crate::metrics::Metrics;

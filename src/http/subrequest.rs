@@ -20,9 +20,9 @@ use super::edge::{allowed_body, decide, denial, lease_mode, lease_ttl, AdmitQuer
 use super::error::ApiError;
 use super::AppState;
 use crate::decision::DenyCode;
-use crate::hot::admission::{Grant, LeaseTerm};
-use crate::hot::gate::Decision;
-use crate::hot::redis::RedisFailure;
+use crate::gate::Decision;
+use crate::gate::RedisFailure;
+use crate::gate::{Grant, LeaseTerm};
 use crate::inference::Inferred;
 use crate::label::is_label;
 use crate::money::{Money, MAX_EXACT};

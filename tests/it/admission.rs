@@ -9,7 +9,7 @@ use common::hot_suite::{self, PgLookupCounter};
 use common::silent_relay::SilentRelay;
 use common::*;
 use serde_json::json;
-use tollgate::hot::gate::LOOKUP_BOUND;
+use tollgate::gate::LOOKUP_BOUND;
 
 /// One test of `hot_suite::$scenario` on its own tollgate, started with the settings tweak the
 /// scenario needs.

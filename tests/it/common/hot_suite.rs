@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tollgate::hot::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
+use tollgate::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
 use tollgate::money::Money;
 
 use super::{amount, nanos, unique, Answer, Api, TestApp, USD};

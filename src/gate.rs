@@ -1,4 +1,5 @@
-//! The admission decision as a service: the admit script, and what happens around it.
+//! The admission service: the one door to the hot path for admissions, settlements and
+//! releases — the admit script, and what happens around it.
 //!
 //! - A miss (key not in Redis) reads Postgres once, hydrates, and runs the script again. Unknown
 //!   hashes are cached as unknown in Redis, and Postgres look-ups are throttled per process, so a
@@ -12,13 +13,17 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use super::admission::{
-    AdmitArgs, Grant, HotPath, LeaseTerm, ReleaseOutcome, ScriptAdmit, SettleArgs, SettleOutcome,
-};
-use super::lease_id::LeaseFacts;
-use super::redis::{Redis, RedisFailure};
+use crate::hot::admission::{HotPath, ScriptAdmit};
+use crate::hot::lease_id::LeaseFacts;
+use crate::hot::redis::Redis;
+// What callers of the service name: the question, the answers and the failures. They import
+// them from here, so that nothing outside the service reaches into `hot`.
 use crate::config::FailMode;
 use crate::decision::DenyCode;
+pub use crate::hot::admission::{
+    AdmitArgs, Grant, LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome,
+};
+pub use crate::hot::redis::RedisFailure;
 use crate::metrics::Metrics;
 use crate::money::Money;
 use crate::prices::Prices;
