@@ -10,15 +10,15 @@
 //! - [`error`]: the one place errors become responses; [`json`]: strict request bodies
 //! - [`serve`]: the serve loop — connection timeouts, the connection cap, the stack's own errors
 
-pub mod admin;
+pub(crate) mod admin;
 mod credentials;
-pub mod data_plane;
+pub(crate) mod data_plane;
 mod edge;
-pub mod error;
-pub mod health;
-pub mod json;
+pub(crate) mod error;
+pub(crate) mod health;
+pub(crate) mod json;
 pub mod serve;
-pub mod subrequest;
+pub(crate) mod subrequest;
 
 use std::sync::Arc;
 
@@ -42,15 +42,15 @@ use error::ApiError;
 /// What every handler can reach.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub gate: Gate,
+    pub(crate) gate: Gate,
     /// Key configuration from Postgres into Redis, after admin writes.
     pub key_state: KeyState,
     pub db: PgPool,
     /// Whether Postgres is migrated and the admin API may use it.
     pub postgres: crate::store::PgReady,
     pub metrics: Metrics,
-    pub prometheus: PrometheusHandle,
-    pub inference: Inference,
+    pub(crate) prometheus: PrometheusHandle,
+    pub(crate) inference: Inference,
 }
 
 /// Rewrites any error that left a handler without the JSON shape (axum's own rejections:

@@ -52,16 +52,16 @@ use super::error;
 /// `TOLLGATE_BODY_TIMEOUT_SECONDS`, `TOLLGATE_IDLE_TIMEOUT_SECONDS`, `TOLLGATE_MAX_CONNECTIONS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
-    pub header_timeout: Duration,
-    pub body_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
+    pub(crate) header_timeout: Duration,
+    pub(crate) body_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 /// Largest request head (request line and headers) accepted; larger → 431. Gateways send a
 /// few KiB; this leaves room for a proxy that forwards every header of a client, and is below
 /// hyper's own default (about 400 KiB), which a connection would hold in memory.
-pub const MAX_HEAD: usize = 128 * 1024;
+pub(crate) const MAX_HEAD: usize = 128 * 1024;
 /// Refused connections being answered at once; beyond, a refused connection is just closed.
 const REFUSING_AT_ONCE: usize = 64;
 /// How long a refused connection gets to take its 503 before it is closed.
@@ -281,7 +281,7 @@ impl http_body::Body for Timed {
 }
 
 /// A response body that tells the connection when hyper is done with it.
-pub struct Tracked {
+pub(crate) struct Tracked {
     inner: Body,
     conn: Option<Arc<ConnState>>,
 }
