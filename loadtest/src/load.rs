@@ -176,6 +176,27 @@ impl Outcome {
         }
     }
 
+    /// An answer that breaks `check`, shown as its status and body.
+    fn bad_answer(
+        &mut self,
+        check: &'static str,
+        key: u32,
+        status: hyper::StatusCode,
+        body: &[u8],
+    ) {
+        self.violation(
+            check,
+            key,
+            format!("{status}: {}", String::from_utf8_lossy(body)),
+        );
+    }
+
+    /// A settle that got no answer: whether it charged the key is unknown.
+    fn settle_lost(&mut self, key: u32, detail: String) {
+        self.uncertain.push(key);
+        self.error("settle_transport", detail);
+    }
+
     pub fn merge(&mut self, o: Outcome) {
         let _ = self.admit.add(&o.admit);
         let _ = self.settle.add(&o.settle);
@@ -497,13 +518,7 @@ impl Worker {
                         .violation("release_answers", kid, String::from_utf8_lossy(&b).into());
                 }
             }
-            Ok((s, b)) => {
-                self.out.violation(
-                    "granted_leases_release",
-                    kid,
-                    format!("{s}: {}", String::from_utf8_lossy(&b)),
-                );
-            }
+            Ok((s, b)) => self.out.bad_answer("granted_leases_release", kid, s, &b),
             Err(e) => self.out.error("release_transport", e.to_string()),
         }
     }
@@ -556,16 +571,9 @@ impl Worker {
             }
             Ok((s, b)) => {
                 self.out.uncertain.push(kid);
-                self.out.violation(
-                    "granted_leases_settle",
-                    kid,
-                    format!("{s}: {}", String::from_utf8_lossy(&b)),
-                );
+                self.out.bad_answer("granted_leases_settle", kid, s, &b);
             }
-            Err(e) => {
-                self.out.uncertain.push(kid);
-                self.out.error("settle_transport", e.to_string());
-            }
+            Err(e) => self.out.settle_lost(kid, e.to_string()),
         }
     }
 
@@ -617,15 +625,8 @@ impl Worker {
                     );
                 }
             }
-            Ok((s, b)) => self.out.violation(
-                "duplicate_settle_detected",
-                kid,
-                format!("{s}: {}", String::from_utf8_lossy(&b)),
-            ),
-            Err(e) => {
-                self.out.uncertain.push(kid);
-                self.out.error("settle_transport", e.to_string());
-            }
+            Ok((s, b)) => self.out.bad_answer("duplicate_settle_detected", kid, s, &b),
+            Err(e) => self.out.settle_lost(kid, e.to_string()),
         }
     }
 }
