@@ -16,7 +16,7 @@ pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// The API key of a data-plane request: the bearer token, else `X-Api-Key`, else `Api-Key`
 /// (the headers OpenAI-, Anthropic- and Azure-style clients send); `None` when blank.
-pub fn api_key(headers: &HeaderMap) -> Option<&str> {
+pub(crate) fn api_key(headers: &HeaderMap) -> Option<&str> {
     bearer(headers)
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .or_else(|| headers.get("api-key").and_then(|v| v.to_str().ok()))

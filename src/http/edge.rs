@@ -17,18 +17,18 @@ use crate::money::Money;
 
 /// What an admission asks, whoever asked it (JSON API or a proxy subrequest).
 #[derive(Debug, Default)]
-pub struct AdmitQuery {
-    pub(crate) key: Option<String>,
-    pub(crate) provider: String,
-    pub(crate) api_format: String,
-    pub(crate) model: String,
-    pub(crate) reserve: Money,
-    pub(crate) reserve_tokens: u64,
-    pub(crate) lease: LeaseTerm,
+pub(crate) struct AdmitQuery {
+    pub key: Option<String>,
+    pub provider: String,
+    pub api_format: String,
+    pub model: String,
+    pub reserve: Money,
+    pub reserve_tokens: u64,
+    pub lease: LeaseTerm,
 }
 
 /// Runs an admission: hashes the key and asks the gate. A missing key is decided here.
-pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
+pub(crate) async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
     let Some(key) = q.key.as_deref() else {
         state.metrics.admission(Some(DenyCode::KeyMissing));
         return Decision::Denied {
@@ -53,7 +53,7 @@ pub async fn decide(state: &AppState, q: &AdmitQuery) -> Decision {
 
 /// A lease lifetime in whole seconds as the contract bounds it; `what` names where it came
 /// from in the error.
-pub fn lease_ttl(what: &str, secs: Option<u64>) -> Result<LeaseTerm, ApiError> {
+pub(crate) fn lease_ttl(what: &str, secs: Option<u64>) -> Result<LeaseTerm, ApiError> {
     secs.and_then(LeaseTerm::seconds).ok_or_else(|| {
         ApiError::bad_request(format!(
             "{what} must be a whole number of seconds from 1 to {}",
@@ -63,7 +63,7 @@ pub fn lease_ttl(what: &str, secs: Option<u64>) -> Result<LeaseTerm, ApiError> {
 }
 
 /// `"lease": "none"` (or `X-Tollgate-Lease: none`): an admission without a lease.
-pub fn lease_mode(what: &str, value: &str) -> Result<LeaseTerm, ApiError> {
+pub(crate) fn lease_mode(what: &str, value: &str) -> Result<LeaseTerm, ApiError> {
     if value.trim().eq_ignore_ascii_case("none") {
         Ok(LeaseTerm::None)
     } else {
@@ -74,7 +74,7 @@ pub fn lease_mode(what: &str, value: &str) -> Result<LeaseTerm, ApiError> {
 }
 
 /// A denial's response at `status`: the contract's body, and `Retry-After` when there is a hint.
-pub fn denial(status: StatusCode, code: DenyCode, retry_after_ms: u64) -> Response {
+pub(crate) fn denial(status: StatusCode, code: DenyCode, retry_after_ms: u64) -> Response {
     let mut res = (status, Json(denial_body(code, retry_after_ms))).into_response();
     if retry_after_ms > 0 {
         res.headers_mut()
@@ -149,7 +149,7 @@ pub(crate) struct AllowedBody<'a> {
     budget: Option<BudgetBody>,
 }
 
-pub fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
+pub(crate) fn allowed_body(d: &crate::hot::admission::Grant) -> AllowedBody<'_> {
     AllowedBody {
         allowed: true,
         key_id: &d.key_id,

@@ -42,15 +42,15 @@ use error::ApiError;
 /// What every handler can reach.
 pub struct AppState {
     pub config: Arc<Config>,
-    pub(crate) gate: Gate,
+    pub gate: Gate,
     /// Key configuration from Postgres into Redis, after admin writes.
     pub key_state: KeyState,
     pub db: PgPool,
     /// Whether Postgres is migrated and the admin API may use it.
     pub postgres: crate::store::PgReady,
     pub metrics: Metrics,
-    pub(crate) prometheus: PrometheusHandle,
-    pub(crate) inference: Inference,
+    pub prometheus: PrometheusHandle,
+    pub inference: Inference,
 }
 
 /// Rewrites any error that left a handler without the JSON shape (axum's own rejections:

@@ -52,10 +52,10 @@ use super::error;
 /// `TOLLGATE_BODY_TIMEOUT_SECONDS`, `TOLLGATE_IDLE_TIMEOUT_SECONDS`, `TOLLGATE_MAX_CONNECTIONS`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
-    pub(crate) header_timeout: Duration,
-    pub(crate) body_timeout: Duration,
-    pub(crate) idle_timeout: Duration,
-    pub(crate) max_connections: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_connections: usize,
 }
 
 /// Largest request head (request line and headers) accepted; larger → 431. Gateways send a
