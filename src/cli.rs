@@ -27,16 +27,16 @@ pub struct KeysArgs {
         default_value = "http://127.0.0.1:8081",
         global = true
     )]
-    pub admin_url: String,
+    pub(crate) admin_url: String,
     /// Print the API's JSON answer unchanged instead of a table
     #[arg(long, global = true)]
-    pub json: bool,
+    pub(crate) json: bool,
     #[command(subcommand)]
-    pub command: KeysCommand,
+    pub(crate) command: KeysCommand,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum KeysCommand {
+pub(crate) enum KeysCommand {
     /// Create a key; prints its plaintext once
     Create(CreateArgs),
     /// Show one key
@@ -56,7 +56,7 @@ pub enum KeysCommand {
 }
 
 #[derive(Debug, Args)]
-pub struct CreateArgs {
+pub(crate) struct CreateArgs {
     /// The owner's user id (1-128 characters)
     #[arg(long = "user")]
     user: String,
@@ -94,7 +94,7 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("whose").required(true).args(["user", "standalone"])))]
-pub struct ListArgs {
+pub(crate) struct ListArgs {
     /// A user's non-standalone keys
     #[arg(long)]
     user: Option<String>,
@@ -133,7 +133,7 @@ impl Clearable {
 }
 
 #[derive(Debug, Args)]
-pub struct UpdateArgs {
+pub(crate) struct UpdateArgs {
     id: String,
     #[arg(long)]
     name: Option<String>,
@@ -168,7 +168,7 @@ pub struct UpdateArgs {
 
 #[derive(Debug, Args)]
 #[command(allow_negative_numbers = true)]
-pub struct BalanceArgs {
+pub(crate) struct BalanceArgs {
     id: String,
     /// USD to add (e.g. 10 or +2.5) or deduct (e.g. -0.75), exact to 1e-9
     #[arg(value_parser = parse_amount, allow_hyphen_values = true)]
@@ -179,7 +179,7 @@ pub struct BalanceArgs {
 }
 
 #[derive(Debug, Args)]
-pub struct StatsArgs {
+pub(crate) struct StatsArgs {
     id: String,
     /// From this RFC 3339 instant, or from the start of this UTC day (YYYY-MM-DD)
     #[arg(long)]

@@ -69,7 +69,7 @@ impl DenyCode {
         }
     }
 
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             DenyCode::KeyMissing => "no API key in the body, Authorization, x-api-key or api-key",
             DenyCode::KeyInvalid => "no such API key",

@@ -9,18 +9,18 @@ use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct Rule {
+pub(crate) struct Rule {
     /// e.g. `/v1/chat/completions` or `/v1beta/models/{model}:generateContent`
-    pub path: String,
-    pub provider: String,
-    pub api_format: String,
+    pub(crate) path: String,
+    pub(crate) provider: String,
+    pub(crate) api_format: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Inferred {
-    pub provider: Option<String>,
-    pub api_format: Option<String>,
-    pub model: Option<String>,
+pub(crate) struct Inferred {
+    pub(crate) provider: Option<String>,
+    pub(crate) api_format: Option<String>,
+    pub(crate) model: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -92,7 +92,7 @@ impl Inference {
         Ok(Inference { rules })
     }
 
-    pub fn infer(&self, uri: &str) -> Inferred {
+    pub(crate) fn infer(&self, uri: &str) -> Inferred {
         let path = uri.split(['?', '#']).next().unwrap_or("");
         // Some HTTP clients percent-encode the `:` of Gemini's `models/<model>:<method>`.
         let decoded;

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 /// Characters after `<prefix>-`.
-pub const KEY_BODY_LEN: usize = 32;
+pub(crate) const KEY_BODY_LEN: usize = 32;
 /// First byte of a sealed key: names the encryption scheme, so keys can be re-sealed
 /// under a new scheme or a rotated encryption key later without guessing.
 const SEAL_V1: u8 = 1;
@@ -39,7 +39,7 @@ impl fmt::Debug for Secret {
 }
 
 /// A fresh API key: `<prefix>-` and 32 characters of `[A-Za-z0-9]` from the OS generator.
-pub fn generate(prefix: &str) -> Secret {
+pub(crate) fn generate(prefix: &str) -> Secret {
     let mut rng = OsRng;
     let body: String = (0..KEY_BODY_LEN)
         .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
@@ -53,7 +53,7 @@ pub fn hash(key: &str) -> String {
 }
 
 /// `sk-AbCd…wXyZ`: enough to recognise a key, far too little to use it.
-pub fn display(key: &str) -> String {
+pub(crate) fn display(key: &str) -> String {
     let (prefix, body) = key.rsplit_once('-').unwrap_or(("", key));
     let chars: Vec<char> = body.chars().collect();
     if chars.len() < 12 {
@@ -99,7 +99,7 @@ impl EncryptionKey {
 
     /// `version || nonce || ciphertext+tag`; the key id is the associated data, so a sealed
     /// copy moved to another row does not open.
-    pub fn seal(&self, key_id: Uuid, key: &Secret) -> Vec<u8> {
+    pub(crate) fn seal(&self, key_id: Uuid, key: &Secret) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
         OsRng.fill_bytes(&mut nonce);
         let payload = Payload {
@@ -118,7 +118,7 @@ impl EncryptionKey {
         out
     }
 
-    pub fn open(&self, key_id: Uuid, sealed: &[u8]) -> Result<Secret, KeyError> {
+    pub(crate) fn open(&self, key_id: Uuid, sealed: &[u8]) -> Result<Secret, KeyError> {
         let (&version, rest) = sealed.split_first().ok_or(KeyError::Open)?;
         if version != SEAL_V1 {
             return Err(KeyError::Version);

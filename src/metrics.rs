@@ -12,19 +12,19 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use crate::access_log::RecordResult;
 use crate::decision::DenyCode;
 
-pub const ADMISSIONS: &str = "tollgate_admissions_total";
-pub const ADMISSION_DURATION: &str = "tollgate_admission_duration_seconds";
-pub const SETTLEMENTS: &str = "tollgate_settlements_total";
-pub const SYNC_LAG: &str = "tollgate_usage_sync_lag_seconds";
-pub const EVENTS_PENDING: &str = "tollgate_usage_events_pending";
-pub const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
-pub const FAIL_OPEN: &str = "tollgate_fail_open_admissions_total";
-pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
-pub const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
-pub const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
+pub(crate) const ADMISSIONS: &str = "tollgate_admissions_total";
+pub(crate) const ADMISSION_DURATION: &str = "tollgate_admission_duration_seconds";
+pub(crate) const SETTLEMENTS: &str = "tollgate_settlements_total";
+pub(crate) const SYNC_LAG: &str = "tollgate_usage_sync_lag_seconds";
+pub(crate) const EVENTS_PENDING: &str = "tollgate_usage_events_pending";
+pub(crate) const REDIS_ERRORS: &str = "tollgate_redis_errors_total";
+pub(crate) const FAIL_OPEN: &str = "tollgate_fail_open_admissions_total";
+pub(crate) const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
+pub(crate) const EVENTS_SYNCED: &str = "tollgate_usage_events_synced_total";
+pub(crate) const EVENTS_DEAD: &str = "tollgate_usage_events_dead_lettered_total";
 pub const SCRIPT_REFUSALS: &str = "tollgate_script_refusals_total";
-pub const ACCESS_LOG_RECORDS: &str = "tollgate_access_log_records_total";
-pub const TOKENS_SETTLED: &str = "tollgate_tokens_settled_total";
+pub(crate) const ACCESS_LOG_RECORDS: &str = "tollgate_access_log_records_total";
+pub(crate) const TOKENS_SETTLED: &str = "tollgate_tokens_settled_total";
 
 /// Buckets for sub-millisecond admissions, up to the Redis timeout range.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -130,8 +130,8 @@ pub struct Metrics {
     pub settle_lease_expired: Counter,
     pub settle_lease_unknown: Counter,
     pub fail_open: Counter,
-    pub events_synced: Counter,
-    pub events_dead_lettered: Counter,
+    pub(crate) events_synced: Counter,
+    pub(crate) events_dead_lettered: Counter,
     pub key_lookup_found: Counter,
     pub key_lookup_unknown: Counter,
     pub key_lookup_throttled: Counter,
@@ -198,7 +198,7 @@ impl Metrics {
         }
     }
 
-    pub fn access_log_record(&self, result: RecordResult) {
+    pub(crate) fn access_log_record(&self, result: RecordResult) {
         if let Some(i) = RecordResult::ALL.iter().position(|r| *r == result) {
             self.access_log_records[i].increment(1);
         }

@@ -11,7 +11,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Nano-dollars per dollar.
-pub const NANOS_PER_USD: i64 = 1_000_000_000;
+pub(crate) const NANOS_PER_USD: i64 = 1_000_000_000;
 
 /// The largest whole number a Lua number (a double) holds exactly, 2^53 - 1: the bound on a
 /// balance, a budget and one settlement's cost in nano-USD (about 9.0 million USD), and on a
@@ -55,7 +55,7 @@ impl Money {
     /// Like [`Money::parse`], but a non-negative amount finer than a nano-dollar is rounded up
     /// to the next one instead of refused: for costs reported by other software (an upstream's
     /// cost header), which may carry more digits than tollgate keeps.
-    pub fn parse_ceil(text: &str) -> Result<Money, MoneyError> {
+    pub(crate) fn parse_ceil(text: &str) -> Result<Money, MoneyError> {
         Self::parse_with(text, true)
     }
 

@@ -21,7 +21,7 @@ impl BudgetPeriod {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             BudgetPeriod::Day => "day",
             BudgetPeriod::Week => "week",
@@ -47,7 +47,7 @@ impl BudgetPeriod {
     }
 
     /// When the period that `now` falls in ends (and the next one starts).
-    pub fn resets_at(self, now: DateTime<Utc>) -> DateTime<Utc> {
+    pub(crate) fn resets_at(self, now: DateTime<Utc>) -> DateTime<Utc> {
         let first = self.first_day(now.date_naive());
         let next = match self {
             BudgetPeriod::Day => first + Duration::days(1),

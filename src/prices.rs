@@ -22,9 +22,9 @@ const MAX_PRICE_NANOS: i64 = 1_000_000 * 1_000_000_000;
 /// One model's prices, per million tokens.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Price {
-    pub input_per_mtok_usd: Money,
-    pub output_per_mtok_usd: Money,
-    pub cached_input_per_mtok_usd: Money,
+    pub(crate) input_per_mtok_usd: Money,
+    pub(crate) output_per_mtok_usd: Money,
+    pub(crate) cached_input_per_mtok_usd: Money,
 }
 
 #[derive(Deserialize)]

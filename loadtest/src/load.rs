@@ -176,6 +176,27 @@ impl Outcome {
         }
     }
 
+    /// An answer that breaks `check`, shown as its status and body.
+    fn bad_answer(
+        &mut self,
+        check: &'static str,
+        key: u32,
+        status: hyper::StatusCode,
+        body: &[u8],
+    ) {
+        self.violation(
+            check,
+            key,
+            format!("{status}: {}", String::from_utf8_lossy(body)),
+        );
+    }
+
+    /// A settle that got no answer: whether it charged the key is unknown.
+    fn settle_lost(&mut self, key: u32, detail: String) {
+        self.uncertain.push(key);
+        self.error("settle_transport", detail);
+    }
+
     pub fn merge(&mut self, o: Outcome) {
         let _ = self.admit.add(&o.admit);
         let _ = self.settle.add(&o.settle);
@@ -260,281 +281,354 @@ pub async fn run(plan: Plan, progress: Arc<AtomicU64>) -> Outcome {
 }
 
 async fn worker(plan: Plan, w: usize, start: Instant, progress: Arc<AtomicU64>) -> Outcome {
-    let mut out = Outcome::new();
-    let mut conn = Conn::new(plan.data.clone(), None);
-    let mut rng = SmallRng::from_entropy();
-    let deadline = start + plan.duration;
-    let epoch = plan.epoch;
-    let valid = plan.first_invalid;
-    let invalid = plan.keys.len() - valid;
-    let n = plan.concurrency as f64;
-    let mut flow: u64 = 0;
-    loop {
-        // Where the latency of this admission is measured from: its send time, or, in open
-        // loop, its scheduled time when the worker was still busy then (the request waited
-        // because of the server, so the wait is part of its latency: no coordinated omission).
-        let mut scheduled: Option<Instant> = None;
-        if let Some(rate) = plan.rate {
-            let at = start + Duration::from_secs_f64((w as f64 + flow as f64 * n) / rate);
-            if at >= deadline {
-                break;
+    let mut worker = Worker::new(plan, w, start, progress);
+    while let Some(scheduled) = worker.next_slot().await {
+        let (idx, invalid) = worker.pick_key();
+        let Some((lease, mut grant)) = worker.admit(idx, invalid, scheduled).await else {
+            continue;
+        };
+        if !worker.plan.hold.is_zero() {
+            tokio::time::sleep(worker.plan.hold).await;
+        }
+        if worker.rng.gen_bool(worker.plan.release_share) {
+            worker.release(&lease, &mut grant).await;
+        } else {
+            worker.settle(idx, &lease, &mut grant).await;
+        }
+        worker.out.grants.push(grant);
+    }
+    worker.out.reconnects = worker.conn.reconnects;
+    worker.out
+}
+
+/// One worker of the phase: its connection, its random choices and what it has seen.
+struct Worker {
+    plan: Plan,
+    /// This worker's place among `plan.concurrency`: its offset in the open-loop schedule.
+    w: usize,
+    start: Instant,
+    deadline: Instant,
+    progress: Arc<AtomicU64>,
+    conn: Conn,
+    rng: SmallRng,
+    out: Outcome,
+    /// Flows started so far.
+    flows: u64,
+}
+
+impl Worker {
+    fn new(plan: Plan, w: usize, start: Instant, progress: Arc<AtomicU64>) -> Worker {
+        Worker {
+            conn: Conn::new(plan.data.clone(), None),
+            deadline: start + plan.duration,
+            plan,
+            w,
+            start,
+            progress,
+            rng: SmallRng::from_entropy(),
+            out: Outcome::new(),
+            flows: 0,
+        }
+    }
+
+    /// Waits for the next flow's turn; `None` once the phase is over. Inside: where the
+    /// latency of its admission is measured from. `None` is its send time; in open loop, when
+    /// the worker was still busy at the flow's scheduled time, that time (the request waited
+    /// because of the server, so the wait is part of its latency: no coordinated omission).
+    async fn next_slot(&mut self) -> Option<Option<Instant>> {
+        let mut scheduled = None;
+        if let Some(rate) = self.plan.rate {
+            let n = self.plan.concurrency as f64;
+            let at = self.start
+                + Duration::from_secs_f64((self.w as f64 + self.flows as f64 * n) / rate);
+            if at >= self.deadline {
+                return None;
             }
             if Instant::now() < at {
                 tokio::time::sleep_until(at.into()).await;
             } else {
                 scheduled = Some(at);
             }
-        } else if Instant::now() >= deadline {
-            break;
+        } else if Instant::now() >= self.deadline {
+            return None;
         }
-        flow += 1;
+        self.flows += 1;
+        Some(scheduled)
+    }
 
-        let use_invalid = invalid > 0 && (valid == 0 || rng.gen_bool(plan.invalid_share));
+    /// The next flow's key (an index into `plan.keys`), and whether it is an invalid one.
+    fn pick_key(&mut self) -> (usize, bool) {
+        let valid = self.plan.first_invalid;
+        let invalid = self.plan.keys.len() - valid;
+        let use_invalid = invalid > 0 && (valid == 0 || self.rng.gen_bool(self.plan.invalid_share));
         let idx = if use_invalid {
-            valid + rng.gen_range(0..invalid)
-        } else if !plan.hot.is_empty() && rng.gen_bool(plan.hot_share) {
-            rng.gen_range(plan.hot.clone())
+            valid + self.rng.gen_range(0..invalid)
+        } else if !self.plan.hot.is_empty() && self.rng.gen_bool(self.plan.hot_share) {
+            self.rng.gen_range(self.plan.hot.clone())
         } else {
-            rng.gen_range(0..valid)
+            self.rng.gen_range(0..valid)
         };
-        let key = &plan.keys[idx];
-        let kid = idx as u32;
+        (idx, use_invalid)
+    }
 
+    /// Sends the flow's admission and checks the answer; the lease and its grant when it was
+    /// allowed, `None` when the flow ends here.
+    async fn admit(
+        &mut self,
+        idx: usize,
+        invalid: bool,
+        scheduled: Option<Instant>,
+    ) -> Option<(String, Granted)> {
+        let epoch = self.plan.epoch;
         let send_instant = Instant::now();
         let sent = now(epoch);
-        let res = conn
+        let res = self
+            .conn
             .send(
                 hyper::Method::POST,
                 "/v1/admit",
-                Some(key.admit_body.clone()),
+                Some(self.plan.keys[idx].admit_body.clone()),
             )
             .await;
         let recv = now(epoch);
-        progress.fetch_add(1, Ordering::Relaxed);
+        self.progress.fetch_add(1, Ordering::Relaxed);
+        let attempt = Attempt {
+            key: idx as u32,
+            sent,
+            recv,
+        };
         let (status, body) = match res {
             Ok(r) => r,
             Err(e) => {
-                out.error("admit_transport", e.to_string());
-                if !use_invalid {
-                    out.unknown.push(Attempt {
-                        key: kid,
-                        sent,
-                        recv,
-                    });
-                }
-                continue;
+                self.out.error("admit_transport", e.to_string());
+                self.unknown(invalid, attempt);
+                return None;
             }
         };
-        out.admits += 1;
+        self.out.admits += 1;
         let from = scheduled.unwrap_or(send_instant);
-        out.admit
+        self.out
+            .admit
             .saturating_record(u64::try_from(from.elapsed().as_nanos()).unwrap_or(u64::MAX));
-
         let reply: AdmitReply = match serde_json::from_slice(&body) {
             Ok(r) => r,
             Err(e) => {
-                out.error("admit_body", format!("{status}: {e}"));
-                if !use_invalid {
-                    out.unknown.push(Attempt {
-                        key: kid,
-                        sent,
-                        recv,
-                    });
-                }
-                continue;
+                self.out.error("admit_body", format!("{status}: {e}"));
+                self.unknown(invalid, attempt);
+                return None;
             }
         };
         if !(status.is_success() && reply.allowed) {
             let code = reply
                 .code
                 .unwrap_or_else(|| format!("http_{}", status.as_u16()));
-            *out.denials.entry(code.clone()).or_default() += 1;
-            if code == "unavailable" {
-                out.error("unavailable", "tollgate answered 503 unavailable".into());
-                if !use_invalid {
-                    out.unknown.push(Attempt {
-                        key: kid,
-                        sent,
-                        recv,
-                    });
-                }
-                continue;
-            }
-            if !expected_denial(key.class, use_invalid, &code) {
-                out.violation(
-                    "denials_match_configuration",
-                    kid,
-                    format!("{:?} key denied with {code}", key.class),
-                );
-            }
-            match code.as_str() {
-                "rate_limited" => out.rate_denials.push(Attempt {
-                    key: kid,
-                    sent,
-                    recv,
-                }),
-                "concurrency_limited" => out.conc_denials.push(Attempt {
-                    key: kid,
-                    sent,
-                    recv,
-                }),
-                _ => {}
-            }
-            continue;
+            self.denied(idx, invalid, attempt, code);
+            return None;
         }
-        out.allowed += 1;
-        if use_invalid {
-            out.violation(
+        self.allowed(idx, invalid, &reply);
+        let Some(lease) = reply.lease_id else {
+            self.out
+                .error("admit_body", "allowed without lease_id".into());
+            return None;
+        };
+        Some((
+            lease,
+            Granted {
+                key: attempt.key,
+                sent,
+                recv,
+                end_sent: None,
+                end_recv: None,
+            },
+        ))
+    }
+
+    /// An admission whose outcome is unknown (the server may have admitted it): kept for the
+    /// checks, unless its key was an invalid one.
+    fn unknown(&mut self, invalid: bool, attempt: Attempt) {
+        if !invalid {
+            self.out.unknown.push(attempt);
+        }
+    }
+
+    /// Counts a denial and checks that the key's configuration explains it.
+    fn denied(&mut self, idx: usize, invalid: bool, attempt: Attempt, code: String) {
+        *self.out.denials.entry(code.clone()).or_default() += 1;
+        if code == "unavailable" {
+            self.out
+                .error("unavailable", "tollgate answered 503 unavailable".into());
+            self.unknown(invalid, attempt);
+            return;
+        }
+        let class = self.plan.keys[idx].class;
+        if !expected_denial(class, invalid, &code) {
+            self.out.violation(
+                "denials_match_configuration",
+                attempt.key,
+                format!("{class:?} key denied with {code}"),
+            );
+        }
+        match code.as_str() {
+            "rate_limited" => self.out.rate_denials.push(attempt),
+            "concurrency_limited" => self.out.conc_denials.push(attempt),
+            _ => {}
+        }
+    }
+
+    /// Counts an allowed admission and checks the counters it reports.
+    fn allowed(&mut self, idx: usize, invalid: bool, reply: &AdmitReply) {
+        let kid = idx as u32;
+        self.out.allowed += 1;
+        if invalid {
+            self.out.violation(
                 "invalid_keys_denied",
                 kid,
                 "an invalid key was admitted".into(),
             );
         }
-        check_counters(&mut out, key, kid, &reply, plan.window_ms);
-        let Some(lease) = reply.lease_id else {
-            out.error("admit_body", "allowed without lease_id".into());
-            continue;
-        };
-        let mut grant = Granted {
-            key: kid,
-            sent,
-            recv,
-            end_sent: None,
-            end_recv: None,
-        };
-
-        if !plan.hold.is_zero() {
-            tokio::time::sleep(plan.hold).await;
-        }
-
-        if rng.gen_bool(plan.release_share) {
-            let body = Bytes::from(format!(r#"{{"lease_id":"{lease}"}}"#));
-            let t0 = Instant::now();
-            grant.end_sent = Some(now(epoch));
-            let res = conn
-                .send(hyper::Method::POST, "/v1/release", Some(body))
-                .await;
-            match res {
-                Ok((s, b)) if s.is_success() => {
-                    grant.end_recv = Some(now(epoch));
-                    out.releases += 1;
-                    out.release
-                        .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
-                    if !serde_json::from_slice::<ReleaseReply>(&b).is_ok_and(|r| r.released) {
-                        out.violation("release_answers", kid, String::from_utf8_lossy(&b).into());
-                    }
-                }
-                Ok((s, b)) => {
-                    out.violation(
-                        "granted_leases_release",
-                        kid,
-                        format!("{s}: {}", String::from_utf8_lossy(&b)),
-                    );
-                }
-                Err(e) => out.error("release_transport", e.to_string()),
-            }
-        } else {
-            let cost = if key.reserve > Money::ZERO {
-                rng.gen_range(0..=key.reserve.nanos())
-            } else {
-                rng.gen_range(0..=plan.max_cost.nanos())
-            };
-            // A token key's settlement stays within what its admission reserved.
-            let most = if key.reserve_tokens > 0 {
-                u32::try_from(key.reserve_tokens / 2).unwrap_or(1000).max(2)
-            } else {
-                2000
-            };
-            let input = rng.gen_range(1..most);
-            let output = rng.gen_range(1..most);
-            let body = Bytes::from(format!(
-                r#"{{"lease_id":"{lease}","cost_usd":{},"input_tokens":{input},"output_tokens":{output},"response_time_ms":{},"status_code":200}}"#,
-                Money::from_nanos(cost),
-                rng.gen_range(50..3000u32),
-            ));
-            let t0 = Instant::now();
-            grant.end_sent = Some(now(epoch));
-            let res = conn
-                .send(hyper::Method::POST, "/v1/settle", Some(body.clone()))
-                .await;
-            match res {
-                Ok((s, b)) if s.is_success() => {
-                    grant.end_recv = Some(now(epoch));
-                    out.settle
-                        .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
-                    match serde_json::from_slice::<SettleReply>(&b) {
-                        Ok(r) if r.settled && !r.duplicate && !r.lease_expired => {
-                            out.settles += 1;
-                            if key.reserve_tokens > 0 {
-                                out.token_settles.push(TokenSettle {
-                                    key: kid,
-                                    sent: grant.end_sent.unwrap_or(0),
-                                    recv: now(epoch),
-                                    tokens: u64::from(input + output),
-                                });
-                            }
-                            let e = out.cost.entry(kid).or_default();
-                            e.0 += cost;
-                            e.1 += 1;
-                        }
-                        _ => {
-                            out.uncertain.push(kid);
-                            out.violation(
-                                "first_settle_charges",
-                                kid,
-                                String::from_utf8_lossy(&b).into(),
-                            );
-                        }
-                    }
-                    if rng.gen_bool(plan.resettle_share) {
-                        // A retried settle: must be recognised, and charge nothing.
-                        match conn
-                            .send(hyper::Method::POST, "/v1/settle", Some(body))
-                            .await
-                        {
-                            Ok((s, b)) if s.is_success() => {
-                                out.resettles += 1;
-                                if !serde_json::from_slice::<SettleReply>(&b)
-                                    .is_ok_and(|r| r.settled && r.duplicate)
-                                {
-                                    out.uncertain.push(kid);
-                                    out.violation(
-                                        "duplicate_settle_detected",
-                                        kid,
-                                        String::from_utf8_lossy(&b).into(),
-                                    );
-                                }
-                            }
-                            Ok((s, b)) => out.violation(
-                                "duplicate_settle_detected",
-                                kid,
-                                format!("{s}: {}", String::from_utf8_lossy(&b)),
-                            ),
-                            Err(e) => {
-                                out.uncertain.push(kid);
-                                out.error("settle_transport", e.to_string());
-                            }
-                        }
-                    }
-                }
-                Ok((s, b)) => {
-                    out.uncertain.push(kid);
-                    out.violation(
-                        "granted_leases_settle",
-                        kid,
-                        format!("{s}: {}", String::from_utf8_lossy(&b)),
-                    );
-                }
-                Err(e) => {
-                    out.uncertain.push(kid);
-                    out.error("settle_transport", e.to_string());
-                }
-            }
-        }
-        out.grants.push(grant);
+        check_counters(
+            &mut self.out,
+            &self.plan.keys[idx],
+            kid,
+            reply,
+            self.plan.window_ms,
+        );
     }
-    out.reconnects = conn.reconnects;
-    out
+
+    /// Ends the flow with a release.
+    async fn release(&mut self, lease: &str, grant: &mut Granted) {
+        let epoch = self.plan.epoch;
+        let kid = grant.key;
+        let body = Bytes::from(format!(r#"{{"lease_id":"{lease}"}}"#));
+        let t0 = Instant::now();
+        grant.end_sent = Some(now(epoch));
+        let res = self
+            .conn
+            .send(hyper::Method::POST, "/v1/release", Some(body))
+            .await;
+        match res {
+            Ok((s, b)) if s.is_success() => {
+                grant.end_recv = Some(now(epoch));
+                self.out.releases += 1;
+                self.out
+                    .release
+                    .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
+                if !serde_json::from_slice::<ReleaseReply>(&b).is_ok_and(|r| r.released) {
+                    self.out
+                        .violation("release_answers", kid, String::from_utf8_lossy(&b).into());
+                }
+            }
+            Ok((s, b)) => self.out.bad_answer("granted_leases_release", kid, s, &b),
+            Err(e) => self.out.error("release_transport", e.to_string()),
+        }
+    }
+
+    /// Ends the flow with a settlement, sometimes sent twice.
+    async fn settle(&mut self, idx: usize, lease: &str, grant: &mut Granted) {
+        let epoch = self.plan.epoch;
+        let kid = grant.key;
+        let reserve_tokens = self.plan.keys[idx].reserve_tokens;
+        let (body, cost, tokens) = self.settle_body(idx, lease);
+        let t0 = Instant::now();
+        grant.end_sent = Some(now(epoch));
+        let res = self
+            .conn
+            .send(hyper::Method::POST, "/v1/settle", Some(body.clone()))
+            .await;
+        match res {
+            Ok((s, b)) if s.is_success() => {
+                grant.end_recv = Some(now(epoch));
+                self.out
+                    .settle
+                    .saturating_record(u64::try_from(t0.elapsed().as_nanos()).unwrap_or(0));
+                match serde_json::from_slice::<SettleReply>(&b) {
+                    Ok(r) if r.settled && !r.duplicate && !r.lease_expired => {
+                        self.out.settles += 1;
+                        if reserve_tokens > 0 {
+                            self.out.token_settles.push(TokenSettle {
+                                key: kid,
+                                sent: grant.end_sent.unwrap_or(0),
+                                recv: now(epoch),
+                                tokens,
+                            });
+                        }
+                        let e = self.out.cost.entry(kid).or_default();
+                        e.0 += cost;
+                        e.1 += 1;
+                    }
+                    _ => {
+                        self.out.uncertain.push(kid);
+                        self.out.violation(
+                            "first_settle_charges",
+                            kid,
+                            String::from_utf8_lossy(&b).into(),
+                        );
+                    }
+                }
+                if self.rng.gen_bool(self.plan.resettle_share) {
+                    self.resettle(kid, body).await;
+                }
+            }
+            Ok((s, b)) => {
+                self.out.uncertain.push(kid);
+                self.out.bad_answer("granted_leases_settle", kid, s, &b);
+            }
+            Err(e) => self.out.settle_lost(kid, e.to_string()),
+        }
+    }
+
+    /// A settlement of a random cost and token count within what the key reserved: its body,
+    /// its cost in nano-USD and its tokens.
+    fn settle_body(&mut self, idx: usize, lease: &str) -> (Bytes, i64, u64) {
+        let (reserve, reserve_tokens) = {
+            let key = &self.plan.keys[idx];
+            (key.reserve, key.reserve_tokens)
+        };
+        let cost = if reserve > Money::ZERO {
+            self.rng.gen_range(0..=reserve.nanos())
+        } else {
+            self.rng.gen_range(0..=self.plan.max_cost.nanos())
+        };
+        // A token key's settlement stays within what its admission reserved.
+        let most = if reserve_tokens > 0 {
+            u32::try_from(reserve_tokens / 2).unwrap_or(1000).max(2)
+        } else {
+            2000
+        };
+        let input = self.rng.gen_range(1..most);
+        let output = self.rng.gen_range(1..most);
+        let body = Bytes::from(format!(
+            r#"{{"lease_id":"{lease}","cost_usd":{},"input_tokens":{input},"output_tokens":{output},"response_time_ms":{},"status_code":200}}"#,
+            Money::from_nanos(cost),
+            self.rng.gen_range(50..3000u32),
+        ));
+        (body, cost, u64::from(input + output))
+    }
+
+    /// A retried settle: must be recognised, and charge nothing.
+    async fn resettle(&mut self, kid: u32, body: Bytes) {
+        match self
+            .conn
+            .send(hyper::Method::POST, "/v1/settle", Some(body))
+            .await
+        {
+            Ok((s, b)) if s.is_success() => {
+                self.out.resettles += 1;
+                if !serde_json::from_slice::<SettleReply>(&b)
+                    .is_ok_and(|r| r.settled && r.duplicate)
+                {
+                    self.out.uncertain.push(kid);
+                    self.out.violation(
+                        "duplicate_settle_detected",
+                        kid,
+                        String::from_utf8_lossy(&b).into(),
+                    );
+                }
+            }
+            Ok((s, b)) => self.out.bad_answer("duplicate_settle_detected", kid, s, &b),
+            Err(e) => self.out.settle_lost(kid, e.to_string()),
+        }
+    }
 }
 
 /// What the server reports about the key's counters must agree with its configuration.

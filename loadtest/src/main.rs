@@ -440,6 +440,22 @@ fn cpu_now(pid: Option<u32>) -> Option<f64> {
 }
 
 async fn run(args: Args) -> Result<Report, String> {
+    check_args(&args)?;
+    let mut run = Run::start(args).await?;
+    if matches!(run.args.mode, Mode::Ceiling | Mode::Both) {
+        run.ceiling_phase().await?;
+    }
+    if matches!(run.args.mode, Mode::Http | Mode::Both) {
+        run.http_phase().await?;
+    }
+    if run.args.memory {
+        run.memory_phase().await?;
+    }
+    Ok(run.finish().await)
+}
+
+/// The flag combinations clap cannot refuse by itself.
+fn check_args(args: &Args) -> Result<(), String> {
     if args.concurrency == 0 {
         return Err("--concurrency must be at least 1".into());
     }
@@ -452,114 +468,241 @@ async fn run(args: Args) -> Result<Report, String> {
     if args.keys == 0 && args.mode != Mode::Ceiling {
         return Err("--keys must be at least 1".into());
     }
-    let data = Endpoint::parse(&args.url)?;
-    let admin_ep = Endpoint::parse(&args.admin_url)?;
-    let token = args.admin_token.clone();
-    let layout = Layout::new(&args.namespace);
-    let mut redis = observe::connect(&args.redis_url).await?;
-    let run_id: String = format!("lt{:08x}", rand::thread_rng().gen::<u32>());
-    let mut report = Report::new(
-        args.json,
-        format!("{:?}", args.mode).to_lowercase(),
-        run_id.clone(),
-    );
+    Ok(())
+}
 
-    wait_ready(&data).await?;
-    let mut created: Vec<String> = Vec::new();
-    let window_ms = match args.rate_window.as_str() {
-        "auto" => {
-            let (w, id) = detect_window(&data, &admin_ep, &token, &run_id).await?;
-            created.push(id);
-            w
-        }
-        s => {
-            let secs: u64 = s
-                .parse()
-                .map_err(|_| format!("--rate-window {s:?}: expected seconds or auto"))?;
-            secs * 1000
-        }
-    };
-    report.rate_window_ms = window_ms;
-    progress(&format!("run {run_id}: rate window {window_ms} ms"));
+/// What the phases of one run share, and the report they fill in.
+struct Run {
+    args: Args,
+    data: Endpoint,
+    admin_ep: Endpoint,
+    token: String,
+    layout: Layout,
+    redis: redis::aio::MultiplexedConnection,
+    run_id: String,
+    window_ms: u64,
+    /// Every key the run created, soft-deleted at the end with `--cleanup`.
+    created: Vec<String>,
+    report: Report,
+}
 
-    if matches!(args.mode, Mode::Ceiling | Mode::Both) {
-        progress(&format!("creating {} ceiling keys", args.ceiling_keys));
+/// One ceiling measurement with the Redis and host snapshots taken around it.
+struct CeilingRun {
+    out: ceiling::Outcome,
+    before: observe::RedisSnapshot,
+    after: observe::RedisSnapshot,
+    host: (observe::HostCpu, observe::HostCpu),
+}
+
+/// tollgate's admission-duration histogram as `/metrics` shows it: (bucket bound, count).
+type Buckets = Vec<(f64, u64)>;
+
+/// What was observed around the HTTP phase, beside the workers' own outcome.
+struct HttpObserved {
+    elapsed: Duration,
+    samples: Vec<observe::Sample>,
+    redis: (observe::RedisSnapshot, observe::RedisSnapshot),
+    tollgate_cpu: Option<f64>,
+    self_cpu: Option<f64>,
+    host: (observe::HostCpu, observe::HostCpu),
+    processes: Vec<(String, f64)>,
+    postgres_db_cpu: Option<f64>,
+    buckets: (Buckets, Buckets),
+}
+
+impl Run {
+    /// Connects, waits for tollgate and settles the rate window.
+    async fn start(args: Args) -> Result<Run, String> {
+        let data = Endpoint::parse(&args.url)?;
+        let admin_ep = Endpoint::parse(&args.admin_url)?;
+        let token = args.admin_token.clone();
+        let layout = Layout::new(&args.namespace);
+        let redis = observe::connect(&args.redis_url).await?;
+        let run_id: String = format!("lt{:08x}", rand::thread_rng().gen::<u32>());
+        let report = Report::new(
+            args.json,
+            format!("{:?}", args.mode).to_lowercase(),
+            run_id.clone(),
+        );
+        let mut run = Run {
+            args,
+            data,
+            admin_ep,
+            token,
+            layout,
+            redis,
+            run_id,
+            window_ms: 0,
+            created: Vec::new(),
+            report,
+        };
+        wait_ready(&run.data).await?;
+        run.window_ms = run.rate_window().await?;
+        run.report.rate_window_ms = run.window_ms;
+        progress(&format!(
+            "run {}: rate window {} ms",
+            run.run_id, run.window_ms
+        ));
+        Ok(run)
+    }
+
+    /// `--rate-window`, or the window measured on a probe key of its own.
+    async fn rate_window(&mut self) -> Result<u64, String> {
+        match self.args.rate_window.as_str() {
+            "auto" => {
+                let (w, id) =
+                    detect_window(&self.data, &self.admin_ep, &self.token, &self.run_id).await?;
+                self.created.push(id);
+                Ok(w)
+            }
+            s => {
+                let secs: u64 = s
+                    .parse()
+                    .map_err(|_| format!("--rate-window {s:?}: expected seconds or auto"))?;
+                Ok(secs * 1000)
+            }
+        }
+    }
+
+    /// Creates keys of `specs`, named after the run and `suffix`, remembered for the clean-up.
+    async fn create_keys(
+        &mut self,
+        suffix: &str,
+        specs: Vec<Spec>,
+    ) -> Result<Vec<admin::Key>, String> {
+        let keys = admin::create_many(
+            &self.admin_ep,
+            &self.token,
+            &format!("{}{suffix}", self.run_id),
+            specs,
+            8,
+        )
+        .await?;
+        self.created.extend(keys.iter().map(|k| k.id.clone()));
+        Ok(keys)
+    }
+
+    /// The Redis ceiling: admit.lua alone, then admit and settle, straight on Redis; then that
+    /// every usage event they wrote reached Postgres, and `--script-cost` when asked for.
+    async fn ceiling_phase(&mut self) -> Result<(), String> {
+        progress(&format!("creating {} ceiling keys", self.args.ceiling_keys));
         let spec = Spec {
             class: Class::Ceiling,
-            rate_limit: Some(args.normal_rate_limit),
+            rate_limit: Some(self.args.normal_rate_limit),
             concurrent_limit: None,
             balance: None,
             token_limit: None,
             budget: None,
         };
-        let keys = admin::create_many(
-            &admin_ep,
-            &token,
-            &format!("{run_id}-ceiling"),
-            vec![spec; args.ceiling_keys.max(1)],
-            8,
-        )
-        .await?;
-        created.extend(keys.iter().map(|k| k.id.clone()));
-        let plan = ceiling::Plan {
-            redis_url: args.redis_url.clone(),
-            keys: keys
-                .iter()
-                .map(|k| layout.for_hash(&tollgate::keys::hash(&k.secret)))
-                .collect(),
-            connections: args.ceiling_connections,
-            pipeline: args.ceiling_pipeline.max(1),
-            duration: args.ceiling_duration,
-            window_ms,
-            lease_ttl_ms: args.lease_ttl_seconds * 1000,
-            settle_window_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
-            max_cost_nanos: args.max_cost_usd.nanos(),
-        };
+        let keys = self
+            .create_keys("-ceiling", vec![spec; self.args.ceiling_keys.max(1)])
+            .await?;
+        let plan = self.ceiling_plan(&keys);
         progress("ceiling: admit.lua alone");
-        let before = observe::snapshot(&mut redis).await?;
-        let host0 = observe::host_cpu();
-        let admit = ceiling::run(&plan, ceiling::Work::Admit).await?;
-        let host1 = observe::host_cpu();
-        let after = observe::snapshot(&mut redis).await?;
-        ceiling::clean_up(&args.redis_url, &plan.keys).await?;
+        let admit = self.measure_ceiling(&plan, ceiling::Work::Admit).await?;
+        ceiling::clean_up(&self.args.redis_url, &plan.keys).await?;
         progress("ceiling: admit.lua then settle.lua");
-        let before_flow = observe::snapshot(&mut redis).await?;
-        let host2 = observe::host_cpu();
-        let flow = ceiling::run(&plan, ceiling::Work::Flow).await?;
-        let host3 = observe::host_cpu();
-        let after_flow = observe::snapshot(&mut redis).await?;
+        let flow = self.measure_ceiling(&plan, ceiling::Work::Flow).await?;
         progress("waiting for the syncer to drain the ceiling's usage events");
-        let drained = drain(&mut redis, &layout, args.sync_timeout).await;
-        let mut c = CeilingReport::new(&plan, &admit, &before, &after, (&host0, &host1));
+        let drained = drain(&mut self.redis, &self.layout, self.args.sync_timeout).await;
+        let mut c = CeilingReport::new(
+            &plan,
+            &admit.out,
+            &admit.before,
+            &admit.after,
+            (&admit.host.0, &admit.host.1),
+        );
         c.add_flow(
-            &flow,
-            &before_flow,
-            &after_flow,
-            (&host2, &host3),
+            &flow.out,
+            &flow.before,
+            &flow.after,
+            (&flow.host.0, &flow.host.1),
             drained.as_ref().ok().copied(),
         );
         if let Err(e) = &drained {
-            report.invariants.push(verify::Invariant::new(
+            self.report.invariants.push(verify::Invariant::new(
                 "usage_events_synced",
                 "ceiling usage streams".into(),
                 vec![e.clone()],
             ));
         }
-        // The ceiling's own settlements must reach Postgres too, each exactly once.
+        self.ceiling_invariants(&keys, &admit.out, &flow.out).await;
+        self.report.ceiling = Some(c);
+        if self.args.script_cost {
+            let (s, ids) = script_cost(
+                &self.args,
+                &self.admin_ep,
+                &self.token,
+                &self.run_id,
+                &self.layout,
+                &plan,
+            )
+            .await?;
+            self.created.extend(ids);
+            self.report.invariants.push(s.1);
+            self.report.script_cost = Some(s.0);
+        }
+        Ok(())
+    }
+
+    fn ceiling_plan(&self, keys: &[admin::Key]) -> ceiling::Plan {
+        let args = &self.args;
+        ceiling::Plan {
+            redis_url: args.redis_url.clone(),
+            keys: keys
+                .iter()
+                .map(|k| self.layout.for_hash(&tollgate::keys::hash(&k.secret)))
+                .collect(),
+            connections: args.ceiling_connections,
+            pipeline: args.ceiling_pipeline.max(1),
+            duration: args.ceiling_duration,
+            window_ms: self.window_ms,
+            lease_ttl_ms: args.lease_ttl_seconds * 1000,
+            settle_window_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
+            max_cost_nanos: args.max_cost_usd.nanos(),
+        }
+    }
+
+    async fn measure_ceiling(
+        &mut self,
+        plan: &ceiling::Plan,
+        work: ceiling::Work,
+    ) -> Result<CeilingRun, String> {
+        let before = observe::snapshot(&mut self.redis).await?;
+        let host0 = observe::host_cpu();
+        let out = ceiling::run(plan, work).await?;
+        let host1 = observe::host_cpu();
+        let after = observe::snapshot(&mut self.redis).await?;
+        Ok(CeilingRun {
+            out,
+            before,
+            after,
+            host: (host0, host1),
+        })
+    }
+
+    /// The ceiling's own settlements must reach Postgres too, each exactly once; and every
+    /// call must have taken the allow path, or the figures measure something else.
+    async fn ceiling_invariants(
+        &mut self,
+        keys: &[admin::Key],
+        admit: &ceiling::Outcome,
+        flow: &ceiling::Outcome,
+    ) {
         let costs = flow.cost.iter().map(|(i, v)| (*i as u32, *v)).collect();
         let (inv, _) = verify::postgres(
-            &admin_ep,
-            &token,
-            &keys,
+            &self.admin_ep,
+            &self.token,
+            keys,
             &costs,
             &HashSet::new(),
-            args.sync_timeout,
+            self.args.sync_timeout,
             "ceiling_usage_in_postgres",
         )
         .await;
-        report.invariants.push(inv);
+        self.report.invariants.push(inv);
         if admit.errors + flow.errors > 0 || !admit.other.is_empty() || !flow.other.is_empty() {
-            report.invariants.push(verify::Invariant::new(
+            self.report.invariants.push(verify::Invariant::new(
                 "ceiling_scripts_allow",
                 "every ceiling call takes the allow path".into(),
                 vec![format!(
@@ -571,43 +714,53 @@ async fn run(args: Args) -> Result<Report, String> {
                 )],
             ));
         }
-        report.ceiling = Some(c);
-        if args.script_cost {
-            let (s, ids) = script_cost(&args, &admin_ep, &token, &run_id, &layout, &plan).await?;
-            created.extend(ids);
-            report.invariants.push(s.1);
-            report.script_cost = Some(s.0);
-        }
     }
 
-    if matches!(args.mode, Mode::Http | Mode::Both) {
-        let specs = specs(&args);
+    /// The admit-and-settle mix through HTTP, then the invariants it must have kept.
+    async fn http_phase(&mut self) -> Result<(), String> {
+        let specs = specs(&self.args);
         progress(&format!("creating {} keys", specs.len()));
-        let keys = admin::create_many(&admin_ep, &token, &run_id, specs, 8).await?;
-        created.extend(keys.iter().map(|k| k.id.clone()));
-        let mut load_keys: Vec<load::LoadKey> = keys
-            .iter()
-            .map(|k| {
-                let reserve = if matches!(k.spec.class, Class::Standalone | Class::Budget) {
-                    args.max_cost_usd
-                } else {
-                    Money::ZERO
-                };
-                let reserve_tokens = if k.spec.class == Class::Tokens {
-                    args.reserve_tokens
-                } else {
-                    0
-                };
-                load::LoadKey {
-                    class: k.spec.class,
-                    rate_limit: k.spec.rate_limit,
-                    concurrent_limit: k.spec.concurrent_limit,
-                    admit_body: load::admit_body(&k.secret, reserve, reserve_tokens),
-                    reserve,
-                    reserve_tokens,
-                }
-            })
-            .collect();
+        let keys = self.create_keys("", specs).await?;
+        let plan = self.load_plan(&keys);
+        let first_day = chrono::Utc::now().date_naive();
+        let args = &self.args;
+        progress(&format!(
+            "HTTP phase: {} connections, {:?}, {}",
+            args.concurrency,
+            args.duration,
+            args.rate.map_or("closed loop".to_string(), |r| format!(
+                "open loop at {r} flows/s"
+            ))
+        ));
+        let (out, observed) = self.measure_http(plan).await?;
+        progress("checking invariants");
+        let drained = self.http_invariants(&keys, &out, first_day).await;
+        let mut h = HttpReport::new(&args_summary(&self.args, &keys), &out, observed.elapsed);
+        h.set_redis(&observed.redis.0, &observed.redis.1, &out);
+        h.set_process(
+            self.args.pid,
+            observed.tollgate_cpu,
+            observed.self_cpu,
+            observed.samples,
+        );
+        h.set_host(&observed.host.0, &observed.host.1, observed.processes);
+        h.set_server_side(
+            &observed.buckets.0,
+            &observed.buckets.1,
+            observed.postgres_db_cpu,
+        );
+        h.sync_drain_seconds = drained.ok().map(|d| d.as_secs_f64());
+        if let Some(c) = &self.report.ceiling {
+            h.set_ceiling(c);
+        }
+        self.report.http = Some(h);
+        Ok(())
+    }
+
+    /// The workers' plan: the created keys as they send them, then the invalid ones.
+    fn load_plan(&self, keys: &[admin::Key]) -> load::Plan {
+        let args = &self.args;
+        let mut load_keys: Vec<load::LoadKey> = keys.iter().map(|k| load_key(args, k)).collect();
         for _ in 0..args.invalid_keys {
             load_keys.push(load::LoadKey {
                 class: Class::Normal,
@@ -618,10 +771,8 @@ async fn run(args: Args) -> Result<Report, String> {
                 reserve_tokens: 0,
             });
         }
-        let epoch = Instant::now();
-        let first_day = chrono::Utc::now().date_naive();
-        let plan = load::Plan {
-            data: data.clone(),
+        load::Plan {
+            data: self.data.clone(),
             keys: Arc::new(load_keys),
             first_invalid: keys.len(),
             hot: {
@@ -641,121 +792,157 @@ async fn run(args: Args) -> Result<Report, String> {
             concurrency: args.concurrency,
             duration: args.duration,
             rate: args.rate,
-            epoch,
-            window_ms,
-        };
-        progress(&format!(
-            "HTTP phase: {} connections, {:?}, {}",
-            args.concurrency,
-            args.duration,
-            args.rate.map_or("closed loop".to_string(), |r| format!(
-                "open loop at {r} flows/s"
-            ))
-        ));
+            epoch: Instant::now(),
+            window_ms: self.window_ms,
+        }
+    }
+
+    /// Runs the workers with Redis, the processes, the host and tollgate's own histogram
+    /// read before and after.
+    async fn measure_http(
+        &mut self,
+        plan: load::Plan,
+    ) -> Result<(load::Outcome, HttpObserved), String> {
+        let pid = self.args.pid;
+        let pgdb = |db: Option<&str>| db.map(observe::postgres_db_cpu_seconds);
         let counter = Arc::new(AtomicU64::new(0));
-        let redis_before = observe::snapshot(&mut redis).await?;
-        let (tg_cpu0, self_cpu0) = (cpu_now(args.pid), observe::cpu_seconds("self"));
+        let redis_before = observe::snapshot(&mut self.redis).await?;
+        let (tg_cpu0, self_cpu0) = (cpu_now(pid), observe::cpu_seconds("self"));
         let host0 = observe::host_cpu();
         let procs0 = observe::processes();
-        let pgdb0 = args
-            .postgres_db
-            .as_deref()
-            .map(observe::postgres_db_cpu_seconds);
-        let buckets0 = scrape_buckets(&admin_ep).await;
-        let sampler = observe::Sampler::start(args.pid, counter.clone());
+        let pgdb0 = pgdb(self.args.postgres_db.as_deref());
+        let buckets0 = scrape_buckets(&self.admin_ep).await;
+        let sampler = observe::Sampler::start(pid, counter.clone());
         let started = Instant::now();
         let out = load::run(plan, counter).await;
         let elapsed = started.elapsed();
         let samples = sampler.finish().await;
-        let (tg_cpu1, self_cpu1) = (cpu_now(args.pid), observe::cpu_seconds("self"));
+        let (tg_cpu1, self_cpu1) = (cpu_now(pid), observe::cpu_seconds("self"));
         let host1 = observe::host_cpu();
         let procs1 = observe::processes();
-        let pgdb1 = args
-            .postgres_db
-            .as_deref()
-            .map(observe::postgres_db_cpu_seconds);
-        let buckets1 = scrape_buckets(&admin_ep).await;
-        let redis_after = observe::snapshot(&mut redis).await?;
+        let pgdb1 = pgdb(self.args.postgres_db.as_deref());
+        let buckets1 = scrape_buckets(&self.admin_ep).await;
+        let redis_after = observe::snapshot(&mut self.redis).await?;
+        let observed = HttpObserved {
+            elapsed,
+            samples,
+            redis: (redis_before, redis_after),
+            tollgate_cpu: tg_cpu0.zip(tg_cpu1).map(|(a, b)| b - a),
+            self_cpu: self_cpu0.zip(self_cpu1).map(|(a, b)| b - a),
+            host: (host0, host1),
+            processes: observe::processes_delta(&procs0, &procs1),
+            postgres_db_cpu: pgdb0.zip(pgdb1).map(|(a, b)| b - a),
+            buckets: (buckets0, buckets1),
+        };
+        Ok((out, observed))
+    }
 
-        progress("checking invariants");
-        let window_ns = window_ms * 1_000_000;
-        report.invariants.extend(verify::local(
-            &keys,
-            &out,
+    /// Every invariant of the HTTP phase, in the report; the syncer's drain time, which the
+    /// report also shows.
+    async fn http_invariants(
+        &mut self,
+        keys: &[admin::Key],
+        out: &load::Outcome,
+        first_day: chrono::NaiveDate,
+    ) -> Result<Duration, String> {
+        let window_ns = self.window_ms * 1_000_000;
+        let invariants = &mut self.report.invariants;
+        invariants.extend(verify::local(
+            keys,
+            out,
             window_ns,
             chrono::Utc::now().date_naive() == first_day,
         ));
         let uncertain: HashSet<u32> = out.uncertain.iter().copied().collect();
-        report
-            .invariants
-            .push(verify::redis_balances(&data, &keys, &out.cost, &uncertain).await);
-        let drained = drain(&mut redis, &layout, args.sync_timeout).await;
+        invariants.push(verify::redis_balances(&self.data, keys, &out.cost, &uncertain).await);
+        let drained = drain(&mut self.redis, &self.layout, self.args.sync_timeout).await;
         if let Err(e) = &drained {
-            report.invariants.push(verify::Invariant::new(
+            invariants.push(verify::Invariant::new(
                 "usage_events_synced",
                 "usage streams".into(),
                 vec![e.clone()],
             ));
         }
         let (inv, _) = verify::postgres(
-            &admin_ep,
-            &token,
-            &keys,
+            &self.admin_ep,
+            &self.token,
+            keys,
             &out.cost,
             &uncertain,
-            args.sync_timeout,
+            self.args.sync_timeout,
             "usage_exact_in_postgres",
         )
         .await;
-        report.invariants.push(inv);
-        let errors = out.error_count();
-        report.invariants.push(verify::Invariant::new(
-            "errors_within_budget",
-            format!(
-                "at most {} transport errors or unavailable answers",
-                args.max_errors
-            ),
-            if errors > args.max_errors {
-                vec![format!(
-                    "{errors} errors: {:?} e.g. {:?}",
-                    out.errors, out.error_samples
-                )]
-            } else {
-                vec![]
-            },
-        ));
-        let mut h = HttpReport::new(&args_summary(&args, &keys), &out, elapsed);
-        h.set_redis(&redis_before, &redis_after, &out);
-        h.set_process(
-            args.pid,
-            tg_cpu0.zip(tg_cpu1).map(|(a, b)| b - a),
-            self_cpu0.zip(self_cpu1).map(|(a, b)| b - a),
-            samples,
-        );
-        h.set_host(&host0, &host1, observe::processes_delta(&procs0, &procs1));
-        h.set_server_side(&buckets0, &buckets1, pgdb0.zip(pgdb1).map(|(a, b)| b - a));
-        h.sync_drain_seconds = drained.ok().map(|d| d.as_secs_f64());
-        if let Some(c) = &report.ceiling {
-            h.set_ceiling(c);
-        }
-        report.http = Some(h);
+        invariants.push(inv);
+        invariants.push(errors_within_budget(out, self.args.max_errors));
+        drained
     }
 
-    if args.memory {
+    async fn memory_phase(&mut self) -> Result<(), String> {
         progress("measuring Redis memory per key");
-        let (m, ids) =
-            memory::measure(&data, &admin_ep, &token, &run_id, &layout, &mut redis).await?;
-        created.extend(ids);
-        report.memory = Some(m);
+        let (m, ids) = memory::measure(
+            &self.data,
+            &self.admin_ep,
+            &self.token,
+            &self.run_id,
+            &self.layout,
+            &mut self.redis,
+        )
+        .await?;
+        self.created.extend(ids);
+        self.report.memory = Some(m);
+        Ok(())
     }
 
-    if args.cleanup {
-        let n = created.len();
-        let done = admin::delete_many(&admin_ep, &token, created, 8).await;
-        progress(&format!("soft-deleted {done} of {n} keys"));
+    /// Soft-deletes the run's keys when asked to, and closes the report.
+    async fn finish(mut self) -> Report {
+        if self.args.cleanup {
+            let n = self.created.len();
+            let done = admin::delete_many(&self.admin_ep, &self.token, self.created, 8).await;
+            progress(&format!("soft-deleted {done} of {n} keys"));
+        }
+        self.report.finish();
+        self.report
     }
-    report.finish();
-    Ok(report)
+}
+
+/// A created key as the workers send it: standalone and budget keys reserve the largest
+/// cost, token keys `--reserve-tokens`.
+fn load_key(args: &Args, k: &admin::Key) -> load::LoadKey {
+    let reserve = if matches!(k.spec.class, Class::Standalone | Class::Budget) {
+        args.max_cost_usd
+    } else {
+        Money::ZERO
+    };
+    let reserve_tokens = if k.spec.class == Class::Tokens {
+        args.reserve_tokens
+    } else {
+        0
+    };
+    load::LoadKey {
+        class: k.spec.class,
+        rate_limit: k.spec.rate_limit,
+        concurrent_limit: k.spec.concurrent_limit,
+        admit_body: load::admit_body(&k.secret, reserve, reserve_tokens),
+        reserve,
+        reserve_tokens,
+    }
+}
+
+fn errors_within_budget(out: &load::Outcome, max_errors: u64) -> verify::Invariant {
+    let errors = out.error_count();
+    verify::Invariant::new(
+        "errors_within_budget",
+        format!("at most {max_errors} transport errors or unavailable answers"),
+        if errors > max_errors {
+            vec![format!(
+                "{errors} errors: {:?} e.g. {:?}",
+                out.errors, out.error_samples
+            )]
+        } else {
+            vec![]
+        },
+    )
 }
 
 /// The script-cost phases (`--script-cost`) on keys of their own: plain ones, like the
@@ -868,7 +1055,7 @@ fn read_scripts(dir: &std::path::Path) -> Result<Vec<(String, String)>, String> 
 }
 
 /// tollgate's admission-duration histogram, from its `/metrics` (no token needed).
-async fn scrape_buckets(admin: &Endpoint) -> Vec<(f64, u64)> {
+async fn scrape_buckets(admin: &Endpoint) -> Buckets {
     let mut c = Conn::new(admin.clone(), None);
     match c.get("/metrics").await {
         Ok((s, b)) if s.is_success() => observe::admission_buckets(&String::from_utf8_lossy(&b)),

@@ -606,17 +606,7 @@ impl Report {
         );
         if let Some(c) = &self.ceiling {
             println!();
-            println!(
-                "Redis ceiling ({} keys, {} connections × pipeline {}):",
-                c.keys, c.connections, c.pipeline_depth
-            );
-            print_part("admit.lua alone", "admissions", &c.admit);
-            if let Some(f) = &c.flow {
-                print_part("admit.lua + settle.lua", "flows", f);
-            }
-            if let Some(s) = c.sync_drain_seconds {
-                println!("  syncer drained the ceiling's usage events {s:.1} s after it ended");
-            }
+            c.print();
         }
         if let Some(s) = &self.script_cost {
             println!();
@@ -624,175 +614,244 @@ impl Report {
         }
         if let Some(h) = &self.http {
             println!();
-            println!(
-                "HTTP phase: {:.1} s, settings {}",
-                h.seconds,
-                serde_json::to_string(&h.settings).unwrap_or_default()
-            );
-            println!(
-                "  admissions {} ({:.0}/s): allowed {}, denied {}",
-                h.admissions,
-                h.admissions_per_second,
-                h.allowed,
-                h.admissions - h.allowed
-            );
-            let denials: Vec<String> = h.denials.iter().map(|(k, v)| format!("{k} {v}")).collect();
-            println!(
-                "  denials by code: {}",
-                if denials.is_empty() {
-                    "none".into()
-                } else {
-                    denials.join(", ")
-                }
-            );
-            println!(
-                "  settlements {} (+{} repeated), releases {}: {:.0} flows/s, {:.0} HTTP requests/s",
-                h.settlements, h.repeated_settlements, h.releases, h.flows_per_second, h.requests_per_second
-            );
-            println!("  latency (µs)      count      p50      p90      p99    p99.9      max");
-            for (name, l) in &h.latency {
-                if l.count > 0 {
-                    println!(
-                        "    {name:<10} {:>10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0}",
-                        l.count, l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
-                    );
-                }
-            }
-            let s = &h.server_admission_us;
-            let b = |v: Option<f64>| {
-                v.map_or("?".to_string(), |v| {
-                    if v.is_finite() {
-                        format!("≤{v:.0}")
-                    } else {
-                        ">max".to_string()
-                    }
-                })
-            };
-            println!(
-                "    tollgate's own admission time (its histogram buckets): p50 {} p90 {} p99 {} p99.9 {}",
-                b(s.p50_at_most),
-                b(s.p90_at_most),
-                b(s.p99_at_most),
-                b(s.p999_at_most)
-            );
-            if h.settings["rate_flows_per_second"].is_number() {
-                println!(
-                    "    (open loop: an admission that had to wait counts from its scheduled time)"
-                );
-            }
-            if !h.errors.is_empty() {
-                println!("  errors: {:?}; e.g. {:?}", h.errors, h.error_samples);
-            }
-            if let Some(r) = &h.redis {
-                println!(
-                    "  Redis: {} EVALSHA for {} admit/settle/release calls = {:.3} per call; EVAL {}; Redis CPU {:.1} s",
-                    r.evalsha, r.script_calls_expected, r.evalsha_per_call, r.eval, r.cpu_seconds
-                );
-                println!(
-                    "    (not counted above: {} EVALSHA of the syncer's ack.lua, one per batch of usage events)",
-                    r.syncer_ack_scripts
-                );
-                println!("    (INFO commandstats; commands run inside scripts are counted there too, so only EVALSHA/EVAL are round trips)");
-                println!(
-                    "    Redis ran each script in {:.1} µs on average (commandstats usec; CPU per call above adds network I/O)",
-                    r.script_exec_us
-                );
-                println!(
-                    "    used_memory {:.1} MiB → {:.1} MiB",
-                    mib(r.used_memory_before),
-                    mib(r.used_memory_after)
-                );
-            }
-            if let (Some(f), Some(c)) = (h.flows_vs_ceiling, h.script_calls_vs_ceiling) {
-                println!("  vs the Redis ceiling: flows {f:.2}×, script calls {c:.2}×");
-            }
-            if let Some(p) = &h.tollgate {
-                if let Some(pid) = p.pid {
-                    println!(
-                        "  tollgate pid {pid}: RSS start {} / middle {} / end {} / max {} MiB; CPU {}",
-                        opt_mib(p.rss_start),
-                        opt_mib(p.rss_middle),
-                        opt_mib(p.rss_end),
-                        opt_mib(p.rss_max),
-                        p.cpu_seconds
-                            .map_or("?".into(), |c| format!("{c:.1} s = {:.2} cores", c / h.seconds))
-                    );
-                }
-                if let Some(c) = p.loadgen_cpu_seconds {
-                    println!("  load generator CPU {c:.1} s = {:.2} cores", c / h.seconds);
-                }
-            }
-            if let Some(host) = &h.host {
-                println!(
-                    "  host CPU: {:.2} cores busy (per CPU {}); Postgres {:.2} cores{}{}",
-                    host.busy_cores,
-                    percents(&host.per_cpu_busy),
-                    host.postgres_cores,
-                    host.postgres_db_cores.map_or(String::new(), |c| format!(
-                        " ({c:.2} for tollgate's database)"
-                    )),
-                    host.other_cores.map_or(String::new(), |o| format!(
-                        "; {o:.2} cores outside tollgate, Redis, Postgres and the load generator"
-                    ))
-                );
-                let top: Vec<String> = host
-                    .top_processes
-                    .iter()
-                    .map(|(c, v)| format!("{c} {v:.2}"))
-                    .collect();
-                println!("  busiest processes (cores): {}", top.join(", "));
-                let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
-                println!(
-                    "  CPU per unit (µs): tollgate {} per HTTP request, Redis {} per script call, load generator {} per request",
-                    us(host.tollgate_cpu_us_per_request),
-                    us(host.redis_cpu_us_per_script_call),
-                    us(host.loadgen_cpu_us_per_request)
-                );
-            }
-            if let Some(s) = h.sync_drain_seconds {
-                println!("  syncer drained the usage streams {s:.1} s after the load ended");
-            }
+            h.print();
         }
         if let Some(m) = &self.memory {
             println!();
-            println!("Redis memory per key (MEMORY USAGE, bytes):");
-            println!(
-                "  state hash at rest {} (after use {})",
-                m.state_at_rest, m.state_after_use
-            );
-            println!(
-                "  rate log with {} entries {} ({:.0}/entry); live-lease set with {} {} ({:.0}/entry)",
-                m.rate_limit,
-                m.rate_log_full,
-                m.rate_log_full as f64 / m.rate_limit as f64,
-                m.rate_limit,
-                m.live_set_full,
-                m.live_set_full as f64 / m.rate_limit as f64
-            );
-            println!(
-                "  lease record {}; settled-lease tombstone {}",
-                m.lease_record, m.tombstone
-            );
-            println!(
-                "  key with a full window: {}; with all {} leases live: {}",
-                m.key_with_full_window, m.rate_limit, m.key_with_full_window_all_live
-            );
+            print_memory(m);
         }
         println!();
-        println!("Invariants:");
-        for i in &self.invariants {
-            println!(
-                "  {} {:<34} {}",
-                if i.ok { "ok  " } else { "FAIL" },
-                i.name,
-                i.scope
-            );
-            for f in &i.failures {
-                println!("         {f}");
-            }
-        }
+        print_invariants(&self.invariants);
         println!();
         println!("{}", if self.passed { "PASSED" } else { "FAILED" });
+    }
+}
+
+impl CeilingReport {
+    fn print(&self) {
+        println!(
+            "Redis ceiling ({} keys, {} connections × pipeline {}):",
+            self.keys, self.connections, self.pipeline_depth
+        );
+        print_part("admit.lua alone", "admissions", &self.admit);
+        if let Some(f) = &self.flow {
+            print_part("admit.lua + settle.lua", "flows", f);
+        }
+        if let Some(s) = self.sync_drain_seconds {
+            println!("  syncer drained the ceiling's usage events {s:.1} s after it ended");
+        }
+    }
+}
+
+impl HttpReport {
+    fn print(&self) {
+        self.print_counts();
+        self.print_latency();
+        if !self.errors.is_empty() {
+            println!("  errors: {:?}; e.g. {:?}", self.errors, self.error_samples);
+        }
+        if let Some(r) = &self.redis {
+            r.print();
+        }
+        if let (Some(f), Some(c)) = (self.flows_vs_ceiling, self.script_calls_vs_ceiling) {
+            println!("  vs the Redis ceiling: flows {f:.2}×, script calls {c:.2}×");
+        }
+        if let Some(p) = &self.tollgate {
+            p.print(self.seconds);
+        }
+        if let Some(host) = &self.host {
+            host.print();
+        }
+        if let Some(s) = self.sync_drain_seconds {
+            println!("  syncer drained the usage streams {s:.1} s after the load ended");
+        }
+    }
+
+    /// The phase's settings, and what was admitted, denied, settled and released.
+    fn print_counts(&self) {
+        println!(
+            "HTTP phase: {:.1} s, settings {}",
+            self.seconds,
+            serde_json::to_string(&self.settings).unwrap_or_default()
+        );
+        println!(
+            "  admissions {} ({:.0}/s): allowed {}, denied {}",
+            self.admissions,
+            self.admissions_per_second,
+            self.allowed,
+            self.admissions - self.allowed
+        );
+        let denials: Vec<String> = self
+            .denials
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!(
+            "  denials by code: {}",
+            if denials.is_empty() {
+                "none".into()
+            } else {
+                denials.join(", ")
+            }
+        );
+        println!(
+            "  settlements {} (+{} repeated), releases {}: {:.0} flows/s, {:.0} HTTP requests/s",
+            self.settlements,
+            self.repeated_settlements,
+            self.releases,
+            self.flows_per_second,
+            self.requests_per_second
+        );
+    }
+
+    /// The harness's latency table, then tollgate's own admission time beside it.
+    fn print_latency(&self) {
+        println!("  latency (µs)      count      p50      p90      p99    p99.9      max");
+        for (name, l) in &self.latency {
+            if l.count > 0 {
+                println!(
+                    "    {name:<10} {:>10} {:>8.0} {:>8.0} {:>8.0} {:>8.0} {:>8.0}",
+                    l.count, l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
+                );
+            }
+        }
+        let s = &self.server_admission_us;
+        let b = |v: Option<f64>| {
+            v.map_or("?".to_string(), |v| {
+                if v.is_finite() {
+                    format!("≤{v:.0}")
+                } else {
+                    ">max".to_string()
+                }
+            })
+        };
+        println!(
+            "    tollgate's own admission time (its histogram buckets): p50 {} p90 {} p99 {} p99.9 {}",
+            b(s.p50_at_most),
+            b(s.p90_at_most),
+            b(s.p99_at_most),
+            b(s.p999_at_most)
+        );
+        if self.settings["rate_flows_per_second"].is_number() {
+            println!(
+                "    (open loop: an admission that had to wait counts from its scheduled time)"
+            );
+        }
+    }
+}
+
+impl RedisUse {
+    fn print(&self) {
+        println!(
+            "  Redis: {} EVALSHA for {} admit/settle/release calls = {:.3} per call; EVAL {}; Redis CPU {:.1} s",
+            self.evalsha, self.script_calls_expected, self.evalsha_per_call, self.eval, self.cpu_seconds
+        );
+        println!(
+            "    (not counted above: {} EVALSHA of the syncer's ack.lua, one per batch of usage events)",
+            self.syncer_ack_scripts
+        );
+        println!("    (INFO commandstats; commands run inside scripts are counted there too, so only EVALSHA/EVAL are round trips)");
+        println!(
+            "    Redis ran each script in {:.1} µs on average (commandstats usec; CPU per call above adds network I/O)",
+            self.script_exec_us
+        );
+        println!(
+            "    used_memory {:.1} MiB → {:.1} MiB",
+            mib(self.used_memory_before),
+            mib(self.used_memory_after)
+        );
+    }
+}
+
+impl ProcessUse {
+    /// `seconds`: the phase's length, to turn CPU seconds into cores.
+    fn print(&self, seconds: f64) {
+        if let Some(pid) = self.pid {
+            println!(
+                "  tollgate pid {pid}: RSS start {} / middle {} / end {} / max {} MiB; CPU {}",
+                opt_mib(self.rss_start),
+                opt_mib(self.rss_middle),
+                opt_mib(self.rss_end),
+                opt_mib(self.rss_max),
+                self.cpu_seconds.map_or("?".into(), |c| format!(
+                    "{c:.1} s = {:.2} cores",
+                    c / seconds
+                ))
+            );
+        }
+        if let Some(c) = self.loadgen_cpu_seconds {
+            println!("  load generator CPU {c:.1} s = {:.2} cores", c / seconds);
+        }
+    }
+}
+
+impl HostUse {
+    fn print(&self) {
+        println!(
+            "  host CPU: {:.2} cores busy (per CPU {}); Postgres {:.2} cores{}{}",
+            self.busy_cores,
+            percents(&self.per_cpu_busy),
+            self.postgres_cores,
+            self.postgres_db_cores.map_or(String::new(), |c| format!(
+                " ({c:.2} for tollgate's database)"
+            )),
+            self.other_cores.map_or(String::new(), |o| format!(
+                "; {o:.2} cores outside tollgate, Redis, Postgres and the load generator"
+            ))
+        );
+        let top: Vec<String> = self
+            .top_processes
+            .iter()
+            .map(|(c, v)| format!("{c} {v:.2}"))
+            .collect();
+        println!("  busiest processes (cores): {}", top.join(", "));
+        let us = |v: Option<f64>| v.map_or("?".to_string(), |v| format!("{v:.1}"));
+        println!(
+            "  CPU per unit (µs): tollgate {} per HTTP request, Redis {} per script call, load generator {} per request",
+            us(self.tollgate_cpu_us_per_request),
+            us(self.redis_cpu_us_per_script_call),
+            us(self.loadgen_cpu_us_per_request)
+        );
+    }
+}
+
+fn print_memory(m: &MemoryReport) {
+    println!("Redis memory per key (MEMORY USAGE, bytes):");
+    println!(
+        "  state hash at rest {} (after use {})",
+        m.state_at_rest, m.state_after_use
+    );
+    println!(
+        "  rate log with {} entries {} ({:.0}/entry); live-lease set with {} {} ({:.0}/entry)",
+        m.rate_limit,
+        m.rate_log_full,
+        m.rate_log_full as f64 / m.rate_limit as f64,
+        m.rate_limit,
+        m.live_set_full,
+        m.live_set_full as f64 / m.rate_limit as f64
+    );
+    println!(
+        "  lease record {}; settled-lease tombstone {}",
+        m.lease_record, m.tombstone
+    );
+    println!(
+        "  key with a full window: {}; with all {} leases live: {}",
+        m.key_with_full_window, m.rate_limit, m.key_with_full_window_all_live
+    );
+}
+
+fn print_invariants(invariants: &[Invariant]) {
+    println!("Invariants:");
+    for i in invariants {
+        println!(
+            "  {} {:<34} {}",
+            if i.ok { "ok  " } else { "FAIL" },
+            i.name,
+            i.scope
+        );
+        for f in &i.failures {
+            println!("         {f}");
+        }
     }
 }
 

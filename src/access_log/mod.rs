@@ -30,7 +30,6 @@ use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::{watch, Notify, Semaphore};
 
-pub use record::COST_HEADERS;
 use record::{Dropped, Report, Settlement};
 
 use crate::gate::RedisFailure;
@@ -39,15 +38,15 @@ use crate::http::AppState;
 
 /// Longest record accepted, in bytes. A Caddy access-log line with every request and response
 /// header is a few KiB; this leaves room for large cookies and long URLs.
-pub const MAX_LINE: usize = 64 * 1024;
+pub(crate) const MAX_LINE: usize = 64 * 1024;
 /// TCP connections kept open at once.
 pub const MAX_CONNECTIONS: usize = 256;
 /// A TCP connection that sends nothing for this long is closed. Longer than any quiet spell of
 /// a live proxy's log connection is worth keeping a slot for; the proxy reconnects on its next
 /// record.
-pub const IDLE: Duration = Duration::from_secs(300);
+pub(crate) const IDLE: Duration = Duration::from_secs(300);
 /// Records being applied at once (each one Redis script).
-pub const IN_FLIGHT: usize = 64;
+pub(crate) const IN_FLIGHT: usize = 64;
 /// Tries of one record while Redis does not answer, within the contract's one second.
 const TRIES: u32 = 3;
 const RETRY_AFTER: Duration = Duration::from_millis(200);
@@ -56,7 +55,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// `result` label of `tollgate_access_log_records_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RecordResult {
+pub(crate) enum RecordResult {
     Settled,
     Released,
     Duplicate,
@@ -65,7 +64,7 @@ pub enum RecordResult {
 }
 
 impl RecordResult {
-    pub const ALL: [RecordResult; 5] = [
+    pub(crate) const ALL: [RecordResult; 5] = [
         RecordResult::Settled,
         RecordResult::Released,
         RecordResult::Duplicate,
@@ -73,7 +72,7 @@ impl RecordResult {
         RecordResult::Malformed,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             RecordResult::Settled => "settled",
             RecordResult::Released => "released",

@@ -16,11 +16,12 @@
 
 use serde_json::{Map, Value};
 
+use crate::label::Label;
 use crate::money::Money;
 
 /// Response headers that carry an upstream's cost of the request, in USD, first found wins:
 /// tollgate's own name, then the one LiteLLM's proxy sends.
-pub const COST_HEADERS: [&str; 2] = ["x-tollgate-cost-usd", "x-litellm-response-cost"];
+pub(crate) const COST_HEADERS: [&str; 2] = ["x-tollgate-cost-usd", "x-litellm-response-cost"];
 /// Response headers with token counts, for an upstream that can send them.
 const INPUT_TOKENS_HEADER: &str = "x-tollgate-input-tokens";
 const OUTPUT_TOKENS_HEADER: &str = "x-tollgate-output-tokens";
@@ -34,31 +35,31 @@ const MAX_COST_NANOS: i64 = crate::money::MAX_EXACT;
 
 /// What a record asks tollgate to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Report {
+pub(crate) enum Report {
     Settle(Settlement),
     Release { lease_id: String },
 }
 
 /// A request that got an answer: its lease is settled like `POST /v1/settle` would.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Settlement {
-    pub lease_id: String,
-    pub status: Option<u16>,
+pub(crate) struct Settlement {
+    pub(crate) lease_id: String,
+    pub(crate) status: Option<u16>,
     /// `None`: priced from the tokens where a price is known, else 0.
-    pub cost: Option<Money>,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
-    pub cached_input_tokens: Option<u64>,
-    pub total_tokens: Option<u64>,
-    pub response_time_ms: Option<u64>,
-    pub provider: Option<String>,
-    pub api_format: Option<String>,
-    pub model: Option<String>,
+    pub(crate) cost: Option<Money>,
+    pub(crate) input_tokens: Option<u64>,
+    pub(crate) output_tokens: Option<u64>,
+    pub(crate) cached_input_tokens: Option<u64>,
+    pub(crate) total_tokens: Option<u64>,
+    pub(crate) response_time_ms: Option<u64>,
+    pub(crate) provider: Option<Label>,
+    pub(crate) api_format: Option<Label>,
+    pub(crate) model: Option<Label>,
 }
 
 /// Why a record was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dropped {
+pub(crate) enum Dropped {
     /// Not a JSON object, or a field of the wrong kind.
     Malformed,
     /// Names no lease (a denied request, or an admission that took none).
@@ -170,11 +171,10 @@ fn cost(v: Option<&Value>) -> Result<Option<Money>, Dropped> {
         .transpose()
 }
 
-fn label(v: Option<&Value>) -> Result<Option<String>, Dropped> {
-    match text(v)? {
-        Some(l) if !crate::label::is_label(&l) => Err(Dropped::Malformed),
-        other => Ok(other),
-    }
+fn label(v: Option<&Value>) -> Result<Option<Label>, Dropped> {
+    text(v)?
+        .map(|l| Label::new(l).map_err(|_| Dropped::Malformed))
+        .transpose()
 }
 
 /// A header of Caddy's `resp_headers` (`{"Name": ["value", …]}`), by case-insensitive name.
@@ -203,7 +203,7 @@ fn duration_ms(v: Option<&Value>) -> Result<Option<u64>, Dropped> {
 }
 
 /// Reads one record.
-pub fn parse(raw: &[u8]) -> Result<Report, Dropped> {
+pub(crate) fn parse(raw: &[u8]) -> Result<Report, Dropped> {
     let json = json_part(raw).ok_or(Dropped::Malformed)?;
     let obj: Map<String, Value> = serde_json::from_slice(json).map_err(|_| Dropped::Malformed)?;
     let resp = obj.get("resp_headers").and_then(Value::as_object);

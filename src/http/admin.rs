@@ -21,13 +21,13 @@ use super::error::ApiError;
 use super::json::{nullable, StrictJson};
 use super::AppState;
 use crate::keys;
-use crate::label::{has_control, is_label};
+use crate::label::{has_control, AllowList};
 use crate::money::Money;
 use crate::store::keys::{KeyPatch, KeyRow, NewKey, MAX_BALANCE_NANOS};
 use crate::store::{self, stats, StoreError};
 
 /// Bearer-token check for every `/admin/*` call, in constant time.
-pub async fn require_token(
+pub(crate) async fn require_token(
     State(state): State<Arc<AppState>>,
     req: Request,
     next: Next,
@@ -55,7 +55,7 @@ pub async fn require_token(
 
 /// Until Postgres is up and migrated (`startup::postgres`), every admin call answers 503
 /// `unavailable`: the admin API lives in Postgres, admissions do not wait for it.
-pub async fn require_postgres(
+pub(crate) async fn require_postgres(
     State(state): State<Arc<AppState>>,
     req: Request,
     next: Next,
@@ -70,7 +70,7 @@ pub async fn require_postgres(
 
 /// The contract's `ApiKey` object.
 #[derive(Debug, Serialize)]
-pub struct ApiKey {
+pub(crate) struct ApiKey {
     id: Uuid,
     user_id: String,
     name: String,
@@ -163,25 +163,12 @@ async fn push(state: &AppState, row: &KeyRow) {
     state.key_state.push(row).await;
 }
 
-/// `[]` means unrestricted, stored as null; entries must be non-empty strings.
-fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> {
-    let Some(list) = v else { return Ok(None) };
-    if list.is_empty() {
-        return Ok(None);
-    }
-    if list.len() > 1000 {
-        return Err(ApiError::bad_request(format!(
-            "{field}: at most 1000 entries"
-        )));
-    }
-    for item in &list {
-        if item.is_empty() || !is_label(item) {
-            return Err(ApiError::bad_request(format!(
-                "{field}: entries must be 1-256 characters, without control characters"
-            )));
-        }
-    }
-    Ok(Some(list))
+/// `[]` means unrestricted, stored as null.
+fn allow_list(field: &str, v: Option<Vec<String>>) -> Result<Option<AllowList>, ApiError> {
+    v.map(AllowList::new)
+        .transpose()
+        .map(Option::flatten)
+        .map_err(|e| ApiError::allow_list(field, e))
 }
 
 /// Most tokens a `token_limit` may name: window sums stay exact in the scripts' doubles.
@@ -253,7 +240,7 @@ fn user_id(v: &str) -> Result<&str, ApiError> {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CreateBody {
+pub(crate) struct CreateBody {
     user_id: String,
     name: Option<String>,
     allowed_providers: Option<Vec<String>>,
@@ -274,7 +261,7 @@ pub struct CreateBody {
     budget_period: Option<String>,
 }
 
-pub async fn create(
+pub(crate) async fn create(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<CreateBody>,
 ) -> Result<Response, ApiError> {
@@ -352,7 +339,7 @@ pub async fn create(
         .into_response())
 }
 
-pub async fn get(
+pub(crate) async fn get(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
@@ -362,11 +349,11 @@ pub async fn get(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LookupBody {
+pub(crate) struct LookupBody {
     key: String,
 }
 
-pub async fn lookup(
+pub(crate) async fn lookup(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<LookupBody>,
 ) -> Result<Json<ApiKey>, ApiError> {
@@ -379,7 +366,7 @@ pub async fn lookup(
     Ok(Json(ApiKey::from(&row)))
 }
 
-pub async fn secret(
+pub(crate) async fn secret(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -404,7 +391,7 @@ pub async fn secret(
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ActiveFilter {
+pub(crate) struct ActiveFilter {
     is_active: Option<String>,
 }
 
@@ -417,7 +404,7 @@ fn active_filter(q: &ActiveFilter) -> Result<Option<bool>, ApiError> {
     }
 }
 
-pub async fn list_user(
+pub(crate) async fn list_user(
     State(state): State<Arc<AppState>>,
     Path(user): Path<String>,
     Query(q): Query<ActiveFilter>,
@@ -431,7 +418,7 @@ pub async fn list_user(
     Ok(Json(json!({ "keys": keys })))
 }
 
-pub async fn list_standalone(
+pub(crate) async fn list_standalone(
     State(state): State<Arc<AppState>>,
     Query(q): Query<ActiveFilter>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -446,7 +433,7 @@ pub async fn list_standalone(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PatchBody {
+pub(crate) struct PatchBody {
     #[serde(default, deserialize_with = "nullable")]
     name: Option<Option<String>>,
     #[serde(default, deserialize_with = "nullable")]
@@ -495,7 +482,7 @@ fn expiry(v: Option<DateTime<Utc>>) -> Result<Option<DateTime<Utc>>, ApiError> {
     }
 }
 
-pub async fn update(
+pub(crate) async fn update(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     StrictJson(b): StrictJson<PatchBody>,
@@ -528,7 +515,7 @@ pub async fn update(
     Ok(Json(ApiKey::from(&row)))
 }
 
-pub async fn delete(
+pub(crate) async fn delete(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<ApiKey>, ApiError> {
@@ -547,7 +534,7 @@ pub async fn delete(
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BalanceBody {
+pub(crate) struct BalanceBody {
     amount_usd: Money,
 }
 
@@ -566,7 +553,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     }
 }
 
-pub async fn adjust_balance(
+pub(crate) async fn adjust_balance(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
@@ -607,7 +594,7 @@ pub async fn adjust_balance(
 }
 
 #[derive(Debug, Deserialize)]
-pub struct StatsQuery {
+pub(crate) struct StatsQuery {
     start: Option<String>,
     end: Option<String>,
 }
@@ -631,7 +618,7 @@ fn instant(field: &str, v: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiErr
     .transpose()
 }
 
-pub async fn key_stats(
+pub(crate) async fn key_stats(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     Query(q): Query<StatsQuery>,
@@ -679,13 +666,13 @@ pub async fn key_stats(
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CleanupBody {
+pub(crate) struct CleanupBody {
     auto_delete: Option<bool>,
 }
 
 /// The OpenAPI 3.1 document of both listeners, compiled in, so the document served is the one
 /// this binary was tested against. `docs/openapi.json` is generated from `docs/openapi.yaml`.
-pub async fn openapi() -> Response {
+pub(crate) async fn openapi() -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
         include_str!("../../docs/openapi.json"),
@@ -693,7 +680,7 @@ pub async fn openapi() -> Response {
         .into_response()
 }
 
-pub async fn cleanup_expired(
+pub(crate) async fn cleanup_expired(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<CleanupBody>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -703,6 +690,6 @@ pub async fn cleanup_expired(
 }
 
 /// `GET /admin/prices`: the price table in force (built in, with `TOLLGATE_PRICES_FILE`).
-pub async fn prices(State(state): State<Arc<AppState>>) -> Json<crate::prices::Prices> {
+pub(crate) async fn prices(State(state): State<Arc<AppState>>) -> Json<crate::prices::Prices> {
     Json(state.gate.prices().clone())
 }

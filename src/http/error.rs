@@ -7,14 +7,15 @@ use axum::Json;
 use serde_json::json;
 
 use crate::gate::RedisFailure;
+use crate::label::{InvalidAllowList, MAX_ALLOW_LIST_LEN, MAX_LABEL_LEN};
 use crate::store::keys::BalanceError;
 use crate::store::StoreError;
 
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
+    pub(crate) status: StatusCode,
+    pub(crate) code: &'static str,
+    pub(crate) message: String,
 }
 
 impl ApiError {
@@ -30,12 +31,24 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    pub fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// An allow-list refused in the request's `field`.
+    pub(crate) fn allow_list(field: &str, e: InvalidAllowList) -> Self {
+        Self::bad_request(match e {
+            InvalidAllowList::TooManyEntries => {
+                format!("{field}: at most {MAX_ALLOW_LIST_LEN} entries")
+            }
+            InvalidAllowList::BadEntry => format!(
+                "{field}: entries must be 1-{MAX_LABEL_LEN} characters, without control characters"
+            ),
+        })
     }
 }
 
@@ -57,7 +70,7 @@ impl IntoResponse for ApiError {
 /// A whole HTTP/1.1 answer with the JSON error shape, for the connection layer
 /// (`http::serve`), which must answer where no handler runs: a connection over the cap, a
 /// request head that timed out or that hyper could not parse. The connection closes after it.
-pub fn raw_response(status: StatusCode, code: &str, message: &str) -> Vec<u8> {
+pub(crate) fn raw_response(status: StatusCode, code: &str, message: &str) -> Vec<u8> {
     let body = json!({"code": code, "message": message}).to_string();
     let retry = if status == StatusCode::SERVICE_UNAVAILABLE {
         "retry-after: 1\r\n"
@@ -149,11 +162,11 @@ impl From<RedisFailure> for ApiError {
 }
 
 /// Answers for paths and methods no route has.
-pub async fn not_found() -> ApiError {
+pub(crate) async fn not_found() -> ApiError {
     ApiError::not_found("no such path")
 }
 
-pub async fn method_not_allowed() -> ApiError {
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",

@@ -17,12 +17,12 @@ use crate::store;
 /// How long the probe waits for Postgres: a kubelet probe times out after a couple of seconds.
 const POSTGRES_PROBE_BOUND: Duration = Duration::from_secs(1);
 
-pub async fn healthz() -> Json<serde_json::Value> {
+pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
 #[derive(Debug, Deserialize)]
-pub struct ReadyQuery {
+pub(crate) struct ReadyQuery {
     strict: Option<String>,
 }
 
@@ -31,7 +31,10 @@ pub struct ReadyQuery {
 /// otherwise needed (contract v1.1, section 3). `?strict=true` is version 1's meaning: Redis
 /// and Postgres must both answer. The body names each dependency; a not-ready answer is 503
 /// with `Retry-After`, `code` and `message`, like every other 503.
-pub async fn readyz(State(state): State<Arc<AppState>>, Query(q): Query<ReadyQuery>) -> Response {
+pub(crate) async fn readyz(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ReadyQuery>,
+) -> Response {
     let strict = match q.strict.as_deref() {
         None | Some("false") => false,
         Some("true") => true,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Deserializer};
 
 use super::error::ApiError;
 
-pub const BODY_LIMIT: usize = 1024 * 1024;
+pub(crate) const BODY_LIMIT: usize = 1024 * 1024;
 
 pub struct StrictJson<T>(pub T);
 
@@ -86,7 +86,7 @@ fn redact_quoted(text: &str) -> String {
 }
 
 /// For `Option<Option<T>>` fields: absent → `None`, `null` → `Some(None)`.
-pub fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+pub(crate) fn nullable<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,

@@ -10,15 +10,15 @@
 //! - [`error`]: the one place errors become responses; [`json`]: strict request bodies
 //! - [`serve`]: the serve loop — connection timeouts, the connection cap, the stack's own errors
 
-pub mod admin;
+pub(crate) mod admin;
 mod credentials;
-pub mod data_plane;
+pub(crate) mod data_plane;
 mod edge;
-pub mod error;
-pub mod health;
-pub mod json;
+pub(crate) mod error;
+pub(crate) mod health;
+pub(crate) mod json;
 pub mod serve;
-pub mod subrequest;
+pub(crate) mod subrequest;
 
 use std::sync::Arc;
 

@@ -61,7 +61,7 @@ pub struct ConnectionLimits {
 /// Largest request head (request line and headers) accepted; larger → 431. Gateways send a
 /// few KiB; this leaves room for a proxy that forwards every header of a client, and is below
 /// hyper's own default (about 400 KiB), which a connection would hold in memory.
-pub const MAX_HEAD: usize = 128 * 1024;
+pub(crate) const MAX_HEAD: usize = 128 * 1024;
 /// Refused connections being answered at once; beyond, a refused connection is just closed.
 const REFUSING_AT_ONCE: usize = 64;
 /// How long a refused connection gets to take its 503 before it is closed.
@@ -281,7 +281,7 @@ impl http_body::Body for Timed {
 }
 
 /// A response body that tells the connection when hyper is done with it.
-pub struct Tracked {
+pub(crate) struct Tracked {
     inner: Body,
     conn: Option<Arc<ConnState>>,
 }

@@ -24,7 +24,7 @@ use crate::gate::Decision;
 use crate::gate::RedisFailure;
 use crate::gate::{Grant, LeaseTerm};
 use crate::inference::Inferred;
-use crate::label::is_label;
+use crate::label::Label;
 use crate::money::{Money, MAX_EXACT};
 
 /// How a proxy wants denials shaped.
@@ -134,17 +134,18 @@ fn query(
         header(headers, h)
             .map(str::to_string)
             .or(v)
-            .filter(|v| is_label(v))
+            .and_then(|v| Label::new(v).ok())
+            .map(Label::into_string)
+            .unwrap_or_default()
     };
     Ok(AdmitQuery {
         key: credentials::api_key(headers).map(str::to_string),
-        provider: pick("x-tollgate-provider", provider).unwrap_or_default(),
-        api_format: pick("x-tollgate-api-format", api_format).unwrap_or_default(),
+        provider: pick("x-tollgate-provider", provider),
+        api_format: pick("x-tollgate-api-format", api_format),
         model: pick(
             "x-tollgate-model",
             model.or_else(|| model_from_body(headers, body)),
-        )
-        .unwrap_or_default(),
+        ),
         reserve: header(headers, "x-tollgate-reserve-usd")
             .and_then(|v| Money::parse(v).ok())
             .filter(|m| !m.is_negative() && m.nanos() <= MAX_EXACT)
@@ -270,11 +271,15 @@ async fn subrequest(
     }
 }
 
-pub async fn auth(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+pub(crate) async fn auth(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     subrequest(&state, &headers, None, &body, Flavor::Plain).await
 }
 
-pub async fn auth_nginx(
+pub(crate) async fn auth_nginx(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
@@ -282,7 +287,7 @@ pub async fn auth_nginx(
     subrequest(&state, &headers, None, &body, Flavor::Nginx).await
 }
 
-pub async fn auth_envoy(
+pub(crate) async fn auth_envoy(
     State(state): State<Arc<AppState>>,
     path: Option<Path<String>>,
     headers: HeaderMap,

@@ -9,6 +9,7 @@ use sqlx::{Acquire, PgExecutor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::StoreError;
+use crate::label::AllowList;
 
 const COLUMNS: &str = "id, user_id, name, key_hash, key_sealed, key_display, allowed_providers, \
      allowed_api_formats, allowed_models, rate_limit, concurrent_limit, expires_at, is_standalone, \
@@ -23,10 +24,10 @@ const COLUMNS: &str = "id, user_id, name, key_hash, key_sealed, key_display, all
 pub struct KeyRow {
     pub id: Uuid,
     pub user_id: String,
-    pub name: String,
+    pub(crate) name: String,
     pub key_hash: String,
-    pub key_sealed: Vec<u8>,
-    pub key_display: String,
+    pub(crate) key_sealed: Vec<u8>,
+    pub(crate) key_display: String,
     pub allowed_providers: Option<Vec<String>>,
     pub allowed_api_formats: Option<Vec<String>>,
     pub allowed_models: Option<Vec<String>>,
@@ -36,12 +37,12 @@ pub struct KeyRow {
     pub is_standalone: bool,
     pub current_balance_nanos: Option<i64>,
     pub balance_used_nanos: i64,
-    pub auto_delete_on_expiry: Option<bool>,
+    pub(crate) auto_delete_on_expiry: Option<bool>,
     pub is_active: bool,
     pub version: i64,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub last_used_at: Option<DateTime<Utc>>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
+    pub(crate) last_used_at: Option<DateTime<Utc>>,
     pub token_limit: Option<i64>,
     pub budget_nanos: Option<i64>,
     pub budget_period: Option<String>,
@@ -51,7 +52,7 @@ pub struct KeyRow {
 
 impl KeyRow {
     /// `max(0, balance − used)` for standalone keys with a balance; `None` otherwise.
-    pub fn remaining_nanos(&self) -> Option<i64> {
+    pub(crate) fn remaining_nanos(&self) -> Option<i64> {
         if !self.is_standalone {
             return None;
         }
@@ -62,42 +63,42 @@ impl KeyRow {
 
 /// A key about to be created.
 #[derive(Debug, Clone)]
-pub struct NewKey {
-    pub id: Uuid,
-    pub user_id: String,
-    pub name: String,
-    pub key_hash: String,
-    pub key_sealed: Vec<u8>,
-    pub key_display: String,
-    pub allowed_providers: Option<Vec<String>>,
-    pub allowed_api_formats: Option<Vec<String>>,
-    pub allowed_models: Option<Vec<String>>,
-    pub rate_limit: Option<i32>,
-    pub concurrent_limit: Option<i32>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub is_standalone: bool,
-    pub current_balance_nanos: Option<i64>,
-    pub auto_delete_on_expiry: Option<bool>,
-    pub token_limit: Option<i64>,
-    pub budget_nanos: Option<i64>,
-    pub budget_period: Option<String>,
+pub(crate) struct NewKey {
+    pub(crate) id: Uuid,
+    pub(crate) user_id: String,
+    pub(crate) name: String,
+    pub(crate) key_hash: String,
+    pub(crate) key_sealed: Vec<u8>,
+    pub(crate) key_display: String,
+    pub(crate) allowed_providers: Option<AllowList>,
+    pub(crate) allowed_api_formats: Option<AllowList>,
+    pub(crate) allowed_models: Option<AllowList>,
+    pub(crate) rate_limit: Option<i32>,
+    pub(crate) concurrent_limit: Option<i32>,
+    pub(crate) expires_at: Option<DateTime<Utc>>,
+    pub(crate) is_standalone: bool,
+    pub(crate) current_balance_nanos: Option<i64>,
+    pub(crate) auto_delete_on_expiry: Option<bool>,
+    pub(crate) token_limit: Option<i64>,
+    pub(crate) budget_nanos: Option<i64>,
+    pub(crate) budget_period: Option<String>,
 }
 
 /// A PATCH: outer `None` = leave unchanged, `Some(None)` = clear.
 #[derive(Debug, Clone, Default)]
-pub struct KeyPatch {
-    pub name: Option<String>,
-    pub allowed_providers: Option<Option<Vec<String>>>,
-    pub allowed_api_formats: Option<Option<Vec<String>>>,
-    pub allowed_models: Option<Option<Vec<String>>>,
-    pub rate_limit: Option<Option<i32>>,
-    pub concurrent_limit: Option<Option<i32>>,
-    pub is_active: Option<bool>,
-    pub expires_at: Option<Option<DateTime<Utc>>>,
-    pub auto_delete_on_expiry: Option<Option<bool>>,
-    pub token_limit: Option<Option<i64>>,
-    pub budget_nanos: Option<Option<i64>>,
-    pub budget_period: Option<Option<String>>,
+pub(crate) struct KeyPatch {
+    pub(crate) name: Option<String>,
+    pub(crate) allowed_providers: Option<Option<AllowList>>,
+    pub(crate) allowed_api_formats: Option<Option<AllowList>>,
+    pub(crate) allowed_models: Option<Option<AllowList>>,
+    pub(crate) rate_limit: Option<Option<i32>>,
+    pub(crate) concurrent_limit: Option<Option<i32>>,
+    pub(crate) is_active: Option<bool>,
+    pub(crate) expires_at: Option<Option<DateTime<Utc>>>,
+    pub(crate) auto_delete_on_expiry: Option<Option<bool>>,
+    pub(crate) token_limit: Option<Option<i64>>,
+    pub(crate) budget_nanos: Option<Option<i64>>,
+    pub(crate) budget_period: Option<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +121,7 @@ pub enum BalanceError {
 /// numbers (doubles), which are exact integers up to 2^53.
 pub const MAX_BALANCE_NANOS: i64 = crate::money::MAX_EXACT;
 
-pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, StoreError> {
+pub(crate) async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, StoreError> {
     let sql = format!(
         "INSERT INTO api_keys (id, user_id, name, key_hash, key_sealed, key_display, \
          allowed_providers, allowed_api_formats, allowed_models, rate_limit, concurrent_limit, \
@@ -135,9 +136,9 @@ pub async fn insert<'e, E: PgExecutor<'e>>(db: E, k: &NewKey) -> Result<KeyRow, 
         .bind(&k.key_hash)
         .bind(&k.key_sealed)
         .bind(&k.key_display)
-        .bind(&k.allowed_providers)
-        .bind(&k.allowed_api_formats)
-        .bind(&k.allowed_models)
+        .bind(k.allowed_providers.as_ref().map(AllowList::as_slice))
+        .bind(k.allowed_api_formats.as_ref().map(AllowList::as_slice))
+        .bind(k.allowed_models.as_ref().map(AllowList::as_slice))
         .bind(k.rate_limit)
         .bind(k.concurrent_limit)
         .bind(k.expires_at)
@@ -156,7 +157,7 @@ pub async fn get<'e, E: PgExecutor<'e>>(db: E, id: Uuid) -> Result<Option<KeyRow
     Ok(sqlx::query_as(&sql).bind(id).fetch_optional(db).await?)
 }
 
-pub async fn by_hash<'e, E>(db: E, key_hash: &str) -> Result<Option<KeyRow>, StoreError>
+pub(crate) async fn by_hash<'e, E>(db: E, key_hash: &str) -> Result<Option<KeyRow>, StoreError>
 where
     E: sqlx::PgExecutor<'e>,
 {
@@ -188,7 +189,7 @@ pub async fn by_hash_within(
 }
 
 /// A user's keys, standalone keys excluded, newest first.
-pub async fn list_user<'e, E: PgExecutor<'e>>(
+pub(crate) async fn list_user<'e, E: PgExecutor<'e>>(
     db: E,
     user_id: &str,
     active: Option<bool>,
@@ -205,7 +206,7 @@ pub async fn list_user<'e, E: PgExecutor<'e>>(
 }
 
 /// All standalone keys, newest first.
-pub async fn list_standalone<'e, E: PgExecutor<'e>>(
+pub(crate) async fn list_standalone<'e, E: PgExecutor<'e>>(
     db: E,
     active: Option<bool>,
 ) -> Result<Vec<KeyRow>, StoreError> {
@@ -252,7 +253,7 @@ async fn write_back(tx: &mut Transaction<'_, Postgres>, r: &KeyRow) -> Result<Ke
 }
 
 /// Applies a PATCH under a row lock; `None` when the key does not exist.
-pub async fn update<'a, A: Acquire<'a, Database = Postgres>>(
+pub(crate) async fn update<'a, A: Acquire<'a, Database = Postgres>>(
     db: A,
     id: Uuid,
     p: KeyPatch,
@@ -264,12 +265,13 @@ pub async fn update<'a, A: Acquire<'a, Database = Postgres>>(
     // Absent fields stay; present ones (including `null`, already `Some(None)`) replace.
     macro_rules! apply {
         ($($field:ident),*) => { $( if let Some(v) = p.$field { r.$field = v; } )* };
+        (lists: $($field:ident),*) => {
+            $( if let Some(v) = p.$field { r.$field = v.map(AllowList::into_vec); } )*
+        };
     }
+    apply!(lists: allowed_providers, allowed_api_formats, allowed_models);
     apply!(
         name,
-        allowed_providers,
-        allowed_api_formats,
-        allowed_models,
         rate_limit,
         concurrent_limit,
         is_active,
@@ -388,7 +390,7 @@ pub async fn mark_pushed<'e, E: PgExecutor<'e>>(
 /// rows instead (a hash table's), two such transactions — two replicas' usage batches, a
 /// batch and the reconciler — could each hold a row the other waits for, and Postgres would
 /// abort one as a deadlock.
-pub async fn lock_in_id_order(
+pub(crate) async fn lock_in_id_order(
     tx: &mut Transaction<'_, Postgres>,
     ids: &[Uuid],
 ) -> Result<(), StoreError> {

@@ -19,7 +19,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgConnection, PgPool, Postgres};
 use tokio::sync::watch;
 
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -33,7 +33,7 @@ pub enum StoreError {
 
 impl StoreError {
     /// A call that got no answer within `bound`: its connection is presumed dead.
-    pub fn no_answer(bound: Duration) -> StoreError {
+    pub(crate) fn no_answer(bound: Duration) -> StoreError {
         StoreError::Unavailable(sqlx::Error::Io(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no answer from postgres within {bound:?}"),
@@ -118,7 +118,7 @@ pub const ADMIN_BOUND: Duration = Duration::from_secs(5);
 pub const BACKGROUND_BOUND: Duration = Duration::from_secs(10);
 
 /// Work on one connection, as [`bounded`] runs it.
-pub type ConnWork<'c, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>;
+pub(crate) type ConnWork<'c, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'c>>;
 
 /// Runs `work` on a connection of `pool` within `bound`, the way [`keys::by_hash_within`]
 /// bounds a look-up: a connection whose work overruns the bound is closed, not returned (sqlx
@@ -152,7 +152,7 @@ where
 }
 
 /// Whether Postgres answers a trivial query within `bound`.
-pub async fn ping(pool: &PgPool, bound: Duration) -> bool {
+pub(crate) async fn ping(pool: &PgPool, bound: Duration) -> bool {
     let answered = bounded(pool, bound, |c| {
         Box::pin(async move {
             sqlx::query_scalar::<_, i32>("SELECT 1")
@@ -178,7 +178,7 @@ impl Default for PgReady {
 }
 
 impl PgReady {
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         *self.0.borrow()
     }
 

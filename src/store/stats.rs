@@ -17,8 +17,8 @@ pub struct DayTotals {
     pub requests: i64,
     pub tokens: i64,
     pub cost_nanos: i64,
-    pub response_time_sum: i64,
-    pub response_time_count: i64,
+    pub(crate) response_time_sum: i64,
+    pub(crate) response_time_count: i64,
 }
 
 impl DayTotals {
@@ -67,7 +67,7 @@ pub async fn key_stats(
 }
 
 /// [`key_stats`] on one connection (what `store::bounded` hands out).
-pub async fn key_stats_on(
+pub(crate) async fn key_stats_on(
     conn: &mut PgConnection,
     key_id: Uuid,
     start: Option<DateTime<Utc>>,

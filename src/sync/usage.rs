@@ -119,7 +119,7 @@ fn is_data_error(e: &sqlx::Error) -> bool {
 }
 
 /// Reads one stream entry written by settle.lua.
-pub fn parse_event(e: &StreamId) -> Option<UsageEvent> {
+pub(crate) fn parse_event(e: &StreamId) -> Option<UsageEvent> {
     let opt = |v: Option<i64>| v.filter(|n| *n >= 0);
     Some(UsageEvent {
         event_id: str_field(e, "e")?,
