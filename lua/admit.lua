@@ -80,29 +80,33 @@ if not leased then
 end
 local function int(n) return string.format('%.0f', n) end
 
-local s = redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl',
-  'rl', 'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps')
-if s[1] == false then
-  if s[2] ~= false then return {'deny', 'key_invalid', '0'} end
+-- The key's state, one read, each field in a named local (hydrate.lua names them).
+local key_id, unknown, active, expires, providers, formats, models, rl, cl, bal, used, held,
+  user_id, token_limit, wtok, htok, budget, budget_period, period_spend, period_start =
+  unpack(redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl', 'rl',
+    'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps'))
+if key_id == false then
+  if unknown ~= false then return {'deny', 'key_invalid', '0'} end
   return {'miss'}
 end
 -- Every number of the state, read once; a field that is not one is state no script writes,
 -- refused before the first write (below, the expired-lease repair). `held`, `htok` and `wtok`
 -- must also be whole: HINCRBY adds to them.
-local rl, cl, bal, used = tonumber(s[8]), tonumber(s[9]), tonumber(s[10]), tonumber(s[11])
-local held, htok, wtok = tonumber(s[12] or 0), tonumber(s[16] or 0), tonumber(s[15] or 0)
-local token_limit, budget = tonumber(s[14] or -1), tonumber(s[17] or -1)
-local budget_period = s[18] or ''
+rl, cl, bal, used = tonumber(rl), tonumber(cl), tonumber(bal), tonumber(used)
+held, htok, wtok = tonumber(held or 0), tonumber(htok or 0), tonumber(wtok or 0)
+token_limit, budget = tonumber(token_limit or -1), tonumber(budget or -1)
+budget_period = budget_period or ''
 if not (rl and cl and bal and used and held and htok and wtok and token_limit and budget)
-  or held % 1 ~= 0 or htok % 1 ~= 0 or wtok % 1 ~= 0 or (s[4] ~= '' and not tonumber(s[4])) then
+  or held % 1 ~= 0 or htok % 1 ~= 0 or wtok % 1 ~= 0
+  or (expires ~= '' and not tonumber(expires)) then
   return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if s[3] ~= '1' then return {'deny', 'key_disabled', '0'} end
-if s[4] ~= '' and now >= tonumber(s[4]) then return {'deny', 'key_expired', '0'} end
+if active ~= '1' then return {'deny', 'key_disabled', '0'} end
+if expires ~= '' and now >= tonumber(expires) then return {'deny', 'key_expired', '0'} end
 
 -- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
 -- A value holding the separator could span several entries ('a\31b' matches '\31a\31b\31').
@@ -111,9 +115,9 @@ local function allowed(list, value)
   if value == '' or string.find(value, '\31', 1, true) then return false end
   return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
 end
-if not allowed(s[5], provider) then return {'deny', 'provider_not_allowed', '0'} end
-if not allowed(s[6], api_format) then return {'deny', 'api_format_not_allowed', '0'} end
-if not allowed(s[7], model) then return {'deny', 'model_not_allowed', '0'} end
+if not allowed(providers, provider) then return {'deny', 'provider_not_allowed', '0'} end
+if not allowed(formats, api_format) then return {'deny', 'api_format_not_allowed', '0'} end
+if not allowed(models, model) then return {'deny', 'model_not_allowed', '0'} end
 
 -- Expired leases give back their slot and hold before anything is counted. Bounded per call;
 -- leftovers are only counted conservatively (their hold stays held) until the next call.
@@ -207,7 +211,7 @@ if budget >= 0 then
     end
     local first, after = period(budget_period, now)
     spent = 0
-    if tonumber(s[20] or '') == first then spent = tonumber(s[19]) or 0 end
+    if tonumber(period_start or '') == first then spent = tonumber(period_spend) or 0 end
     budget_resets = after
   end
   if spent + held >= budget or spent + held + reserve > budget then
@@ -312,10 +316,10 @@ end
 -- eleven fields it needs (every reply element costs Redis a conversion).
 local function answer(flight, tracked)
   if token_limit < 0 and budget < 0 then
-    return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
+    return {'ok', key_id, user_id, int(rl), int(remaining), int(reset), int(cl), int(flight),
       int(available), int(now), tracked}
   end
-  return {'ok', s[1], s[13], int(rl), int(remaining), int(reset), int(cl), int(flight),
+  return {'ok', key_id, user_id, int(rl), int(remaining), int(reset), int(cl), int(flight),
     int(available), int(now), tracked, int(token_limit), int(tokens_remaining),
     int(tokens_reset), int(budget), int(budget_remaining), int(budget_resets)}
 end

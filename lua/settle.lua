@@ -105,39 +105,44 @@ local window = ARGV[13]
 local sealed = ARGV[14] == 'sealed'
 local only_live = ARGV[12] == 'live'
 
--- Everything this script needs of the key's state, in one read; `bal` missing = not hydrated.
-local s = redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
-  'bper', 'bps', 'bsp', 'wtok')
-local hydrated = s[1] ~= false
+-- Everything this script needs of the key's state, in one read, each field in a named local;
+-- `id` missing = not hydrated.
+local key_id, bal, used_s, held_s, unknown, htok_s, token_limit, budget, budget_period,
+  period_start, period_spend, wtok_s =
+  unpack(redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
+    'bper', 'bps', 'bsp', 'wtok'))
+local hydrated = key_id ~= false
+budget_period = budget_period or ''
 -- What this settlement will write besides `used`: the token window of a key with a token
 -- limit, the period spend of a budget that resets.
-local token_limited = hydrated and (tonumber(s[7]) or -1) > 0
-local budgeted = hydrated and (tonumber(s[8]) or -1) >= 0 and (s[9] or '') ~= ''
+local token_limited = hydrated and (tonumber(token_limit) or -1) > 0
+local budgeted = hydrated and (tonumber(budget) or -1) >= 0 and budget_period ~= ''
 -- Every counter that is read as a number or that HINCRBY adds to below must be a whole
 -- number.
-local function corrupt(i) return s[i] and not whole(s[i]) end
-if corrupt(2) or corrupt(3) or corrupt(4) or corrupt(6) or (token_limited and corrupt(12))
-  or (budgeted and corrupt(11)) then
+local function corrupt(v) return v and not whole(v) end
+if corrupt(bal) or corrupt(used_s) or corrupt(held_s) or corrupt(htok_s)
+  or (token_limited and corrupt(wtok_s)) or (budgeted and corrupt(period_spend)) then
   return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
 end
-local used = tonumber(s[3]) or 0
-local held = tonumber(s[4]) or 0
-local htok = tonumber(s[6]) or 0
+local used = tonumber(used_s) or 0
+local held = tonumber(held_s) or 0
+local htok = tonumber(htok_s) or 0
 local function available()
-  if s[2] == false or s[5] ~= false or tonumber(s[2]) < 0 then return '-1' end
-  local a = tonumber(s[2]) - used - held
+  if bal == false or unknown ~= false or tonumber(bal) < 0 then return '-1' end
+  local a = tonumber(bal) - used - held
   if a < 0 then a = 0 end
   return int(a)
 end
 
--- r: key id, user id, provider, api format, model, admitted at, expires at
-local r
+-- The lease's facts: from its sealed id (the arguments), or from its record.
+local lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at
 local tracked = true
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local tomb_ttl = tonumber(ARGV[10])
 if sealed then
-  r = {ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21], ARGV[22]}
+  lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at =
+    ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21], ARGV[22]
   tracked = ARGV[15] == '1'
   -- The tombstone outlives the sealed id: until then, a replay is a duplicate, never a charge.
   local deadline = tonumber(ARGV[23])
@@ -155,16 +160,19 @@ else
     return {'duplicate', available()}
   end
   if rec == false then return {'unknown'} end
-  r = {cmsgpack.unpack(string.sub(rec, 2))}
+  lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at =
+    cmsgpack.unpack(string.sub(rec, 2))
 end
 
 local function pick(given, from_lease)
   if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
   return from_lease
 end
-if ARGV[1] == '?' then return {'price', pick(ARGV[7], r[3]), pick(ARGV[9], r[5])} end
+if ARGV[1] == '?' then
+  return {'price', pick(ARGV[7], lease_provider), pick(ARGV[9], lease_model)}
+end
 
-if tonumber(r[6]) == nil or tonumber(r[7]) == nil then
+if tonumber(admitted_at) == nil or tonumber(expires_at) == nil then
   return refuse('CORRUPT_STATE', 'lease record times')
 end
 
@@ -183,13 +191,13 @@ if sealed then
   end
 end
 if hydrated then
-  if passes(s[3] or '0', cost) then
+  if passes(used_s or '0', cost) then
     return refuse_settle('LIMIT_EXCEEDED', "the key's lifetime spend would pass 2^62 nano-USD")
   end
-  if budgeted and passes(s[11] or '0', cost) then
+  if budgeted and passes(period_spend or '0', cost) then
     return refuse_settle('LIMIT_EXCEEDED', "the budget period's spend would pass 2^62 nano-USD")
   end
-  if token_limited and passes(s[12] or '0', total) then
+  if token_limited and passes(wtok_s or '0', total) then
     return refuse_settle('LIMIT_EXCEEDED', "the token window's sum would pass 2^62")
   end
 end
@@ -242,7 +250,7 @@ if tracked and (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
   held = 0
 end
 local expired = '0'
-if now >= tonumber(r[7]) then expired = '1' end
+if now >= tonumber(expires_at) then expired = '1' end
 
 if hydrated then
   redis.call('HINCRBY', state, 'used', cost)
@@ -258,7 +266,6 @@ end
 
 -- The spend of the budget's current period, started again when the period turned (the same
 -- UTC boundaries as admit.lua).
-local budget_period = s[9] or ''
 if budgeted then
   local DAY = 86400000
   local function days_from_civil(y, m, d)
@@ -288,7 +295,7 @@ if budgeted then
     first = days_from_civil(y, m, 1)
   end
   local start = int(first * DAY)
-  if s[10] == start then
+  if period_start == start then
     redis.call('HINCRBY', state, 'bsp', cost)
   else
     redis.call('HSET', state, 'bsp', cost, 'bps', start)
@@ -296,10 +303,10 @@ if budgeted then
 end
 
 redis.call('XADD', stream, '*',
-  'e', event_id, 'k', r[1], 'u', r[2], 'c', cost,
+  'e', event_id, 'k', lease_key, 'u', lease_user, 'c', cost,
   'it', input, 'ot', output, 'tt', total, 'rt', ARGV[5], 'sc', ARGV[6],
-  'p', pick(ARGV[7], r[3]), 'f', pick(ARGV[8], r[4]), 'm', pick(ARGV[9], r[5]),
-  'at', r[6], 'ts', now, 'x', expired)
+  'p', pick(ARGV[7], lease_provider), 'f', pick(ARGV[8], lease_format),
+  'm', pick(ARGV[9], lease_model), 'at', admitted_at, 'ts', now, 'x', expired)
 
 -- A record (an id from before sealed ids) becomes a tombstone that only answers "duplicate".
 if not sealed then redis.call('SET', lease, 'S', 'PX', tomb_ttl) end

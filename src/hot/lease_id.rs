@@ -135,7 +135,9 @@ impl LeaseSeal {
         }
     }
 
-    fn tag(&self, secret: &[u8], head: &str, payload: &[u8]) -> [u8; TAG_LEN] {
+    /// The MAC over what a sealed id vouches for: the format, the namespace, the head and the
+    /// payload.
+    fn mac_of(&self, secret: &[u8], head: &str, payload: &[u8]) -> HmacSha256 {
         let mut m = mac(secret);
         m.update(CONTEXT);
         m.update(self.namespace.as_bytes());
@@ -143,7 +145,11 @@ impl LeaseSeal {
         m.update(head.as_bytes());
         m.update(b"\0");
         m.update(payload);
-        let full = m.finalize().into_bytes();
+        m
+    }
+
+    fn tag(&self, secret: &[u8], head: &str, payload: &[u8]) -> [u8; TAG_LEN] {
+        let full = self.mac_of(secret, head, payload).finalize().into_bytes();
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&full[..TAG_LEN]);
         tag
@@ -210,16 +216,11 @@ impl LeaseSeal {
             return None;
         }
         let (payload, tag) = raw.split_at(raw.len() - TAG_LEN);
+        // Constant-time: a forger learns nothing from how long a refusal takes.
         let verifies = |secret: &[u8]| {
-            let mut m = mac(secret);
-            m.update(CONTEXT);
-            m.update(self.namespace.as_bytes());
-            m.update(b"\0");
-            m.update(head.as_bytes());
-            m.update(b"\0");
-            m.update(payload);
-            // Constant-time: a forger learns nothing from how long a refusal takes.
-            m.verify_truncated_left(tag).is_ok()
+            self.mac_of(secret, head, payload)
+                .verify_truncated_left(tag)
+                .is_ok()
         };
         if !verifies(&self.secrets.current)
             && !self.secrets.previous.as_deref().is_some_and(verifies)
