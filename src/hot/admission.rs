@@ -156,10 +156,10 @@ pub struct HotPath {
 /// A lease can still be settled this long after it expired: an upstream call that outran the
 /// lease TTL is still charged (a sealed id is valid until then, and so is its tombstone).
 pub const LATE_SETTLE_GRACE: Duration = Duration::from_secs(3600);
-/// A settled lease is remembered this long, so a retried settlement answers `duplicate`
-/// (later it answers `lease_unknown`; either way nothing is charged twice). Every settlement
-/// leaves one such tombstone, so this window, times the settlement rate, is what they cost in
-/// Redis memory (about 140 bytes each, `MEMORY USAGE`).
+/// A settled or released lease is remembered at least this long, so a retried settlement
+/// answers `duplicate` (later it answers `lease_unknown`; either way nothing is charged twice).
+/// A sealed id's tombstone lives longer, until the id's deadline, since until then the id alone
+/// could be settled again (docs/PERFORMANCE.md: what the tombstones cost in memory).
 pub const DUPLICATE_WINDOW: Duration = Duration::from_secs(600);
 /// An unknown key hash is remembered as unknown for this long.
 pub const NEGATIVE_TTL: Duration = Duration::from_secs(30);
