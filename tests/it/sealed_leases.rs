@@ -19,6 +19,16 @@ async fn lease(app: &TestApp, key: &str, extra: Value) -> String {
     body["lease_id"].as_str().expect("lease id").to_string()
 }
 
+/// A 200 whose boolean `field` is `want`.
+#[track_caller]
+fn assert_answer(status: u16, body: &Value, field: &str, want: bool) {
+    assert_eq!(
+        (status, body[field].as_bool()),
+        (200, Some(want)),
+        "{field}: {body}"
+    );
+}
+
 #[track_caller]
 fn assert_unknown(status: u16, body: &Value, what: &str) {
     assert_eq!(
@@ -126,11 +136,7 @@ async fn an_expired_lease_id_still_settles_with_lease_expired() {
         "{body}"
     );
     let (status, body) = app.settle(&id, "0.01").await;
-    assert_eq!(
-        (status, body["duplicate"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "duplicate", true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,11 +151,7 @@ async fn a_lease_id_from_another_namespace_is_unknown() {
     let (status, body) = b.release(&id).await;
     assert_unknown(status, &body, "released in another namespace");
     let (status, body) = a.settle(&id, "0.01").await;
-    assert_eq!(
-        (status, body["settled"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "settled", true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,11 +193,7 @@ async fn a_lease_sealed_before_a_secret_rotation_settles_while_the_previous_secr
     let (status, body) = done.settle(&dropped, "0.01").await;
     assert_unknown(status, &body, "the previous secret dropped");
     let (status, body) = done.settle(&fresh, "0.01").await;
-    assert_eq!(
-        (status, body["settled"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "settled", true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,11 +205,7 @@ async fn a_sealed_lease_is_charged_once_whichever_replica_sees_it_again() {
         .await;
     let id = lease(&app, &key, json!({})).await;
     let (status, body) = app.settle(&id, "0.25").await;
-    assert_eq!(
-        (status, body["duplicate"].as_bool()),
-        (200, Some(false)),
-        "{body}"
-    );
+    assert_answer(status, &body, "duplicate", false);
     for (who, r) in [("the replica", &replica), ("the same process", &app)] {
         let (status, body) = r.settle(&id, "0.25").await;
         assert_eq!(
@@ -222,17 +216,9 @@ async fn a_sealed_lease_is_charged_once_whichever_replica_sees_it_again() {
         assert_eq!(body["balance_remaining_usd"].to_string(), "0.75", "{body}");
     }
     let (status, body) = replica.release(&id).await;
-    assert_eq!(
-        (status, body["released"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "released", true);
     let (status, body) = app.settle(&id, "0.25").await;
-    assert_eq!(
-        (status, body["duplicate"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "duplicate", true);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,11 +257,7 @@ async fn a_plain_keys_admission_writes_nothing_but_its_rate_log() {
 
     // Settling writes the tombstone that catches a replay, for as long as the id is valid.
     let (status, body) = app.settle(&ids[0], "0.01").await;
-    assert_eq!(
-        (status, body["settled"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "settled", true);
     let tombstone = k.lease(ids[0].split('.').nth(1).expect("nonce"));
     let mut c = app.redis.clone();
     let ttl: i64 = redis::cmd("PTTL")
@@ -290,11 +272,7 @@ async fn a_plain_keys_admission_writes_nothing_but_its_rate_log() {
     );
     // Releasing an untracked lease writes its tombstone and nothing else.
     let (status, body) = app.release(&ids[1]).await;
-    assert_eq!(
-        (status, body["released"].as_bool()),
-        (200, Some(true)),
-        "{body}"
-    );
+    assert_answer(status, &body, "released", true);
     let exists: i64 = redis::cmd("EXISTS")
         .arg(k.live.as_str())
         .query_async(&mut c)
