@@ -95,15 +95,25 @@ pub fn run(
     a
 }
 
+/// The usage event id of a lease: its id's first two parts, `<sid>.<nonce>` (the rest is the
+/// sealed body, which Postgres does not keep).
+fn event_id(lease_id: &str) -> &str {
+    match lease_id.match_indices('.').nth(1) {
+        Some((at, _)) => &lease_id[..at],
+        None => lease_id,
+    }
+}
+
 /// Every settled lease recorded once with its cost, nothing recorded for a released or
 /// forgotten one, no event nobody settled; what is missing must fit a Redis loss.
 fn ledger(a: &mut Audit, seen: &Seen, losses: &[Loss], keys: &[Key], pg: &PgView) {
     let mut fates: HashMap<&'static str, u64> = HashMap::new();
     let mut ours: HashSet<&str> = HashSet::with_capacity(seen.leases.len());
     for l in &seen.leases {
-        ours.insert(l.id.as_str());
+        let event = event_id(&l.id);
+        ours.insert(event);
         let key_id = keys.get(l.key as usize).map_or("", |k| k.id.as_str());
-        let row = pg.events.get(&l.id);
+        let row = pg.events.get(event);
         let wrong_key = row.is_some_and(|(k, _)| k != key_id);
         if wrong_key {
             a.unexplained(format!("lease {}: its event names another key", l.id));
@@ -361,6 +371,12 @@ mod tests {
                 budget: None,
             },
         }
+    }
+
+    #[test]
+    fn a_sealed_lease_id_is_found_by_its_event_id() {
+        assert_eq!(event_id("0f.nonce.sealedbody"), "0f.nonce");
+        assert_eq!(event_id("0f.nonce"), "0f.nonce");
     }
 
     fn lease(id: &str, end: End) -> Lease {
