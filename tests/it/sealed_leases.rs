@@ -280,3 +280,73 @@ async fn a_plain_keys_admission_writes_nothing_but_its_rate_log() {
         .expect("exists");
     assert_eq!(exists, 0, "a plain key never has a live set");
 }
+
+/// A lease id of the form issued before sealed ids (`<sid>.<nonce>`, its facts in a record in
+/// Redis) still settles once and is still released: the upgrade path of `settle.lua` and
+/// `release.lua`. The records are written as the previous `admit.lua` wrote them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_id_from_before_sealed_ids_still_settles_and_releases() {
+    let app = spawn_app().await;
+    let (key, api_key) = app
+        .create_key(
+            json!({"user_id": "u-legacy", "is_standalone": true, "initial_balance_usd": 1,
+                           "concurrent_limit": null}),
+        )
+        .await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    // Hydrates the key's state, as the old admission had.
+    lease(&app, &key, json!({})).await;
+    let k = Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(&key));
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut c = app.redis.clone();
+    let mut legacy = || {
+        let nonce = tollgate::hot::layout::new_nonce();
+        (k.lease(&nonce), k.lease_id(&nonce))
+    };
+    let (settled_record, settled_id) = legacy();
+    let (released_record, released_id) = legacy();
+    for record in [&settled_record, &released_record] {
+        let _: () = redis::Script::new(
+            "redis.call('SET', KEYS[1], 'L' .. cmsgpack.pack(ARGV[1], ARGV[2], ARGV[3], \
+             ARGV[4], ARGV[5], ARGV[6], ARGV[7]), 'PX', 600000)",
+        )
+        .key(record)
+        .arg(&key_id)
+        .arg("u-legacy")
+        .arg("openai")
+        .arg("openai:chat")
+        .arg("gpt-4o")
+        .arg(now)
+        .arg(now + 60_000)
+        .invoke_async(&mut c)
+        .await
+        .expect("write a legacy record");
+    }
+
+    let (status, body) = app.settle(&settled_id, "0.25").await;
+    assert_answer(status, &body, "duplicate", false);
+    assert_eq!(body["balance_remaining_usd"].to_string(), "0.75", "{body}");
+    let (status, body) = app.settle(&settled_id, "0.25").await;
+    assert_answer(status, &body, "duplicate", true);
+
+    let (status, body) = app.release(&released_id).await;
+    assert_answer(status, &body, "released", true);
+    let (status, body) = app.settle(&released_id, "0.25").await;
+    assert_answer(status, &body, "duplicate", false);
+
+    let recorded = app
+        .eventually(Duration::from_secs(10), || async {
+            let model: Option<String> =
+                sqlx::query_scalar("SELECT model FROM usage_events WHERE event_id = $1")
+                    .bind(&settled_id)
+                    .fetch_optional(&app.db)
+                    .await
+                    .expect("query usage");
+            model.as_deref() == Some("gpt-4o")
+        })
+        .await;
+    assert!(
+        recorded,
+        "the legacy lease's usage reached Postgres with its record's model"
+    );
+}
