@@ -299,7 +299,7 @@ async fn a_lease_id_from_before_sealed_ids_still_settles_and_releases() {
     let k = Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(&key));
     let now = chrono::Utc::now().timestamp_millis();
     let mut c = app.redis.clone();
-    let mut legacy = || {
+    let legacy = || {
         let nonce = tollgate::hot::layout::new_nonce();
         (k.lease(&nonce), k.lease_id(&nonce))
     };
