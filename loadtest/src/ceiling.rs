@@ -106,7 +106,7 @@ pub fn push_admit(
     nonce: &str,
     reserve_nanos: i64,
 ) {
-    let keys: [&str; 5] = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens];
+    let keys: [&str; 6] = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set];
     pipe.cmd("EVALSHA")
         .arg(sha)
         .arg(keys.len())
@@ -343,6 +343,7 @@ pub async fn clean_up(redis_url: &str, keys: &[KeyRedisKeys]) -> Result<(), Stri
     for k in keys {
         names.push(&k.live);
         names.push(&k.rate);
+        names.push(&k.rate_set);
     }
     for chunk in names.chunks(1000) {
         let _: i64 = redis::cmd("UNLINK")

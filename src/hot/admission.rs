@@ -269,7 +269,7 @@ impl HotPath {
         let v = script
             .run(
                 &self.redis,
-                &[&k.state, &k.rate, &k.live, &k.holds, &k.tokens],
+                &[&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set],
                 &[
                     ScriptArg::Int(self.window_ms),
                     ScriptArg::Int(ttl_ms),
@@ -572,6 +572,7 @@ impl HotPath {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(&k.state)
             .arg(&k.rate)
+            .arg(&k.rate_set)
             .arg(&k.live)
             .arg(&k.holds)
             .arg(&k.tokens);

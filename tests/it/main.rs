@@ -21,6 +21,7 @@ mod noscript;
 mod openapi;
 mod postgres_away;
 mod proxies;
+mod rate_log;
 mod reconcile;
 mod scripts;
 mod sealed_leases;
