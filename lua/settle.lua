@@ -302,11 +302,17 @@ if budgeted then
   end
 end
 
-redis.call('XADD', stream, '*',
-  'e', event_id, 'k', lease_key, 'u', lease_user, 'c', cost,
-  'it', input, 'ot', output, 'tt', total, 'rt', ARGV[5], 'sc', ARGV[6],
-  'p', pick(ARGV[7], lease_provider), 'f', pick(ARGV[8], lease_format),
-  'm', pick(ARGV[9], lease_model), 'at', admitted_at, 'ts', now, 'x', expired)
+-- One field, the event's values joined by '\31' in this order: event id, key id, user id,
+-- cost, input, output and total tokens, response time, status code, provider, api format,
+-- model, admitted at, settled at, expired (`sync/usage.rs` reads it). One argument where
+-- named fields took thirty: every argument crosses from Lua into Redis, and the stream stores
+-- one value. None of them can hold '\31': ids and numbers do not, and labels and user ids
+-- are refused with control characters.
+redis.call('XADD', stream, '*', 'v', event_id .. '\31' .. lease_key .. '\31' .. lease_user
+  .. '\31' .. cost .. '\31' .. input .. '\31' .. output .. '\31' .. total .. '\31' .. ARGV[5]
+  .. '\31' .. ARGV[6] .. '\31' .. pick(ARGV[7], lease_provider) .. '\31'
+  .. pick(ARGV[8], lease_format) .. '\31' .. pick(ARGV[9], lease_model) .. '\31'
+  .. admitted_at .. '\31' .. int(now) .. '\31' .. expired)
 
 -- A record (an id from before sealed ids) becomes a tombstone that only answers "duplicate".
 if not sealed then redis.call('SET', lease, 'S', 'PX', tomb_ttl) end

@@ -118,8 +118,45 @@ fn is_data_error(e: &sqlx::Error) -> bool {
     }
 }
 
-/// Reads one stream entry written by settle.lua.
+/// Reads one stream entry written by settle.lua: its one field `v`, or the named fields of
+/// the builds before it (their events may still be in the stream after an upgrade).
 pub(crate) fn parse_event(e: &StreamId) -> Option<UsageEvent> {
+    match str_field(e, "v") {
+        Some(v) => parse_packed(&v),
+        None => parse_named(e),
+    }
+}
+
+/// `v`: the values joined by `\x1f`, in settle.lua's order.
+fn parse_packed(v: &str) -> Option<UsageEvent> {
+    let f: Vec<&str> = v.split('\u{1f}').collect();
+    let [event_id, key_id, user_id, cost, input, output, total, rt, sc, provider, api_format, model, admitted, settled, expired] =
+        f.as_slice()
+    else {
+        return None;
+    };
+    let int = |s: &str| s.parse::<i64>().ok();
+    let opt = |s: &str| int(s).filter(|n| *n >= 0);
+    Some(UsageEvent {
+        event_id: (*event_id).to_string(),
+        key_id: Uuid::parse_str(key_id).ok(),
+        user_id: (*user_id).to_string(),
+        provider: (*provider).to_string(),
+        api_format: (*api_format).to_string(),
+        model: (*model).to_string(),
+        input_tokens: int(input)?,
+        output_tokens: int(output)?,
+        total_tokens: int(total)?,
+        cost_nanos: int(cost)?,
+        response_time_ms: opt(rt),
+        status_code: opt(sc).and_then(|n| i32::try_from(n).ok()),
+        lease_expired: *expired == "1",
+        admitted_at: ms_time(int(admitted)?)?,
+        settled_at: ms_time(int(settled)?)?,
+    })
+}
+
+fn parse_named(e: &StreamId) -> Option<UsageEvent> {
     let opt = |v: Option<i64>| v.filter(|n| *n >= 0);
     Some(UsageEvent {
         event_id: str_field(e, "e")?,
@@ -574,6 +611,77 @@ impl Syncer {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::Value;
+
+    fn entry(fields: &[(&str, &str)]) -> StreamId {
+        StreamId {
+            id: "1-0".into(),
+            map: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), Value::BulkString(v.as_bytes().to_vec())))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    const KEY: &str = "6f1c2d3e-4a5b-4c6d-8e7f-001122334455";
+
+    #[test]
+    fn a_packed_event_and_the_same_event_in_named_fields_read_the_same() {
+        let packed = format!(
+            "sid.nonce\u{1f}{KEY}\u{1f}u-1\u{1f}1234\u{1f}10\u{1f}20\u{1f}30\u{1f}-1\u{1f}200\u{1f}\
+             openai\u{1f}openai:chat\u{1f}gpt-4o\u{1f}1700000000000\u{1f}1700000001000\u{1f}1"
+        );
+        let named = [
+            ("e", "sid.nonce"),
+            ("k", KEY),
+            ("u", "u-1"),
+            ("c", "1234"),
+            ("it", "10"),
+            ("ot", "20"),
+            ("tt", "30"),
+            ("rt", "-1"),
+            ("sc", "200"),
+            ("p", "openai"),
+            ("f", "openai:chat"),
+            ("m", "gpt-4o"),
+            ("at", "1700000000000"),
+            ("ts", "1700000001000"),
+            ("x", "1"),
+        ];
+        let a = parse_event(&entry(&[("v", &packed)])).expect("packed");
+        let b = parse_event(&entry(&named)).expect("named");
+        assert_eq!(a, b);
+        assert_eq!(a.cost_nanos, 1234);
+        assert_eq!(a.response_time_ms, None);
+        assert_eq!(a.status_code, Some(200));
+        assert!(a.lease_expired);
+        assert_eq!(a.settled_at.timestamp_millis(), 1_700_000_001_000);
+    }
+
+    #[test]
+    fn a_packed_event_with_a_missing_or_unreadable_value_is_not_an_event() {
+        let good = format!(
+            "e\u{1f}{KEY}\u{1f}u\u{1f}1\u{1f}1\u{1f}1\u{1f}2\u{1f}-1\u{1f}-1\u{1f}p\u{1f}f\u{1f}m\
+             \u{1f}1700000000000\u{1f}1700000000001\u{1f}0"
+        );
+        assert!(parse_event(&entry(&[("v", &good)])).is_some());
+        let short = good.rsplit_once('\u{1f}').expect("fields").0.to_string();
+        let long = format!("{good}\u{1f}extra");
+        let bad_cost = good.replacen(
+            "\u{1f}1\u{1f}1\u{1f}1\u{1f}2",
+            "\u{1f}x\u{1f}1\u{1f}1\u{1f}2",
+            1,
+        );
+        for bad in [short, long, bad_cost, String::new()] {
+            assert!(parse_event(&entry(&[("v", &bad)])).is_none(), "{bad:?}");
         }
     }
 }
