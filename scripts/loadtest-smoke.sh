@@ -105,7 +105,7 @@ set +e
 TOLLGATE_ADMIN_TOKEN="$TOKEN" "$BIN/loadtest" \
   --url "http://$DATA" --admin-url "http://$ADMIN" \
   --redis-url "$REDIS_URL" --namespace "$NS" \
-  --mode both --ceiling-duration 1s --ceiling-connections 2 --ceiling-pipeline 16 --ceiling-keys 20 \
+  --mode both --ceiling-duration 1s --ceiling-connections 2 --ceiling-pipeline 16 --ceiling-keys 100 \
   --script-cost \
   --duration "$DURATION" --concurrency 6 --keys 200 --invalid-keys 20 \
   --limited-rate-limit 2 --concurrent-limit 2 --hot-keys 2 --hot-share 0.5 --hold 1ms \
