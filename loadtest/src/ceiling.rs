@@ -17,11 +17,13 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis::{FromRedisValue, Value};
 use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
+use tollgate::hot::lease_id::{LeaseFacts, LeaseRef};
+use tollgate::hot::scripts::{admit, scripts, settle};
 
 use crate::load::histogram;
 
-pub const ADMIT_LUA: &str = include_str!("../../lua/admit.lua");
-pub const SETTLE_LUA: &str = include_str!("../../lua/settle.lua");
+pub const ADMIT_LUA: &str = admit::SOURCE;
+pub const SETTLE_LUA: &str = settle::SOURCE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
@@ -97,7 +99,8 @@ pub async fn script_load(redis_url: &str, sources: &[&str]) -> Result<Vec<String
     Ok(shas)
 }
 
-/// One `admit.lua` call as tollgate's gate makes it for an admission with no token reserve.
+/// One `admit.lua` call as tollgate's gate makes it for an admission with no token reserve
+/// (its wire contract is tollgate's own, `hot::scripts::admit`).
 pub fn push_admit(
     pipe: &mut redis::Pipeline,
     sha: &str,
@@ -106,19 +109,20 @@ pub fn push_admit(
     nonce: &str,
     reserve_nanos: i64,
 ) {
-    let keys: [&str; 6] = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set];
-    pipe.cmd("EVALSHA")
-        .arg(sha)
-        .arg(keys.len())
-        .arg(&keys[..])
-        .arg(plan.window_ms)
-        .arg(plan.lease_ttl_ms)
-        .arg(nonce)
-        .arg("openai")
-        .arg("openai:chat")
-        .arg("gpt-4o")
-        .arg(reserve_nanos)
-        .arg(0);
+    let call = admit::Call {
+        keys: k,
+        window_ms: i64::try_from(plan.window_ms).unwrap_or(i64::MAX),
+        ttl_ms: i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
+        nonce,
+        provider: "openai",
+        api_format: "openai:chat",
+        model: "gpt-4o",
+        reserve_nanos,
+        reserve_tokens: 0,
+    };
+    // The SHA the harness loaded is tollgate's: the same source.
+    debug_assert_eq!(scripts().admit.sha(), sha);
+    pipe.add_command(scripts().admit.evalsha(&call.keys(), &call.args()));
 }
 
 /// What settle.lua needs of a granted lease: tollgate seals it into the lease id and opens it
@@ -133,16 +137,18 @@ pub struct Granted {
 }
 
 impl Granted {
-    /// The grant in an admit.lua reply (`{'ok', key id, user id, …, now, tracked, …}`).
+    /// The grant in an admit.lua reply, read as tollgate reads it.
     pub fn from_reply(v: &Value, nonce: String) -> Option<Granted> {
-        let r = Vec::<String>::from_redis_value(v.clone()).ok()?;
-        (r.first()? == "ok" && r.len() >= 11).then(|| Granted {
-            nonce,
-            key_id: r[1].clone(),
-            user_id: r[2].clone(),
-            admitted_at_ms: r[9].parse().unwrap_or(0),
-            tracked: r[10] == "1",
-        })
+        match admit::parse(v.clone()).ok()? {
+            admit::Reply::Ok(g) => Some(Granted {
+                nonce,
+                key_id: g.key_id,
+                user_id: g.user_id,
+                admitted_at_ms: g.now_ms,
+                tracked: g.tracked,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -158,36 +164,35 @@ pub fn push_settle(
     stream: &str,
     cost_nanos: i64,
 ) {
-    let nonce = &g.nonce;
-    let lease = k.lease(nonce);
-    let keys: [&str; 6] = [&k.state, &k.live, &k.holds, &lease, stream, &k.tokens];
-    pipe.cmd("EVALSHA")
-        .arg(sha)
-        .arg(keys.len())
-        .arg(&keys[..])
-        .arg(cost_nanos)
-        .arg(120)
-        .arg(380)
-        .arg(-1)
-        .arg(840)
-        .arg(200)
-        .arg("")
-        .arg("")
-        .arg("")
-        .arg(plan.settle_window_ms)
-        .arg(k.lease_id(nonce))
-        .arg("any")
-        .arg(plan.window_ms)
-        .arg("sealed")
-        .arg(if g.tracked { "1" } else { "0" })
-        .arg(&g.key_id)
-        .arg(&g.user_id)
-        .arg("openai")
-        .arg("openai:chat")
-        .arg("gpt-4o")
-        .arg(g.admitted_at_ms)
-        .arg(g.admitted_at_ms + i64::try_from(plan.lease_ttl_ms).unwrap_or(0))
-        .arg(g.admitted_at_ms + i64::try_from(plan.settle_window_ms).unwrap_or(0));
+    let ms = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let lease = LeaseRef {
+        keys: k.clone(),
+        nonce: g.nonce.clone(),
+        event_id: k.lease_id(&g.nonce),
+        facts: Some(LeaseFacts {
+            tracked: g.tracked,
+            key_id: g.key_id.clone(),
+            user_id: g.user_id.clone(),
+            provider: "openai".into(),
+            api_format: "openai:chat".into(),
+            model: "gpt-4o".into(),
+            admitted_at_ms: g.admitted_at_ms,
+            expires_at_ms: g.admitted_at_ms + ms(plan.lease_ttl_ms),
+        }),
+    };
+    let usage = settle::Usage {
+        cost_nanos: Some(cost_nanos),
+        input_tokens: 120,
+        output_tokens: 380,
+        total_tokens: 500,
+        response_time_ms: 840,
+        status_code: 200,
+        ..Default::default()
+    };
+    let call = settle::Call::new(&lease, usage, ms(plan.settle_window_ms), ms(plan.window_ms))
+        .with_stream(stream.to_string());
+    debug_assert_eq!(scripts().settle.sha(), sha);
+    pipe.add_command(scripts().settle.evalsha(&call.keys(), &call.args()));
 }
 
 pub fn kind(v: &Value) -> String {

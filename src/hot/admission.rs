@@ -3,12 +3,12 @@
 
 use std::time::Duration;
 
-use redis::{FromRedisValue, Value};
+use redis::FromRedisValue;
 
 use super::layout::{new_nonce, KeyRedisKeys, Layout};
 use super::lease_id::{LeaseFacts, LeaseRef, LeaseSeal, LeaseSecrets};
 use super::redis::{Redis, RedisFailure};
-use super::scripts::{ScriptArg, Scripts};
+use super::scripts::{admit, hydrate, release, scripts, settle, Scripts};
 use crate::decision::DenyCode;
 use crate::money::{Money, MAX_EXACT};
 use crate::period::BudgetPeriod;
@@ -145,7 +145,6 @@ pub struct HotPath {
     pub redis: Redis,
     pub layout: Layout,
     seal: LeaseSeal,
-    scripts: std::sync::Arc<Scripts>,
     window_ms: i64,
     lease_ttl_ms: i64,
     /// How long a settled lease is remembered, to answer retries with `duplicate`.
@@ -170,14 +169,6 @@ fn ms(d: Duration) -> i64 {
 
 fn parse_failure(_: redis::ParsingError) -> RedisFailure {
     RedisFailure::Command("unexpected script reply".into())
-}
-
-fn strings(v: Value) -> Result<Vec<String>, RedisFailure> {
-    Vec::<String>::from_redis_value(v).map_err(parse_failure)
-}
-
-fn int(s: Option<&String>) -> i64 {
-    s.and_then(|s| s.parse().ok()).unwrap_or(-1)
 }
 
 fn limit(n: i64) -> Option<u64> {
@@ -215,7 +206,6 @@ impl HotPath {
             redis,
             layout: Layout::new(namespace),
             seal: LeaseSeal::new(namespace, secrets),
-            scripts: std::sync::Arc::new(Scripts::default()),
             window_ms: ms(window),
             lease_ttl_ms: ms(lease_ttl),
             tombstone_ttl_ms: ms(DUPLICATE_WINDOW),
@@ -223,8 +213,8 @@ impl HotPath {
         }
     }
 
-    pub fn scripts(&self) -> &Scripts {
-        &self.scripts
+    pub fn scripts(&self) -> &'static Scripts {
+        scripts()
     }
 
     /// The same hot path over another connection: for callers whose traffic must not queue
@@ -254,7 +244,7 @@ impl HotPath {
         let nonce = new_nonce();
         let ttl_ms = self.lease_ttl_ms(a.lease);
         // The bounds admit.lua leaves to its one caller (see its header).
-        let script = &self.scripts.admit;
+        let script = &scripts().admit;
         // A year: the longest `TOLLGATE_LEASE_TTL_SECONDS` (a caller's own TTL is at most a day).
         let max_ttl_ms = 366 * 24 * 3600 * 1000;
         if !(0..=max_ttl_ms).contains(&ttl_ms) || (ttl_ms == 0 && a.lease != LeaseTerm::None) {
@@ -266,78 +256,70 @@ impl HotPath {
         if a.reserve_tokens > MAX_EXACT.unsigned_abs() {
             return Err(script.refuse("INVALID_ARGUMENT", "reserved tokens above 2^53 - 1"));
         }
-        let v = script
-            .run(
-                &self.redis,
-                &[&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set],
-                &[
-                    ScriptArg::Int(self.window_ms),
-                    ScriptArg::Int(ttl_ms),
-                    ScriptArg::Str(&nonce),
-                    ScriptArg::Str(a.provider),
-                    ScriptArg::Str(a.api_format),
-                    ScriptArg::Str(a.model),
-                    ScriptArg::Int(a.reserve.nanos().max(0)),
-                    ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT)),
-                ],
-            )
-            .await?;
-        let r = strings(v)?;
-        match r.first().map(String::as_str) {
-            Some("miss") => Ok(ScriptAdmit::Miss),
-            Some("deny") => {
-                let code = r
-                    .get(1)
-                    .and_then(|c| DenyCode::from_code(c))
+        let call = admit::Call {
+            keys: &k,
+            window_ms: self.window_ms,
+            ttl_ms,
+            nonce: &nonce,
+            provider: a.provider,
+            api_format: a.api_format,
+            model: a.model,
+            reserve_nanos: a.reserve.nanos().max(0),
+            reserve_tokens: i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT),
+        };
+        let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
+        let g = match admit::parse(v)? {
+            admit::Reply::Miss => return Ok(ScriptAdmit::Miss),
+            admit::Reply::Deny {
+                code,
+                retry_after_ms,
+            } => {
+                let code = DenyCode::from_code(&code)
                     .ok_or_else(|| RedisFailure::Command("unknown denial".into()))?;
-                Ok(ScriptAdmit::Denied {
+                return Ok(ScriptAdmit::Denied {
                     code,
-                    retry_after_ms: u64::try_from(int(r.get(2))).unwrap_or(0),
-                })
-            }
-            // Eleven fields for a key without a token limit or a budget (see admit.lua): the
-            // missing ones read as -1, which is what they would say.
-            Some("ok") if r.len() >= 11 => {
-                let rl = limit(int(r.get(3)));
-                let tl = limit(int(r.get(11)));
-                let now_ms = int(r.get(9));
-                let lease_id = (ttl_ms > 0).then(|| {
-                    self.seal.seal(
-                        &k,
-                        &nonce,
-                        &LeaseFacts {
-                            tracked: r[10] == "1",
-                            key_id: r[1].clone(),
-                            user_id: r[2].clone(),
-                            provider: a.provider.to_string(),
-                            api_format: a.api_format.to_string(),
-                            model: a.model.to_string(),
-                            admitted_at_ms: now_ms,
-                            expires_at_ms: now_ms.saturating_add(ttl_ms),
-                        },
-                    )
+                    retry_after_ms: u64::try_from(retry_after_ms).unwrap_or(0),
                 });
-                Ok(ScriptAdmit::Allowed(Grant {
-                    key_id: r[1].clone(),
-                    user_id: r[2].clone(),
-                    lease_id,
-                    rate_limit: rl,
-                    rate_remaining: rl.map(|_| u64::try_from(int(r.get(4))).unwrap_or(0)),
-                    reset_ms: u64::try_from(int(r.get(5))).unwrap_or(0),
-                    concurrent_limit: limit(int(r.get(6))),
-                    in_flight: u64::try_from(int(r.get(7))).unwrap_or(0),
-                    balance_available: balance(int(r.get(8))),
-                    token_limit: tl,
-                    tokens_remaining: tl.map(|_| u64::try_from(int(r.get(12))).unwrap_or(0)),
-                    tokens_reset_ms: u64::try_from(int(r.get(13))).unwrap_or(0),
-                    budget: balance(int(r.get(14))),
-                    budget_remaining: balance(int(r.get(14)))
-                        .map(|_| Money::from_nanos(int(r.get(15)).max(0))),
-                    budget_resets_at_ms: Some(int(r.get(16))).filter(|t| *t >= 0),
-                }))
             }
-            _ => Err(RedisFailure::Command("unexpected admit reply".into())),
-        }
+            admit::Reply::Ok(g) => g,
+        };
+        let lease_id = (ttl_ms > 0).then(|| {
+            self.seal.seal(
+                &k,
+                &nonce,
+                &LeaseFacts {
+                    tracked: g.tracked,
+                    key_id: g.key_id.clone(),
+                    user_id: g.user_id.clone(),
+                    provider: a.provider.to_string(),
+                    api_format: a.api_format.to_string(),
+                    model: a.model.to_string(),
+                    admitted_at_ms: g.now_ms,
+                    expires_at_ms: g.now_ms.saturating_add(ttl_ms),
+                },
+            )
+        });
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let rl = limit(g.rate_limit);
+        let tl = limit(g.token_limit);
+        Ok(ScriptAdmit::Allowed(Grant {
+            rate_limit: rl,
+            rate_remaining: rl.map(|_| count(g.rate_remaining)),
+            reset_ms: count(g.reset_ms),
+            concurrent_limit: limit(g.concurrent_limit),
+            in_flight: count(g.in_flight),
+            balance_available: balance(g.available),
+            token_limit: tl,
+            tokens_remaining: tl.map(|_| count(g.tokens_remaining)),
+            tokens_reset_ms: count(g.tokens_reset_ms),
+            budget: balance(g.budget),
+            budget_remaining: balance(g.budget)
+                .map(|_| Money::from_nanos(g.budget_remaining.max(0))),
+            budget_resets_at_ms: Some(g.budget_resets_at_ms).filter(|t| *t >= 0),
+            key_id: g.key_id,
+            user_id: g.user_id,
+            lease_id,
+        }))
     }
 
     /// The id of a lease granted while Redis could not be reached: sealed like any other, and
@@ -357,7 +339,7 @@ impl HotPath {
             return Ok(SettleOutcome::Unknown);
         };
         // The bounds settle.lua leaves to its one caller (see its header).
-        let script = &self.scripts.settle;
+        let script = &scripts().settle;
         match a.cost {
             Some(c) if c.is_negative() => {
                 return Err(script.refuse("INVALID_ARGUMENT", "a negative cost"))
@@ -378,82 +360,48 @@ impl HotPath {
         {
             return Err(script.refuse("INVALID_ARGUMENT", "tokens above 2^53 - 1"));
         }
-        let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
-        let (p, f, m) = (given(a.provider), given(a.api_format), given(a.model));
-        let n = |v: Option<u64>| v.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
-        let mut args = vec![
-            match a.cost {
-                Some(c) => ScriptArg::Int(c.nanos()),
-                None => ScriptArg::Str("?"),
+        let n = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let call = settle::Call::new(
+            &l,
+            settle::Usage {
+                cost_nanos: a.cost.map(|c| c.nanos()),
+                input_tokens: n(a.input_tokens),
+                output_tokens: n(a.output_tokens),
+                total_tokens: n(total),
+                response_time_ms: a.response_time_ms.map_or(-1, n),
+                status_code: a.status_code.map_or(-1, i64::from),
+                provider: a.provider,
+                api_format: a.api_format,
+                model: a.model,
+                only_live: a.only_live,
             },
-            ScriptArg::Int(n(Some(a.input_tokens))),
-            ScriptArg::Int(n(Some(a.output_tokens))),
-            ScriptArg::Int(n(Some(total))),
-            ScriptArg::Int(n(a.response_time_ms)),
-            ScriptArg::Int(n(a.status_code.map(u64::from))),
-            ScriptArg::Str(&p),
-            ScriptArg::Str(&f),
-            ScriptArg::Str(&m),
-            ScriptArg::Int(self.tombstone_ttl_ms),
-            ScriptArg::Str(&l.event_id),
-            ScriptArg::Str(if a.only_live { "live" } else { "any" }),
-            ScriptArg::Int(self.window_ms),
-        ];
-        match &l.facts {
-            Some(f) => args.extend([
-                ScriptArg::Str("sealed"),
-                ScriptArg::Str(if f.tracked { "1" } else { "0" }),
-                ScriptArg::Str(&f.key_id),
-                ScriptArg::Str(&f.user_id),
-                ScriptArg::Str(&f.provider),
-                ScriptArg::Str(&f.api_format),
-                ScriptArg::Str(&f.model),
-                ScriptArg::Int(f.admitted_at_ms),
-                ScriptArg::Int(f.expires_at_ms),
-                ScriptArg::Int(f.deadline_ms()),
-            ]),
-            None => args.push(ScriptArg::Str("record")),
-        }
-        let lease = l.keys.lease(&l.nonce);
-        let stream = l.keys.stream();
-        let v = script
-            .run(
-                &self.redis,
-                &[
-                    &l.keys.state,
-                    &l.keys.live,
-                    &l.keys.holds,
-                    &lease,
-                    &stream,
-                    &l.keys.tokens,
-                ],
-                &args,
-            )
-            .await?;
-        let r = strings(v)?;
-        match r.first().map(String::as_str) {
-            Some("unknown") => Ok(SettleOutcome::Unknown),
-            Some("price") => Ok(SettleOutcome::NeedsPrice {
-                provider: r.get(1).cloned().unwrap_or_default(),
-                model: r.get(2).cloned().unwrap_or_default(),
-            }),
-            Some("duplicate") => Ok(SettleOutcome::Duplicate {
-                available: balance(int(r.get(1))),
-            }),
-            Some("settled") => Ok(SettleOutcome::Settled {
-                lease_expired: r.get(1).map(String::as_str) == Some("1"),
-                available: balance(int(r.get(2))),
-            }),
-            _ => Err(RedisFailure::Command("unexpected settle reply".into())),
-        }
+            self.tombstone_ttl_ms,
+            self.window_ms,
+        );
+        let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
+        Ok(match settle::parse(v)? {
+            settle::Reply::Unknown => SettleOutcome::Unknown,
+            settle::Reply::Price { provider, model } => {
+                SettleOutcome::NeedsPrice { provider, model }
+            }
+            settle::Reply::Duplicate { available } => SettleOutcome::Duplicate {
+                available: balance(available),
+            },
+            settle::Reply::Settled {
+                lease_expired,
+                available,
+            } => SettleOutcome::Settled {
+                lease_expired,
+                available: balance(available),
+            },
+        })
     }
 
     pub async fn release(&self, lease_id: &str) -> Result<ReleaseOutcome, RedisFailure> {
         let Some(l) = self.seal.open(lease_id) else {
             return Ok(ReleaseOutcome::Unknown);
         };
-        let mut args = vec![ScriptArg::Str(&l.nonce)];
-        match &l.facts {
+        let facts = match &l.facts {
             Some(f) => {
                 let left = f
                     .deadline_ms()
@@ -462,34 +410,28 @@ impl HotPath {
                     return Ok(ReleaseOutcome::Unknown);
                 }
                 // The 'R' must outlive the id, so a later report of it is a duplicate.
-                args.extend([
-                    ScriptArg::Str("sealed"),
-                    ScriptArg::Str(if f.tracked { "1" } else { "0" }),
-                    ScriptArg::Int(left.max(self.tombstone_ttl_ms)),
-                ]);
+                release::Facts::Sealed {
+                    tracked: f.tracked,
+                    tombstone_ms: left.max(self.tombstone_ttl_ms),
+                }
             }
-            None => args.push(ScriptArg::Str("record")),
-        }
-        let v = self
-            .scripts
+            None => release::Facts::Record,
+        };
+        let tombstone = l.keys.lease(&l.nonce);
+        let call = release::Call {
+            lease: &l,
+            tombstone: &tombstone,
+            facts,
+        };
+        let v = scripts()
             .release
-            .run(
-                &self.redis,
-                &[
-                    &l.keys.state,
-                    &l.keys.live,
-                    &l.keys.holds,
-                    &l.keys.lease(&l.nonce),
-                ],
-                &args,
-            )
+            .run(&self.redis, &call.keys(), &call.args())
             .await?;
-        match strings(v)?.first().map(String::as_str) {
-            Some("released") => Ok(ReleaseOutcome::Released),
-            Some("ended") => Ok(ReleaseOutcome::Ended),
-            Some("unknown") => Ok(ReleaseOutcome::Unknown),
-            _ => Err(RedisFailure::Command("unexpected release reply".into())),
-        }
+        Ok(match release::parse(v)? {
+            release::Reply::Released => ReleaseOutcome::Released,
+            release::Reply::Ended => ReleaseOutcome::Ended,
+            release::Reply::Unknown => ReleaseOutcome::Unknown,
+        })
     }
 
     /// Writes a key's configuration into Redis (newest version wins).
@@ -521,33 +463,29 @@ impl HotPath {
         } else {
             -1
         };
-        self.scripts
+        let call = hydrate::Call::Key(hydrate::Config {
+            version: row.version,
+            key_id: &key_id,
+            user_id: &row.user_id,
+            active: row.is_active,
+            expires_at: &exp,
+            providers: &prov,
+            api_formats: &fmt,
+            models: &mdl,
+            rate_limit: row.rate_limit.map_or(-1, i64::from),
+            concurrent_limit: row.concurrent_limit.map_or(-1, i64::from),
+            standalone: row.is_standalone,
+            balance_nanos: bal,
+            used_nanos: row.balance_used_nanos,
+            token_limit: row.token_limit.unwrap_or(-1),
+            budget_nanos: row.budget_nanos.unwrap_or(-1),
+            budget_period: row.budget_period.as_deref().unwrap_or(""),
+            period_spend_nanos: row.budget_spent_nanos,
+            period_start: &period_start,
+        });
+        scripts()
             .hydrate
-            .run(
-                &self.redis,
-                &[&k.state],
-                &[
-                    ScriptArg::Str("key"),
-                    ScriptArg::Int(row.version),
-                    ScriptArg::Str(&key_id),
-                    ScriptArg::Str(&row.user_id),
-                    ScriptArg::Int(i64::from(row.is_active)),
-                    ScriptArg::Str(&exp),
-                    ScriptArg::Str(&prov),
-                    ScriptArg::Str(&fmt),
-                    ScriptArg::Str(&mdl),
-                    ScriptArg::Int(row.rate_limit.map_or(-1, i64::from)),
-                    ScriptArg::Int(row.concurrent_limit.map_or(-1, i64::from)),
-                    ScriptArg::Int(i64::from(row.is_standalone)),
-                    ScriptArg::Int(bal),
-                    ScriptArg::Int(row.balance_used_nanos),
-                    ScriptArg::Int(row.token_limit.unwrap_or(-1)),
-                    ScriptArg::Int(row.budget_nanos.unwrap_or(-1)),
-                    ScriptArg::Str(row.budget_period.as_deref().unwrap_or("")),
-                    ScriptArg::Int(row.budget_spent_nanos),
-                    ScriptArg::Str(&period_start),
-                ],
-            )
+            .run(&self.redis, &[&k.state], &call.args())
             .await?;
         Ok(())
     }
@@ -555,13 +493,12 @@ impl HotPath {
     /// Remembers, briefly, that no key has this hash.
     pub async fn hydrate_unknown(&self, key_hash: &str) -> Result<(), RedisFailure> {
         let k = self.layout.for_hash(key_hash);
-        self.scripts
+        let call = hydrate::Call::Unknown {
+            ttl_ms: self.negative_ttl_ms,
+        };
+        scripts()
             .hydrate
-            .run(
-                &self.redis,
-                &[&k.state],
-                &[ScriptArg::Str("none"), ScriptArg::Int(self.negative_ttl_ms)],
-            )
+            .run(&self.redis, &[&k.state], &call.args())
             .await?;
         Ok(())
     }

@@ -4,9 +4,10 @@
 //!
 //! - [`layout`]: Redis key names and their hash tags (which slot a key's state lives in)
 //! - [`redis`]: the shared multiplexed connection and the failure taxonomy
-//! - [`scripts`]: `lua/*.lua` compiled in, called by SHA, NOSCRIPT recovered
+//! - [`scripts`]: `lua/*.lua` compiled in, called by SHA, NOSCRIPT recovered; one module per
+//!   script (`scripts/admit.rs`, …) writes its KEYS, ARGV and reply in Rust, once
 //! - [`lease_id`]: sealed lease ids (what settlement needs, under an HMAC)
-//! - [`admission`]: typed calls — admit, settle, release, hydrate
+//! - [`admission`]: the hot path — bounds checked, a script called, its reply made an outcome
 
 pub mod admission;
 pub mod layout;

@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::hot::redis::{Redis, RedisFailure};
-use crate::hot::scripts::{ScriptArg, Scripts};
+use crate::hot::scripts::{ack, scripts};
 use crate::metrics::Metrics;
 use crate::store::usage::{insert_batch, UsageEvent};
 use crate::store::{PgReady, StoreError};
@@ -67,7 +67,6 @@ pub struct Syncer {
     /// The connection it writes through, held between writes ([`Syncer::write`]).
     conn: Option<PoolConnection<Postgres>>,
     conn_used: Instant,
-    scripts: Scripts,
 }
 
 /// Entries read from one shard in a pass.
@@ -266,7 +265,6 @@ impl Syncer {
             write_bound: WRITE_BOUND,
             conn: None,
             conn_used: Instant::now(),
-            scripts: Scripts::default(),
         }
     }
 
@@ -387,10 +385,15 @@ impl Syncer {
 
     async fn ack(&self, stream: &str, ids: &[&str]) -> Result<(), RedisFailure> {
         // XACK and XDEL together, atomically (lua/ack.lua).
-        let mut args = Vec::with_capacity(ids.len() + 1);
-        args.push(ScriptArg::Str(GROUP));
-        args.extend(ids.iter().map(|id| ScriptArg::Str(id)));
-        self.scripts.ack.run(&self.redis, &[stream], &args).await?;
+        let call = ack::Call {
+            stream,
+            group: GROUP,
+            ids,
+        };
+        scripts()
+            .ack
+            .run(&self.redis, &call.keys(), &call.args())
+            .await?;
         Ok(())
     }
 

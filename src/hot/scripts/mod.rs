@@ -1,13 +1,22 @@
-//! The Lua scripts in `lua/`, compiled into the binary, called by SHA.
+//! The Lua scripts in `lua/`, compiled into the binary, called by SHA; one module per script
+//! holds its wire contract (KEYS, ARGV, reply) in Rust, next to its `.lua`.
 //!
 //! Every call is one `EVALSHA`. When Redis answers NOSCRIPT (a restart, a failover to a replica
 //! that never saw the script, `SCRIPT FLUSH`), the same call is sent once as `EVAL` with the
 //! source, which both answers it and caches the script on that node again: recovery costs one
 //! extra round trip, once per node, and needs no cluster-wide `SCRIPT LOAD` routing.
 
+use std::sync::LazyLock;
+
 use redis::{Cmd, ToRedisArgs, Value};
 
 use super::redis::{Redis, RedisFailure};
+
+pub mod ack;
+pub mod admit;
+pub mod hydrate;
+pub mod release;
+pub mod settle;
 
 #[derive(Debug)]
 pub struct Script {
@@ -24,6 +33,11 @@ impl Script {
 
     pub fn sha(&self) -> &str {
         &self.sha
+    }
+
+    /// The `EVALSHA` of one call, for callers that pipeline it (the load harness).
+    pub fn evalsha(&self, keys: &[&str], args: &[ScriptArg<'_>]) -> Cmd {
+        self.command("EVALSHA", &self.sha, keys, args)
     }
 
     fn command(&self, verb: &str, body: &str, keys: &[&str], args: &[ScriptArg<'_>]) -> Cmd {
@@ -108,19 +122,26 @@ pub struct Scripts {
 impl Default for Scripts {
     fn default() -> Self {
         Scripts {
-            admit: Script::new("admit", include_str!("../../lua/admit.lua")),
-            settle: Script::new("settle", include_str!("../../lua/settle.lua")),
-            release: Script::new("release", include_str!("../../lua/release.lua")),
-            hydrate: Script::new("hydrate", include_str!("../../lua/hydrate.lua")),
-            ack: Script::new("ack", include_str!("../../lua/ack.lua")),
+            admit: Script::new("admit", admit::SOURCE),
+            settle: Script::new("settle", settle::SOURCE),
+            release: Script::new("release", release::SOURCE),
+            hydrate: Script::new("hydrate", hydrate::SOURCE),
+            ack: Script::new("ack", ack::SOURCE),
         }
     }
+}
+
+/// The one registry of the process: every caller (the hot path, the syncer's acknowledgement)
+/// runs the same scripts by the same SHAs.
+pub fn scripts() -> &'static Scripts {
+    static SCRIPTS: LazyLock<Scripts> = LazyLock::new(Scripts::default);
+    &SCRIPTS
 }
 
 impl Scripts {
     /// `SCRIPT LOAD`s every script so the first requests do not pay the NOSCRIPT detour.
     /// Best effort: on a cluster, or while Redis is down, the fallback loads them later.
-    pub async fn preload(&self, redis: &Redis) {
+    pub(crate) async fn preload(&self, redis: &Redis) {
         if redis.is_cluster() {
             return;
         }

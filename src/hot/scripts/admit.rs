@@ -1,0 +1,173 @@
+//! admit.lua's wire contract, written once: its KEYS and ARGV from typed values, its reply
+//! read into a typed answer. The script's header says what each one means and why.
+
+use redis::{FromRedisValue, Value};
+
+use super::ScriptArg;
+use crate::hot::layout::KeyRedisKeys;
+use crate::hot::redis::RedisFailure;
+
+pub const SOURCE: &str = include_str!("../../../lua/admit.lua");
+
+/// One admission as admit.lua takes it.
+#[derive(Debug, Clone, Copy)]
+pub struct Call<'a> {
+    pub keys: &'a KeyRedisKeys,
+    pub window_ms: i64,
+    /// 0: no lease.
+    pub ttl_ms: i64,
+    pub nonce: &'a str,
+    pub provider: &'a str,
+    pub api_format: &'a str,
+    pub model: &'a str,
+    pub reserve_nanos: i64,
+    pub reserve_tokens: i64,
+}
+
+impl<'a> Call<'a> {
+    pub fn keys(&self) -> [&'a str; 6] {
+        let k = self.keys;
+        [&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set]
+    }
+
+    pub fn args(&self) -> [ScriptArg<'a>; 8] {
+        [
+            ScriptArg::Int(self.window_ms),
+            ScriptArg::Int(self.ttl_ms),
+            ScriptArg::Str(self.nonce),
+            ScriptArg::Str(self.provider),
+            ScriptArg::Str(self.api_format),
+            ScriptArg::Str(self.model),
+            ScriptArg::Int(self.reserve_nanos),
+            ScriptArg::Int(self.reserve_tokens),
+        ]
+    }
+}
+
+/// A grant as admit.lua reports it; -1 is its "unlimited / none / never".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Granted {
+    pub key_id: String,
+    pub user_id: String,
+    pub rate_limit: i64,
+    pub rate_remaining: i64,
+    pub reset_ms: i64,
+    pub concurrent_limit: i64,
+    pub in_flight: i64,
+    pub available: i64,
+    pub now_ms: i64,
+    pub tracked: bool,
+    pub token_limit: i64,
+    pub tokens_remaining: i64,
+    pub tokens_reset_ms: i64,
+    pub budget: i64,
+    pub budget_remaining: i64,
+    pub budget_resets_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// The key's state is not in Redis: hydrate, then retry.
+    Miss,
+    Deny {
+        code: String,
+        retry_after_ms: i64,
+    },
+    Ok(Granted),
+}
+
+fn unexpected() -> RedisFailure {
+    RedisFailure::Command("unexpected admit reply".into())
+}
+
+pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
+    let r = Vec::<String>::from_redis_value(v).map_err(|_| unexpected())?;
+    let int = |i: usize| r.get(i).and_then(|s| s.parse().ok()).unwrap_or(-1);
+    match r.first().map(String::as_str) {
+        Some("miss") => Ok(Reply::Miss),
+        Some("deny") => Ok(Reply::Deny {
+            code: r.get(1).cloned().ok_or_else(unexpected)?,
+            retry_after_ms: int(2).max(0),
+        }),
+        // Eleven fields for a key without a token limit or a budget: the missing six read as
+        // -1, which is what they would say.
+        Some("ok") if r.len() >= 11 => Ok(Reply::Ok(Granted {
+            key_id: r[1].clone(),
+            user_id: r[2].clone(),
+            rate_limit: int(3),
+            rate_remaining: int(4),
+            reset_ms: int(5),
+            concurrent_limit: int(6),
+            in_flight: int(7),
+            available: int(8),
+            now_ms: int(9),
+            tracked: r[10] == "1",
+            token_limit: int(11),
+            tokens_remaining: int(12),
+            tokens_reset_ms: int(13),
+            budget: int(14),
+            budget_remaining: int(15),
+            budget_resets_at_ms: int(16),
+        })),
+        _ => Err(unexpected()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(items: &[&str]) -> Value {
+        Value::Array(
+            items
+                .iter()
+                .map(|s| Value::BulkString(s.as_bytes().to_vec()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_plain_keys_eleven_fields_read_with_the_rest_unlimited() {
+        let r = parse(reply(&[
+            "ok",
+            "k",
+            "u",
+            "60",
+            "59",
+            "60000",
+            "-1",
+            "0",
+            "-1",
+            "1700000000000",
+            "0",
+        ]))
+        .expect("ok");
+        let Reply::Ok(g) = r else { panic!("{r:?}") };
+        assert_eq!((g.rate_limit, g.rate_remaining, g.in_flight), (60, 59, 0));
+        assert_eq!((g.now_ms, g.tracked), (1_700_000_000_000, false));
+        assert_eq!(
+            (g.token_limit, g.budget, g.budget_resets_at_ms),
+            (-1, -1, -1)
+        );
+    }
+
+    #[test]
+    fn misses_denials_and_garbage_read_as_what_they_are() {
+        assert_eq!(parse(reply(&["miss"])).expect("miss"), Reply::Miss);
+        assert_eq!(
+            parse(reply(&["deny", "rate_limited", "1500"])).expect("deny"),
+            Reply::Deny {
+                code: "rate_limited".into(),
+                retry_after_ms: 1500
+            }
+        );
+        for bad in [
+            reply(&["ok", "k"]),
+            reply(&["deny"]),
+            reply(&[]),
+            Value::Int(1),
+        ] {
+            assert!(parse(bad).is_err());
+        }
+    }
+}

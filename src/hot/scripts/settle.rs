@@ -1,0 +1,162 @@
+//! settle.lua's wire contract, written once: its KEYS and ARGV from typed values, its reply
+//! read into a typed answer. The script's header says what each one means and why.
+
+use redis::{FromRedisValue, Value};
+
+use super::ScriptArg;
+use crate::hot::lease_id::LeaseRef;
+use crate::hot::redis::RedisFailure;
+
+pub const SOURCE: &str = include_str!("../../../lua/settle.lua");
+
+/// What the settlement reports, as the script takes it (bounds checked by the caller).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage<'a> {
+    /// `None`: not known yet; the script answers what to price it for and writes nothing.
+    pub cost_nanos: Option<i64>,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    /// -1: unknown.
+    pub response_time_ms: i64,
+    /// -1: unknown.
+    pub status_code: i64,
+    /// `None`: the lease's own.
+    pub provider: Option<&'a str>,
+    pub api_format: Option<&'a str>,
+    pub model: Option<&'a str>,
+    /// A released lease is a duplicate (an access-log report), not settled.
+    pub only_live: bool,
+}
+
+/// One settlement as settle.lua takes it.
+#[derive(Debug, Clone)]
+pub struct Call<'a> {
+    lease: &'a LeaseRef,
+    tombstone: String,
+    stream: String,
+    usage: Usage<'a>,
+    /// The given labels with their '=' mark ('' = use the lease's).
+    labels: [String; 3],
+    tombstone_ttl_ms: i64,
+    window_ms: i64,
+}
+
+impl<'a> Call<'a> {
+    pub fn new(
+        lease: &'a LeaseRef,
+        usage: Usage<'a>,
+        tombstone_ttl_ms: i64,
+        window_ms: i64,
+    ) -> Self {
+        let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
+        Call {
+            lease,
+            tombstone: lease.keys.lease(&lease.nonce),
+            stream: lease.keys.stream(),
+            labels: [
+                given(usage.provider),
+                given(usage.api_format),
+                given(usage.model),
+            ],
+            usage,
+            tombstone_ttl_ms,
+            window_ms,
+        }
+    }
+
+    /// The same call, its event appended to another stream (the load harness's scratch stream,
+    /// which the syncer does not read).
+    pub fn with_stream(mut self, stream: String) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    pub fn keys(&self) -> [&str; 6] {
+        let k = &self.lease.keys;
+        [
+            &k.state,
+            &k.live,
+            &k.holds,
+            &self.tombstone,
+            &self.stream,
+            &k.tokens,
+        ]
+    }
+
+    pub fn args(&self) -> Vec<ScriptArg<'_>> {
+        let u = &self.usage;
+        let mut args = Vec::with_capacity(23);
+        args.extend([
+            match u.cost_nanos {
+                Some(c) => ScriptArg::Int(c),
+                None => ScriptArg::Str("?"),
+            },
+            ScriptArg::Int(u.input_tokens),
+            ScriptArg::Int(u.output_tokens),
+            ScriptArg::Int(u.total_tokens),
+            ScriptArg::Int(u.response_time_ms),
+            ScriptArg::Int(u.status_code),
+            ScriptArg::Str(&self.labels[0]),
+            ScriptArg::Str(&self.labels[1]),
+            ScriptArg::Str(&self.labels[2]),
+            ScriptArg::Int(self.tombstone_ttl_ms),
+            ScriptArg::Str(&self.lease.event_id),
+            ScriptArg::Str(if u.only_live { "live" } else { "any" }),
+            ScriptArg::Int(self.window_ms),
+        ]);
+        match &self.lease.facts {
+            Some(f) => args.extend([
+                ScriptArg::Str("sealed"),
+                ScriptArg::Str(if f.tracked { "1" } else { "0" }),
+                ScriptArg::Str(&f.key_id),
+                ScriptArg::Str(&f.user_id),
+                ScriptArg::Str(&f.provider),
+                ScriptArg::Str(&f.api_format),
+                ScriptArg::Str(&f.model),
+                ScriptArg::Int(f.admitted_at_ms),
+                ScriptArg::Int(f.expires_at_ms),
+                ScriptArg::Int(f.deadline_ms()),
+            ]),
+            None => args.push(ScriptArg::Str("record")),
+        }
+        args
+    }
+}
+
+/// -1 is the script's "no balance".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    Unknown,
+    /// Asked without a cost: the provider and model to price it for.
+    Price {
+        provider: String,
+        model: String,
+    },
+    Duplicate {
+        available: i64,
+    },
+    Settled {
+        lease_expired: bool,
+        available: i64,
+    },
+}
+
+pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
+    let unexpected = || RedisFailure::Command("unexpected settle reply".into());
+    let r = Vec::<String>::from_redis_value(v).map_err(|_| unexpected())?;
+    let int = |i: usize| r.get(i).and_then(|s| s.parse().ok()).unwrap_or(-1);
+    match r.first().map(String::as_str) {
+        Some("unknown") => Ok(Reply::Unknown),
+        Some("price") => Ok(Reply::Price {
+            provider: r.get(1).cloned().unwrap_or_default(),
+            model: r.get(2).cloned().unwrap_or_default(),
+        }),
+        Some("duplicate") => Ok(Reply::Duplicate { available: int(1) }),
+        Some("settled") => Ok(Reply::Settled {
+            lease_expired: r.get(1).map(String::as_str) == Some("1"),
+            available: int(2),
+        }),
+        _ => Err(unexpected()),
+    }
+}
