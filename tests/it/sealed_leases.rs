@@ -360,7 +360,7 @@ async fn a_lease_id_from_before_sealed_ids_still_settles_and_releases() {
 async fn a_settled_lease_settled_again_is_a_duplicate_even_where_a_first_settlement_is_refused() {
     let app = spawn_app().await;
     let (key, api_key) = app.create_key(json!({"user_id": "u-near-max"})).await;
-    let key_id = uuid::Uuid::parse_str(api_key["id"].as_str().expect("id")).expect("uuid");
+    let key_id = api_key["id"].as_str().expect("id").to_string();
     let settled = lease(&app, &key, json!({})).await;
     let fresh = lease(&app, &key, json!({})).await;
     let (status, body) = app.settle(&settled, "0.25").await;
@@ -400,23 +400,13 @@ async fn a_settled_lease_settled_again_is_a_duplicate_even_where_a_first_settlem
     let first = event_id(&settled);
     let recorded = app
         .eventually(Duration::from_secs(10), || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = $1")
-                    .bind(&first)
-                    .fetch_one(&app.db)
-                    .await
-                    .expect("count usage");
-            n == 1
+            app.usage_events_with_id(&first).await == 1
         })
         .await;
     assert!(recorded, "the first settlement reached Postgres");
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1")
-        .bind(key_id)
-        .fetch_one(&app.db)
-        .await
-        .expect("count usage");
     assert_eq!(
-        events, 1,
+        app.usage_events_of_key(&key_id).await,
+        1,
         "one usage event: the replay and the refusal recorded nothing"
     );
 }
