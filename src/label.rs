@@ -21,8 +21,9 @@ pub fn is_label(value: &str) -> bool {
 }
 
 /// A provider, API format or model name that passed [`is_label`] where it entered, so that
-/// nothing behind the edge checks it again.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// nothing behind the edge checks it again. The default, `""`, is "not named": the key's
+/// allow-lists then decide.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Label(String);
 
 /// A name over [`MAX_LABEL_LEN`] bytes or with a control character.
@@ -38,8 +39,9 @@ impl Label {
         }
     }
 
-    pub(crate) fn into_string(self) -> String {
-        self.0
+    /// An optional name as a request carries it: absent stays absent.
+    pub(crate) fn optional(value: Option<String>) -> Result<Option<Label>, InvalidLabel> {
+        value.map(Label::new).transpose()
     }
 }
 
@@ -102,6 +104,8 @@ mod tests {
         assert!(is_label("claude-3.5-sonnet@2024"));
         assert_eq!(Label::new("gpt\0".into()), Err(InvalidLabel));
         assert_eq!(&*Label::new("gpt-4o".into()).unwrap(), "gpt-4o");
+        assert_eq!(Label::optional(None), Ok(None));
+        assert_eq!(Label::optional(Some("a\0".into())), Err(InvalidLabel));
     }
 
     #[test]

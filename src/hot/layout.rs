@@ -80,12 +80,12 @@ impl Layout {
 
     /// Set once every key of the namespace has been loaded into Redis; its absence means the
     /// namespace lost its state. Tagged like shard 0, so every key of a namespace has a tag.
-    pub fn loaded_marker(&self) -> String {
+    pub(crate) fn loaded_marker(&self) -> String {
         format!("{}loaded", self.shard_prefix(0))
     }
 
     /// Held, with a TTL, by the replica that is loading the namespace.
-    pub fn loading_lock(&self) -> String {
+    pub(crate) fn loading_lock(&self) -> String {
         format!("{}loading", self.shard_prefix(0))
     }
 
@@ -98,7 +98,7 @@ impl Layout {
 
     /// The keys and nonce named by a lease id's head `<sid>.<nonce>`; `None` for anything
     /// tollgate could not have issued (the sealed rest is `hot::lease_id`'s).
-    pub fn lease(&self, head: &str) -> Option<(KeyRedisKeys, String)> {
+    pub(super) fn lease(&self, head: &str) -> Option<(KeyRedisKeys, String)> {
         let (sid, nonce) = head.split_once('.')?;
         let sid_ok = sid.len() == SID_LEN
             && sid

@@ -41,7 +41,7 @@ pub struct LeaseSecrets {
     current: Vec<u8>,
     previous: Option<Vec<u8>>,
     /// Derived from nothing shared: a random secret of this process only.
-    pub ephemeral: bool,
+    pub(crate) ephemeral: bool,
 }
 
 impl fmt::Debug for LeaseSecrets {
@@ -52,7 +52,7 @@ impl fmt::Debug for LeaseSecrets {
 
 impl LeaseSecrets {
     /// Secrets given as settings (at least 32 bytes each).
-    pub fn new(current: &[u8], previous: Option<&[u8]>) -> Self {
+    pub(crate) fn new(current: &[u8], previous: Option<&[u8]>) -> Self {
         LeaseSecrets {
             current: current.to_vec(),
             previous: previous.map(<[u8]>::to_vec),
@@ -61,7 +61,7 @@ impl LeaseSecrets {
     }
 
     /// The secret every replica can compute from the encryption key they share.
-    pub fn derived_from(encryption_key: &[u8], previous: Option<&[u8]>) -> Self {
+    pub(crate) fn derived_from(encryption_key: &[u8], previous: Option<&[u8]>) -> Self {
         let mut mac = mac(encryption_key);
         mac.update(DERIVE_LABEL);
         let derived = mac.finalize().into_bytes();
@@ -69,7 +69,7 @@ impl LeaseSecrets {
     }
 
     /// A random secret: ids this process seals open nowhere else and not after a restart.
-    pub fn random() -> Self {
+    pub(crate) fn random() -> Self {
         let mut s = vec![0u8; 32];
         rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut s);
         LeaseSecrets {
@@ -89,19 +89,19 @@ fn mac(secret: &[u8]) -> HmacSha256 {
 pub struct LeaseFacts {
     /// In the key's live set (and its holds): the key has a concurrency limit, or the lease
     /// holds balance or tokens. Settling or releasing an untracked lease touches neither.
-    pub tracked: bool,
-    pub key_id: String,
-    pub user_id: String,
-    pub provider: String,
-    pub api_format: String,
-    pub model: String,
-    pub admitted_at_ms: i64,
-    pub expires_at_ms: i64,
+    pub(crate) tracked: bool,
+    pub(crate) key_id: String,
+    pub(crate) user_id: String,
+    pub(crate) provider: String,
+    pub(crate) api_format: String,
+    pub(crate) model: String,
+    pub(crate) admitted_at_ms: i64,
+    pub(crate) expires_at_ms: i64,
 }
 
 impl LeaseFacts {
     /// Until when the lease can be settled: a call that outran its lease is still charged.
-    pub fn deadline_ms(&self) -> i64 {
+    pub(crate) fn deadline_ms(&self) -> i64 {
         let grace = i64::try_from(LATE_SETTLE_GRACE.as_millis()).unwrap_or(i64::MAX);
         self.expires_at_ms.saturating_add(grace)
     }
@@ -113,7 +113,7 @@ pub struct LeaseRef {
     pub keys: KeyRedisKeys,
     pub nonce: String,
     /// `<sid>.<nonce>`: the usage event's idempotency id, and what names the tombstone.
-    pub event_id: String,
+    pub(crate) event_id: String,
     /// `None`: an id issued before sealed ids, whose facts are in its record in Redis.
     pub facts: Option<LeaseFacts>,
 }
@@ -191,7 +191,7 @@ impl LeaseSeal {
 
     /// Parses and verifies a lease id; `None` for anything tollgate did not issue in this
     /// namespace with a secret it still holds.
-    pub fn open(&self, lease_id: &str) -> Option<LeaseRef> {
+    pub(crate) fn open(&self, lease_id: &str) -> Option<LeaseRef> {
         let (head, body) = match lease_id.rsplit_once('.') {
             Some((h, b)) if h.contains('.') => (h, Some(b)),
             _ => (lease_id, None),

@@ -1,6 +1,8 @@
 //! Where a decision is made: Redis, through one Lua script per operation. Callers reach it
 //! through `crate::gate` (admissions, settlements, releases) and `crate::key_state` (key
-//! configuration), never directly.
+//! configuration), never directly. The modules stay `pub` for what is outside the crate
+//! (tests/it, loadtest, benches), which drives the scripts below the gate on purpose; what
+//! only the crate uses in them is `pub(crate)`.
 //!
 //! - [`layout`]: Redis key names and their hash tags (which slot a key's state lives in)
 //! - [`redis`]: the shared multiplexed connection and the failure taxonomy

@@ -42,11 +42,11 @@ pub enum RedisFailure {
 }
 
 /// The refusals the scripts answer with (see [`RedisFailure::Refused`]).
-pub const REFUSALS: [&str; 3] = ["LIMIT_EXCEEDED", "INVALID_ARGUMENT", "CORRUPT_STATE"];
+const REFUSALS: [&str; 3] = ["LIMIT_EXCEEDED", "INVALID_ARGUMENT", "CORRUPT_STATE"];
 
 impl RedisFailure {
     /// Label of `tollgate_redis_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             RedisFailure::Timeout => "timeout",
             RedisFailure::Connection => "connection",
@@ -56,7 +56,7 @@ impl RedisFailure {
     }
 
     /// True when Redis could not be reached at all (what fail-open mode is for).
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         !matches!(
             self,
             RedisFailure::Command(_) | RedisFailure::Refused { .. }
@@ -146,7 +146,7 @@ impl Redis {
         }
     }
 
-    pub fn is_cluster(&self) -> bool {
+    pub(crate) fn is_cluster(&self) -> bool {
         self.inner.urls.len() > 1
     }
 

@@ -18,7 +18,7 @@ use super::AppState;
 use crate::gate::Decision;
 use crate::gate::RedisFailure;
 use crate::gate::{LeaseTerm, ReleaseOutcome, SettleArgs, SettleOutcome};
-use crate::label::{is_label, MAX_LABEL_LEN};
+use crate::label::Label;
 use crate::money::Money;
 use crate::store::keys::MAX_BALANCE_NANOS;
 
@@ -40,13 +40,9 @@ pub struct AdmitBody {
 const MAX_TOKENS: u64 = 1 << 40;
 const MAX_RESPONSE_TIME_MS: u64 = 1 << 31;
 
-fn check_label(field: &str, value: Option<&str>) -> Result<(), ApiError> {
-    match value {
-        Some(v) if !is_label(v) => Err(ApiError::bad_request(format!(
-            "{field} must be at most {MAX_LABEL_LEN} characters without control characters"
-        ))),
-        _ => Ok(()),
-    }
+/// A provider, API format or model field: absent is fine, present must be a [`Label`].
+fn label(field: &str, value: Option<String>) -> Result<Option<Label>, ApiError> {
+    Label::optional(value).map_err(|e| ApiError::label(field, e))
 }
 
 fn check_amount(field: &str, m: Money) -> Result<(), ApiError> {
@@ -83,6 +79,34 @@ fn lease_term(
     }
 }
 
+/// The question an admission body asks. With several faults the first one checked is the
+/// one answered, so the order below is part of the contract.
+fn admit_query(body: AdmitBody, headers: &HeaderMap) -> Result<AdmitQuery, ApiError> {
+    let reserve = body.reserve_usd.unwrap_or_default();
+    check_amount("reserve_usd", reserve)?;
+    let provider = label("provider", body.provider)?;
+    let api_format = label("api_format", body.api_format)?;
+    let model = label("model", body.model)?;
+    check_count("reserve_tokens", body.reserve_tokens, MAX_TOKENS)?;
+    let lease = lease_term(
+        body.lease.as_deref(),
+        body.lease_ttl_seconds,
+        LeaseTerm::Default,
+    )?;
+    Ok(AdmitQuery {
+        key: body
+            .key
+            .filter(|k| !k.trim().is_empty())
+            .or_else(|| credentials::api_key(headers).map(str::to_string)),
+        provider: provider.unwrap_or_default(),
+        api_format: api_format.unwrap_or_default(),
+        model: model.unwrap_or_default(),
+        reserve,
+        reserve_tokens: body.reserve_tokens.unwrap_or(0),
+        lease,
+    })
+}
+
 pub async fn admit(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -92,34 +116,9 @@ pub async fn admit(
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
-    let reserve = body.reserve_usd.unwrap_or_default();
-    let checked = check_amount("reserve_usd", reserve)
-        .and_then(|()| check_label("provider", body.provider.as_deref()))
-        .and_then(|()| check_label("api_format", body.api_format.as_deref()))
-        .and_then(|()| check_label("model", body.model.as_deref()))
-        .and_then(|()| check_count("reserve_tokens", body.reserve_tokens, MAX_TOKENS))
-        .and_then(|()| {
-            lease_term(
-                body.lease.as_deref(),
-                body.lease_ttl_seconds,
-                LeaseTerm::Default,
-            )
-        });
-    let lease = match checked {
-        Ok(lease) => lease,
+    let q = match admit_query(body, &headers) {
+        Ok(q) => q,
         Err(e) => return e.into_response(),
-    };
-    let q = AdmitQuery {
-        key: body
-            .key
-            .filter(|k| !k.trim().is_empty())
-            .or_else(|| credentials::api_key(&headers).map(str::to_string)),
-        provider: body.provider.unwrap_or_default(),
-        api_format: body.api_format.unwrap_or_default(),
-        model: body.model.unwrap_or_default(),
-        reserve,
-        reserve_tokens: body.reserve_tokens.unwrap_or(0),
-        lease,
     };
     match decide(&state, &q).await {
         Decision::Allowed { grant } => (StatusCode::OK, Json(allowed_body(&grant))).into_response(),
@@ -173,9 +172,9 @@ pub async fn settle(
             "cached_input_tokens must not exceed input_tokens",
         ));
     }
-    check_label("provider", b.provider.as_deref())?;
-    check_label("api_format", b.api_format.as_deref())?;
-    check_label("model", b.model.as_deref())?;
+    let provider = label("provider", b.provider)?;
+    let api_format = label("api_format", b.api_format)?;
+    let model = label("model", b.model)?;
     check_count("input_tokens", b.input_tokens, MAX_TOKENS)?;
     check_count("output_tokens", b.output_tokens, MAX_TOKENS)?;
     check_count("total_tokens", b.total_tokens, MAX_TOKENS)?;
@@ -191,9 +190,9 @@ pub async fn settle(
             total_tokens: b.total_tokens,
             response_time_ms: b.response_time_ms,
             status_code: b.status_code,
-            provider: b.provider.as_deref(),
-            api_format: b.api_format.as_deref(),
-            model: b.model.as_deref(),
+            provider: provider.as_deref(),
+            api_format: api_format.as_deref(),
+            model: model.as_deref(),
             only_live: false,
         })
         .await
@@ -261,5 +260,28 @@ pub async fn release(
             Ok(Json(json!({"released": true})).into_response())
         }
         ReleaseOutcome::Unknown => Err(lease_unknown()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bad_label_is_answered_as_the_contract_words_it() {
+        assert!(matches!(label("model", None), Ok(None)));
+        assert_eq!(
+            label("provider", Some("p1".into()))
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("p1")
+        );
+        let e = label("model", Some("a\u{0}b".into())).expect_err("a control character");
+        assert_eq!((e.status, e.code), (StatusCode::BAD_REQUEST, "bad_request"));
+        assert_eq!(
+            e.message,
+            "model must be at most 256 characters without control characters"
+        );
     }
 }

@@ -13,15 +13,16 @@ use crate::decision::DenyCode;
 use crate::gate::Decision;
 use crate::gate::{AdmitArgs, LeaseTerm};
 use crate::keys;
+use crate::label::Label;
 use crate::money::Money;
 
 /// What an admission asks, whoever asked it (JSON API or a proxy subrequest).
 #[derive(Debug, Default)]
 pub(crate) struct AdmitQuery {
     pub key: Option<String>,
-    pub provider: String,
-    pub api_format: String,
-    pub model: String,
+    pub provider: Label,
+    pub api_format: Label,
+    pub model: Label,
     pub reserve: Money,
     pub reserve_tokens: u64,
     pub lease: LeaseTerm,

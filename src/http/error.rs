@@ -7,7 +7,7 @@ use axum::Json;
 use serde_json::json;
 
 use crate::gate::RedisFailure;
-use crate::label::{InvalidAllowList, MAX_ALLOW_LIST_LEN, MAX_LABEL_LEN};
+use crate::label::{InvalidAllowList, InvalidLabel, MAX_ALLOW_LIST_LEN, MAX_LABEL_LEN};
 use crate::store::keys::BalanceError;
 use crate::store::StoreError;
 
@@ -37,6 +37,13 @@ impl ApiError {
 
     pub(crate) fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+    }
+
+    /// A provider, API format or model name refused in the request's `field`.
+    pub(crate) fn label(field: &str, _: InvalidLabel) -> Self {
+        Self::bad_request(format!(
+            "{field} must be at most {MAX_LABEL_LEN} characters without control characters"
+        ))
     }
 
     /// An allow-list refused in the request's `field`.

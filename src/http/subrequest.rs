@@ -135,7 +135,6 @@ fn query(
             .map(str::to_string)
             .or(v)
             .and_then(|v| Label::new(v).ok())
-            .map(Label::into_string)
             .unwrap_or_default()
     };
     Ok(AdmitQuery {

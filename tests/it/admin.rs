@@ -204,11 +204,9 @@ async fn standalone_keys_report_their_balance() {
         .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 0}))
         .await;
     assert_eq!(nanos(&k["current_balance_usd"]), 0);
-    let (status, denied) = app.admit(&key, json!({})).await;
-    assert_eq!(
-        (status, &denied["code"]),
-        (402, &json!("balance_exhausted"))
-    );
+    hot_suite::admit(&app, hot_suite::with_key(&key, json!({})))
+        .await
+        .denied(402, "balance_exhausted", "nothing remains");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -297,44 +295,19 @@ async fn get_lookup_and_secret_find_the_key() {
     let missing = Uuid::new_v4();
     assert_error(&get_key(&app, &missing.to_string()).await, 404, "not_found");
     assert_error(&get_key(&app, "not-a-uuid").await, 404, "not_found");
-    assert_error(
-        &read(
-            app.admin_get(&format!("/admin/keys/{missing}/secret"))
-                .await,
-        )
-        .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &read(app.admin_get("/admin/keys/xyz/secret").await).await,
-        404,
-        "not_found",
-    );
     let other = format!("sk-{}", "A".repeat(32));
-    assert_error(
-        &read(
-            app.admin_post("/admin/keys/lookup", json!({ "key": other }))
-                .await,
-        )
-        .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &read(app.admin_post("/admin/keys/lookup", json!({})).await).await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &read(
-            app.admin_post("/admin/keys/lookup", json!({"key": key, "id": id}))
-                .await,
-        )
-        .await,
-        400,
-        "unknown_field",
-    );
+    let lookup = "/admin/keys/lookup";
+    #[rustfmt::skip]
+    let refused = [
+        (app.admin_get(&format!("/admin/keys/{missing}/secret")).await, 404, "not_found"),
+        (app.admin_get("/admin/keys/xyz/secret").await, 404, "not_found"),
+        (app.admin_post(lookup, json!({ "key": other })).await, 404, "not_found"),
+        (app.admin_post(lookup, json!({})).await, 400, "bad_request"),
+        (app.admin_post(lookup, json!({"key": key, "id": id})).await, 400, "unknown_field"),
+    ];
+    for (res, status, code) in refused {
+        assert_fails(res, status, code).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,11 +363,12 @@ async fn user_listing_excludes_standalone_keys_filters_and_sorts_newest_first() 
     let (_, inactive) = read(app.admin_get(&format!("{path}?is_active=false")).await).await;
     assert_eq!(ids(&inactive), vec![created[1].clone()]);
 
-    assert_error(
-        &read(app.admin_get(&format!("{path}?is_active=maybe")).await).await,
+    assert_fails(
+        app.admin_get(&format!("{path}?is_active=maybe")).await,
         400,
         "bad_request",
-    );
+    )
+    .await;
     let (status, none) = read(app.admin_get("/admin/users/nobody/keys").await).await;
     assert_eq!((status, none), (200, json!({"keys": []})));
 }
@@ -433,11 +407,12 @@ async fn standalone_listing_returns_only_standalone_keys_newest_first() {
     )
     .await;
     assert_eq!(ids(&inactive), vec![created[0].clone()]);
-    assert_error(
-        &read(app.admin_get("/admin/standalone-keys?is_active=1").await).await,
+    assert_fails(
+        app.admin_get("/admin/standalone-keys?is_active=1").await,
         400,
         "bad_request",
-    );
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -587,20 +562,14 @@ async fn patch_rejects_unknown_fields_and_bad_values_and_changes_nothing() {
     assert_eq!(now, k);
 
     let missing = format!("/admin/keys/{}", Uuid::new_v4());
-    assert_error(
-        &read(app.admin_patch(&missing, json!({"name": "n"})).await).await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &read(
-            app.admin_patch("/admin/keys/nope", json!({"name": "n"}))
-                .await,
-        )
-        .await,
-        404,
-        "not_found",
-    );
+    #[rustfmt::skip]
+    let refused = [
+        (app.admin_patch(&missing, json!({"name": "n"})).await, 404, "not_found"),
+        (app.admin_patch("/admin/keys/nope", json!({"name": "n"})).await, 404, "not_found"),
+    ];
+    for (res, status, code) in refused {
+        assert_fails(res, status, code).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -687,20 +656,14 @@ async fn delete_is_a_soft_delete_and_the_key_stops_admitting_at_once() {
         "{denied}"
     );
 
-    assert_error(
-        &read(
-            app.admin_delete(&format!("/admin/keys/{}", Uuid::new_v4()))
-                .await,
-        )
-        .await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &read(app.admin_delete("/admin/keys/123").await).await,
-        404,
-        "not_found",
-    );
+    #[rustfmt::skip]
+    let refused = [
+        (app.admin_delete(&format!("/admin/keys/{}", Uuid::new_v4())).await, 404, "not_found"),
+        (app.admin_delete("/admin/keys/123").await, 404, "not_found"),
+    ];
+    for (res, status, code) in refused {
+        assert_fails(res, status, code).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -713,10 +676,10 @@ async fn balance_adjustments_are_exact_and_each_writes_one_ledger_row() {
         .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 0}))
         .await;
     let id = id_of(&k);
-    let (status, after) = adjust(&app, &id, json!(0.1)).await;
+    let (status, after) = adjust(&app, &id, amount("0.1")).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(decimal(&after["current_balance_usd"]), "0.1");
-    let (_, after) = adjust(&app, &id, json!(0.2)).await;
+    let (_, after) = adjust(&app, &id, amount("0.2")).await;
     assert_eq!(
         decimal(&after["current_balance_usd"]),
         "0.3",
@@ -725,20 +688,18 @@ async fn balance_adjustments_are_exact_and_each_writes_one_ledger_row() {
     assert_eq!(decimal(&after["remaining_balance_usd"]), "0.3");
     assert!(time(&after["updated_at"]) > time(&k["updated_at"]));
     for _ in 0..10 {
-        let (status, _) = adjust(&app, &id, json!(0.000000001)).await;
+        let (status, _) = adjust(&app, &id, amount("0.000000001")).await;
         assert_eq!(status, 200);
     }
-    let (_, after) = adjust(&app, &id, json!(-0.1)).await;
+    let (_, after) = adjust(&app, &id, amount("-0.1")).await;
     assert_eq!(decimal(&after["current_balance_usd"]), "0.20000001");
-    let (status, after) = adjust(&app, &id, json!(-0.20000001)).await;
+    let (status, after) = adjust(&app, &id, amount("-0.20000001")).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(decimal(&after["current_balance_usd"]), "0");
     assert_eq!(decimal(&after["remaining_balance_usd"]), "0");
-    let (status, denied) = app.admit(&key, json!({})).await;
-    assert_eq!(
-        (status, &denied["code"]),
-        (402, &json!("balance_exhausted"))
-    );
+    hot_suite::admit(&app, hot_suite::with_key(&key, json!({})))
+        .await
+        .denied(402, "balance_exhausted", "nothing remains");
     let (_, after) = adjust(&app, &id, json!(1e-3)).await;
     assert_eq!(decimal(&after["current_balance_usd"]), "0.001");
     let (status, admitted) = app.admit(&key, json!({})).await;
@@ -769,71 +730,35 @@ async fn balance_adjustments_are_exact_and_each_writes_one_ledger_row() {
 async fn balance_errors_have_their_codes_and_write_no_ledger_row() {
     let app = spawn_app().await;
     let (_, plain) = app.create_key(json!({"user_id": "u-1"})).await;
-    let (_, sa) = app
-        .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 1}))
-        .await;
-    let sa_id = id_of(&sa);
+    let (_, sa_id) = standalone_key_holding(&app, "1").await;
 
-    assert_error(
-        &adjust(&app, &Uuid::new_v4().to_string(), json!(1)).await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &adjust(&app, "not-a-uuid", json!(1)).await,
-        404,
-        "not_found",
-    );
-    assert_error(
-        &adjust(&app, &id_of(&plain), json!(1)).await,
-        409,
-        "not_standalone",
-    );
-    assert_error(&adjust(&app, &sa_id, json!(0)).await, 400, "zero_amount");
-    assert_error(&adjust(&app, &sa_id, json!(-0.0)).await, 400, "zero_amount");
-    assert_error(
-        &adjust(&app, &sa_id, json!(-1.5)).await,
-        409,
-        "insufficient_balance",
-    );
-    assert_error(
-        &adjust(&app, &sa_id, json!(-1.000000001)).await,
-        409,
-        "insufficient_balance",
-    );
-    assert_error(&adjust(&app, &sa_id, json!("1")).await, 400, "bad_request");
-    assert_error(&adjust(&app, &sa_id, json!(null)).await, 400, "bad_request");
-    assert_error(
-        &adjust(&app, &sa_id, json!(1e-10)).await,
+    let (other, plain_id) = (Uuid::new_v4().to_string(), id_of(&plain));
+    #[rustfmt::skip]
+    let refused: Vec<(&str, Value, u16, &str)> = vec![
+        (&other, amount("1"), 404, "not_found"),
+        ("not-a-uuid", amount("1"), 404, "not_found"),
+        (&plain_id, amount("1"), 409, "not_standalone"),
+        (&sa_id, amount("0"), 400, "zero_amount"),
+        (&sa_id, amount("-0.0"), 400, "zero_amount"),
+        (&sa_id, amount("-1.5"), 409, "insufficient_balance"),
+        (&sa_id, amount("-1.000000001"), 409, "insufficient_balance"),
+        (&sa_id, json!("1"), 400, "bad_request"),
+        (&sa_id, json!(null), 400, "bad_request"),
+        (&sa_id, amount("1e-10"), 400, "bad_request"),
+        (&sa_id, amount("1e300"), 400, "bad_request"),
+    ];
+    for (id, usd, status, code) in refused {
+        assert_error(&adjust(&app, id, usd).await, status, code);
+    }
+    let balance = format!("/admin/keys/{sa_id}/balance");
+    assert_fails(
+        app.admin_post(&balance, json!({})).await,
         400,
         "bad_request",
-    );
-    assert_error(
-        &adjust(&app, &sa_id, json!(1e300)).await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &read(
-            app.admin_post(&format!("/admin/keys/{sa_id}/balance"), json!({}))
-                .await,
-        )
-        .await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &read(
-            app.admin_post(
-                &format!("/admin/keys/{sa_id}/balance"),
-                json!({"amount_usd": 1, "note": "x"}),
-            )
-            .await,
-        )
-        .await,
-        400,
-        "unknown_field",
-    );
+    )
+    .await;
+    let noted = json!({"amount_usd": 1, "note": "x"});
+    assert_fails(app.admin_post(&balance, noted).await, 400, "unknown_field").await;
     assert_eq!(
         row_count(&app, "SELECT count(*) FROM balance_ledger").await,
         0
@@ -842,11 +767,11 @@ async fn balance_errors_have_their_codes_and_write_no_ledger_row() {
     assert_eq!(decimal(&unchanged["current_balance_usd"]), "1");
 
     // Exactly what remains may be deducted.
-    let (status, emptied) = adjust(&app, &sa_id, json!(-1)).await;
+    let (status, emptied) = adjust(&app, &sa_id, amount("-1")).await;
     assert_eq!(status, 200, "{emptied}");
     assert_eq!(decimal(&emptied["remaining_balance_usd"]), "0");
     assert_error(
-        &adjust(&app, &sa_id, json!(-0.000000001)).await,
+        &adjust(&app, &sa_id, amount("-0.000000001")).await,
         409,
         "insufficient_balance",
     );
@@ -868,36 +793,29 @@ async fn a_deduction_is_checked_against_what_remains_after_usage() {
 
     // Right after the charge, before the syncer has written it to Postgres.
     assert_error(
-        &adjust(&app, &id, json!(-0.5)).await,
+        &adjust(&app, &id, amount("-0.5")).await,
         409,
         "insufficient_balance",
     );
 
-    let synced = app
-        .eventually(Duration::from_secs(15), || async {
-            let (_, k) = get_key(&app, &id).await;
-            decimal(&k["balance_used_usd"]) == "0.7"
-        })
-        .await;
-    assert!(synced, "the charge reached Postgres");
+    // The charge reaches Postgres.
+    hot_suite::await_balance_used(&app, &id, 700_000_000).await;
     let (_, k) = get_key(&app, &id).await;
     assert_eq!(decimal(&k["remaining_balance_usd"]), "0.3");
     assert!(k["last_used_at"].is_string(), "last_used_at is set: {k}");
     assert_error(
-        &adjust(&app, &id, json!(-0.300000001)).await,
+        &adjust(&app, &id, amount("-0.300000001")).await,
         409,
         "insufficient_balance",
     );
 
-    let (status, after) = adjust(&app, &id, json!(-0.3)).await;
+    let (status, after) = adjust(&app, &id, amount("-0.3")).await;
     assert_eq!(status, 200, "{after}");
     assert_eq!(decimal(&after["current_balance_usd"]), "0.7");
     assert_eq!(decimal(&after["remaining_balance_usd"]), "0");
-    let (status, denied) = app.admit(&key, json!({})).await;
-    assert_eq!(
-        (status, &denied["code"]),
-        (402, &json!("balance_exhausted"))
-    );
+    hot_suite::admit(&app, hot_suite::with_key(&key, json!({})))
+        .await
+        .denied(402, "balance_exhausted", "nothing remains");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -952,13 +870,8 @@ async fn top_ups_and_charges_racing_each_other_are_all_counted() {
         t.await.expect("task");
     }
     // 10 + 10 × 0.1 − 20 × 0.011 = 10.78
-    let synced = app
-        .eventually(Duration::from_secs(15), || async {
-            let (_, k) = get_key(&app, &id).await;
-            decimal(&k["balance_used_usd"]) == "0.22"
-        })
-        .await;
-    assert!(synced, "every charge reached Postgres");
+    // Every charge reaches Postgres.
+    hot_suite::await_balance_used(&app, &id, 220_000_000).await;
     let (_, k) = get_key(&app, &id).await;
     assert_eq!(decimal(&k["current_balance_usd"]), "11");
     assert_eq!(decimal(&k["remaining_balance_usd"]), "10.78");
@@ -1259,19 +1172,23 @@ async fn stats_aggregate_days_oldest_first_and_honour_the_range() {
         400,
         "bad_request",
     );
-    assert_error(
-        &read(
-            app.admin_get(&format!("/admin/keys/{}/stats", Uuid::new_v4()))
-                .await,
-        )
-        .await,
+    assert_fails(
+        app.admin_get(&format!("/admin/keys/{}/stats", Uuid::new_v4()))
+            .await,
         404,
         "not_found",
-    );
+    )
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // expiry clean-up
+
+/// A key with this `auto_delete_on_expiry` (`true`, `false` or `null`); returns its ApiKey.
+async fn key_deleting(app: &TestApp, auto_delete: Value) -> Value {
+    let body = json!({"user_id": "u", "auto_delete_on_expiry": auto_delete});
+    app.create_key(body).await.1
+}
 
 async fn expire(app: &TestApp, id: &str) {
     let (status, body) = read(
@@ -1306,30 +1223,19 @@ async fn cleanup_deletes_or_disables_expired_keys_by_their_own_setting_first() {
     let (del_key, del) = app
         .create_key(json!({"user_id": "u", "auto_delete_on_expiry": true}))
         .await;
-    let (_, keep) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": false}))
-        .await;
-    let (_, unset) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": null}))
-        .await;
+    let keep = key_deleting(&app, json!(false)).await;
+    let unset = key_deleting(&app, json!(null)).await;
     let (fresh_key, fresh) = app
         .create_key(json!({"user_id": "u", "expire_days": 1, "auto_delete_on_expiry": true}))
         .await;
-    let (_, never) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": true}))
-        .await;
+    let never = key_deleting(&app, json!(true)).await;
     // Used before it expires: its usage must outlive it.
     app.admit_and_settle(&del_key, json!({"cost_usd": 0.5, "total_tokens": 10}))
         .await;
     let del_id = Uuid::parse_str(&id_of(&del)).unwrap();
     let synced = app
         .eventually(Duration::from_secs(15), || async {
-            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1")
-                .bind(del_id)
-                .fetch_one(&app.db)
-                .await
-                .unwrap();
-            n == 1
+            app.usage_events_of_key(&id_of(&del)).await == 1
         })
         .await;
     assert!(synced, "usage synced");
@@ -1378,12 +1284,8 @@ async fn cleanup_deletes_or_disables_expired_keys_by_their_own_setting_first() {
     assert_eq!(status, 200);
 
     // The body's auto_delete decides for keys whose own flag is null, not for the others.
-    let (_, a) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": null}))
-        .await;
-    let (_, b) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": false}))
-        .await;
+    let a = key_deleting(&app, json!(null)).await;
+    let b = key_deleting(&app, json!(false)).await;
     expire(&app, &id_of(&a)).await;
     expire(&app, &id_of(&b)).await;
     assert_eq!(cleanup(&app, Some(json!({"auto_delete": true}))).await, 2);
@@ -1391,32 +1293,21 @@ async fn cleanup_deletes_or_disables_expired_keys_by_their_own_setting_first() {
     let (_, b_now) = get_key(&app, &id_of(&b)).await;
     assert_eq!(b_now["is_active"], false);
 
-    let (_, c) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": null}))
-        .await;
+    let c = key_deleting(&app, json!(null)).await;
     expire(&app, &id_of(&c)).await;
     assert_eq!(cleanup(&app, Some(json!({"auto_delete": false}))).await, 1);
     let (_, c_now) = get_key(&app, &id_of(&c)).await;
     assert_eq!(c_now["is_active"], false);
 
-    assert_error(
-        &read(
-            app.admin_post("/admin/keys/cleanup-expired", json!({"auto_delete": "yes"}))
-                .await,
-        )
-        .await,
-        400,
-        "bad_request",
-    );
-    assert_error(
-        &read(
-            app.admin_post("/admin/keys/cleanup-expired", json!({"force": true}))
-                .await,
-        )
-        .await,
-        400,
-        "unknown_field",
-    );
+    let cleanup_path = "/admin/keys/cleanup-expired";
+    #[rustfmt::skip]
+    let refused = [
+        (app.admin_post(cleanup_path, json!({"auto_delete": "yes"})).await, 400, "bad_request"),
+        (app.admin_post(cleanup_path, json!({"force": true})).await, 400, "unknown_field"),
+    ];
+    for (res, status, code) in refused {
+        assert_fails(res, status, code).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1425,15 +1316,9 @@ async fn cleanup_falls_back_to_the_global_default() {
         s.insert("TOLLGATE_AUTO_DELETE_EXPIRED", "true".into());
     })
     .await;
-    let (_, unset) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": null}))
-        .await;
-    let (_, keep) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": false}))
-        .await;
-    let (_, body_says_no) = app
-        .create_key(json!({"user_id": "u", "auto_delete_on_expiry": null}))
-        .await;
+    let unset = key_deleting(&app, json!(null)).await;
+    let keep = key_deleting(&app, json!(false)).await;
+    let body_says_no = key_deleting(&app, json!(null)).await;
     expire(&app, &id_of(&body_says_no)).await;
     assert_eq!(
         cleanup(&app, Some(json!({"auto_delete": false}))).await,

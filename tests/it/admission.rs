@@ -117,7 +117,7 @@ async fn pexpire(app: &TestApp, name: &str, ms: i64) {
 async fn admission_keys_expire_and_expiries_only_move_later() {
     let app = spawn_app().await;
     let (window, ttl) = (60_000, 600_000);
-    let (key, _) = hot_suite::new_key(
+    let (key, _) = new_key(
         &app,
         serde_json::json!({"is_standalone": true, "initial_balance_usd": 1, "rate_limit": 100,
                            "concurrent_limit": 10}),
@@ -217,7 +217,7 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
 /// connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spent_budget_survives_a_redis_loss() {
-    use hot_suite::{admit, await_balance_used, new_key, settle, with_key};
+    use hot_suite::{admit, await_balance_used, settle, with_key};
     let app = spawn_app().await;
     let (key, id) = new_key(
         &app,

@@ -69,6 +69,11 @@ impl Client<'_> {
         Answer::new(what, status, headers, text)
     }
 
+    async fn get(&self, on: Listener, path: &str) -> Answer {
+        self.send(on, Method::GET, path, None, &[], on == Admin)
+            .await
+    }
+
     async fn post_raw(&self, on: Listener, method: Method, path: &str, body: &[u8]) -> Answer {
         self.send(on, method, path, Some(body.to_vec()), &[], on == Admin)
             .await
@@ -98,10 +103,7 @@ fn json_endpoints(id: &str) -> Vec<(Listener, Method, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_json_is_a_400_everywhere() {
     let app = spawn_app().await;
-    let (_, k) = app
-        .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 1}))
-        .await;
-    let id = k["id"].as_str().unwrap().to_string();
+    let (_, id) = standalone_key_holding(&app, "1").await;
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let deep_obj = format!("{}1{}", "{\"a\":".repeat(5000), "}".repeat(5000));
     let bodies: Vec<Vec<u8>> = vec![
@@ -157,10 +159,7 @@ async fn malformed_json_is_a_400_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_types_and_out_of_range_numbers_are_a_400() {
     let app = spawn_app().await;
-    let (key, k) = app
-        .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 1}))
-        .await;
-    let id = k["id"].as_str().unwrap().to_string();
+    let (key, id) = standalone_key_holding(&app, "1").await;
     let c = Client { app: &app };
     let lease = |app: &TestApp, key: String| {
         let app_http = app.http.clone();
@@ -276,8 +275,7 @@ async fn wrong_types_and_out_of_range_numbers_are_a_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_strings_in_paths_and_queries_are_clean_errors() {
     let app = spawn_app().await;
-    let (_, k) = app.create_key(json!({"user_id": "u-1"})).await;
-    let id = k["id"].as_str().unwrap().to_string();
+    let (_, id) = new_key(&app, json!({"user_id": "u-1"})).await;
     let c = Client { app: &app };
     let long = "a".repeat(10_000);
     for bad_id in [
@@ -320,16 +318,7 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
         "start=2026-01-01T00:00:00Z&start=2026-01-02T00:00:00Z",
         "unknown=1",
     ] {
-        let a = c
-            .send(
-                Admin,
-                Method::GET,
-                &format!("/admin/keys/{id}/stats?{q}"),
-                None,
-                &[],
-                true,
-            )
-            .await;
+        let a = c.get(Admin, &format!("/admin/keys/{id}/stats?{q}")).await;
         a.assert_clean();
     }
     for path in [
@@ -339,7 +328,7 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
         "/admin/users/u-1/keys?is_active=true&is_active=false",
         "/admin/standalone-keys?is_active=",
     ] {
-        let a = c.send(Admin, Method::GET, path, None, &[], true).await;
+        let a = c.get(Admin, path).await;
         a.assert_clean();
         assert!(
             a.status != 200 || a.json()["keys"].is_array(),
@@ -348,26 +337,14 @@ async fn bad_strings_in_paths_and_queries_are_clean_errors() {
             a.text
         );
     }
-    let a = c
-        .send(
-            Admin,
-            Method::GET,
-            &format!("/admin/users/{long}/keys"),
-            None,
-            &[],
-            true,
-        )
-        .await;
+    let a = c.get(Admin, &format!("/admin/users/{long}/keys")).await;
     a.assert_clean();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_over_one_mebibyte_are_a_413_and_empty_bodies_are_not_a_500() {
     let app = spawn_app().await;
-    let (_, k) = app
-        .create_key(json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": 1}))
-        .await;
-    let id = k["id"].as_str().unwrap().to_string();
+    let (_, id) = standalone_key_holding(&app, "1").await;
     let c = Client { app: &app };
     let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(1024 * 1024 + 16)).into_bytes();
     let mut endpoints = json_endpoints(&id);
@@ -685,185 +662,65 @@ async fn no_error_echoes_a_plaintext_key() {
     let random_part = key.split_once('-').unwrap().1.to_string();
     let quoted = format!("\"{key}\"");
     let c = Client { app: &app };
-    let cases: Vec<(Listener, Method, String, Vec<u8>)> = {
-        let j = |v: Value| v.to_string().into_bytes();
-        let mut v: Vec<(Listener, Method, String, Vec<u8>)> = Vec::new();
-        let data = |p: &str, b: Vec<u8>| (Data, Method::POST, p.to_string(), b);
-        let admin = |m: Method, p: String, b: Vec<u8>| (Admin, m, p, b);
-        v.push(data("/v1/admit", j(json!({"key": [key]}))));
-        v.push(data("/v1/admit", j(json!({"key": {"k": key}}))));
-        v.push(data(
-            "/v1/admit",
-            j(json!({"key": key, "reserve_usd": key})),
-        ));
-        v.push(data(
-            "/v1/admit",
-            j(json!({"key": key, "reserve_usd": quoted})),
-        ));
-        v.push(data("/v1/admit", j(json!({"key": 1, "model": key}))));
-        v.push(data("/v1/admit", j(json!({ key.clone(): 1 }))));
-        v.push(data("/v1/admit", j(json!({ quoted.clone(): 1 }))));
-        v.push(data("/v1/admit", j(json!({"key": format!("{key}x")}))));
-        v.push(data(
-            "/v1/admit",
-            format!("{{\"key\": \"{key}\"").into_bytes(),
-        ));
-        v.push(data(
-            "/v1/admit",
-            format!("{{\"key\": \"{key}\\q\"}}").into_bytes(),
-        ));
-        v.push(data(
-            "/v1/admit",
-            format!("{{\"key\": \"{key}\"}} {key}").into_bytes(),
-        ));
-        v.push(data(
-            "/v1/admit",
-            format!("{{\"key\": {key}}}").into_bytes(),
-        ));
-        v.push(data("/v1/admit", key.clone().into_bytes()));
-        v.push(data(
-            "/v1/settle",
-            j(json!({"lease_id": key, "cost_usd": 1})),
-        ));
-        v.push(data(
-            "/v1/settle",
-            j(json!({"lease_id": [key], "cost_usd": 1})),
-        ));
-        v.push(data(
-            "/v1/settle",
-            j(json!({"lease_id": "x", "cost_usd": key})),
-        ));
-        v.push(data(
-            "/v1/settle",
-            j(json!({"lease_id": "x", "cost_usd": 1, "model": [quoted]})),
-        ));
-        v.push(data("/v1/release", j(json!({"lease_id": key}))));
-        v.push(data("/v1/release", j(json!({"lease_id": {"a": quoted}}))));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": [key]})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", "name": [key]})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", "rate_limit": key})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", "expire_days": quoted})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", key.clone(): true})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", "allowed_models": key})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": "u", "allowed_models": [quoted, 1]})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys".into(),
-            j(json!({"user_id": format!("{key}{}", "x".repeat(200))})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys/lookup".into(),
-            j(json!({"key": [key]})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys/lookup".into(),
-            j(json!({"key": format!("{key}x")})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys/lookup".into(),
-            j(json!({"key": key, "other": key})),
-        ));
-        v.push(admin(
-            Method::POST,
-            "/admin/keys/cleanup-expired".into(),
-            j(json!({"auto_delete": key})),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            j(json!({"expires_at": key})),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            j(json!({"expires_at": quoted})),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            j(json!({"name": {"a": key}})),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            j(json!({"rate_limit": quoted})),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{id}"),
-            j(json!({ key.clone(): null })),
-        ));
-        v.push(admin(
-            Method::PATCH,
-            format!("/admin/keys/{key}"),
-            j(json!({"name": "n"})),
-        ));
-        v.push(admin(
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            j(json!({"amount_usd": key})),
-        ));
-        v.push(admin(
-            Method::POST,
-            format!("/admin/keys/{id}/balance"),
-            j(json!({"amount_usd": quoted})),
-        ));
-        v.push(admin(Method::GET, format!("/admin/keys/{key}"), Vec::new()));
-        v.push(admin(
-            Method::GET,
-            format!("/admin/keys/{key}/secret"),
-            Vec::new(),
-        ));
-        v.push(admin(
-            Method::GET,
-            format!("/admin/keys/{id}/stats?start={key}"),
-            Vec::new(),
-        ));
-        v.push(admin(
-            Method::GET,
-            format!("/admin/keys/{id}/stats?start=%22{key}%22"),
-            Vec::new(),
-        ));
-        v.push(admin(
-            Method::GET,
-            format!("/admin/users/u-1/keys?is_active={key}"),
-            Vec::new(),
-        ));
-        v.push(admin(Method::GET, format!("/admin/nope/{key}"), Vec::new()));
-        v.push((Data, Method::GET, format!("/nope/{key}"), Vec::new()));
-        v
-    };
+    let j = |v: Value| v.to_string().into_bytes();
+    let none = Vec::new;
+    let (admit, settle, release) = ("/v1/admit", "/v1/settle", "/v1/release");
+    let (keys, lookup) = ("/admin/keys".to_string(), "/admin/keys/lookup".to_string());
+    let (one, balance) = (
+        format!("/admin/keys/{id}"),
+        format!("/admin/keys/{id}/balance"),
+    );
+    let data = |p: &str, b: Vec<u8>| (Data, Method::POST, p.to_string(), b);
+    let admin = |m: Method, p: &String, b: Vec<u8>| (Admin, m, p.clone(), b);
+    #[rustfmt::skip]
+    let cases: Vec<(Listener, Method, String, Vec<u8>)> = vec![
+        data(admit, j(json!({"key": [key]}))),
+        data(admit, j(json!({"key": {"k": key}}))),
+        data(admit, j(json!({"key": key, "reserve_usd": key}))),
+        data(admit, j(json!({"key": key, "reserve_usd": quoted}))),
+        data(admit, j(json!({"key": 1, "model": key}))),
+        data(admit, j(json!({ key.clone(): 1 }))),
+        data(admit, j(json!({ quoted.clone(): 1 }))),
+        data(admit, j(json!({"key": format!("{key}x")}))),
+        data(admit, format!("{{\"key\": \"{key}\"").into_bytes()),
+        data(admit, format!("{{\"key\": \"{key}\\q\"}}").into_bytes()),
+        data(admit, format!("{{\"key\": \"{key}\"}} {key}").into_bytes()),
+        data(admit, format!("{{\"key\": {key}}}").into_bytes()),
+        data(admit, key.clone().into_bytes()),
+        data(settle, j(json!({"lease_id": key, "cost_usd": 1}))),
+        data(settle, j(json!({"lease_id": [key], "cost_usd": 1}))),
+        data(settle, j(json!({"lease_id": "x", "cost_usd": key}))),
+        data(settle, j(json!({"lease_id": "x", "cost_usd": 1, "model": [quoted]}))),
+        data(release, j(json!({"lease_id": key}))),
+        data(release, j(json!({"lease_id": {"a": quoted}}))),
+        admin(Method::POST, &keys, j(json!({"user_id": [key]}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", "name": [key]}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", "rate_limit": key}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", "expire_days": quoted}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", key.clone(): true}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", "allowed_models": key}))),
+        admin(Method::POST, &keys, j(json!({"user_id": "u", "allowed_models": [quoted, 1]}))),
+        admin(Method::POST, &keys, j(json!({"user_id": format!("{key}{}", "x".repeat(200))}))),
+        admin(Method::POST, &lookup, j(json!({"key": [key]}))),
+        admin(Method::POST, &lookup, j(json!({"key": format!("{key}x")}))),
+        admin(Method::POST, &lookup, j(json!({"key": key, "other": key}))),
+        admin(Method::POST, &"/admin/keys/cleanup-expired".into(), j(json!({"auto_delete": key}))),
+        admin(Method::PATCH, &one, j(json!({"expires_at": key}))),
+        admin(Method::PATCH, &one, j(json!({"expires_at": quoted}))),
+        admin(Method::PATCH, &one, j(json!({"name": {"a": key}}))),
+        admin(Method::PATCH, &one, j(json!({"rate_limit": quoted}))),
+        admin(Method::PATCH, &one, j(json!({ key.clone(): null }))),
+        admin(Method::PATCH, &format!("/admin/keys/{key}"), j(json!({"name": "n"}))),
+        admin(Method::POST, &balance, j(json!({"amount_usd": key}))),
+        admin(Method::POST, &balance, j(json!({"amount_usd": quoted}))),
+        admin(Method::GET, &format!("/admin/keys/{key}"), none()),
+        admin(Method::GET, &format!("/admin/keys/{key}/secret"), none()),
+        admin(Method::GET, &format!("/admin/keys/{id}/stats?start={key}"), none()),
+        admin(Method::GET, &format!("/admin/keys/{id}/stats?start=%22{key}%22"), none()),
+        admin(Method::GET, &format!("/admin/users/u-1/keys?is_active={key}"), none()),
+        admin(Method::GET, &format!("/admin/nope/{key}"), none()),
+        (Data, Method::GET, format!("/nope/{key}"), none()),
+    ];
     for (on, method, path, body) in cases {
         let body = (!body.is_empty()).then_some(body);
         let a = c.send(on, method, &path, body, &[], on == Admin).await;
@@ -896,14 +753,7 @@ async fn no_error_echoes_a_plaintext_key() {
     let res = app.admin_delete(&format!("/admin/keys/{id}")).await;
     assert_eq!(res.status(), 200);
     let a = c
-        .send(
-            Data,
-            Method::POST,
-            "/v1/admit",
-            Some(json!({"key": key}).to_string().into_bytes()),
-            &[],
-            false,
-        )
+        .post_json(Data, Method::POST, "/v1/admit", &json!({"key": key}))
         .await;
     a.assert_error(403, "key_disabled");
     a.assert_no_echo(&random_part);
@@ -918,13 +768,11 @@ async fn no_error_echoes_a_plaintext_key() {
     a.assert_no_echo(&random_part);
     // A sanity check of the check: a lookup does answer, by id, without the key.
     let a = c
-        .send(
+        .post_json(
             Admin,
             Method::POST,
             "/admin/keys/lookup",
-            Some(json!({"key": key}).to_string().into_bytes()),
-            &[],
-            true,
+            &json!({"key": key}),
         )
         .await;
     assert_eq!(a.status, 200, "{}", a.text);
@@ -935,14 +783,8 @@ async fn no_error_echoes_a_plaintext_key() {
 
 /// Waits until `n` usage events of this key are in Postgres.
 async fn usage_rows(app: &TestApp, key_id: &str, n: i64) -> bool {
-    let id = Uuid::parse_str(key_id).unwrap();
     app.eventually(Duration::from_secs(15), || async {
-        let got: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1")
-            .bind(id)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
-        got >= n
+        app.usage_events_of_key(key_id).await >= n
     })
     .await
 }
@@ -962,10 +804,11 @@ async fn hostile_usage_values_never_block_the_usage_pipeline() {
     for (admit, settle) in hostile {
         // A fresh app each time: a blocked shard must not be blamed on the next case.
         let app = spawn_app().await;
-        let (key, k) = app
-            .create_key(json!({"user_id": "u-1", "rate_limit": null, "concurrent_limit": null}))
-            .await;
-        let id = k["id"].as_str().unwrap().to_string();
+        let (key, id) = new_key(
+            &app,
+            json!({"user_id": "u-1", "rate_limit": null, "concurrent_limit": null}),
+        )
+        .await;
         let c = Client { app: &app };
         let mut expected = 0;
         // Twice: sums of two hostile values overflow where one does not.
@@ -996,12 +839,7 @@ async fn hostile_usage_values_never_block_the_usage_pipeline() {
         assert_eq!(status, 200, "{body}");
         expected += 1;
         if !usage_rows(&app, &id, expected).await {
-            let got: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1")
-                    .bind(Uuid::parse_str(&id).unwrap())
-                    .fetch_one(&app.db)
-                    .await
-                    .unwrap();
+            let got = app.usage_events_of_key(&id).await;
             failures.push(format!(
                 "after {admit} / {settle}: {got} of {expected} settled events reached Postgres"
             ));

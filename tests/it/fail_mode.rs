@@ -450,7 +450,11 @@ async fn a_fail_open_lease_is_settled_and_recorded_once_redis_returns() {
         recorded,
         "the fail-open usage reached Postgres with the admission's model"
     );
-    assert_eq!(usage_count(&app, &key_id).await, 1, "recorded exactly once");
+    assert_eq!(
+        app.usage_events_of_key(&key_id).await,
+        1,
+        "recorded exactly once"
+    );
 }
 
 /// A key validated by one admission, then Redis stopped and a fail-open lease granted with
@@ -466,14 +470,6 @@ async fn fail_open_lease(redis: &mut PrivateRedis, extra: Value) -> (TestApp, St
     assert_eq!(status, 200, "fail-open admission: {body}");
     let lease = body["lease_id"].as_str().expect("lease id").to_string();
     (app, key_id, lease)
-}
-
-async fn usage_count(app: &TestApp, key_id: &str) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
-        .bind(key_id)
-        .fetch_one(&app.db)
-        .await
-        .expect("count usage")
 }
 
 /// A lease granted in fail-open mode is sealed like any other (issue #12: it used to be known
@@ -511,7 +507,7 @@ async fn a_fail_open_lease_can_be_released() {
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        usage_count(&app, &key_id).await,
+        app.usage_events_of_key(&key_id).await,
         0,
         "nothing recorded for a release"
     );
@@ -527,7 +523,7 @@ async fn a_fail_open_lease_can_be_released() {
     );
     let recorded = app
         .eventually(Duration::from_secs(10), || async {
-            usage_count(&app, &key_id).await == 1
+            app.usage_events_of_key(&key_id).await == 1
         })
         .await;
     assert!(

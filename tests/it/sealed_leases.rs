@@ -350,3 +350,63 @@ async fn a_lease_id_from_before_sealed_ids_still_settles_and_releases() {
         "the legacy lease's usage reached Postgres with its record's model"
     );
 }
+
+/// `settle.lua` finds a sealed lease's duplicate only when it writes the tombstone, after its
+/// bounds; so a bound that would refuse the settlement must first rule out a replay. A retried
+/// settlement of a lease already settled answers `duplicate` and charges nothing, even when the
+/// key's `used` has since come so close to 2^62 that a first settlement of the same cost is
+/// refused (`422` `limit_exceeded`, as a fresh lease in that state shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_lease_settled_again_is_a_duplicate_even_where_a_first_settlement_is_refused() {
+    let app = spawn_app().await;
+    let (key, api_key) = app.create_key(json!({"user_id": "u-near-max"})).await;
+    let key_id = api_key["id"].as_str().expect("id").to_string();
+    let settled = lease(&app, &key, json!({})).await;
+    let fresh = lease(&app, &key, json!({})).await;
+    let (status, body) = app.settle(&settled, "0.25").await;
+    assert_answer(status, &body, "duplicate", false);
+
+    // 2^62 nano-USD, the lifetime bound: any cost above 0 now passes it.
+    const MAX_USED: &str = "4611686018427387904";
+    let state = Layout::new(&app.namespace)
+        .for_hash(&tollgate::keys::hash(&key))
+        .state;
+    let mut c = app.redis.clone();
+    let _: () = redis::cmd("HSET")
+        .arg(&state)
+        .arg("used")
+        .arg(MAX_USED)
+        .query_async(&mut c)
+        .await
+        .expect("hset used");
+
+    let (status, body) = app.settle(&settled, "0.25").await;
+    assert_answer(status, &body, "duplicate", true);
+    assert_eq!(body["settled"].as_bool(), Some(true), "{body}");
+    let (status, body) = app.settle(&fresh, "0.25").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (422, Some("limit_exceeded")),
+        "a first settlement in that state: {body}"
+    );
+
+    let used: String = redis::cmd("HGET")
+        .arg(&state)
+        .arg("used")
+        .query_async(&mut c)
+        .await
+        .expect("hget used");
+    assert_eq!(used, MAX_USED, "neither the replay nor the refusal charged");
+    let first = event_id(&settled);
+    let recorded = app
+        .eventually(Duration::from_secs(10), || async {
+            app.usage_events_with_id(&first).await == 1
+        })
+        .await;
+    assert!(recorded, "the first settlement reached Postgres");
+    assert_eq!(
+        app.usage_events_of_key(&key_id).await,
+        1,
+        "one usage event: the replay and the refusal recorded nothing"
+    );
+}

@@ -425,16 +425,78 @@ async fn start_private_pg() -> PrivatePg {
         .expect("private postgres started")
 }
 
+/// Settings on a Postgres of the test's own, which it may stop and restart; and its URL.
+async fn on_private_pg() -> (PrivatePg, HashMap<&'static str, String>, String) {
+    let pg = start_private_pg().await;
+    let mut settings = base_settings();
+    let db_url = pg.url(&unique("tollgate_t_"));
+    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    (pg, settings, db_url)
+}
+
+/// Two processes of `settings`, sync consumers `replica-a` and `replica-b`.
+async fn replicas_a_and_b(
+    settings: &HashMap<&'static str, String>,
+) -> (TollgateProcess, TollgateProcess) {
+    let named = |consumer: &str| {
+        let mut s = settings.clone();
+        s.insert("TOLLGATE_SYNC_CONSUMER", consumer.into());
+        s
+    };
+    let a = TollgateProcess::start(&named("replica-a")).await;
+    (a, TollgateProcess::start(&named("replica-b")).await)
+}
+
+/// Settles `range` through `p` and waits until it is all in Postgres, so that every key is
+/// hydrated before the test takes Postgres away; closes `db` for that.
+async fn settle_while_postgres_is_up(
+    p: &TollgateProcess,
+    keys: &Arc<Vec<Key>>,
+    range: Range<usize>,
+    workers: usize,
+    db: PgPool,
+    ns: &str,
+) -> Shared {
+    let ledger = Shared::default();
+    assert_eq!(
+        drive(on(p), keys.clone(), range, workers, ledger.clone()).await,
+        0
+    );
+    wait_synced(&db, ns, &merged(&[&ledger]), Duration::from_secs(20)).await;
+    db.close().await;
+    ledger
+}
+
+/// Waits until `consumer` holds a delivered, unacknowledged entry (Postgres is away).
+async fn await_delivery(
+    redis: &MultiplexedConnection,
+    ns: &str,
+    consumer: &str,
+    p: &TollgateProcess,
+) {
+    let held = poll_until(Duration::from_secs(30), || {
+        let mut redis = redis.clone();
+        async move { pending_of(&mut redis, ns, consumer).await > 0 }
+    })
+    .await;
+    assert!(
+        held,
+        "{consumer} never took delivery of an event\n{}",
+        p.logs()
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Normal operation
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() {
     let app = spawn_app().await;
-    let (key, api_key) = app
-        .create_key(json!({"user_id": "u-sync", "is_standalone": true, "initial_balance_usd": 5}))
-        .await;
-    let id = api_key["id"].as_str().unwrap().to_string();
+    let (key, id) = new_key(
+        &app,
+        json!({"user_id": "u-sync", "is_standalone": true, "initial_balance_usd": 5}),
+    )
+    .await;
     let before = Utc::now();
     for (cost, input, output, rt) in [(0.012345678, 120, 380, 840), (0.5, 10, 20, 160)] {
         let (status, admitted) = app
@@ -454,18 +516,8 @@ async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() 
 
     let arrived = app
         .eventually(Duration::from_secs(2), || async {
-            let k: Value = app
-                .admin_get(&format!("/admin/keys/{id}"))
-                .await
-                .json()
-                .await
-                .unwrap();
-            let s: Value = app
-                .admin_get(&format!("/admin/keys/{id}/stats"))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let k: Value = app.admin_get_json(&format!("/admin/keys/{id}")).await;
+            let s: Value = app.admin_get_json(&format!("/admin/keys/{id}/stats")).await;
             nanos(&k["balance_used_usd"]) == 512_345_678
                 && !k["last_used_at"].is_null()
                 && s["total_requests"] == 2
@@ -478,12 +530,7 @@ async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() 
     );
 
     let after = Utc::now();
-    let k: Value = app
-        .admin_get(&format!("/admin/keys/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let k: Value = app.admin_get_json(&format!("/admin/keys/{id}")).await;
     assert_eq!(
         nanos(&k["remaining_balance_usd"]),
         5_000_000_000 - 512_345_678,
@@ -518,12 +565,7 @@ async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() 
         }
         assert_eq!((r, t, c), (2, 530, 512_345_678), "{s}");
     };
-    let all: Value = app
-        .admin_get(&format!("/admin/keys/{id}/stats"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let all: Value = app.admin_get_json(&format!("/admin/keys/{id}/stats")).await;
     check_stats(&all);
     // A range that cuts the day on both sides reads the raw rows at the edges: same totals.
     let range = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
@@ -554,8 +596,7 @@ async fn settled_usage_reaches_stats_balance_and_last_used_within_two_seconds() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_ranges_count_rows_at_day_boundaries_exactly_once() {
     let app = spawn_app().await;
-    let (_, api_key) = app.create_key(json!({"user_id": "u-stats"})).await;
-    let id = api_key["id"].as_str().unwrap().to_string();
+    let (_, id) = new_key(&app, json!({"user_id": "u-stats"})).await;
     let key = uuid::Uuid::parse_str(&id).unwrap();
     // Rows on both sides of two midnights, and exactly on them; the roll-up built from them
     // as the syncer keeps it.
@@ -625,11 +666,8 @@ async fn stats_ranges_count_rows_at_day_boundaries_exactly_once() {
             q.push(format!("end={e}"));
         }
         let s: Value = app
-            .admin_get(&format!("/admin/keys/{id}/stats?{}", q.join("&")))
-            .await
-            .json()
-            .await
-            .unwrap();
+            .admin_get_json(&format!("/admin/keys/{id}/stats?{}", q.join("&")))
+            .await;
         let cost: i64 = rows.iter().map(|i| 10_i64.pow(*i as u32)).sum();
         assert_eq!(s["total_requests"], rows.len(), "{start:?}..{end:?}: {s}");
         assert_eq!(nanos(&s["total_cost_usd"]), cost, "{start:?}..{end:?}: {s}");
@@ -648,8 +686,7 @@ async fn a_redelivered_batch_changes_nothing_and_a_partly_new_one_counts_only_th
     // What a crash between the Postgres commit and XACK produces: the batch comes again,
     // alone or mixed with entries that are new.
     let app = spawn_app().await;
-    let (_, api_key) = app.create_key(json!({"user_id": "u-redeliver"})).await;
-    let id = api_key["id"].as_str().unwrap().to_string();
+    let (_, id) = new_key(&app, json!({"user_id": "u-redeliver"})).await;
     let key = uuid::Uuid::parse_str(&id).unwrap();
     let event = |i: usize| usage_event(format!("redelivered-{i}"), key, i);
     let first: Vec<UsageEvent> = (0..10).map(event).collect();
@@ -672,12 +709,7 @@ async fn a_redelivered_batch_changes_nothing_and_a_partly_new_one_counts_only_th
     }
     assert_eq!(ledger.acked.len(), 20);
     verify_exactly_once(&app.db, &ledger).await;
-    let k: Value = app
-        .admin_get(&format!("/admin/keys/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let k: Value = app.admin_get_json(&format!("/admin/keys/{id}")).await;
     assert_eq!(
         nanos(&k["balance_used_usd"]),
         (0..20).map(cost_of).sum::<i64>(),
@@ -748,10 +780,7 @@ async fn after_a_kill_9_a_restart_under_the_same_consumer_name_syncs_every_event
 async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowledged_deliveries() {
     // With Postgres down the consumer certainly holds delivered, unacknowledged entries when
     // it is killed; a claim would take a minute, so only its own re-read can recover them.
-    let mut pg = start_private_pg().await;
-    let mut settings = base_settings();
-    let db_url = pg.url(&unique("tollgate_t_"));
-    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    let (mut pg, mut settings, db_url) = on_private_pg().await;
     settings.insert("TOLLGATE_SYNC_CONSUMER", "solo".into());
     settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "60".into());
     let _cleanup = Cleanup(settings.clone());
@@ -759,13 +788,7 @@ async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowled
     let mut first = TollgateProcess::start(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&first, 3).await);
     let db = connect_db(&db_url).await;
-    let warm = Shared::default();
-    assert_eq!(
-        drive(on(&first), keys.clone(), 0..6, 3, warm.clone()).await,
-        0
-    );
-    wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
-    db.close().await;
+    let warm = settle_while_postgres_is_up(&first, &keys, 0..6, 3, db, &ns).await;
 
     tokio::task::block_in_place(|| pg.stop());
     let during = Shared::default();
@@ -774,17 +797,7 @@ async fn a_replica_restarted_under_its_consumer_name_resumes_its_own_unacknowled
         0
     );
     let mut redis = redis_conn().await;
-    let held = poll_until(Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        let ns = ns.clone();
-        async move { pending_of(&mut redis, &ns, "solo").await > 0 }
-    })
-    .await;
-    assert!(
-        held,
-        "the consumer never took delivery of an event\n{}",
-        first.logs()
-    );
+    await_delivery(&redis, &ns, "solo", &first).await;
     first.kill9();
     let orphaned = pending_of(&mut redis, &ns, "solo").await;
     eprintln!("killed holding {orphaned} entries");
@@ -811,12 +824,7 @@ async fn when_one_of_two_replicas_is_killed_mid_burst_every_event_arrives_exactl
     settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "1".into());
     let _cleanup = Cleanup(settings.clone());
     let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
-    let mut a_settings = settings.clone();
-    a_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-a".into());
-    let mut b_settings = settings.clone();
-    b_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-b".into());
-    let mut a = TollgateProcess::start(&a_settings).await;
-    let b = TollgateProcess::start(&b_settings).await;
+    let (mut a, b) = replicas_a_and_b(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&a, 4).await);
 
     let (la, lb) = (Shared::default(), Shared::default());
@@ -857,29 +865,18 @@ async fn when_one_of_two_replicas_is_killed_mid_burst_every_event_arrives_exactl
 async fn a_dead_replicas_delivered_but_unsynced_events_are_claimed_by_the_survivor() {
     // Postgres down makes both consumers hold delivered, unacknowledged entries for certain;
     // then one of them dies.
-    let mut pg = start_private_pg().await;
-    let mut settings = base_settings();
-    let db_url = pg.url(&unique("tollgate_t_"));
-    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    let (mut pg, mut settings, db_url) = on_private_pg().await;
     // Longer than a live consumer's retry cycle (its re-reads keep its entries fresh), so the
     // survivor claims only from the dead.
     settings.insert("TOLLGATE_SYNC_CLAIM_IDLE_SECONDS", "10".into());
     let _cleanup = Cleanup(settings.clone());
     let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
-    let mut a_settings = settings.clone();
-    a_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-a".into());
-    let mut b_settings = settings.clone();
-    b_settings.insert("TOLLGATE_SYNC_CONSUMER", "replica-b".into());
-    let mut a = TollgateProcess::start(&a_settings).await;
-    let b = TollgateProcess::start(&b_settings).await;
+    let (mut a, b) = replicas_a_and_b(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&a, 4).await);
     let db = connect_db(&db_url).await;
 
     // Hydrate every key while Postgres is up.
-    let warm = Shared::default();
-    assert_eq!(drive(on(&a), keys.clone(), 0..8, 4, warm.clone()).await, 0);
-    wait_synced(&db, &ns, &merged(&[&warm]), Duration::from_secs(20)).await;
-    db.close().await;
+    let warm = settle_while_postgres_is_up(&a, &keys, 0..8, 4, db, &ns).await;
 
     tokio::task::block_in_place(|| pg.stop());
     let (la, lb) = (Shared::default(), Shared::default());
@@ -889,17 +886,7 @@ async fn a_dead_replicas_delivered_but_unsynced_events_are_claimed_by_the_surviv
     );
     assert_eq!((fa, fb), (0, 0), "settlements go on while postgres is down");
     let mut redis = redis_conn().await;
-    let held = poll_until(Duration::from_secs(30), || {
-        let mut redis = redis.clone();
-        let ns = ns.clone();
-        async move { pending_of(&mut redis, &ns, "replica-a").await > 0 }
-    })
-    .await;
-    assert!(
-        held,
-        "replica a never took delivery of an event\n{}",
-        a.logs()
-    );
+    await_delivery(&redis, &ns, "replica-a", &a).await;
     a.kill9();
     let orphaned = pending_of(&mut redis, &ns, "replica-a").await;
     assert!(orphaned > 0);
@@ -921,23 +908,14 @@ async fn a_dead_replicas_delivered_but_unsynced_events_are_claimed_by_the_surviv
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_postgres_is_down_admission_and_settlement_go_on_and_usage_waits_in_redis() {
-    let mut pg = start_private_pg().await;
-    let mut settings = base_settings();
-    let db_url = pg.url(&unique("tollgate_t_"));
-    settings.insert("TOLLGATE_DATABASE_URL", db_url.clone());
+    let (mut pg, settings, db_url) = on_private_pg().await;
     let _cleanup = Cleanup(settings.clone());
     let ns = settings["TOLLGATE_REDIS_NAMESPACE"].clone();
     let p = TollgateProcess::start(&settings).await;
     let keys = Arc::new(create_keys_in_shards(&p, 3).await);
     let db = connect_db(&db_url).await;
 
-    let before = Shared::default();
-    assert_eq!(
-        drive(on(&p), keys.clone(), 0..30, 4, before.clone()).await,
-        0
-    );
-    wait_synced(&db, &ns, &merged(&[&before]), Duration::from_secs(20)).await;
-    db.close().await;
+    let before = settle_while_postgres_is_up(&p, &keys, 0..30, 4, db, &ns).await;
 
     tokio::task::block_in_place(|| pg.stop());
     let during = Shared::default();
@@ -1032,12 +1010,7 @@ async fn a_wiped_redis_rehydrates_keys_with_the_synced_balance_and_charges_nothi
     wait_synced(&app.db, &app.namespace, &ledger, Duration::from_secs(20)).await;
     verify_exactly_once(&app.db, &ledger).await;
 
-    let k: Value = app
-        .admin_get(&format!("/admin/keys/{id}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let k: Value = app.admin_get_json(&format!("/admin/keys/{id}")).await;
     assert_eq!(nanos(&k["balance_used_usd"]), all, "{k}");
     let (status, admitted) = app.admit(&key, json!({})).await;
     assert_eq!(status, 200, "{admitted}");
@@ -1046,12 +1019,7 @@ async fn a_wiped_redis_rehydrates_keys_with_the_synced_balance_and_charges_nothi
         10_000_000_000 - all,
         "{admitted}"
     );
-    let stats: Value = app
-        .admin_get(&format!("/admin/keys/{id}/stats"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let stats: Value = app.admin_get_json(&format!("/admin/keys/{id}/stats")).await;
     assert_eq!(stats["total_requests"], 30, "{stats}");
     assert_eq!(nanos(&stats["total_cost_usd"]), all, "{stats}");
 }
@@ -1165,13 +1133,7 @@ async fn an_event_postgres_refuses_is_dead_lettered_and_the_shard_keeps_flowing(
     assert_eq!(status, 200);
     let arrived = app
         .eventually(std::time::Duration::from_secs(10), || async {
-            let n: i64 =
-                sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = $1")
-                    .bind(event_id(&lease))
-                    .fetch_one(&app.db)
-                    .await
-                    .expect("count");
-            n == 1
+            app.usage_events_with_id(&event_id(&lease)).await == 1
         })
         .await;
     assert!(arrived, "later events of the shard still arrive");

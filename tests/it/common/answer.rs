@@ -175,3 +175,9 @@ impl Answer {
         }
     }
 }
+
+/// Reads `res` and asserts the contract's error shape with this status and code.
+pub async fn assert_fails(res: reqwest::Response, status: u16, code: &str) {
+    let what = res.url().path().to_string();
+    Answer::read(what, res).await.assert_error(status, code);
+}

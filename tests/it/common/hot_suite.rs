@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tollgate::gate::{LOOKUPS_PER_SECOND, LOOKUP_BURST};
 use tollgate::money::Money;
 
-use super::{amount, nanos, unique, Answer, Api, TestApp, USD};
+use super::{amount, nanos, new_key, unique, Answer, Api, TestApp, USD};
 
 pub type Settings = HashMap<&'static str, String>;
 
@@ -143,15 +143,6 @@ pub fn with_key(key: &str, extra: Value) -> Value {
         }
     }
     body
-}
-
-/// Creates a key for a fresh user; returns (plaintext, key id).
-pub async fn new_key(app: &TestApp, mut body: Value) -> (String, String) {
-    if body.get("user_id").is_none() {
-        body["user_id"] = json!(unique("u-"));
-    }
-    let (key, api_key) = app.create_key(body).await;
-    (key, api_key["id"].as_str().expect("key id").to_string())
 }
 
 pub async fn patch_key(app: &TestApp, id: &str, body: Value) {
@@ -515,85 +506,33 @@ pub async fn checks_run_in_the_contract_order(app: &TestApp) {
         "balance_exhausted",
         "over balance and rate",
     );
-    admit(
-        app,
-        with_key(
-            &key,
-            json!({"provider": "p1", "api_format": "f1", "model": "m2"}),
-        ),
-    )
-    .await
-    .denied(
-        403,
-        "model_not_allowed",
-        "model not allowed, over balance and rate",
-    );
-    admit(
-        app,
-        with_key(
-            &key,
-            json!({"provider": "p1", "api_format": "f2", "model": "m2"}),
-        ),
-    )
-    .await
-    .denied(
-        403,
-        "api_format_not_allowed",
-        "format and model not allowed",
-    );
-    admit(
-        app,
-        with_key(
-            &key,
-            json!({"provider": "p2", "api_format": "f2", "model": "m2"}),
-        ),
-    )
-    .await
-    .denied(
-        403,
-        "provider_not_allowed",
-        "provider, format and model not allowed",
-    );
-    admit(
-        app,
-        with_key(&key, json!({"api_format": "f2", "model": "m2"})),
-    )
-    .await
-    .denied(
-        403,
-        "provider_not_allowed",
-        "no provider given, format and model wrong",
-    );
+    // The earliest failing check answers, however many later ones fail too.
+    #[rustfmt::skip]
+    let narrowing = [
+        (json!({"provider": "p1", "api_format": "f1", "model": "m2"}), "model_not_allowed", "model not allowed, over balance and rate"),
+        (json!({"provider": "p1", "api_format": "f2", "model": "m2"}), "api_format_not_allowed", "format and model not allowed"),
+        (json!({"provider": "p2", "api_format": "f2", "model": "m2"}), "provider_not_allowed", "provider, format and model not allowed"),
+        (json!({"api_format": "f2", "model": "m2"}), "provider_not_allowed", "no provider given, format and model wrong"),
+    ];
+    for (fields, code, what) in narrowing {
+        admit(app, with_key(&key, fields))
+            .await
+            .denied(403, code, what);
+    }
 
     let past = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
-    patch_key(app, &id, json!({"expires_at": past})).await;
-    admit(
-        app,
-        with_key(
-            &key,
-            json!({"provider": "p2", "api_format": "f2", "model": "m2"}),
-        ),
-    )
-    .await
-    .denied(
-        403,
-        "key_expired",
-        "expired, and every later check fails too",
-    );
-    patch_key(app, &id, json!({"is_active": false})).await;
-    admit(
-        app,
-        with_key(
-            &key,
-            json!({"provider": "p2", "api_format": "f2", "model": "m2"}),
-        ),
-    )
-    .await
-    .denied(
-        403,
-        "key_disabled",
-        "disabled, expired, and every later check fails too",
-    );
+    let all_wrong = json!({"provider": "p2", "api_format": "f2", "model": "m2"});
+    #[rustfmt::skip]
+    let ended = [
+        (json!({"expires_at": past}), "key_expired", "expired, and every later check fails too"),
+        (json!({"is_active": false}), "key_disabled", "disabled, expired, and every later check fails too"),
+    ];
+    for (patch, code, what) in ended {
+        patch_key(app, &id, patch).await;
+        admit(app, with_key(&key, all_wrong.clone()))
+            .await
+            .denied(403, code, what);
+    }
 }
 
 /// Allow-lists admit exactly the listed values: a value absent from a set list, a missing
@@ -1212,37 +1151,34 @@ pub async fn admin_changes_reach_the_next_admission(app: &TestApp) {
         .await
         .lease("concurrency limit cleared");
 
-    patch_key(app, &id, json!({"is_active": false})).await;
-    admit(app, body.clone())
-        .await
-        .denied(403, "key_disabled", "is_active false");
-    patch_key(app, &id, json!({"is_active": true})).await;
-    admit(app, body.clone()).await.lease("is_active true again");
-
-    patch_key(app, &id, json!({"allowed_models": ["m1"]})).await;
-    admit(app, body.clone())
-        .await
-        .denied(403, "model_not_allowed", "m2 not in [m1]");
-    admit(app, with_key(&key, json!({"model": "m1"})))
-        .await
-        .lease("m1 in [m1]");
-    patch_key(app, &id, json!({"allowed_models": null})).await;
-    admit(app, body.clone()).await.lease("allow-list cleared");
-
     let past = (chrono::Utc::now() - chrono::Duration::minutes(1)).to_rfc3339();
     let future = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
-    patch_key(app, &id, json!({"expires_at": past})).await;
-    admit(app, body.clone())
-        .await
-        .denied(403, "key_expired", "expires_at in the past");
-    patch_key(app, &id, json!({"expires_at": future})).await;
-    admit(app, body.clone()).await.lease("expires_at tomorrow");
-    patch_key(app, &id, json!({"expires_at": past})).await;
-    admit(app, body.clone())
-        .await
-        .denied(403, "key_expired", "expired again");
-    patch_key(app, &id, json!({"expires_at": null})).await;
-    admit(app, body.clone()).await.lease("expiry cleared");
+    let m1 = with_key(&key, json!({"model": "m1"}));
+    // (the PATCH first, if any; the admission; `None`: it is granted, or the code of its 403)
+    #[rustfmt::skip]
+    let steps: Vec<(Option<Value>, &Value, Option<&str>, &str)> = vec![
+        (Some(json!({"is_active": false})), &body, Some("key_disabled"), "is_active false"),
+        (Some(json!({"is_active": true})), &body, None, "is_active true again"),
+        (Some(json!({"allowed_models": ["m1"]})), &body, Some("model_not_allowed"), "m2 not in [m1]"),
+        (None, &m1, None, "m1 in [m1]"),
+        (Some(json!({"allowed_models": null})), &body, None, "allow-list cleared"),
+        (Some(json!({"expires_at": past})), &body, Some("key_expired"), "expires_at in the past"),
+        (Some(json!({"expires_at": future})), &body, None, "expires_at tomorrow"),
+        (Some(json!({"expires_at": past})), &body, Some("key_expired"), "expired again"),
+        (Some(json!({"expires_at": null})), &body, None, "expiry cleared"),
+    ];
+    for (patch, admission, refused, what) in steps {
+        if let Some(patch) = patch {
+            patch_key(app, &id, patch).await;
+        }
+        let a = admit(app, admission.clone()).await;
+        match refused {
+            Some(code) => a.denied(403, code, what),
+            None => {
+                a.lease(what);
+            }
+        }
+    }
 
     let res = app.admin_delete(&format!("/admin/keys/{id}")).await;
     assert_eq!(res.status(), 200, "DELETE");

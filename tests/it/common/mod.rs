@@ -32,7 +32,7 @@ use tollgate::app::App;
 use tollgate::config::Config;
 use tollgate::http::AppState;
 
-pub use answer::Answer;
+pub use answer::{assert_fails, Answer};
 pub use money::{amount, amount_of, decimal, nanos, USD};
 
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
@@ -264,6 +264,15 @@ pub trait Api {
             .expect("admin request")
     }
 
+    /// The JSON body of `GET path` on the admin listener, whatever its status.
+    async fn admin_get_json(&self, path: &str) -> Value {
+        self.admin_get(path)
+            .await
+            .json()
+            .await
+            .expect("admin answers JSON")
+    }
+
     /// Creates a key; returns (plaintext key, ApiKey JSON).
     async fn create_key(&self, body: Value) -> (String, Value) {
         let res = self.admin_post("/admin/keys", body).await;
@@ -452,6 +461,24 @@ impl TestApp {
         deleted
     }
 
+    /// The usage events of the key with this id that reached Postgres.
+    pub async fn usage_events_of_key(&self, key_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE key_id = $1::uuid")
+            .bind(key_id)
+            .fetch_one(&self.db)
+            .await
+            .expect("count usage events")
+    }
+
+    /// The usage events with this event id in Postgres: 0 or 1.
+    pub async fn usage_events_with_id(&self, event_id: &str) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM usage_events WHERE event_id = $1")
+            .bind(event_id)
+            .fetch_one(&self.db)
+            .await
+            .expect("count usage events")
+    }
+
     /// Polls `check` until it returns true or `within` passes.
     pub async fn eventually<F, Fut>(&self, within: Duration, check: F) -> bool
     where
@@ -460,6 +487,21 @@ impl TestApp {
     {
         poll_every(Duration::from_millis(50), within, check).await
     }
+}
+
+/// Creates a key (for a fresh user unless the body names one); returns (plaintext, key id).
+pub async fn new_key(app: &TestApp, mut body: Value) -> (String, String) {
+    if body.get("user_id").is_none() {
+        body["user_id"] = json!(unique("u-"));
+    }
+    let (key, api_key) = app.create_key(body).await;
+    (key, api_key["id"].as_str().expect("key id").to_string())
+}
+
+/// A standalone key of user `u-1` holding `balance_usd`, an exact decimal; (plaintext, key id).
+pub async fn standalone_key_holding(app: &TestApp, balance_usd: &str) -> (String, String) {
+    let body = json!({"user_id": "u-1", "is_standalone": true, "initial_balance_usd": amount(balance_usd)});
+    new_key(app, body).await
 }
 
 /// Runs `check` every `every` until it returns true (true) or `within` passes (false).
