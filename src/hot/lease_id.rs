@@ -89,19 +89,19 @@ fn mac(secret: &[u8]) -> HmacSha256 {
 pub struct LeaseFacts {
     /// In the key's live set (and its holds): the key has a concurrency limit, or the lease
     /// holds balance or tokens. Settling or releasing an untracked lease touches neither.
-    pub(crate) tracked: bool,
-    pub(crate) key_id: String,
-    pub(crate) user_id: String,
-    pub(crate) provider: String,
-    pub(crate) api_format: String,
-    pub(crate) model: String,
-    pub(crate) admitted_at_ms: i64,
-    pub(crate) expires_at_ms: i64,
+    pub tracked: bool,
+    pub key_id: String,
+    pub user_id: String,
+    pub provider: String,
+    pub api_format: String,
+    pub model: String,
+    pub admitted_at_ms: i64,
+    pub expires_at_ms: i64,
 }
 
 impl LeaseFacts {
     /// Until when the lease can be settled: a call that outran its lease is still charged.
-    pub(crate) fn deadline_ms(&self) -> i64 {
+    pub fn deadline_ms(&self) -> i64 {
         let grace = i64::try_from(LATE_SETTLE_GRACE.as_millis()).unwrap_or(i64::MAX);
         self.expires_at_ms.saturating_add(grace)
     }
@@ -113,7 +113,7 @@ pub struct LeaseRef {
     pub keys: KeyRedisKeys,
     pub nonce: String,
     /// `<sid>.<nonce>`: the usage event's idempotency id, and what names the tombstone.
-    pub(crate) event_id: String,
+    pub event_id: String,
     /// `None`: an id issued before sealed ids, whose facts are in its record in Redis.
     pub facts: Option<LeaseFacts>,
 }

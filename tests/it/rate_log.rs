@@ -5,7 +5,7 @@ use redis::AsyncCommands;
 use serde_json::json;
 use tollgate::hot::layout::{KeyRedisKeys, Layout};
 
-use crate::common::hot_suite::{admit, new_key, patch_key, with_key};
+use crate::common::hot_suite::{admit, patch_key, with_key};
 use crate::common::*;
 
 /// admit.lua's LOG_MAX: the largest limit whose log is one string.
