@@ -156,10 +156,8 @@ for i, m in ipairs(expired) do
   local h = false
   if held ~= 0 or htok ~= 0 then h = redis.call('HGET', holds, m) end
   if h then
-    -- A hold is 'nanos' or 'nanos:tokens'.
-    local hn, ht = string.match(h, '^(%-?%d+):(%d+)$')
-    if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(h), 0 end
-    if hn == nil or hn ~= math.floor(hn) then
+    local hn, ht = hold_of(h)
+    if hn == nil then
       return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
     end
     held = held - hn
@@ -196,42 +194,8 @@ local budget_remaining, budget_resets = -1, -1
 if budget >= 0 then
   local spent = used
   if budget_period ~= '' then
-    -- The budget period [start, end) that `now` falls in: a UTC day, a week from Monday, a
-    -- month from the 1st (the same boundaries as settle.lua and the Rust side). Defined here,
-    -- not at the top: a function is built anew on every call of the script, and only keys
-    -- with a periodic budget need these.
-    local DAY = 86400000
-    local function days_from_civil(y, m, d)
-      if m <= 2 then y = y - 1 end
-      local era = math.floor(y / 400)
-      local yoe = y - era * 400
-      local mp = m > 2 and m - 3 or m + 9
-      local doy = math.floor((153 * mp + 2) / 5) + d - 1
-      local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-      return era * 146097 + doe - 719468
-    end
-    local function period(kind, t)
-      local day = math.floor(t / DAY)
-      if kind == 'day' then return day * DAY, (day + 1) * DAY end
-      if kind == 'week' then
-        local first = day - (day + 3) % 7
-        return first * DAY, (first + 7) * DAY
-      end
-      local z = day + 719468
-      local era = math.floor(z / 146097)
-      local doe = z - era * 146097
-      local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-        - math.floor(doe / 146096)) / 365)
-      local y = yoe + era * 400
-      local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-      local mp = math.floor((5 * doy + 2) / 153)
-      local m = mp < 10 and mp + 3 or mp - 9
-      if m <= 2 then y = y + 1 end
-      local ny, nm = y, m + 1
-      if nm == 13 then ny, nm = y + 1, 1 end
-      return days_from_civil(y, m, 1) * DAY, days_from_civil(ny, nm, 1) * DAY
-    end
-    local first, after = period(budget_period, now)
+    -- The period `now` falls in (lib/calendar.lua).
+    local first, after = period_bounds(budget_period, now)
     spent = 0
     if tonumber(period_start or '') == first then spent = tonumber(period_spend) or 0 end
     budget_resets = after

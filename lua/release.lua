@@ -45,32 +45,21 @@ local function whole(n) return n and n == math.floor(n) end
 if not (whole(held) and whole(htok)) then
   return redis.error_reply('CORRUPT_STATE a counter of the key state is not a whole number')
 end
--- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant). A hold is 'nanos' or
--- 'nanos:tokens'.
+-- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant).
 local hold = false
 local hn, ht = 0, 0
 if tracked and (held ~= 0 or htok ~= 0) then
   hold = redis.call('HGET', holds, nonce)
   if hold then
-    hn, ht = string.match(hold, '^(%-?%d+):(%d+)$')
-    if hn then hn, ht = tonumber(hn), tonumber(ht) else hn, ht = tonumber(hold), 0 end
-    if not whole(hn) then
+    hn, ht = hold_of(hold)
+    if hn == nil then
       return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
     end
   end
 end
-if tracked and redis.call('ZREM', live, nonce) == 1 and hold then
-  redis.call('HDEL', holds, nonce)
-  if s[1] ~= false then
-    if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
-    if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
-    held = held - hn
-    htok = htok - ht
-  end
-end
-if tracked and (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
-  redis.call('HSET', state, 'held', 0, 'htok', 0)
-  redis.call('DEL', holds)
+-- Free the slot and the hold (lib/holds.lua).
+if tracked then
+  free_lease(state, live, holds, nonce, s[1] ~= false, hold, hn, ht, held, htok)
 end
 if sealed then
   redis.call('SET', lease, 'R', 'PX', ARGV[4])

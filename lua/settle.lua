@@ -67,12 +67,6 @@
 local state, live, holds, lease, stream, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
   KEYS[6]
 local function int(n) return string.format('%.0f', n) end
--- A hold is 'nanos' or 'nanos:tokens' (admit.lua).
-local function hold_of(h)
-  local n, t = string.match(h, '^(%-?%d+):(%d+)$')
-  if n then return tonumber(n), tonumber(t) end
-  return tonumber(h), 0
-end
 
 local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
 local function refuse(code, why) return redis.error_reply(code .. ' ' .. why) end
@@ -211,7 +205,7 @@ if tracked and (held ~= 0 or htok ~= 0) then
   hold = redis.call('HGET', holds, nonce)
   if hold then
     hn, ht = hold_of(hold)
-    if hn == nil or hn ~= math.floor(hn) then
+    if hn == nil then
       return refuse_settle('CORRUPT_STATE', 'a hold is not a whole number')
     end
   end
@@ -232,22 +226,9 @@ if sealed then
   -- Released: the slot and the hold went back with the release.
   if before then tracked = false end
 end
--- Free the slot and the hold.
-if tracked and redis.call('ZREM', live, nonce) == 1 and hold then
-  redis.call('HDEL', holds, nonce)
-  if hydrated then
-    if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
-    if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
-    held = held - hn
-    htok = htok - ht
-  end
-end
--- No live lease left: nothing is held (admit.lua's invariant). Repairs `held` when the lease
--- keys of an idle key expired whole, so the balance answered below is right.
-if tracked and (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
-  redis.call('HSET', state, 'held', 0, 'htok', 0)
-  redis.call('DEL', holds)
-  held = 0
+-- Free the slot and the hold (lib/holds.lua).
+if tracked then
+  held, htok = free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok)
 end
 local expired = '0'
 if now >= tonumber(expires_at) then expired = '1' end
@@ -264,37 +245,11 @@ if token_limited and total ~= '0' then
   redis.call('HINCRBY', state, 'wtok', total)
 end
 
--- The spend of the budget's current period, started again when the period turned (the same
--- UTC boundaries as admit.lua).
+-- The spend of the budget's current period, started again when the period turned
+-- (lib/calendar.lua: the same boundaries as admit.lua).
 if budgeted then
-  local DAY = 86400000
-  local function days_from_civil(y, m, d)
-    if m <= 2 then y = y - 1 end
-    local era = math.floor(y / 400)
-    local yoe = y - era * 400
-    local mp = m > 2 and m - 3 or m + 9
-    local doy = math.floor((153 * mp + 2) / 5) + d - 1
-    local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-    return era * 146097 + doe - 719468
-  end
-  local day = math.floor(now / DAY)
-  local first = day
-  if budget_period == 'week' then
-    first = day - (day + 3) % 7
-  elseif budget_period == 'month' then
-    local z = day + 719468
-    local era = math.floor(z / 146097)
-    local doe = z - era * 146097
-    local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-      - math.floor(doe / 146096)) / 365)
-    local y = yoe + era * 400
-    local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-    local mp = math.floor((5 * doy + 2) / 153)
-    local m = mp < 10 and mp + 3 or mp - 9
-    if m <= 2 then y = y + 1 end
-    first = days_from_civil(y, m, 1)
-  end
-  local start = int(first * DAY)
+  local first = period_bounds(budget_period, now)
+  local start = int(first)
   if period_start == start then
     redis.call('HINCRBY', state, 'bsp', cost)
   else

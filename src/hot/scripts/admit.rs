@@ -7,7 +7,13 @@ use super::ScriptArg;
 use crate::hot::layout::KeyRedisKeys;
 use crate::hot::redis::RedisFailure;
 
-pub const SOURCE: &str = include_str!("../../../lua/admit.lua");
+/// The script as Redis runs it: `lua/admit.lua` behind the shared functions it calls
+/// (`lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/calendar.lua"),
+    include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/admit.lua")
+);
 
 /// One admission as admit.lua takes it.
 #[derive(Debug, Clone, Copy)]

@@ -7,7 +7,12 @@ use super::ScriptArg;
 use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
-pub const SOURCE: &str = include_str!("../../../lua/release.lua");
+/// The script as Redis runs it: `lua/release.lua` behind the shared functions it calls
+/// (`lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/release.lua")
+);
 
 /// How the lease's facts reach the script.
 #[derive(Debug, Clone, Copy)]

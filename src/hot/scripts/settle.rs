@@ -7,7 +7,13 @@ use super::ScriptArg;
 use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
-pub const SOURCE: &str = include_str!("../../../lua/settle.lua");
+/// The script as Redis runs it: `lua/settle.lua` behind the shared functions it calls
+/// (`lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/calendar.lua"),
+    include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/settle.lua")
+);
 
 /// What the settlement reports, as the script takes it (bounds checked by the caller).
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,0 +1,37 @@
+-- lib/holds.lua: reading a lease's hold, and freeing a tracked lease's slot and hold.
+--
+-- Why a file of its own: admit.lua (expired leases), settle.lua and release.lua all give a
+-- lease's slot and hold back, and must keep one invariant the same way (admit.lua's header:
+-- `held`/`htok` are the sums of `holds`, and nothing is held once `live` is gone). Scripts
+-- called by EVALSHA cannot share code, so tollgate prepends this file to each
+-- (`src/hot/scripts/`). It costs a script two closures per call.
+
+-- A hold is 'nanos' or 'nanos:tokens' (admit.lua writes it); nil when it is not whole numbers.
+local function hold_of(h)
+  local n, t = string.match(h, '^(%-?%d+):(%d+)$')
+  if n then n, t = tonumber(n), tonumber(t) else n, t = tonumber(h), 0 end
+  if n == nil or n ~= math.floor(n) then return nil end
+  return n, t
+end
+
+-- Frees a tracked lease: its slot in `live` and, if it still has one, its hold (`hn` nano-USD,
+-- `ht` tokens; `hold` is its raw value or false) from `holds` and, where the key is
+-- `hydrated`, from the state's `held`/`htok`. Then, with no live lease left, nothing is held:
+-- this also repairs `held`/`htok` when an idle key's lease keys expired whole. Returns `held`
+-- and `htok` as they are after.
+local function free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok)
+  if redis.call('ZREM', live, nonce) == 1 and hold then
+    redis.call('HDEL', holds, nonce)
+    if hydrated then
+      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
+      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
+      held, htok = held - hn, htok - ht
+    end
+  end
+  if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+    redis.call('HSET', state, 'held', 0, 'htok', 0)
+    redis.call('DEL', holds)
+    held, htok = 0, 0
+  end
+  return held, htok
+end
