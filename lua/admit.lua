@@ -10,18 +10,12 @@
 --
 -- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
 -- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
--- KEYS[2] rate    STRING the rate log of a key whose limit is at most LOG_MAX: a 13-digit header,
---                 the log's expiry (ms since the epoch), then one 13-digit admission time (ms) per
---                 admission still in the window, oldest first (see "The rate log" below)
+-- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
 -- KEYS[3] live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
 -- KEYS[4] holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
 --                 it also holds tokens (reserve_tokens)
 -- KEYS[5] tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
 --                 time (ms); state.wtok is the sum of the members' tokens (settle.lua adds)
--- KEYS[6] rate_set ZSET the rate log of a key whose limit is above LOG_MAX: member = a unique
---                 admission id, score = its admission time (ms). state.rlk = 's' says the
---                 entries are in the string (KEYS[2]); absent, that they may be in this set
---                 (a limit above LOG_MAX before, or a build from before the string log)
 -- ARGV[1] rate window (ms)
 -- ARGV[2] this lease's TTL (ms); 0 = admit without a lease: the rate log and the balance still
 --         count, the concurrency limit and any hold do not, and nothing but the rate log is
@@ -71,23 +65,8 @@
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
 -- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
 -- `holds` is empty.
---
--- The rate log. A key's log holds at most `rate_limit` entries (a denial adds none), so for the
--- limits keys have — a few to a few hundred a minute — the whole log is one short string: one
--- GET reads it, a binary search finds the window's edge, one SET writes it back with its
--- expiry. That is two calls where a sorted set takes five (trim, count, add, expire, read the
--- oldest), and no per-entry allocation in Redis. It copies the log on every admission, which
--- is cheap for a short log and not for a long one: above LOG_MAX entries the sorted set
--- decides instead. Both decide exactly (every admission of the last `window` ms is counted),
--- and an admission moves the entries still in the window from one to the other when the
--- key's limit crosses LOG_MAX (a PATCH), so the window survives the switch.
--- The log's expiry is in its header because SET cannot say "only later" (PEXPIRE's GT): a
--- replica configured with a shorter window must not drop entries another replica still counts.
 
-local state, rate, live, holds, tokens, rate_set = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-  KEYS[6]
-local LOG_MAX = 1000
-local W = 13 -- the width of a time in the string log: ms since the epoch, until the year 2286
+local state, rate, live, holds, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local nonce = ARGV[3]
@@ -103,10 +82,9 @@ local function int(n) return string.format('%.0f', n) end
 
 -- The key's state, one read, each field in a named local (hydrate.lua names them).
 local key_id, unknown, active, expires, providers, formats, models, rl, cl, bal, used, held,
-  user_id, token_limit, wtok, htok, budget, budget_period, period_spend, period_start, log_kind =
+  user_id, token_limit, wtok, htok, budget, budget_period, period_spend, period_start =
   unpack(redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl', 'rl',
-    'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps',
-    'rlk'))
+    'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps'))
 if key_id == false then
   if unknown ~= false then return {'deny', 'key_invalid', '0'} end
   return {'miss'}
@@ -211,89 +189,13 @@ end
 local remaining = -1
 local reset = 0
 local count = 0
--- The string log (a limit up to LOG_MAX): its entries in the window, and what to write back.
-local log_body, log_expiry, log_changed = nil, 0, false
-local function stamp(ms) return string.format('%013.0f', ms) end
-if rl > 0 and rl <= LOG_MAX then
-  local log = redis.call('GET', rate)
-  local body = ''
-  if log then
-    log_expiry = tonumber(string.sub(log, 1, W))
-    body = string.sub(log, W + 1)
-    if not log_expiry or #body % W ~= 0 then
-      return redis.error_reply('CORRUPT_STATE the rate log is not a list of times')
-    end
-  end
-  if log_kind ~= 's' then
-    -- Entries may be in the sorted set: move those still in the window into the string.
-    local old = redis.call('ZRANGEBYSCORE', rate_set, '(' .. int(now - window), '+inf',
-      'WITHSCORES')
-    if #old > 0 then
-      local times = {}
-      for i = 1, #body / W do
-        times[#times + 1] = tonumber(string.sub(body, (i - 1) * W + 1, i * W))
-      end
-      for i = 2, #old, 2 do times[#times + 1] = tonumber(old[i]) end
-      table.sort(times)
-      local parts = {}
-      for i = math.max(1, #times - rl + 1), #times do parts[#parts + 1] = stamp(times[i]) end
-      body = table.concat(parts)
-      redis.call('DEL', rate_set)
-    end
-    redis.call('HSET', state, 'rlk', 's')
-    log_changed = #old > 0
-  end
-  -- The first entry inside the window (times only grow along the log): a binary search.
-  local n = #body / W
-  local lo, hi = 0, n
-  local edge = now - window
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    local t = tonumber(string.sub(body, mid * W + 1, mid * W + W))
-    if not t then
-      return redis.error_reply('CORRUPT_STATE the rate log is not a list of times')
-    end
-    if t > edge then hi = mid else lo = mid + 1 end
-  end
-  count = n - lo
-  log_body = string.sub(body, lo * W + 1)
+if rl > 0 then
+  redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
+  count = redis.call('ZCARD', rate)
   if count >= rl then
-    if log_changed then
-      redis.call('SET', rate, stamp(math.max(log_expiry, now + window)) .. log_body,
-        'PXAT', int(math.max(log_expiry, now + window)))
-    end
     -- Room comes when the entry that brings the count under the limit leaves: the oldest,
     -- unless a lowered limit (a PATCH) left more than one too many in the window.
-    local at = (count - rl) * W
-    local retry = tonumber(string.sub(log_body, at + 1, at + W)) + window - now
-    if retry < 1 then retry = 1 end
-    return {'deny', 'rate_limited', int(retry)}
-  end
-  remaining = rl - count - 1
-elseif rl > LOG_MAX then
-  if log_kind == 's' then
-    -- The limit rose above LOG_MAX: the string's entries move into the sorted set.
-    local log = redis.call('GET', rate)
-    if log then
-      local args = {}
-      for i = 1, (#log - W) / W do
-        local t = string.sub(log, i * W + 1, i * W + W)
-        args[#args + 1] = t
-        args[#args + 1] = 'log.' .. i .. '.' .. t
-      end
-      if #args > 0 then
-        redis.call('ZADD', rate_set, unpack(args))
-        redis.call('PEXPIRE', rate_set, window, 'GT')
-        redis.call('PEXPIRE', rate_set, window, 'NX')
-      end
-      redis.call('DEL', rate)
-    end
-    redis.call('HDEL', state, 'rlk')
-  end
-  redis.call('ZREMRANGEBYSCORE', rate_set, '-inf', now - window)
-  count = redis.call('ZCARD', rate_set)
-  if count >= rl then
-    local leaving = redis.call('ZRANGE', rate_set, count - rl, count - rl, 'WITHSCORES')
+    local leaving = redis.call('ZRANGE', rate, count - rl, count - rl, 'WITHSCORES')
     local retry = tonumber(leaving[2]) + window - now
     if retry < 1 then retry = 1 end
     return {'deny', 'rate_limited', int(retry)}
@@ -364,23 +266,11 @@ local function expire(key, existed, ms)
     redis.call('PEXPIRE', key, ms)
   end
 end
-if log_body then
-  -- Appended at the end: a clock that stepped back (Redis's TIME follows the host's) must not
-  -- break the order the binary search relies on, so an entry is never older than the last.
-  local at = now
-  if #log_body >= W then
-    at = math.max(now, tonumber(string.sub(log_body, -W)))
-    reset = tonumber(string.sub(log_body, 1, W)) + window - now
-  else
-    reset = window
-  end
-  local expiry = math.max(log_expiry, now + window)
-  redis.call('SET', rate, stamp(expiry) .. log_body .. stamp(at), 'PXAT', int(expiry))
-elseif rl > 0 then
-  redis.call('ZADD', rate_set, now, nonce)
-  expire(rate_set, count > 0, window)
+if rl > 0 then
+  redis.call('ZADD', rate, now, nonce)
+  expire(rate, count > 0, window)
   if count > 0 then
-    local oldest = redis.call('ZRANGE', rate_set, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
     reset = tonumber(oldest[2]) + window - now
   else
     reset = window

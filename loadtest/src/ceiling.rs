@@ -348,7 +348,6 @@ pub async fn clean_up(redis_url: &str, keys: &[KeyRedisKeys]) -> Result<(), Stri
     for k in keys {
         names.push(&k.live);
         names.push(&k.rate);
-        names.push(&k.rate_set);
     }
     for chunk in names.chunks(1000) {
         let _: i64 = redis::cmd("UNLINK")

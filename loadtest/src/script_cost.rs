@@ -137,15 +137,17 @@ fn scratch_stream(k: &KeyRedisKeys) -> String {
     format!("{}:scriptcost", k.stream())
 }
 
-/// The reference's log for an API key in a round: same hash tag as the key's state, so that
-/// the reference runs on a cluster too.
+/// The reference's log for an API key in a round: one per API key, as each key has its own
+/// rate log (named after it, so with the same hash tag: the reference runs on a cluster too).
+/// Until session 8 this was named after the shard's stream, so the 1,000 keys of a run shared
+/// 16 logs, each about 60 times as long as a key's own rate log.
 fn reference_log(k: &KeyRedisKeys, round: usize) -> String {
-    format!("{}:reference{round}", k.stream())
+    format!("{}:reference{round}", k.rate)
 }
 
 /// A candidate script's own key for an API key: same hash tag as the key's state.
 fn candidate_key(k: &KeyRedisKeys, candidate: usize) -> String {
-    format!("{}:candidate{candidate}", k.stream())
+    format!("{}:candidate{candidate}", k.rate)
 }
 
 /// Runs every phase in order; see the module comment.

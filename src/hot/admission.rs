@@ -509,7 +509,6 @@ impl HotPath {
         let mut cmd = redis::cmd("DEL");
         cmd.arg(&k.state)
             .arg(&k.rate)
-            .arg(&k.rate_set)
             .arg(&k.live)
             .arg(&k.holds)
             .arg(&k.tokens);

@@ -25,10 +25,7 @@ pub struct Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRedisKeys {
     pub state: String,
-    /// The rate log of a key whose limit is at most admit.lua's LOG_MAX (a string).
     pub rate: String,
-    /// The rate log of a key whose limit is above it (a sorted set).
-    pub rate_set: String,
     pub live: String,
     pub holds: String,
     /// The token window (settled tokens within the rate window).
@@ -68,8 +65,7 @@ impl Layout {
         let prefix = self.shard_prefix(shard);
         KeyRedisKeys {
             state: format!("{prefix}k:{sid}"),
-            rate: format!("{prefix}q:{sid}"),
-            rate_set: format!("{prefix}r:{sid}"),
+            rate: format!("{prefix}r:{sid}"),
             live: format!("{prefix}c:{sid}"),
             holds: format!("{prefix}h:{sid}"),
             tokens: format!("{prefix}w:{sid}"),
@@ -140,10 +136,8 @@ mod tests {
         for name in [
             &k.state,
             &k.rate,
-            &k.rate_set,
             &k.live,
             &k.holds,
-            &k.tokens,
             &k.lease(&nonce),
             &k.stream(),
         ] {

@@ -76,12 +76,6 @@ mod suite {
     hot_suite::every_scenario!(on_cluster);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_window_survives_a_limit_that_crosses_the_string_logs_bound() {
-        let app = cluster_app(shared_cluster().await, None).await;
-        crate::rate_log::the_window_survives_a_limit_that_crosses_the_string_logs_bound(&app).await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unknown_keys_cost_bounded_postgres_lookups() {
         let pg = PgLookupCounter::start().await;
         let app = cluster_app_with(shared_cluster().await, |s| pg.route(s)).await;

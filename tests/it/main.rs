@@ -21,7 +21,6 @@ mod noscript;
 mod openapi;
 mod postgres_away;
 mod proxies;
-mod rate_log;
 mod reconcile;
 mod scripts;
 mod sealed_leases;

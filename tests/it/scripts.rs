@@ -465,8 +465,7 @@ async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
 /// refused admission must not leave a new lease record).
 async fn admit_snapshot(app: &TestApp, lease: &LeaseRef) -> (Vec<Option<Vec<u8>>>, usize) {
     let k = &lease.keys;
-    let keys =
-        [&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set].map(|s| s.to_string());
+    let keys = [&k.state, &k.rate, &k.live, &k.holds, &k.tokens].map(|s| s.to_string());
     let mut c = app.redis.clone();
     let all: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{}:*", app.namespace))

@@ -31,9 +31,9 @@ pub struct Call<'a> {
 }
 
 impl<'a> Call<'a> {
-    pub fn keys(&self) -> [&'a str; 6] {
+    pub fn keys(&self) -> [&'a str; 5] {
         let k = self.keys;
-        [&k.state, &k.rate, &k.live, &k.holds, &k.tokens, &k.rate_set]
+        [&k.state, &k.rate, &k.live, &k.holds, &k.tokens]
     }
 
     pub fn args(&self) -> [ScriptArg<'a>; 8] {
