@@ -166,3 +166,84 @@ pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
         _ => Err(unexpected()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hot::layout::Layout;
+    use crate::hot::lease_id::LeaseFacts;
+
+    fn text(a: &ScriptArg<'_>) -> String {
+        match a {
+            ScriptArg::Str(s) => (*s).to_string(),
+            ScriptArg::Int(n) => n.to_string(),
+        }
+    }
+
+    fn lease(facts: Option<LeaseFacts>) -> LeaseRef {
+        let keys = Layout::new("tg").for_hash(&"ab".repeat(32));
+        LeaseRef {
+            event_id: keys.lease_id("N"),
+            keys,
+            nonce: "N".into(),
+            facts,
+        }
+    }
+
+    #[test]
+    fn a_sealed_settlement_sends_its_facts_where_the_script_reads_them() {
+        let facts = LeaseFacts {
+            tracked: true,
+            key_id: "kid".into(),
+            user_id: "uid".into(),
+            provider: "openai".into(),
+            api_format: "openai:chat".into(),
+            model: "gpt-4o".into(),
+            admitted_at_ms: 1_000,
+            expires_at_ms: 2_000,
+        };
+        let deadline = facts.deadline_ms();
+        let l = lease(Some(facts));
+        let usage = Usage {
+            cost_nanos: Some(7),
+            input_tokens: 1,
+            output_tokens: 2,
+            total_tokens: 3,
+            response_time_ms: -1,
+            status_code: 200,
+            model: Some("gpt-4o-mini"),
+            only_live: true,
+            ..Default::default()
+        };
+        let call = Call::new(&l, usage, 600_000, 60_000);
+        let args: Vec<String> = call.args().iter().map(text).collect();
+        // ARGV[n] is args[n - 1] (settle.lua's header).
+        assert_eq!(args.len(), 23);
+        assert_eq!(&args[..6], ["7", "1", "2", "3", "-1", "200"]);
+        assert_eq!(
+            &args[6..9],
+            ["", "", "=gpt-4o-mini"],
+            "only given labels, marked"
+        );
+        assert_eq!(args[10], l.event_id);
+        assert_eq!(&args[11..14], ["live", "60000", "sealed"]);
+        assert_eq!(
+            &args[14..20],
+            ["1", "kid", "uid", "openai", "openai:chat", "gpt-4o"]
+        );
+        assert_eq!(args[22], deadline.to_string());
+        let keys = call.keys();
+        assert_eq!(keys[3], l.keys.lease("N"), "the tombstone is KEYS[4]");
+        assert_eq!(keys[4], l.keys.stream(), "the shard's stream is KEYS[5]");
+    }
+
+    #[test]
+    fn an_unpriced_settlement_of_a_recorded_lease_asks_with_a_question_mark() {
+        let l = lease(None);
+        let call = Call::new(&l, Usage::default(), 600_000, 60_000);
+        let args: Vec<String> = call.args().iter().map(text).collect();
+        assert_eq!(args[0], "?");
+        assert_eq!(args.last().map(String::as_str), Some("record"));
+        assert_eq!(args.len(), 14);
+    }
+}
