@@ -69,42 +69,22 @@ mod tests {
     }
 
     #[test]
+    #[rustfmt::skip]
     fn periods_turn_at_utc_midnight_monday_and_the_first() {
-        // 2026-11-27 is a Friday.
-        let now = at("2026-11-27T23:59:59.999Z");
-        assert_eq!(BudgetPeriod::Day.resets_at(now), at("2026-11-28T00:00:00Z"));
-        assert_eq!(
-            BudgetPeriod::Week.resets_at(now),
-            at("2026-11-30T00:00:00Z")
-        );
-        assert_eq!(
-            BudgetPeriod::Month.resets_at(now),
-            at("2026-12-01T00:00:00Z")
-        );
-        let monday = at("2026-11-30T00:00:00Z");
-        assert_eq!(
-            BudgetPeriod::Week.resets_at(monday),
-            at("2026-12-07T00:00:00Z")
-        );
-        let december = at("2026-12-31T12:00:00Z");
-        assert_eq!(
-            BudgetPeriod::Month.resets_at(december),
-            at("2027-01-01T00:00:00Z")
-        );
-        let leap = at("2028-02-29T01:00:00Z");
-        assert_eq!(
-            BudgetPeriod::Month.resets_at(leap),
-            at("2028-03-01T00:00:00Z")
-        );
+        use BudgetPeriod::{Day, Month, Week};
+        // (period, instant, its period's start, when it resets); 2026-11-27 is a Friday.
+        let cases = [
+            (Day, "2026-11-27T23:59:59.999Z", "2026-11-27T00:00:00Z", "2026-11-28T00:00:00Z"),
+            (Week, "2026-11-27T23:59:59.999Z", "2026-11-23T00:00:00Z", "2026-11-30T00:00:00Z"),
+            (Month, "2026-11-27T23:59:59.999Z", "2026-11-01T00:00:00Z", "2026-12-01T00:00:00Z"),
+            (Week, "2026-11-30T00:00:00Z", "2026-11-30T00:00:00Z", "2026-12-07T00:00:00Z"),
+            (Month, "2026-12-31T12:00:00Z", "2026-12-01T00:00:00Z", "2027-01-01T00:00:00Z"),
+            (Month, "2028-02-29T01:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),
+        ];
+        for (period, now, start, reset) in cases {
+            assert_eq!(period.starts_at(at(now)), at(start), "{period:?} at {now}");
+            assert_eq!(period.resets_at(at(now)), at(reset), "{period:?} at {now}");
+        }
         assert_eq!(BudgetPeriod::parse("fortnight"), None);
-        assert_eq!(
-            BudgetPeriod::Week.starts_at(now),
-            at("2026-11-23T00:00:00Z")
-        );
-        assert_eq!(
-            BudgetPeriod::Month.starts_at(now),
-            at("2026-11-01T00:00:00Z")
-        );
-        assert_eq!(BudgetPeriod::Day.starts_at(now), at("2026-11-27T00:00:00Z"));
     }
 }

@@ -16,9 +16,11 @@ use hdrhistogram::Histogram;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis::{FromRedisValue, Value};
+use tollgate::gate::{AdmitArgs, LeaseTerm};
 use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
 use tollgate::hot::lease_id::{LeaseFacts, LeaseRef};
 use tollgate::hot::scripts::{admit, scripts, settle};
+use tollgate::money::Money;
 
 use crate::load::histogram;
 
@@ -109,16 +111,21 @@ pub fn push_admit(
     nonce: &str,
     reserve_nanos: i64,
 ) {
-    let call = admit::Call {
-        keys: k,
-        window_ms: i64::try_from(plan.window_ms).unwrap_or(i64::MAX),
-        ttl_ms: i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
-        nonce,
+    let ask = AdmitArgs {
+        key_hash: "",
         provider: "openai",
         api_format: "openai:chat",
         model: "gpt-4o",
-        reserve_nanos,
+        reserve: Money::from_nanos(reserve_nanos),
         reserve_tokens: 0,
+        lease: LeaseTerm::Default,
+    };
+    let call = admit::Call {
+        keys: k,
+        ask: &ask,
+        window_ms: i64::try_from(plan.window_ms).unwrap_or(i64::MAX),
+        ttl_ms: i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
+        nonce,
     };
     // The SHA the harness loaded is tollgate's: the same source.
     debug_assert_eq!(scripts().admit.sha(), sha);

@@ -11,7 +11,6 @@ use super::redis::{Redis, RedisFailure};
 use super::scripts::{admit, hydrate, release, scripts, settle, Scripts};
 use crate::decision::DenyCode;
 use crate::money::{Money, MAX_EXACT};
-use crate::period::BudgetPeriod;
 use crate::store::keys::KeyRow;
 
 /// How long an admission's lease lives, or that it takes none.
@@ -179,21 +178,6 @@ fn balance(n: i64) -> Option<Money> {
     (n >= 0).then_some(Money::from_nanos(n))
 }
 
-/// `\x1fa\x1fb\x1f`, or empty for "any": what admit.lua matches with one `string.find`.
-fn allow_list(list: &Option<Vec<String>>) -> String {
-    match list {
-        Some(items) if !items.is_empty() => {
-            let mut s = String::from('\u{1f}');
-            for i in items {
-                s.push_str(i);
-                s.push('\u{1f}');
-            }
-            s
-        }
-        _ => String::new(),
-    }
-}
-
 impl HotPath {
     pub fn new(
         redis: Redis,
@@ -258,14 +242,10 @@ impl HotPath {
         }
         let call = admit::Call {
             keys: &k,
+            ask: &a,
             window_ms: self.window_ms,
             ttl_ms,
             nonce: &nonce,
-            provider: a.provider,
-            api_format: a.api_format,
-            model: a.model,
-            reserve_nanos: a.reserve.nanos().max(0),
-            reserve_tokens: i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT),
         };
         let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
         let g = match admit::parse(v)? {
@@ -437,52 +417,7 @@ impl HotPath {
     /// Writes a key's configuration into Redis (newest version wins).
     pub async fn hydrate(&self, row: &KeyRow) -> Result<(), RedisFailure> {
         let k = self.layout.for_hash(&row.key_hash);
-        let exp = row
-            .expires_at
-            .map(|t| t.timestamp_millis().to_string())
-            .unwrap_or_default();
-        let (prov, fmt, mdl) = (
-            allow_list(&row.allowed_providers),
-            allow_list(&row.allowed_api_formats),
-            allow_list(&row.allowed_models),
-        );
-        let key_id = row.id.to_string();
-        // The period the seeded spend belongs to: Postgres summed it at the current time.
-        let period_start = row
-            .budget_period
-            .as_deref()
-            .and_then(BudgetPeriod::parse)
-            .map(|p| {
-                p.starts_at(chrono::Utc::now())
-                    .timestamp_millis()
-                    .to_string()
-            })
-            .unwrap_or_default();
-        let bal = if row.is_standalone {
-            row.current_balance_nanos.unwrap_or(-1)
-        } else {
-            -1
-        };
-        let call = hydrate::Call::Key(hydrate::Config {
-            version: row.version,
-            key_id: &key_id,
-            user_id: &row.user_id,
-            active: row.is_active,
-            expires_at: &exp,
-            providers: &prov,
-            api_formats: &fmt,
-            models: &mdl,
-            rate_limit: row.rate_limit.map_or(-1, i64::from),
-            concurrent_limit: row.concurrent_limit.map_or(-1, i64::from),
-            standalone: row.is_standalone,
-            balance_nanos: bal,
-            used_nanos: row.balance_used_nanos,
-            token_limit: row.token_limit.unwrap_or(-1),
-            budget_nanos: row.budget_nanos.unwrap_or(-1),
-            budget_period: row.budget_period.as_deref().unwrap_or(""),
-            period_spend_nanos: row.budget_spent_nanos,
-            period_start: &period_start,
-        });
+        let call = hydrate::Call::key(row);
         scripts()
             .hydrate
             .run(&self.redis, &[&k.state], &call.args())
@@ -493,9 +428,7 @@ impl HotPath {
     /// Remembers, briefly, that no key has this hash.
     pub async fn hydrate_unknown(&self, key_hash: &str) -> Result<(), RedisFailure> {
         let k = self.layout.for_hash(key_hash);
-        let call = hydrate::Call::Unknown {
-            ttl_ms: self.negative_ttl_ms,
-        };
+        let call = hydrate::Call::unknown(self.negative_ttl_ms);
         scripts()
             .hydrate
             .run(&self.redis, &[&k.state], &call.args())

@@ -4,8 +4,10 @@
 use redis::{FromRedisValue, Value};
 
 use super::ScriptArg;
+use crate::hot::admission::AdmitArgs;
 use crate::hot::layout::KeyRedisKeys;
 use crate::hot::redis::RedisFailure;
+use crate::money::MAX_EXACT;
 
 /// The script as Redis runs it: `lua/admit.lua` behind the shared functions it calls
 /// (`lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no other way to share.
@@ -15,19 +17,15 @@ pub const SOURCE: &str = concat!(
     include_str!("../../../lua/admit.lua")
 );
 
-/// One admission as admit.lua takes it.
+/// One admission as admit.lua takes it: what was asked (its bounds checked by the caller), the
+/// key's Redis keys, the window, the lease's TTL in ms (0: no lease) and its nonce.
 #[derive(Debug, Clone, Copy)]
 pub struct Call<'a> {
     pub keys: &'a KeyRedisKeys,
+    pub ask: &'a AdmitArgs<'a>,
     pub window_ms: i64,
-    /// 0: no lease.
     pub ttl_ms: i64,
     pub nonce: &'a str,
-    pub provider: &'a str,
-    pub api_format: &'a str,
-    pub model: &'a str,
-    pub reserve_nanos: i64,
-    pub reserve_tokens: i64,
 }
 
 impl<'a> Call<'a> {
@@ -37,15 +35,16 @@ impl<'a> Call<'a> {
     }
 
     pub fn args(&self) -> [ScriptArg<'a>; 8] {
+        let a = self.ask;
         [
             ScriptArg::Int(self.window_ms),
             ScriptArg::Int(self.ttl_ms),
             ScriptArg::Str(self.nonce),
-            ScriptArg::Str(self.provider),
-            ScriptArg::Str(self.api_format),
-            ScriptArg::Str(self.model),
-            ScriptArg::Int(self.reserve_nanos),
-            ScriptArg::Int(self.reserve_tokens),
+            ScriptArg::Str(a.provider),
+            ScriptArg::Str(a.api_format),
+            ScriptArg::Str(a.model),
+            ScriptArg::Int(a.reserve.nanos().max(0)),
+            ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT)),
         ]
     }
 }

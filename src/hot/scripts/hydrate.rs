@@ -1,71 +1,110 @@
-//! hydrate.lua's wire contract, written once: a key's configuration (or "no such key") as its
-//! ARGV. The script's header says what each one means and why.
+//! hydrate.lua's wire contract, written once: a key's row from Postgres (or "no such key") as
+//! its ARGV. The script's header says what each one means and why.
 
 use super::ScriptArg;
+use crate::period::BudgetPeriod;
+use crate::store::keys::KeyRow;
 
 pub const SOURCE: &str = include_str!("../../../lua/hydrate.lua");
 
-/// A key's configuration as the state hash keeps it.
-#[derive(Debug, Clone, Copy)]
-pub struct Config<'a> {
-    pub version: i64,
-    pub key_id: &'a str,
-    pub user_id: &'a str,
-    pub active: bool,
-    /// ms since the epoch; '' = never.
-    pub expires_at: &'a str,
-    /// Allow-lists as `\x1fa\x1fb\x1f`; '' = any.
-    pub providers: &'a str,
-    pub api_formats: &'a str,
-    pub models: &'a str,
-    pub rate_limit: i64,
-    pub concurrent_limit: i64,
-    pub standalone: bool,
-    pub balance_nanos: i64,
-    pub used_nanos: i64,
-    pub token_limit: i64,
-    pub budget_nanos: i64,
-    /// '' = never resets.
-    pub budget_period: &'a str,
-    pub period_spend_nanos: i64,
-    /// ms since the epoch of the seeded spend's period; ''.
-    pub period_start: &'a str,
+/// The row's values that are not already text or numbers as the script takes them.
+#[derive(Debug, Clone)]
+pub(crate) struct Call<'a> {
+    row: Option<&'a KeyRow>,
+    key_id: String,
+    expires_at: String,
+    allow_lists: [String; 3],
+    period_start: String,
+    negative_ttl_ms: i64,
 }
 
-#[derive(Debug, Clone, Copy)]
-pub enum Call<'a> {
-    Key(Config<'a>),
-    /// No key has this hash: remember that for this long (ms).
-    Unknown {
-        ttl_ms: i64,
-    },
-}
-
-impl Call<'_> {
-    pub fn args(&self) -> Vec<ScriptArg<'_>> {
-        match self {
-            Call::Unknown { ttl_ms } => vec![ScriptArg::Str("none"), ScriptArg::Int(*ttl_ms)],
-            Call::Key(c) => vec![
-                ScriptArg::Str("key"),
-                ScriptArg::Int(c.version),
-                ScriptArg::Str(c.key_id),
-                ScriptArg::Str(c.user_id),
-                ScriptArg::Int(i64::from(c.active)),
-                ScriptArg::Str(c.expires_at),
-                ScriptArg::Str(c.providers),
-                ScriptArg::Str(c.api_formats),
-                ScriptArg::Str(c.models),
-                ScriptArg::Int(c.rate_limit),
-                ScriptArg::Int(c.concurrent_limit),
-                ScriptArg::Int(i64::from(c.standalone)),
-                ScriptArg::Int(c.balance_nanos),
-                ScriptArg::Int(c.used_nanos),
-                ScriptArg::Int(c.token_limit),
-                ScriptArg::Int(c.budget_nanos),
-                ScriptArg::Str(c.budget_period),
-                ScriptArg::Int(c.period_spend_nanos),
-                ScriptArg::Str(c.period_start),
-            ],
+/// `\x1fa\x1fb\x1f`, or empty for "any": what admit.lua matches with one `string.find`.
+fn allow_list(list: &Option<Vec<String>>) -> String {
+    match list {
+        Some(items) if !items.is_empty() => {
+            let mut s = String::from('\u{1f}');
+            for i in items {
+                s.push_str(i);
+                s.push('\u{1f}');
+            }
+            s
         }
+        _ => String::new(),
+    }
+}
+
+impl<'a> Call<'a> {
+    /// Writes the row's configuration (the newest version wins).
+    pub(crate) fn key(row: &'a KeyRow) -> Self {
+        // The period the seeded spend belongs to: Postgres summed it at the current time.
+        let period_start = row
+            .budget_period
+            .as_deref()
+            .and_then(BudgetPeriod::parse)
+            .map(|p| {
+                p.starts_at(chrono::Utc::now())
+                    .timestamp_millis()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        Call {
+            row: Some(row),
+            key_id: row.id.to_string(),
+            expires_at: row
+                .expires_at
+                .map(|t| t.timestamp_millis().to_string())
+                .unwrap_or_default(),
+            allow_lists: [
+                allow_list(&row.allowed_providers),
+                allow_list(&row.allowed_api_formats),
+                allow_list(&row.allowed_models),
+            ],
+            period_start,
+            negative_ttl_ms: 0,
+        }
+    }
+
+    /// No key has this hash: remember that for `ttl_ms`.
+    pub(crate) fn unknown(ttl_ms: i64) -> Self {
+        Call {
+            row: None,
+            key_id: String::new(),
+            expires_at: String::new(),
+            allow_lists: Default::default(),
+            period_start: String::new(),
+            negative_ttl_ms: ttl_ms,
+        }
+    }
+
+    pub(crate) fn args(&self) -> Vec<ScriptArg<'_>> {
+        let Some(row) = self.row else {
+            return vec![ScriptArg::Str("none"), ScriptArg::Int(self.negative_ttl_ms)];
+        };
+        let balance = match row.is_standalone {
+            true => row.current_balance_nanos.unwrap_or(-1),
+            false => -1,
+        };
+        let [providers, formats, models] = &self.allow_lists;
+        vec![
+            ScriptArg::Str("key"),
+            ScriptArg::Int(row.version),
+            ScriptArg::Str(&self.key_id),
+            ScriptArg::Str(&row.user_id),
+            ScriptArg::Int(i64::from(row.is_active)),
+            ScriptArg::Str(&self.expires_at),
+            ScriptArg::Str(providers),
+            ScriptArg::Str(formats),
+            ScriptArg::Str(models),
+            ScriptArg::Int(row.rate_limit.map_or(-1, i64::from)),
+            ScriptArg::Int(row.concurrent_limit.map_or(-1, i64::from)),
+            ScriptArg::Int(i64::from(row.is_standalone)),
+            ScriptArg::Int(balance),
+            ScriptArg::Int(row.balance_used_nanos),
+            ScriptArg::Int(row.token_limit.unwrap_or(-1)),
+            ScriptArg::Int(row.budget_nanos.unwrap_or(-1)),
+            ScriptArg::Str(row.budget_period.as_deref().unwrap_or("")),
+            ScriptArg::Int(row.budget_spent_nanos),
+            ScriptArg::Str(&self.period_start),
+        ]
     }
 }
