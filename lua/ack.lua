@@ -6,6 +6,8 @@
 -- Together they either both happen or neither does (and the batch is simply re-delivered; the
 -- insert ignores events it already has).
 --
+-- The Rust side of this contract (arguments in this order, the reply read) is
+-- src/hot/scripts/ack.rs.
 -- KEYS[1] stream  STREAM  a shard's usage stream
 -- ARGV[1] consumer group
 -- ARGV[2..] entry ids

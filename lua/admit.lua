@@ -9,6 +9,9 @@
 -- a denial writes nothing at all. The clock is Redis's TIME, shared by every replica.
 --
 -- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
+-- The Rust side of this contract (arguments in this order, the reply read) is
+-- src/hot/scripts/admit.rs. It calls lib/calendar.lua and lib/holds.lua, which
+-- tollgate prepends.
 -- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
 -- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
 -- KEYS[3] live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)

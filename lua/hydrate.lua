@@ -7,6 +7,8 @@
 -- fields written in one step, so the newest configuration always wins; and the running
 -- counters (used, held), which only Redis keeps current, are never clobbered.
 --
+-- The Rust side of this contract (arguments in this order, the reply read) is
+-- src/hot/scripts/hydrate.rs.
 -- KEYS[1] state   HASH
 -- ARGV[1] 'key' | 'none'
 -- for 'none':  ARGV[2] negative-cache TTL (ms)

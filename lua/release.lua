@@ -4,6 +4,8 @@
 -- and only once; a release racing a settle or another release of the same lease must not give
 -- the hold back twice (which would let later admissions overspend the balance).
 --
+-- The Rust side of this contract (arguments in this order, the reply read) is
+-- src/hot/scripts/release.rs. It calls lib/holds.lua, which tollgate prepends.
 -- KEYS[1] state   HASH  key state
 -- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases

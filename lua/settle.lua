@@ -7,6 +7,9 @@
 -- and two concurrent settles of one lease could both pass a "not settled yet" check. The
 -- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
 --
+-- The Rust side of this contract (arguments in this order, the reply read) is
+-- src/hot/scripts/settle.rs. It calls lib/calendar.lua and lib/holds.lua, which
+-- tollgate prepends.
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
 -- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
