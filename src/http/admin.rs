@@ -33,23 +33,13 @@ pub(crate) async fn require_token(
     next: Next,
 ) -> Response {
     let Some(expected) = &state.config.admin_token else {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "admin_disabled",
-            "the admin API is disabled: TOLLGATE_ADMIN_TOKEN is not set",
-        )
-        .into_response();
+        return ApiError::admin_disabled().into_response();
     };
     let given = credentials::bearer(req.headers()).unwrap_or("");
     if bool::from(given.as_bytes().ct_eq(expected.expose().as_bytes())) {
         next.run(req).await
     } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong admin bearer token",
-        )
-        .into_response()
+        ApiError::unauthorized().into_response()
     }
 }
 
@@ -266,9 +256,7 @@ pub(crate) async fn create(
     StrictJson(b): StrictJson<CreateBody>,
 ) -> Result<Response, ApiError> {
     let Some(enc) = &state.config.encryption_key else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "encryption_unavailable",
+        return Err(ApiError::encryption_unavailable(
             "TOLLGATE_ENCRYPTION_KEY is not set: keys cannot be stored recoverably",
         ));
     };
@@ -372,19 +360,13 @@ pub(crate) async fn secret(
 ) -> Result<Response, ApiError> {
     let row = get_row(&state, parse_id(&id)?).await?;
     let Some(enc) = &state.config.encryption_key else {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "encryption_unavailable",
+        return Err(ApiError::encryption_unavailable(
             "TOLLGATE_ENCRYPTION_KEY is not set",
         ));
     };
     let key = enc.open(row.id, &row.key_sealed).map_err(|e| {
         tracing::error!(key_id = %row.id, error = %e, "sealed key does not open");
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "secret_unrecoverable",
-            "the stored copy of this key cannot be opened with the configured encryption key",
-        )
+        ApiError::secret_unrecoverable()
     })?;
     tracing::info!(key_id = %row.id, "key secret revealed to an admin");
     Ok(Json(json!({"key": key.expose()})).into_response())

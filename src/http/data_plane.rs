@@ -151,14 +151,6 @@ pub struct SettleBody {
     model: Option<String>,
 }
 
-fn lease_unknown() -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "lease_unknown",
-        "no such lease was issued",
-    )
-}
-
 pub async fn settle(
     State(state): State<Arc<AppState>>,
     StrictJson(b): StrictJson<SettleBody>,
@@ -201,14 +193,10 @@ pub async fn settle(
     let (duplicate, expired, available) = match outcome {
         SettleOutcome::Unknown => {
             m.settle_lease_unknown.increment(1);
-            return Err(lease_unknown());
+            return Err(ApiError::lease_unknown());
         }
         SettleOutcome::PriceUnknown | SettleOutcome::NeedsPrice { .. } => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "price_unknown",
-                "no price is known for this provider and model: send cost_usd",
-            ))
+            return Err(ApiError::price_unknown())
         }
         SettleOutcome::CostTooLarge => {
             return Err(ApiError::bad_request(
@@ -259,7 +247,7 @@ pub async fn release(
         ReleaseOutcome::Released | ReleaseOutcome::Ended => {
             Ok(Json(json!({"released": true})).into_response())
         }
-        ReleaseOutcome::Unknown => Err(lease_unknown()),
+        ReleaseOutcome::Unknown => Err(ApiError::lease_unknown()),
     }
 }
 

@@ -40,6 +40,56 @@ impl ApiError {
     }
 
     /// A provider, API format or model name refused in the request's `field`.
+    /// The admin API without `TOLLGATE_ADMIN_TOKEN`.
+    pub(crate) fn admin_disabled() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "admin_disabled",
+            "the admin API is disabled: TOLLGATE_ADMIN_TOKEN is not set",
+        )
+    }
+
+    pub(crate) fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong admin bearer token",
+        )
+    }
+
+    /// Keys cannot be sealed or opened without `TOLLGATE_ENCRYPTION_KEY`.
+    pub(crate) fn encryption_unavailable(message: &'static str) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "encryption_unavailable",
+            message,
+        )
+    }
+
+    pub(crate) fn secret_unrecoverable() -> Self {
+        Self::new(
+            StatusCode::CONFLICT,
+            "secret_unrecoverable",
+            "the stored copy of this key cannot be opened with the configured encryption key",
+        )
+    }
+
+    pub(crate) fn lease_unknown() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "lease_unknown",
+            "no such lease was issued",
+        )
+    }
+
+    pub(crate) fn price_unknown() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "price_unknown",
+            "no price is known for this provider and model: send cost_usd",
+        )
+    }
+
     pub(crate) fn label(field: &str, _: InvalidLabel) -> Self {
         Self::bad_request(format!(
             "{field} must be at most {MAX_LABEL_LEN} characters without control characters"
