@@ -1,5 +1,6 @@
-//! Typed calls of the hot-path scripts: admit, settle, release, hydrate. Each is exactly one
-//! Redis command (an `EVALSHA`); this module only shapes arguments and answers.
+//! The hot path: admit, settle, release, hydrate, each exactly one Redis command (an `EVALSHA`).
+//! Here the arguments' bounds are checked and the scripts' replies become outcomes; their wire
+//! format is `scripts/<script>.rs`'s.
 
 use std::time::Duration;
 
