@@ -122,5 +122,10 @@ else
   redis.call('HSETNX', state, 'bsp', ARGV[18])
   redis.call('HSETNX', state, 'bps', ARGV[19])
 end
+-- When this Redis first held the key's state: a settlement of a lease admitted before it may
+-- repeat one whose charge `used` was seeded with (settle.lua flags it; see ack.lua).
+local t = redis.call('TIME')
+redis.call('HSETNX', state, 'born', string.format('%.0f', tonumber(t[1]) * 1000
+  + math.floor(tonumber(t[2]) / 1000)))
 redis.call('PERSIST', state)
 return 'written'

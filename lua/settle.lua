@@ -105,9 +105,9 @@ local only_live = ARGV[12] == 'live'
 -- Everything this script needs of the key's state, in one read, each field in a named local;
 -- `id` missing = not hydrated.
 local key_id, bal, used_s, held_s, unknown, htok_s, token_limit, budget, budget_period,
-  period_start, period_spend, wtok_s =
+  period_start, period_spend, wtok_s, born =
   unpack(redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
-    'bper', 'bps', 'bsp', 'wtok'))
+    'bper', 'bps', 'bsp', 'wtok', 'born'))
 local hydrated = key_id ~= false
 budget_period = budget_period or ''
 -- What this settlement will write besides `used`: the token window of a key with a token
@@ -260,9 +260,17 @@ if budgeted then
   end
 end
 
+-- A lease admitted before this Redis held the key's state (`born`, hydrate.lua) was admitted
+-- in an earlier life of Redis: its settlement may repeat one that reached Postgres before that
+-- life ended, whose charge `used` was then seeded with. The syncer gives such a repeat's cost
+-- back when Postgres already has the event from another settlement (ack.lua).
+local earlier_life = '0'
+if born and tonumber(admitted_at) < (tonumber(born) or 0) then earlier_life = '1' end
+
 -- One field, the event's values joined by '\31' in this order: event id, key id, user id,
 -- cost, input, output and total tokens, response time, status code, provider, api format,
--- model, admitted at, settled at, expired (`sync/usage.rs` reads it). One argument where
+-- model, admitted at, settled at, expired, admitted in an earlier life of Redis (1|0)
+-- (`sync/usage.rs` reads it). One argument where
 -- named fields took thirty: every argument crosses from Lua into Redis, and the stream stores
 -- one value. None of them can hold '\31': ids and numbers do not, and labels and user ids
 -- are refused with control characters.
@@ -270,7 +278,7 @@ redis.call('XADD', stream, '*', 'v', event_id .. '\31' .. lease_key .. '\31' .. 
   .. '\31' .. cost .. '\31' .. input .. '\31' .. output .. '\31' .. total .. '\31' .. ARGV[5]
   .. '\31' .. ARGV[6] .. '\31' .. pick(ARGV[7], lease_provider) .. '\31'
   .. pick(ARGV[8], lease_format) .. '\31' .. pick(ARGV[9], lease_model) .. '\31'
-  .. admitted_at .. '\31' .. int(now) .. '\31' .. expired)
+  .. admitted_at .. '\31' .. int(now) .. '\31' .. expired .. '\31' .. earlier_life)
 
 -- A record (an id from before sealed ids) becomes a tombstone that only answers "duplicate".
 if not sealed then redis.call('SET', lease, 'S', 'PX', tomb_ttl) end

@@ -46,6 +46,19 @@ impl KeyRedisKeys {
     }
 }
 
+/// The key state of the API key whose usage event `event_id` (`<sid>.<nonce>`) is in the shard
+/// stream `stream`: the stream and the state share the shard's prefix. `None` for an id that
+/// is not one.
+pub(crate) fn state_of_event(stream: &str, event_id: &str) -> Option<String> {
+    let prefix = stream.strip_suffix('u')?;
+    let (sid, _) = event_id.split_once('.')?;
+    let sid_ok = sid.len() == SID_LEN
+        && sid
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    sid_ok.then(|| format!("{prefix}k:{sid}"))
+}
+
 impl Layout {
     pub fn new(ns: &str) -> Self {
         Layout { ns: ns.to_string() }
@@ -144,6 +157,15 @@ mod tests {
             assert!(name.starts_with("tg:"), "{name}");
             assert_eq!(tag(name), "tg.a");
         }
+    }
+
+    #[test]
+    fn an_events_state_is_named_from_its_stream_and_id() {
+        let k = Layout::new("tg").for_hash(&"c4".repeat(32));
+        let id = k.lease_id(&new_nonce());
+        assert_eq!(state_of_event(&k.stream(), &id), Some(k.state.clone()));
+        assert_eq!(state_of_event(&k.stream(), "nodot"), None);
+        assert_eq!(state_of_event("not-a-stream", &id), None);
     }
 
     #[test]

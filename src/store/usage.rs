@@ -29,6 +29,20 @@ pub struct UsageEvent {
     pub settled_at: DateTime<Utc>,
 }
 
+/// When Postgres recorded each of these events (`created_at`: its settlement's time), for those
+/// it has.
+pub async fn settled_at(
+    conn: &mut sqlx::PgConnection,
+    event_ids: Vec<String>,
+) -> Result<Vec<(String, DateTime<Utc>)>, StoreError> {
+    Ok(sqlx::query_as(
+        "SELECT event_id, created_at FROM usage_events WHERE event_id = ANY($1::text[])",
+    )
+    .bind(event_ids)
+    .fetch_all(conn)
+    .await?)
+}
+
 /// Inserts a batch and, for the events that were new, adds them to the daily roll-up and to
 /// each key's `balance_used_nanos` / `last_used_at` — all in one statement, so a batch that is
 /// delivered twice (a crash before XACK) changes nothing the second time. Returns how many

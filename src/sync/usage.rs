@@ -20,10 +20,12 @@ use sqlx::{PgPool, Postgres};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::hot::layout::state_of_event;
 use crate::hot::redis::{Redis, RedisFailure};
+use crate::hot::scripts::ack::GiveBack;
 use crate::hot::scripts::{ack, scripts};
 use crate::metrics::Metrics;
-use crate::store::usage::{insert_batch, UsageEvent};
+use crate::store::usage::{insert_batch, settled_at, UsageEvent};
 use crate::store::{PgReady, StoreError};
 
 pub const GROUP: &str = "tollgate-sync";
@@ -129,8 +131,13 @@ pub(crate) fn parse_event(e: &StreamId) -> Option<UsageEvent> {
 /// `v`: the values joined by `\x1f`, in settle.lua's order.
 fn parse_packed(v: &str) -> Option<UsageEvent> {
     let f: Vec<&str> = v.split('\u{1f}').collect();
+    // The sixteenth value (admitted in an earlier life of Redis) is read by [`earlier_life`].
+    let fields = match f.len() {
+        15 | 16 => &f[..15],
+        _ => return None,
+    };
     let [event_id, key_id, user_id, cost, input, output, total, rt, sc, provider, api_format, model, admitted, settled, expired] =
-        f.as_slice()
+        fields
     else {
         return None;
     };
@@ -153,6 +160,12 @@ fn parse_packed(v: &str) -> Option<UsageEvent> {
         admitted_at: ms_time(int(admitted)?)?,
         settled_at: ms_time(int(settled)?)?,
     })
+}
+
+/// Whether settle.lua flagged the event's lease as admitted before this Redis held the key's
+/// state: its charge may repeat one Postgres already has (see [`Syncer::give_backs`]).
+fn earlier_life(e: &StreamId) -> bool {
+    str_field(e, "v").is_some_and(|v| v.split('\u{1f}').nth(15) == Some("1"))
 }
 
 fn parse_named(e: &StreamId) -> Option<UsageEvent> {
@@ -383,16 +396,17 @@ impl Syncer {
         Ok(reply.claimed)
     }
 
-    async fn ack(&self, stream: &str, ids: &[&str]) -> Result<(), RedisFailure> {
-        // XACK and XDEL together, atomically (lua/ack.lua).
-        let call = ack::Call {
-            stream,
-            group: GROUP,
-            ids,
-        };
+    async fn ack(
+        &self,
+        stream: &str,
+        ids: &[&str],
+        give_backs: &[GiveBack<'_>],
+    ) -> Result<(), RedisFailure> {
+        // XACK and XDEL together, atomically, and any charge given back with them (ack.lua).
+        let call = ack::Call::new(stream, GROUP, ids, give_backs);
         scripts()
             .ack
-            .run(&self.redis, &call.keys(), &call.args())
+            .run(&self.redis, call.keys(), &call.args())
             .await?;
         Ok(())
     }
@@ -405,11 +419,18 @@ impl Syncer {
     /// CPU of one larger one (docs/PERFORMANCE.md, "What was tried").
     async fn sync(&mut self, gathered: Vec<Gathered>) -> Result<u64, SyncError> {
         let mut events = Vec::with_capacity(gathered.iter().map(|g| g.entries.len()).sum());
-        for g in &gathered {
+        // Events of leases admitted in an earlier life of Redis: (shard, entry id, event).
+        let mut earlier = Vec::new();
+        for (gi, g) in gathered.iter().enumerate() {
             self.own_pending[g.shard] = true;
             for e in &g.entries {
                 match parse_event(e) {
-                    Some(ev) => events.push(ev),
+                    Some(ev) => {
+                        if earlier_life(e) {
+                            earlier.push((gi, e.id.clone(), ev.clone()));
+                        }
+                        events.push(ev)
+                    }
                     // Only settle.lua writes here; an unreadable entry is corruption. It is
                     // logged and acknowledged, or it would block its shard forever.
                     None => tracing::error!(stream = %self.streams[g.shard], id = %e.id,
@@ -433,9 +454,30 @@ impl Syncer {
             Err(e) => return Err(e.into()),
         };
         self.metrics.events_synced.increment(new);
-        for g in &gathered {
+        let repeats = self.repeats(&earlier).await?;
+        for (gi, g) in gathered.iter().enumerate() {
             let ids: Vec<&str> = g.entries.iter().map(|e| e.id.as_str()).collect();
-            self.ack(&self.streams[g.shard], &ids).await?;
+            let stream = &self.streams[g.shard];
+            let states: Vec<(&str, String, i64)> = repeats
+                .iter()
+                .filter(|(i, ..)| *i == gi)
+                .filter_map(|(_, id, ev)| {
+                    Some((
+                        id.as_str(),
+                        state_of_event(stream, &ev.event_id)?,
+                        ev.cost_nanos,
+                    ))
+                })
+                .collect();
+            let give_backs: Vec<GiveBack<'_>> = states
+                .iter()
+                .map(|(id, state, nanos)| GiveBack {
+                    entry_id: id,
+                    state,
+                    nanos: *nanos,
+                })
+                .collect();
+            self.ack(stream, &ids, &give_backs).await?;
             // A re-read or claimed batch may not have been all this consumer holds (a claim
             // adds to what it already had): look again next pass, until a re-read comes back
             // empty.
@@ -444,6 +486,58 @@ impl Syncer {
             }
         }
         Ok(new)
+    }
+
+    /// Of the events flagged as admitted in an earlier life of Redis, those Postgres recorded
+    /// from another settlement (at another time) than this one: the same lease settled once
+    /// before Redis lost its data and again after. Postgres kept the first; Redis's `used`,
+    /// seeded from Postgres, already held its charge and then took this one's too, which
+    /// ack.lua gives back. An event Postgres recorded from this very settlement (a batch
+    /// delivered again, or the insert just made) is not one.
+    async fn repeats(
+        &mut self,
+        earlier: &[(usize, String, UsageEvent)],
+    ) -> Result<Vec<(usize, String, UsageEvent)>, SyncError> {
+        if earlier.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = earlier.iter().map(|(_, _, e)| e.event_id.clone()).collect();
+        // On the syncer's own connection, as its writes (see [`Syncer::write`]).
+        if self.conn_used.elapsed() > KEEP_IDLE {
+            self.close_conn();
+        }
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self
+                .conn
+                .insert(self.db.acquire().await.map_err(StoreError::from)?),
+        };
+        self.conn_used = Instant::now();
+        let recorded = match tokio::time::timeout(self.write_bound, settled_at(conn, ids)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                if matches!(e, StoreError::Unavailable(_)) {
+                    self.close_conn();
+                }
+                return Err(e.into());
+            }
+            Err(_) => {
+                self.close_conn();
+                return Err(StoreError::no_answer(self.write_bound).into());
+            }
+        };
+        let at: std::collections::HashMap<String, i64> = recorded
+            .into_iter()
+            .map(|(id, t)| (id, t.timestamp_millis()))
+            .collect();
+        Ok(earlier
+            .iter()
+            .filter(|(_, _, e)| {
+                at.get(&e.event_id)
+                    .is_some_and(|t| *t != e.settled_at.timestamp_millis())
+            })
+            .cloned()
+            .collect())
     }
 
     /// Inserts a shard's events singly; one Postgres refuses for its data moves, with its
@@ -676,8 +770,15 @@ mod tests {
              \u{1f}1700000000000\u{1f}1700000000001\u{1f}0"
         );
         assert!(parse_event(&entry(&[("v", &good)])).is_some());
+        // Settled by this build: a sixteenth value says whether the lease is from an earlier
+        // life of Redis; events from before it have fifteen and say no.
+        let flagged = format!("{good}\u{1f}1");
+        assert!(parse_event(&entry(&[("v", &flagged)])).is_some());
+        assert!(earlier_life(&entry(&[("v", &flagged)])));
+        assert!(!earlier_life(&entry(&[("v", &format!("{good}\u{1f}0"))])));
+        assert!(!earlier_life(&entry(&[("v", &good)])));
         let short = good.rsplit_once('\u{1f}').expect("fields").0.to_string();
-        let long = format!("{good}\u{1f}extra");
+        let long = format!("{good}\u{1f}1\u{1f}extra");
         let bad_cost = good.replacen(
             "\u{1f}1\u{1f}1\u{1f}1\u{1f}2",
             "\u{1f}x\u{1f}1\u{1f}1\u{1f}2",

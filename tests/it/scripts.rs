@@ -386,7 +386,7 @@ async fn hydrate_calls_out_of_bounds_are_refused_before_any_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
+async fn ack_calls_with_bad_ids_are_refused_before_any_write_and_a_charge_is_given_back_once() {
     require_services().await;
     let ns = unique("t");
     let stream = Layout::new(&ns).streams()[0].clone();
@@ -431,10 +431,17 @@ async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
     let before = dump(&c, std::slice::from_ref(&stream)).await;
     let bad: Vec<String> = vec![ids[0].clone(), "not-an-id".into(), ids[1].clone()];
     let too_many: Vec<String> = (0..1001).map(|_| ids[0].clone()).collect();
+    // A give-back (`<id>=<nano-USD>`) needs its state key, and a whole amount.
+    let unkeyed: Vec<String> = vec![format!("{}=5", ids[0])];
+    let empty_amount: Vec<String> = vec![format!("{}=", ids[0])];
+    let huge_amount: Vec<String> = vec![format!("{}=12345678901234567", ids[0])];
     for (group, list, want) in [
         ("g", &bad, "INVALID_ARGUMENT"),
         ("", &ids, "INVALID_ARGUMENT"),
         ("g", &too_many, "LIMIT_EXCEEDED"),
+        ("g", &unkeyed, "INVALID_ARGUMENT"),
+        ("g", &empty_amount, "INVALID_ARGUMENT"),
+        ("g", &huge_amount, "INVALID_ARGUMENT"),
     ] {
         let mut args = vec![ScriptArg::Str(group)];
         args.extend(list.iter().map(|i| ScriptArg::Str(i)));
@@ -445,15 +452,40 @@ async fn ack_calls_with_bad_ids_or_too_many_are_refused_before_any_write() {
             "{want}: the stream and its group are unchanged"
         );
     }
-    // Well-formed, it acknowledges and deletes.
-    let mut args = vec![ScriptArg::Str("g")];
-    args.extend(ids.iter().map(|i| ScriptArg::Str(i)));
+    // Well-formed, it acknowledges and deletes, and gives a charge back with the entry it
+    // belongs to: once, as only one call can acknowledge the entry.
+    let state = format!("{stream}:state");
+    hset(&c, &state, "used", "1000").await;
+    let back = format!("{}=300", ids[1]);
+    let mut args = vec![
+        ScriptArg::Str("g"),
+        ScriptArg::Str(&ids[0]),
+        ScriptArg::Str(&back),
+    ];
+    args.extend(ids[2..].iter().map(|i| ScriptArg::Str(i)));
     let deleted = scripts
         .ack
-        .run(&redis, &[&stream], &args)
+        .run(&redis, &[&stream, &state], &args)
         .await
         .expect("ack");
     assert_eq!(deleted, redis::Value::Int(3));
+    assert_eq!(hget(&c, &state, "used").await.as_deref(), Some("700"));
+    let again = scripts
+        .ack
+        .run(&redis, &[&stream, &state], &args)
+        .await
+        .expect("ack again");
+    assert_eq!(again, redis::Value::Int(0));
+    assert_eq!(
+        hget(&c, &state, "used").await.as_deref(),
+        Some("700"),
+        "a batch acknowledged twice gives nothing back twice"
+    );
+    let _: i64 = redis::cmd("DEL")
+        .arg(&state)
+        .query_async(&mut c)
+        .await
+        .expect("del");
     let _: i64 = redis::cmd("DEL")
         .arg(&stream)
         .query_async(&mut c)

@@ -410,3 +410,69 @@ async fn a_settled_lease_settled_again_is_a_duplicate_even_where_a_first_settlem
         "one usage event: the replay and the refusal recorded nothing"
     );
 }
+
+/// A sealed lease settled before Redis lost its data and settled again after it (its tombstone
+/// went with the data) is charged twice in Redis: the key's `used`, seeded again from
+/// Postgres, already holds the first charge. Postgres keeps one event; the syncer sees that
+/// the event it has is another settlement's, and gives the second charge back in Redis with
+/// the acknowledgement, so the balance answered afterwards is charged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_repeated_after_a_redis_loss_is_charged_once_in_redis_too() {
+    use crate::common::hot_suite::{admit, await_balance_used, settle, with_key};
+    let app = spawn_app().await;
+    let (key, id) = new_key(
+        &app,
+        json!({"is_standalone": true, "initial_balance_usd": 1, "concurrent_limit": null}),
+    )
+    .await;
+    let first = admit(&app, with_key(&key, json!({})))
+        .await
+        .lease("before the loss");
+    settle(&app, &first, "0.25").await.assert_clean();
+    await_balance_used(&app, &id, nanos(&amount("0.25"))).await;
+
+    assert!(
+        !app.wipe_namespace().await.is_empty(),
+        "Redis lost the namespace"
+    );
+    // The next admission loads the key again, `used` seeded with the first charge.
+    admit(&app, with_key(&key, json!({})))
+        .await
+        .lease("after the loss");
+    let again = settle(&app, &first, "0.25").await;
+    assert_eq!(
+        again.json()["duplicate"],
+        false,
+        "the tombstone went with Redis: {}",
+        again.json()
+    );
+    assert_eq!(
+        nanos(&again.json()["balance_remaining_usd"]),
+        nanos(&amount("0.5")),
+        "charged again in Redis until the syncer finds the repeat"
+    );
+
+    let hot = app.hot_path();
+    let hash = tollgate::keys::hash(&key);
+    let once = tollgate::money::Money::from_nanos(nanos(&amount("0.25")));
+    let mut used = None;
+    for _ in 0..200 {
+        used = hot.used(&hash).await.expect("Redis");
+        if used == Some(once) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(used, Some(once), "the repeat's charge given back in Redis");
+    await_balance_used(&app, &id, nanos(&amount("0.25"))).await;
+    let fresh = admit(&app, with_key(&key, json!({}))).await;
+    assert_eq!(
+        nanos(&fresh.json()["balance_remaining_usd"]),
+        nanos(&amount("0.75")),
+        "the balance answered is charged once: {}",
+        fresh.json()
+    );
+    // Given back once: later passes of the syncer leave it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(hot.used(&hash).await.expect("Redis"), Some(once));
+}
