@@ -163,7 +163,7 @@ fn parse_packed(v: &str) -> Option<UsageEvent> {
 }
 
 /// Whether settle.lua flagged the event's lease as admitted before this Redis held the key's
-/// state: its charge may repeat one Postgres already has (see [`Syncer::give_backs`]).
+/// state: its charge may repeat one Postgres already has (see [`Syncer::repeats`]).
 fn earlier_life(e: &StreamId) -> bool {
     str_field(e, "v").is_some_and(|v| v.split('\u{1f}').nth(15) == Some("1"))
 }
@@ -309,23 +309,31 @@ impl Syncer {
     /// one connects afresh; one kept idle longer than [`KEEP_IDLE`] is closed too, before a
     /// NAT forgets it. If an abandoned batch did commit, its redelivery inserts nothing.
     async fn write(&mut self, events: &[UsageEvent]) -> Result<u64, StoreError> {
-        if self.conn_used.elapsed() > KEEP_IDLE {
-            self.close_conn();
-        }
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self.conn.insert(self.db.acquire().await?),
+        let bound = self.write_bound;
+        let conn = self.connection().await?;
+        let result = match tokio::time::timeout(bound, insert_batch(&mut **conn, events)).await {
+            Ok(written) => written,
+            Err(_) => Err(StoreError::no_answer(bound)),
         };
-        self.conn_used = Instant::now();
-        let result =
-            match tokio::time::timeout(self.write_bound, insert_batch(&mut **conn, events)).await {
-                Ok(written) => written,
-                Err(_) => Err(StoreError::no_answer(self.write_bound)),
-            };
         if matches!(result, Err(StoreError::Unavailable(_))) {
             self.close_conn();
         }
         result
+    }
+
+    /// The connection writes go through, opened again when it was closed or kept idle past
+    /// [`KEEP_IDLE`].
+    async fn connection(&mut self) -> Result<&mut PoolConnection<Postgres>, StoreError> {
+        if self.conn_used.elapsed() > KEEP_IDLE {
+            self.close_conn();
+        }
+        self.conn_used = Instant::now();
+        if self.conn.is_none() {
+            self.conn = Some(self.db.acquire().await?);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| StoreError::no_answer(self.write_bound))
     }
 
     fn close_conn(&mut self) {
@@ -502,30 +510,17 @@ impl Syncer {
             return Ok(Vec::new());
         }
         let ids: Vec<String> = earlier.iter().map(|(_, _, e)| e.event_id.clone()).collect();
-        // On the syncer's own connection, as its writes (see [`Syncer::write`]).
-        if self.conn_used.elapsed() > KEEP_IDLE {
+        // On the syncer's own connection and within its bound, as its writes.
+        let bound = self.write_bound;
+        let conn = self.connection().await?;
+        let recorded = match tokio::time::timeout(bound, settled_at(conn, ids)).await {
+            Ok(read) => read,
+            Err(_) => Err(StoreError::no_answer(bound)),
+        };
+        if matches!(recorded, Err(StoreError::Unavailable(_))) {
             self.close_conn();
         }
-        let conn = match &mut self.conn {
-            Some(conn) => conn,
-            None => self
-                .conn
-                .insert(self.db.acquire().await.map_err(StoreError::from)?),
-        };
-        self.conn_used = Instant::now();
-        let recorded = match tokio::time::timeout(self.write_bound, settled_at(conn, ids)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                if matches!(e, StoreError::Unavailable(_)) {
-                    self.close_conn();
-                }
-                return Err(e.into());
-            }
-            Err(_) => {
-                self.close_conn();
-                return Err(StoreError::no_answer(self.write_bound).into());
-            }
-        };
+        let recorded = recorded?;
         let at: std::collections::HashMap<String, i64> = recorded
             .into_iter()
             .map(|(id, t)| (id, t.timestamp_millis()))
