@@ -328,12 +328,11 @@ impl Syncer {
             self.close_conn();
         }
         self.conn_used = Instant::now();
-        if self.conn.is_none() {
-            self.conn = Some(self.db.acquire().await?);
-        }
-        self.conn
-            .as_mut()
-            .ok_or_else(|| StoreError::no_answer(self.write_bound))
+        let conn = match self.conn.take() {
+            Some(conn) => conn,
+            None => self.db.acquire().await?,
+        };
+        Ok(self.conn.insert(conn))
     }
 
     fn close_conn(&mut self) {

@@ -483,10 +483,6 @@ async fn ack_calls_with_bad_ids_are_refused_before_any_write_and_a_charge_is_giv
     );
     let _: i64 = redis::cmd("DEL")
         .arg(&state)
-        .query_async(&mut c)
-        .await
-        .expect("del");
-    let _: i64 = redis::cmd("DEL")
         .arg(&stream)
         .query_async(&mut c)
         .await
