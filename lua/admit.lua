@@ -10,10 +10,11 @@
 --
 -- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/admit.rs. It calls lib/calendar.lua and lib/holds.lua, which
--- tollgate prepends.
--- KEYS[1] state   HASH  key state (see hydrate.lua); missing = not hydrated; field none = unknown key
--- KEYS[2] rate    ZSET  admission log: member = lease nonce, score = admission time (ms)
+-- src/hot/scripts/admit.rs. It calls lib/config.lua, lib/ring.lua, lib/calendar.lua and
+-- lib/holds.lua, which tollgate prepends.
+-- KEYS[1] state   HASH  key state (see hydrate.lua; `cfn` its configuration folded, lib/config.lua;
+--                 `rw` the rate ring's cursor); missing = not hydrated; field none = unknown key
+-- KEYS[2] rate    STRING the rate ring: admission times of the window (lib/ring.lua)
 -- KEYS[3] live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
 -- KEYS[4] holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
 --                 it also holds tokens (reserve_tokens)
@@ -54,9 +55,10 @@
 -- plain `tonumber`s of values the script reads anyway, no pattern matches: this is the call
 -- on every request's path.
 --
--- Numbers cross as strings: Lua numbers are doubles, Redis integers are exact. They are printed
--- with '%.0f', never tostring(), which keeps only 14 digits (a balance of 100,000 USD is 1e14
--- nano-USD) and would hand the caller an unparsable '1e+14'.
+-- Numbers written to Redis cross as strings: Lua numbers are doubles, Redis integers are
+-- exact. They are printed with '%.0f', never tostring(), which keeps only 14 digits (a balance
+-- of 100,000 USD is 1e14 nano-USD). The reply's numbers are Lua numbers, which Redis answers
+-- as integers, exact below 2^53 (every number here is).
 --
 -- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
 -- and `holds` has an entry only for a lease in `live`; every hold is positive, so `held` = 0
@@ -67,7 +69,8 @@
 -- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
 -- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
--- `holds` is empty.
+-- `holds` is empty; a plain key reads five short state fields and writes one slot of the ring
+-- and one cursor field (docs/PERFORMANCE.md has the figures).
 
 local state, rate, live, holds, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local window = tonumber(ARGV[1])
@@ -83,44 +86,104 @@ if not leased then
 end
 local function int(n) return string.format('%.0f', n) end
 
--- The key's state, one read, each field in a named local (hydrate.lua names them).
-local key_id, unknown, active, expires, providers, formats, models, rl, cl, bal, used, held,
-  user_id, token_limit, wtok, htok, budget, budget_period, period_spend, period_start =
-  unpack(redis.call('HMGET', state, 'id', 'none', 'act', 'exp', 'prov', 'fmt', 'mdl', 'rl',
-    'cl', 'bal', 'used', 'held', 'user', 'tl', 'wtok', 'htok', 'bud', 'bper', 'bsp', 'bps'))
-if key_id == false then
-  if unknown ~= false then return {'deny', 'key_invalid', '0'} end
-  return {'miss'}
+-- The key's configuration (lib/config.lua), its rate ring's cursor, the version the
+-- configuration must match, and the two names the reply carries: five short fields, one read.
+local cfn, rw, version, key_id, user_id =
+  unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user'))
+local folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = false
+if cfn then
+  folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = unpack_config(cfn)
+  if not folded then
+    return redis.error_reply('CORRUPT_STATE the folded configuration is not one')
+  end
 end
--- Every number of the state, read once; a field that is not one is state no script writes,
--- refused before the first write (below, the expired-lease repair). `held`, `htok` and `wtok`
--- must also be whole: HINCRBY adds to them.
-rl, cl, bal, used = tonumber(rl), tonumber(cl), tonumber(bal), tonumber(used)
-held, htok, wtok = tonumber(held or 0), tonumber(htok or 0), tonumber(wtok or 0)
-token_limit, budget = tonumber(token_limit or -1), tonumber(budget or -1)
-budget_period = budget_period or ''
-if not (rl and cl and bal and used and held and htok and wtok and token_limit and budget)
-  or held % 1 ~= 0 or htok % 1 ~= 0 or wtok % 1 ~= 0
-  or (expires ~= '' and not tonumber(expires)) then
-  return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
+if not folded or cfg_version ~= tonumber(version) then
+  -- No folded configuration, or one older than the named fields: state written by a tollgate
+  -- from before `cfn`, or by one during a rolling upgrade. Fold it from the named fields.
+  local s = redis.call('HMGET', state, 'none', 'act', 'exp', 'prov', 'fmt', 'mdl', 'rl', 'cl',
+    'bal', 'tl', 'bud', 'bper')
+  if key_id == false then
+    if s[1] ~= false then return {'deny', 'key_invalid', '0'} end
+    return {'miss'}
+  end
+  local v, e = tonumber(version or ''), -1
+  if s[3] ~= '' then e = tonumber(s[3] or '') end
+  local n = {tonumber(s[7] or ''), tonumber(s[8] or ''), tonumber(s[9] or ''),
+    tonumber(s[10] or '-1'), tonumber(s[11] or '-1')}
+  if not (v and e and n[1] and n[2] and n[3] and n[4] and n[5]) then
+    return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
+  end
+  local a = 0
+  if s[2] == '1' then a = 1 end
+  cfn = pack_config(v, a, e, n[1], n[2], n[3], n[4], n[5], s[12] or '', s[4] or '',
+    s[5] or '', s[6] or '')
+  redis.call('HSET', state, 'cfn', cfn)
+  folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = unpack_config(cfn)
+end
+local budget_period = config_period(flags)
+
+-- The allow-lists, only for a key that has one; the running counters, only for a key whose
+-- answer they can change: a plain key (no concurrency limit, balance, budget or token limit)
+-- reads none of them. Each counter must be a number, and `held`, `htok` and `wtok` whole
+-- (HINCRBY adds to them); anything else is state no script writes, refused before the first
+-- write.
+local providers, formats, models = '', '', ''
+local listed = config_flag(flags, 2) or config_flag(flags, 4) or config_flag(flags, 8)
+local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
+local used, held, wtok, htok, period_spend, period_start = 0, 0, 0, 0, nil, nil
+if listed or not plain then
+  local f = {}
+  if listed then f = {'prov', 'fmt', 'mdl'} end
+  if not plain then
+    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps'}) do f[#f + 1] = name end
+  end
+  local v = redis.call('HMGET', state, unpack(f))
+  local at = 1
+  if listed then
+    providers, formats, models = v[1] or '', v[2] or '', v[3] or ''
+    at = 4
+  end
+  if not plain then
+    used, held = tonumber(v[at]), tonumber(v[at + 1] or 0)
+    wtok, htok = tonumber(v[at + 2] or 0), tonumber(v[at + 3] or 0)
+    period_spend, period_start = v[at + 4], v[at + 5]
+    if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
+      or wtok % 1 ~= 0 then
+      return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
+    end
+  end
 end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if active ~= '1' then return {'deny', 'key_disabled', '0'} end
-if expires ~= '' and now >= tonumber(expires) then return {'deny', 'key_expired', '0'} end
+if not config_flag(flags, 1) then return {'deny', 'key_disabled', '0'} end
+if expires >= 0 and now >= expires then return {'deny', 'key_expired', '0'} end
 
 -- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
 -- A value holding the separator could span several entries ('a\31b' matches '\31a\31b\31').
-local function allowed(list, value)
-  if list == '' then return true end
-  if value == '' or string.find(value, '\31', 1, true) then return false end
-  return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
+if listed then
+  local function allowed(list, value)
+    if list == '' then return true end
+    if value == '' or string.find(value, '\31', 1, true) then return false end
+    return string.find(list, '\31' .. value .. '\31', 1, true) ~= nil
+  end
+  if not allowed(providers, provider) then return {'deny', 'provider_not_allowed', '0'} end
+  if not allowed(formats, api_format) then return {'deny', 'api_format_not_allowed', '0'} end
+  if not allowed(models, model) then return {'deny', 'model_not_allowed', '0'} end
 end
-if not allowed(providers, provider) then return {'deny', 'provider_not_allowed', '0'} end
-if not allowed(formats, api_format) then return {'deny', 'api_format_not_allowed', '0'} end
-if not allowed(models, model) then return {'deny', 'model_not_allowed', '0'} end
+
+-- The rate window (lib/ring.lua): the entries that left it are dropped from the cursor read
+-- with the configuration; the ring itself is read only when the cursor's cached times run
+-- out. Read (and the cursor checked) here, before the first write below.
+local r_head, r_tail, r_cap, r_newest, r_deadline, r_cache, r_clock
+if rl > 0 then
+  r_head, r_tail, r_cap, r_newest, r_deadline, r_cache, r_clock =
+    ring_read(rate, rw, now, window)
+  if r_head == nil then
+    return redis.error_reply('CORRUPT_STATE the rate cursor is not one')
+  end
+end
 
 -- Expired leases give back their slot and hold before anything is counted. Bounded per call;
 -- leftovers are only counted conservatively (their hold stays held) until the next call.
@@ -191,15 +254,16 @@ end
 
 local remaining = -1
 local reset = 0
-local count = 0
 if rl > 0 then
-  redis.call('ZREMRANGEBYSCORE', rate, '-inf', now - window)
-  count = redis.call('ZCARD', rate)
-  if count >= rl then
+  local count = r_head - r_tail
+  if count >= rl or count >= RING_MAX then
     -- Room comes when the entry that brings the count under the limit leaves: the oldest,
     -- unless a lowered limit (a PATCH) left more than one too many in the window.
-    local leaving = redis.call('ZRANGE', rate, count - rl, count - rl, 'WITHSCORES')
-    local retry = tonumber(leaving[2]) + window - now
+    local k = 0
+    if count > rl then k = count - rl end
+    local leaving = ring_time(rate, r_tail, r_cap, r_cache, k)
+    local retry = 1
+    if leaving then retry = leaving + window - r_clock end
     if retry < 1 then retry = 1 end
     return {'deny', 'rate_limited', int(retry)}
   end
@@ -269,49 +333,66 @@ local function expire(key, existed, ms)
     redis.call('PEXPIRE', key, ms)
   end
 end
+-- What the grant writes to the state goes in one HSET at the end: the rate cursor, and the
+-- sums of the holds when this lease holds something (absolute values: the script read them,
+-- and nothing else runs in between).
+local writes = {}
+local function put(field, value)
+  writes[#writes + 1] = field
+  writes[#writes + 1] = value
+end
 if rl > 0 then
-  redis.call('ZADD', rate, now, nonce)
-  expire(rate, count > 0, window)
-  if count > 0 then
-    local oldest = redis.call('ZRANGE', rate, 0, 0, 'WITHSCORES')
-    reset = tonumber(oldest[2]) + window - now
-  else
-    reset = window
-  end
+  local cursor, oldest = ring_add(rate, r_head, r_tail, r_cap, r_deadline, r_cache, rl, r_clock,
+    window)
+  reset = oldest + window - r_clock
+  put('rw', cursor)
+  reset = oldest + window - now
 end
--- The token and budget fields only for a key that has either: a plain key's reply is the
--- eleven fields it needs (every reply element costs Redis a conversion).
+-- Numbers go back as Lua numbers, which Redis answers as integers: exact, since every one is
+-- below 2^53, and cheaper than a formatted string each. The token and budget fields only for
+-- a key that has either: a plain key's reply is the eleven fields it needs (every reply
+-- element costs Redis a conversion).
 local function answer(flight, tracked)
-  if token_limit < 0 and budget < 0 then
-    return {'ok', key_id, user_id, int(rl), int(remaining), int(reset), int(cl), int(flight),
-      int(available), int(now), tracked}
+  if #writes == 2 then
+    redis.call('HSET', state, writes[1], writes[2])
+  elseif #writes > 0 then
+    redis.call('HSET', state, unpack(writes))
   end
-  return {'ok', key_id, user_id, int(rl), int(remaining), int(reset), int(cl), int(flight),
-    int(available), int(now), tracked, int(token_limit), int(tokens_remaining),
-    int(tokens_reset), int(budget), int(budget_remaining), int(budget_resets)}
+  if token_limit < 0 and budget < 0 then
+    return {'ok', key_id, user_id, rl, remaining, reset, cl, flight, available, now, tracked}
+  end
+  return {'ok', key_id, user_id, rl, remaining, reset, cl, flight, available, now, tracked,
+    token_limit, tokens_remaining, tokens_reset, budget, budget_remaining, budget_resets}
 end
-if not leased then return answer(in_flight, '0') end
+if not leased then return answer(in_flight, 0) end
 -- Money is held only where a balance or a budget counts it; tokens where a limit does.
 local hold = 0
 if (bal >= 0 or budget >= 0) and reserve > 0 then hold = reserve end
 local hold_tokens = 0
 if token_limit > 0 then hold_tokens = reserve_tokens end
-if cl <= 0 and hold == 0 and hold_tokens == 0 then return answer(0, '0') end
+if cl <= 0 and hold == 0 and hold_tokens == 0 then return answer(0, 0) end
 -- A tracked lease: its slot, and its hold if it has one. `live` exists iff it has entries, so
--- a count of 0 (or no count: no concurrency limit) asks whether it does.
+-- a count of 0 (or no count: no concurrency limit) asks whether it does. Expiries only ever
+-- move later (GT), so a replica configured with a shorter TTL cannot drop leases another
+-- replica still counts; GT leaves a key without an expiry as it is, so a `live` this grant
+-- creates gets its expiry plainly, and an existing one always has one.
 local live_existed = in_flight > 0
 if cl <= 0 then live_existed = redis.call('EXISTS', live) == 1 end
 redis.call('ZADD', live, now + ttl, nonce)
-expire(live, live_existed, ttl)
+if live_existed then
+  redis.call('PEXPIRE', live, ttl, 'GT')
+else
+  redis.call('PEXPIRE', live, ttl)
+end
 if cl > 0 then in_flight = in_flight + 1 end
 if hold > 0 or hold_tokens > 0 then
   local value = int(hold)
   if hold_tokens > 0 then
     value = value .. ':' .. int(hold_tokens)
-    redis.call('HINCRBY', state, 'htok', int(hold_tokens))
+    put('htok', int(htok + hold_tokens))
   end
   redis.call('HSET', holds, nonce, value)
-  if hold > 0 then redis.call('HINCRBY', state, 'held', int(hold)) end
+  if hold > 0 then put('held', int(held + hold)) end
   if bal >= 0 then available = available - hold end
   -- Exactly `live`'s expiry (see the invariant above), which may be later than this TTL.
   redis.call('PEXPIRE', holds, redis.call('PTTL', live))
@@ -319,4 +400,4 @@ elseif held ~= 0 or htok ~= 0 then
   -- `holds` had `live`'s expiry before this grant; GT moves both the same way.
   redis.call('PEXPIRE', holds, ttl, 'GT')
 end
-return answer(in_flight, '1')
+return answer(in_flight, 1)

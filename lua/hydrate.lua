@@ -8,7 +8,7 @@
 -- counters (used, held), which only Redis keeps current, are never clobbered.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/hydrate.rs.
+-- src/hot/scripts/hydrate.rs. It calls lib/config.lua, which tollgate prepends.
 -- KEYS[1] state   HASH
 -- ARGV[1] 'key' | 'none'
 -- for 'none':  ARGV[2] negative-cache TTL (ms)
@@ -114,6 +114,12 @@ redis.call('HDEL', state, 'none')
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
   'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])
+-- The same configuration's numbers folded into one field for admit.lua (lib/config.lua).
+local expires = -1
+if ARGV[6] ~= '' then expires = tonumber(ARGV[6]) end
+redis.call('HSET', state, 'cfn', pack_config(version, tonumber(ARGV[5]), expires,
+  tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[13]), token_limit, tonumber(ARGV[16]),
+  ARGV[17], ARGV[7], ARGV[8], ARGV[9]))
 redis.call('HSETNX', state, 'used', ARGV[14])
 redis.call('HSETNX', state, 'held', '0')
 if old_period ~= ARGV[17] then

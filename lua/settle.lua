@@ -8,8 +8,8 @@
 -- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/settle.rs. It calls lib/calendar.lua and lib/holds.lua, which
--- tollgate prepends.
+-- src/hot/scripts/settle.rs. It calls lib/config.lua, lib/calendar.lua and lib/holds.lua,
+-- which tollgate prepends.
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
 -- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
@@ -102,45 +102,64 @@ local window = ARGV[13]
 local sealed = ARGV[14] == 'sealed'
 local only_live = ARGV[12] == 'live'
 
--- Everything this script needs of the key's state, in one read, each field in a named local;
--- `id` missing = not hydrated.
-local key_id, bal, used_s, held_s, unknown, htok_s, token_limit, budget, budget_period,
-  period_start, period_spend, wtok_s, born =
-  unpack(redis.call('HMGET', state, 'id', 'bal', 'used', 'held', 'none', 'htok', 'tl', 'bud',
-    'bper', 'bps', 'bsp', 'wtok', 'born'))
-local hydrated = key_id ~= false
-budget_period = budget_period or ''
+-- What this script needs of the key's state: the folded configuration (lib/config.lua) and
+-- the counters a settlement of any key reads, in one read; the token window's sum and the
+-- budget period's spend in a second, only for a key that has a token limit or a budget that
+-- resets. No state (a deleted key) = not hydrated: the event is still recorded.
+local cfn, version, used_s, held_s, htok_s, born =
+  unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'held', 'htok', 'born'))
+local hydrated, unknown, bal, token_limit, budget, budget_period = true, false, -1, -1, -1, ''
+local folded, cfg_version, flags, bal_s, _ = false
+if cfn then
+  folded, cfg_version, flags, _, _, _, bal, token_limit, budget = unpack_config(cfn)
+end
+if folded and cfg_version == tonumber(version) then
+  budget_period = config_period(flags)
+else
+  -- State from before the folded configuration, or written by an older replica (admit.lua
+  -- folds it on the next admission): the named fields.
+  local key_id, none, tl, bud, per
+  key_id, bal_s, none, tl, bud, per =
+    unpack(redis.call('HMGET', state, 'id', 'bal', 'none', 'tl', 'bud', 'bper'))
+  hydrated, unknown = key_id ~= false, none ~= false
+  bal, token_limit = tonumber(bal_s or '-1'), tonumber(tl or '-1') or -1
+  budget, budget_period = tonumber(bud or '-1') or -1, per or ''
+end
 -- What this settlement will write besides `used`: the token window of a key with a token
 -- limit, the period spend of a budget that resets.
-local token_limited = hydrated and (tonumber(token_limit) or -1) > 0
-local budgeted = hydrated and (tonumber(budget) or -1) >= 0 and budget_period ~= ''
+local token_limited = hydrated and token_limit > 0
+local budgeted = hydrated and budget >= 0 and budget_period ~= ''
+local period_start, period_spend, wtok_s
+if token_limited or budgeted then
+  period_start, period_spend, wtok_s = unpack(redis.call('HMGET', state, 'bps', 'bsp', 'wtok'))
+end
 -- Every counter that is read as a number or that HINCRBY adds to below must be a whole
--- number.
+-- number: `held` and `htok` where a lease can hold (a tracked lease, a balance to report).
+local tracked = ARGV[14] ~= 'sealed' or ARGV[15] == '1'
 local function corrupt(v) return v and not whole(v) end
-if corrupt(bal) or corrupt(used_s) or corrupt(held_s) or corrupt(htok_s)
-  or (token_limited and corrupt(wtok_s)) or (budgeted and corrupt(period_spend)) then
+if corrupt(bal_s) or corrupt(used_s) or ((tracked or bal >= 0) and (corrupt(held_s)
+  or corrupt(htok_s))) or (token_limited and corrupt(wtok_s))
+  or (budgeted and corrupt(period_spend)) then
   return refuse('CORRUPT_STATE', 'a counter of the key state is not a whole number')
 end
 local used = tonumber(used_s) or 0
 local held = tonumber(held_s) or 0
 local htok = tonumber(htok_s) or 0
 local function available()
-  if bal == false or unknown ~= false or tonumber(bal) < 0 then return '-1' end
-  local a = tonumber(bal) - used - held
+  if not hydrated or unknown or bal == nil or bal < 0 then return '-1' end
+  local a = bal - used - held
   if a < 0 then a = 0 end
   return int(a)
 end
 
 -- The lease's facts: from its sealed id (the arguments), or from its record.
 local lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at
-local tracked = true
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local tomb_ttl = tonumber(ARGV[10])
 if sealed then
   lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at =
     ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21], ARGV[22]
-  tracked = ARGV[15] == '1'
   -- The tombstone outlives the sealed id: until then, a replay is a duplicate, never a charge.
   local deadline = tonumber(ARGV[23])
   if deadline - now > tomb_ttl then tomb_ttl = deadline - now end

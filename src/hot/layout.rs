@@ -25,6 +25,7 @@ pub struct Layout {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyRedisKeys {
     pub state: String,
+    /// The rate ring (`lua/lib/ring.lua`).
     pub rate: String,
     pub live: String,
     pub holds: String,
@@ -78,7 +79,9 @@ impl Layout {
         let prefix = self.shard_prefix(shard);
         KeyRedisKeys {
             state: format!("{prefix}k:{sid}"),
-            rate: format!("{prefix}r:{sid}"),
+            // `q:`, not the `r:` of the sorted-set log before the rate ring: a ring written
+            // over an old log would be the wrong type, and the old logs expire by themselves.
+            rate: format!("{prefix}q:{sid}"),
             live: format!("{prefix}c:{sid}"),
             holds: format!("{prefix}h:{sid}"),
             tokens: format!("{prefix}w:{sid}"),

@@ -55,6 +55,35 @@ async fn hget(redis: &MultiplexedConnection, key: &str, field: &str) -> Option<S
         .expect("hget")
 }
 
+/// One field set to raw bytes, or removed (`None`).
+type FieldWrite<'a> = (&'a str, Option<&'a [u8]>);
+
+async fn hget_bytes(redis: &MultiplexedConnection, key: &str, field: &str) -> Option<Vec<u8>> {
+    redis::cmd("HGET")
+        .arg(key)
+        .arg(field)
+        .query_async(&mut redis.clone())
+        .await
+        .expect("hget")
+}
+
+/// Sets a field to raw bytes, or removes it (`None`).
+async fn hset_bytes(redis: &MultiplexedConnection, key: &str, field: &str, value: Option<&[u8]>) {
+    let cmd = match value {
+        Some(v) => {
+            let mut c = redis::cmd("HSET");
+            c.arg(key).arg(field).arg(v);
+            c
+        }
+        None => {
+            let mut c = redis::cmd("HDEL");
+            c.arg(key).arg(field);
+            c
+        }
+    };
+    let _: i64 = cmd.query_async(&mut redis.clone()).await.expect("hset");
+}
+
 /// Every key settle.lua touches for this lease: state, live, holds, lease record, stream,
 /// token window.
 fn settle_keys(lease: &LeaseRef) -> Vec<String> {
@@ -518,21 +547,32 @@ async fn admissions_on_corrupt_state_are_refused_500_before_the_expired_lease_re
     // A longer lease keeps the live set (and the holds) from expiring whole with the first.
     lease_of(&app, &key, json!({})).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    for (field, value) in [("used", "lots"), ("held", "1.5"), ("rl", "")] {
-        let good = hget(&app.redis, &lease.keys.state, field)
-            .await
-            .expect(field);
-        hset(&app.redis, &lease.keys.state, field, value).await;
+    // Each case: fields set (None: removed), as no script writes them. The folded
+    // configuration (`cfn`) is read before the named fields, which are folded again only when
+    // it is missing; the rate cursor (`rw`) is five doubles and cached times.
+    let cases: [&[FieldWrite]; 6] = [
+        &[("used", Some(b"lots"))],
+        &[("held", Some(b"1.5"))],
+        &[("cfn", None), ("rl", Some(b""))],
+        &[("cfn", Some(b"not a configuration"))],
+        &[("rw", Some(b"short"))],
+        &[("rw", Some(&[0x40; 40]))],
+    ];
+    let state = &lease.keys.state;
+    for case in cases {
+        let mut good = Vec::new();
+        for (field, value) in case {
+            good.push((*field, hget_bytes(&app.redis, state, field).await));
+            hset_bytes(&app.redis, state, field, *value).await;
+        }
         let before = admit_snapshot(&app, &lease).await;
         let (status, body) = app.admit(&key, json!({})).await;
-        assert_eq!(status, 500, "{field}={value}: {body}");
+        assert_eq!(status, 500, "{case:?}: {body}");
         assert_eq!(body["code"], "internal", "{body}");
-        assert_eq!(
-            admit_snapshot(&app, &lease).await,
-            before,
-            "{field}={value}"
-        );
-        hset(&app.redis, &lease.keys.state, field, &good).await;
+        assert_eq!(admit_snapshot(&app, &lease).await, before, "{case:?}");
+        for (field, value) in good {
+            hset_bytes(&app.redis, state, field, value.as_deref()).await;
+        }
     }
     // A hold that is not a number.
     hset(&app.redis, &lease.keys.holds, &lease.nonce, "much").await;

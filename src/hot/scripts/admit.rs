@@ -1,7 +1,7 @@
 //! admit.lua's wire contract, written once: its KEYS and ARGV from typed values, its reply
 //! read into a typed answer. The script's header says what each one means and why.
 
-use redis::{FromRedisValue, Value};
+use redis::Value;
 
 use super::ScriptArg;
 use crate::hot::admission::AdmitArgs;
@@ -10,8 +10,11 @@ use crate::hot::redis::RedisFailure;
 use crate::money::MAX_EXACT;
 
 /// The script as Redis runs it: `lua/admit.lua` behind the shared functions it calls
-/// (`lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+/// (`lua/lib/config.lua`, `lua/lib/ring.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`),
+/// which EVALSHA gives no other way to share.
 pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/config.lua"),
+    include_str!("../../../lua/lib/ring.lua"),
     include_str!("../../../lua/lib/calendar.lua"),
     include_str!("../../../lua/lib/holds.lua"),
     include_str!("../../../lua/admit.lua")
@@ -85,20 +88,41 @@ fn unexpected() -> RedisFailure {
     RedisFailure::Command("unexpected admit reply".into())
 }
 
+/// One element of the reply: the script answers numbers as integers and names as strings.
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn number(v: Option<&Value>) -> i64 {
+    match v {
+        Some(Value::Int(n)) => *n,
+        Some(other) => text(other).and_then(|s| s.parse().ok()).unwrap_or(-1),
+        None => -1,
+    }
+}
+
 pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
-    let r = Vec::<String>::from_redis_value(v).map_err(|_| unexpected())?;
-    let int = |i: usize| r.get(i).and_then(|s| s.parse().ok()).unwrap_or(-1);
-    match r.first().map(String::as_str) {
-        Some("miss") => Ok(Reply::Miss),
-        Some("deny") => Ok(Reply::Deny {
-            code: r.get(1).cloned().ok_or_else(unexpected)?,
+    let Value::Array(r) = v else {
+        return Err(unexpected());
+    };
+    let int = |i: usize| number(r.get(i));
+    let str_at = |i: usize| r.get(i).and_then(text).ok_or_else(unexpected);
+    match str_at(0)?.as_str() {
+        "miss" => Ok(Reply::Miss),
+        "deny" => Ok(Reply::Deny {
+            code: str_at(1)?,
             retry_after_ms: int(2).max(0),
         }),
         // Eleven fields for a key without a token limit or a budget: the missing six read as
         // -1, which is what they would say.
-        Some("ok") if r.len() >= 11 => Ok(Reply::Ok(Granted {
-            key_id: r[1].clone(),
-            user_id: r[2].clone(),
+        "ok" if r.len() >= 11 => Ok(Reply::Ok(Granted {
+            key_id: str_at(1)?,
+            user_id: str_at(2)?,
             rate_limit: int(3),
             rate_remaining: int(4),
             reset_ms: int(5),
@@ -106,7 +130,7 @@ pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
             in_flight: int(7),
             available: int(8),
             now_ms: int(9),
-            tracked: r[10] == "1",
+            tracked: int(10) == 1,
             token_limit: int(11),
             tokens_remaining: int(12),
             tokens_reset_ms: int(13),
@@ -154,6 +178,37 @@ mod tests {
             (g.token_limit, g.budget, g.budget_resets_at_ms),
             (-1, -1, -1)
         );
+    }
+
+    #[test]
+    fn a_grant_read_with_its_numbers_as_integers() {
+        let mut items: Vec<Value> = ["ok", "k", "u"]
+            .iter()
+            .map(|s| Value::BulkString(s.as_bytes().to_vec()))
+            .collect();
+        items.extend(
+            [
+                60,
+                59,
+                60000,
+                -1,
+                0,
+                9_007_199_254_740_991,
+                1_700_000_000_000,
+                1,
+            ]
+            .map(Value::Int),
+        );
+        let Reply::Ok(g) = parse(Value::Array(items)).expect("ok") else {
+            panic!("not a grant")
+        };
+        assert_eq!((g.key_id.as_str(), g.user_id.as_str()), ("k", "u"));
+        assert_eq!(
+            (g.rate_limit, g.rate_remaining, g.reset_ms),
+            (60, 59, 60000)
+        );
+        assert_eq!(g.available, 9_007_199_254_740_991, "exact below 2^53");
+        assert_eq!((g.now_ms, g.tracked), (1_700_000_000_000, true));
     }
 
     #[test]

@@ -5,7 +5,12 @@ use super::ScriptArg;
 use crate::period::BudgetPeriod;
 use crate::store::keys::KeyRow;
 
-pub const SOURCE: &str = include_str!("../../../lua/hydrate.lua");
+/// The script as Redis runs it: `lua/hydrate.lua` behind `lua/lib/config.lua`, whose folding of
+/// the configuration admit.lua shares.
+pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/config.lua"),
+    include_str!("../../../lua/hydrate.lua")
+);
 
 /// The row's values that are not already text or numbers as the script takes them.
 #[derive(Debug, Clone)]

@@ -8,8 +8,10 @@ use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
 /// The script as Redis runs it: `lua/settle.lua` behind the shared functions it calls
-/// (`lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+/// (`lua/lib/config.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no
+/// other way to share.
 pub const SOURCE: &str = concat!(
+    include_str!("../../../lua/lib/config.lua"),
     include_str!("../../../lua/lib/calendar.lua"),
     include_str!("../../../lua/lib/holds.lua"),
     include_str!("../../../lua/settle.lua")

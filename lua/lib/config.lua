@@ -1,0 +1,43 @@
+-- lib/config.lua: the numbers of a key's configuration folded into one small binary state
+-- field, `cfn`.
+--
+-- Why: admit.lua reads the configuration on every admission, and every field a script reads
+-- costs a conversion into Lua, then a `tonumber`. Folded, a plain admission reads five short
+-- fields (`cfn`, the rate ring's cursor `rw`, `ver`, `id`, `user`) where it read twenty, and
+-- the numbers come out of `struct.unpack` as numbers. The allow-lists stay named fields, read
+-- only when a flag here says the key has one. The field is 44 bytes: Redis keeps a hash whose
+-- values are all at most 64 bytes as a listpack, about a third of the memory of the hashtable
+-- it converts to otherwise.
+-- hydrate.lua writes it with the named fields (which settle.lua and release.lua still read);
+-- admit.lua folds it itself when it is missing or older than `ver` (state written by a
+-- tollgate from before this field, or by one during a rolling upgrade).
+--
+-- Layout (big-endian, signed): version (7 bytes), flags (1 byte: 1 active, 2 providers
+-- restricted, 4 api formats restricted, 8 models restricted, 16 x the budget period: 0 never
+-- resets, 1 day, 2 week, 3 month), expires_at ms (7; -1 never), rate limit (4), concurrent
+-- limit (4), balance nano-USD (7), token limit (7), budget nano-USD (7); -1 = unlimited / none
+-- for each. Every number is a whole number within its width (hydrate.lua's checks: below 2^53,
+-- limits from 32-bit columns).
+
+local CONFIG_FORMAT = '>i7Bi7i4i4i7i7i7'
+local PERIODS = {[''] = 0, day = 1, week = 2, month = 3}
+local PERIOD_NAMES = {[0] = '', 'day', 'week', 'month'}
+
+local function pack_config(ver, active, expires, rl, cl, bal, tl, bud, period, prov, fmt, mdl)
+  local flags = active + 16 * (PERIODS[period] or 0)
+  if prov ~= '' then flags = flags + 2 end
+  if fmt ~= '' then flags = flags + 4 end
+  if mdl ~= '' then flags = flags + 8 end
+  return struct.pack(CONFIG_FORMAT, ver, flags, expires, rl, cl, bal, tl, bud)
+end
+
+-- true, then version, flags, expires, rl, cl, bal, tl, bud; or false for a field that is not
+-- one (any 44 bytes unpack: the length is the check struct needs).
+local function unpack_config(cfn)
+  if #cfn ~= 44 then return false end
+  return true, struct.unpack(CONFIG_FORMAT, cfn)
+end
+
+-- Whether flag `bit` (1, 2, 4 or 8) is set; the budget period's name.
+local function config_flag(flags, bit) return math.floor(flags / bit) % 2 == 1 end
+local function config_period(flags) return PERIOD_NAMES[math.floor(flags / 16)] or '' end

@@ -1,0 +1,101 @@
+//! The key state's layout in Redis: the folded configuration (`lua/lib/config.lua`) is what
+//! admissions decide on, it is folded again from the named fields when those are newer, and a
+//! plain key's state stays in Redis's compact encoding.
+
+use crate::common;
+
+use common::hot_suite::{admit, with_key};
+use common::*;
+use serde_json::json;
+use tollgate::hot::layout::{KeyRedisKeys, Layout};
+
+async fn redis_keys(app: &TestApp, key: &str) -> KeyRedisKeys {
+    Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(key))
+}
+
+async fn hset(app: &TestApp, state: &str, field: &str, value: &str) {
+    let _: i64 = redis::cmd("HSET")
+        .arg(state)
+        .arg(field)
+        .arg(value)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HSET");
+}
+
+async fn has_field(app: &TestApp, state: &str, field: &str) -> bool {
+    redis::cmd("HEXISTS")
+        .arg(state)
+        .arg(field)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HEXISTS")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_keys_state_stays_a_listpack_through_admissions() {
+    let app = spawn_app().await;
+    let (key, _) = new_key(&app, json!({"concurrent_limit": null})).await;
+    for _ in 0..20 {
+        admit(&app, with_key(&key, json!({}))).await.lease("plain");
+    }
+    let k = redis_keys(&app, &key).await;
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(&k.state)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("OBJECT ENCODING");
+    assert_eq!(
+        encoding, "listpack",
+        "every state value at most 64 bytes (the folded configuration and the rate cursor \
+         included), so Redis keeps the compact encoding"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_without_a_folded_configuration_is_folded_from_its_named_fields() {
+    let app = spawn_app().await;
+    let (key, _) = new_key(&app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    admit(&app, body.clone()).await.lease("first");
+    let k = redis_keys(&app, &key).await;
+    // As a tollgate from before `cfn` would have left it, with a limit the window has reached.
+    let _: i64 = redis::cmd("HDEL")
+        .arg(&k.state)
+        .arg("cfn")
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HDEL");
+    hset(&app, &k.state, "rl", "1").await;
+    admit(&app, body)
+        .await
+        .denied(429, "rate_limited", "the named rate limit of 1, folded");
+    assert!(has_field(&app, &k.state, "cfn").await, "folded again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_a_replica_of_an_older_version_wrote_is_folded_again() {
+    let app = spawn_app().await;
+    let (key, _) = new_key(&app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    admit(&app, body.clone()).await.lease("first");
+    let k = redis_keys(&app, &key).await;
+    // An older hydrate.lua writes the named fields and a newer version, not `cfn`.
+    let ver: i64 = redis::cmd("HGET")
+        .arg(&k.state)
+        .arg("ver")
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HGET ver");
+    hset(&app, &k.state, "ver", &(ver + 1).to_string()).await;
+    hset(&app, &k.state, "act", "0").await;
+    admit(&app, body.clone())
+        .await
+        .denied(403, "key_disabled", "the newer named fields decide");
+    hset(&app, &k.state, "ver", &(ver + 2).to_string()).await;
+    hset(&app, &k.state, "act", "1").await;
+    admit(&app, body)
+        .await
+        .lease("active again at the next version");
+}
