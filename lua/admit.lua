@@ -62,9 +62,9 @@
 --
 -- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
 -- and `holds` has an entry only for a lease in `live`; every hold is positive, so `held` = 0
--- and `htok` = 0 say that no lease holds anything. `live` and `holds` are given the same
--- expiry on every grant (the latest lease's), so on a key left idle past its leases' TTL both
--- vanish together, and a missing `live` means no lease is live and nothing can be held.
+-- and `htok` = 0 say that no lease holds anything. `live` and `holds` share one expiry (`lx`,
+-- below), so on a key left idle past it both vanish together, and a missing `live` means no
+-- lease is live and nothing can be held.
 --
 -- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
@@ -131,11 +131,14 @@ local providers, formats, models = '', '', ''
 local listed = config_flag(flags, 2) or config_flag(flags, 4) or config_flag(flags, 8)
 local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
 local used, held, wtok, htok, period_spend, period_start = 0, 0, 0, 0, nil, nil
+local live_deadline = 0
 if listed or not plain then
   local f = {}
   if listed then f = {'prov', 'fmt', 'mdl'} end
   if not plain then
-    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps'}) do f[#f + 1] = name end
+    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps', 'lx'}) do
+      f[#f + 1] = name
+    end
   end
   local v = redis.call('HMGET', state, unpack(f))
   local at = 1
@@ -147,6 +150,7 @@ if listed or not plain then
     used, held = tonumber(v[at]), tonumber(v[at + 1] or 0)
     wtok, htok = tonumber(v[at + 2] or 0), tonumber(v[at + 3] or 0)
     period_spend, period_start = v[at + 4], v[at + 5]
+    live_deadline = tonumber(v[at + 6] or '0') or 0
     if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
       or wtok % 1 ~= 0 then
       return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
@@ -322,20 +326,10 @@ if leased and cl > 0 and in_flight >= cl then
   return {'deny', 'concurrency_limited', int(retry)}
 end
 
--- Every check passed: grant. Expiries only ever move later (GT), so a replica configured with
--- a shorter window or TTL cannot drop entries another replica still counts. GT leaves a key
--- without an expiry as it is, so a key this grant creates gets its expiry plainly; every key
--- created here gets one at once, so an existing key always has one.
-local function expire(key, existed, ms)
-  if existed then
-    redis.call('PEXPIRE', key, ms, 'GT')
-  else
-    redis.call('PEXPIRE', key, ms)
-  end
-end
--- What the grant writes to the state goes in one HSET at the end: the rate cursor, and the
--- sums of the holds when this lease holds something (absolute values: the script read them,
--- and nothing else runs in between).
+-- Every check passed: grant. What it writes to the state goes in one HSET at the end: the
+-- rate cursor, the expiry of `live` and `holds` when it moves, and the sums of the holds when
+-- this lease holds something (absolute values: the script read them, and nothing else runs in
+-- between).
 local writes = {}
 local function put(field, value)
   writes[#writes + 1] = field
@@ -372,20 +366,26 @@ local hold_tokens = 0
 if token_limit > 0 then hold_tokens = reserve_tokens end
 if cl <= 0 and hold == 0 and hold_tokens == 0 then return answer(0, 0) end
 -- A tracked lease: its slot, and its hold if it has one. `live` exists iff it has entries, so
--- a count of 0 (or no count: no concurrency limit) asks whether it does. Expiries only ever
--- move later (GT), so a replica configured with a shorter TTL cannot drop leases another
--- replica still counts; GT leaves a key without an expiry as it is, so a `live` this grant
--- creates gets its expiry plainly, and an existing one always has one.
+-- a count of 0 (or no count: no concurrency limit) asks whether it does.
+--
+-- Expiries: `live` and `holds` expire together at `lx` (a state field), set twice the lease TTL
+-- ahead whenever less than one TTL is left: one PEXPIREAT each per TTL, not an expiry call (and
+-- a PTTL) per grant. `lx` only moves later, so a replica configured with a shorter TTL cannot
+-- drop leases another replica still counts. A `live` or `holds` this grant creates gets `lx` at
+-- once, so an existing one always has it.
 local live_existed = in_flight > 0
 if cl <= 0 then live_existed = redis.call('EXISTS', live) == 1 end
 redis.call('ZADD', live, now + ttl, nonce)
-if live_existed then
-  redis.call('PEXPIRE', live, ttl, 'GT')
-else
-  redis.call('PEXPIRE', live, ttl)
-end
 if cl > 0 then in_flight = in_flight + 1 end
-if hold > 0 or hold_tokens > 0 then
+local holding = hold > 0 or hold_tokens > 0
+local holds_existed = held ~= 0 or htok ~= 0
+local refresh = live_deadline < now + ttl
+if refresh then
+  live_deadline = now + 2 * ttl
+  put('lx', int(live_deadline))
+end
+if refresh or not live_existed then redis.call('PEXPIREAT', live, live_deadline) end
+if holding then
   local value = int(hold)
   if hold_tokens > 0 then
     value = value .. ':' .. int(hold_tokens)
@@ -394,10 +394,8 @@ if hold > 0 or hold_tokens > 0 then
   redis.call('HSET', holds, nonce, value)
   if hold > 0 then put('held', int(held + hold)) end
   if bal >= 0 then available = available - hold end
-  -- Exactly `live`'s expiry (see the invariant above), which may be later than this TTL.
-  redis.call('PEXPIRE', holds, redis.call('PTTL', live))
-elseif held ~= 0 or htok ~= 0 then
-  -- `holds` had `live`'s expiry before this grant; GT moves both the same way.
-  redis.call('PEXPIRE', holds, ttl, 'GT')
+end
+if (holds_existed and refresh) or (holding and (refresh or not holds_existed)) then
+  redis.call('PEXPIREAT', holds, live_deadline)
 end
 return answer(in_flight, 1)

@@ -112,7 +112,8 @@ async fn pexpire(app: &TestApp, name: &str, ms: i64) {
 /// Every key an admission writes carries an expiry; `holds` expires with `live`; and an expiry
 /// set by a replica with a longer window or lease TTL is never shortened. admit.lua relies on
 /// reasoning instead of reading TTLs (a count of 0 means a key is new, `held` = 0 means
-/// `holds` is empty), and this is where that reasoning is checked.
+/// `holds` is empty, and the expiries it last set are in the state), and this is where that
+/// reasoning is checked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_keys_expire_and_expiries_only_move_later() {
     let app = spawn_app().await;
@@ -134,13 +135,32 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
         );
     };
 
+    // Where `live` and `holds` expire, as admit.lua keeps it in the state (`lx`); moved here
+    // as time passing, or another replica, would have moved it.
+    let move_lease_expiry = |ms: i64| {
+        let (app, k) = (&app, &k);
+        async move {
+            let at = chrono::Utc::now().timestamp_millis() + ms;
+            let _: i64 = redis::cmd("HSET")
+                .arg(&k.state)
+                .arg("lx")
+                .arg(at)
+                .query_async(&mut app.redis.clone())
+                .await
+                .expect("HSET lx");
+            pexpire(app, &k.live, ms).await;
+            pexpire(app, &k.holds, ms).await;
+        }
+    };
+
     let first = hot_suite::admit(&app, reserving.clone())
         .await
         .lease("first");
-    // The rate ring's expiry is set two windows ahead, once a window (lib/ring.lua).
+    // Each expiry is set two windows (lease TTLs) ahead, once a window (TTL): lib/ring.lua and
+    // `lx` in admit.lua.
     near(pttl(&app, &k.rate).await, 2 * window, "a new rate ring");
-    near(pttl(&app, &k.live).await, ttl, "a new live set");
-    near(pttl(&app, &k.holds).await, ttl, "a new holds hash");
+    near(pttl(&app, &k.live).await, 2 * ttl, "a new live set");
+    near(pttl(&app, &k.holds).await, 2 * ttl, "a new holds hash");
     let tombstone = k.lease(first.split('.').nth(1).expect("lease id"));
     assert_eq!(
         pttl(&app, &tombstone).await,
@@ -148,31 +168,29 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
         "an admission writes no lease record: its sealed id carries what settlement needs"
     );
 
-    // Time passes (half the TTL, as if); a grant that reserves nothing still moves both
+    // Time passes (less than a TTL left, as if); a grant that reserves nothing still moves both
     // expiries, together.
-    pexpire(&app, &k.live, ttl / 2).await;
-    pexpire(&app, &k.holds, ttl / 2).await;
+    move_lease_expiry(ttl / 2).await;
     let plain_lease = hot_suite::admit(&app, plain.clone())
         .await
         .lease("not reserving, later");
-    near(pttl(&app, &k.live).await, ttl, "the live set, extended");
-    near(pttl(&app, &k.holds).await, ttl, "holds, extended with live");
+    near(pttl(&app, &k.live).await, 2 * ttl, "the live set, extended");
+    near(
+        pttl(&app, &k.holds).await,
+        2 * ttl,
+        "holds, extended with live",
+    );
 
     // Another replica, configured with a longer window and lease TTL, granted last.
-    for (name, ms) in [
-        (&k.rate, 10 * window),
-        (&k.live, 10 * ttl),
-        (&k.holds, 10 * ttl),
-    ] {
-        pexpire(&app, name, ms).await;
-    }
+    pexpire(&app, &k.rate, 10 * window).await;
+    move_lease_expiry(10 * ttl).await;
     let second = hot_suite::admit(&app, reserving.clone())
         .await
         .lease("reserving");
     let third = hot_suite::admit(&app, plain.clone())
         .await
         .lease("not reserving");
-    near(pttl(&app, &k.rate).await, 10 * window, "the rate log");
+    near(pttl(&app, &k.rate).await, 10 * window, "the rate ring");
     let live = pttl(&app, &k.live).await;
     near(live, 10 * ttl, "the live set");
     let holds = pttl(&app, &k.holds).await;
@@ -182,7 +200,8 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
     );
 
     // Once every lease is settled the live set and holds are gone; the next grant creates
-    // them again, and they must get an expiry although nothing had one to extend.
+    // them again, and they must get an expiry although nothing had one to extend: the one in
+    // force, which only ever moves later.
     for l in [&first, &plain_lease, &second, &third] {
         hot_suite::settle(&app, l, "0.001").await;
     }
@@ -195,8 +214,12 @@ async fn admission_keys_expire_and_expiries_only_move_later() {
     hot_suite::admit(&app, reserving)
         .await
         .lease("after the settlements");
-    near(pttl(&app, &k.live).await, ttl, "a re-created live set");
-    near(pttl(&app, &k.holds).await, ttl, "a re-created holds hash");
+    near(pttl(&app, &k.live).await, 10 * ttl, "a re-created live set");
+    near(
+        pttl(&app, &k.holds).await,
+        10 * ttl,
+        "a re-created holds hash",
+    );
 }
 
 /// After a total Redis loss the current period's spend is re-seeded from Postgres, so a spent
