@@ -128,7 +128,7 @@ local budget_period = config_period(flags)
 -- (HINCRBY adds to them); anything else is state no script writes, refused before the first
 -- write.
 local providers, formats, models = '', '', ''
-local listed = config_flag(flags, 2) or config_flag(flags, 4) or config_flag(flags, 8)
+local listed = flags % 16 >= 2
 local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
 local used, held, wtok, htok, period_spend, period_start = 0, 0, 0, 0, nil, nil
 local live_deadline = 0
@@ -161,7 +161,7 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
-if not config_flag(flags, 1) then return {'deny', 'key_disabled', '0'} end
+if flags % 2 ~= 1 then return {'deny', 'key_disabled', '0'} end
 if expires >= 0 and now >= expires then return {'deny', 'key_expired', '0'} end
 
 -- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
@@ -329,28 +329,28 @@ end
 -- Every check passed: grant. What it writes to the state goes in one HSET at the end: the
 -- rate cursor, the expiry of `live` and `holds` when it moves, and the sums of the holds when
 -- this lease holds something (absolute values: the script read them, and nothing else runs in
--- between).
-local writes = {}
-local function put(field, value)
-  writes[#writes + 1] = field
-  writes[#writes + 1] = value
-end
+-- between). A plain key's grant writes the cursor alone.
+local cursor, new_lx, new_held, new_htok
 if rl > 0 then
-  local cursor, oldest = ring_add(rate, r_head, r_tail, r_cap, r_deadline, r_cache, rl, r_clock,
+  local oldest
+  cursor, oldest = ring_add(rate, r_head, r_tail, r_cap, r_deadline, r_cache, rl, r_clock,
     window)
   reset = oldest + window - r_clock
-  put('rw', cursor)
-  reset = oldest + window - now
 end
 -- Numbers go back as Lua numbers, which Redis answers as integers: exact, since every one is
 -- below 2^53, and cheaper than a formatted string each. The token and budget fields only for
 -- a key that has either: a plain key's reply is the eleven fields it needs (every reply
 -- element costs Redis a conversion).
 local function answer(flight, tracked)
-  if #writes == 2 then
-    redis.call('HSET', state, writes[1], writes[2])
-  elseif #writes > 0 then
-    redis.call('HSET', state, unpack(writes))
+  if new_lx or new_held or new_htok then
+    local w = {}
+    if cursor then w[#w + 1] = 'rw'; w[#w + 1] = cursor end
+    if new_lx then w[#w + 1] = 'lx'; w[#w + 1] = new_lx end
+    if new_held then w[#w + 1] = 'held'; w[#w + 1] = new_held end
+    if new_htok then w[#w + 1] = 'htok'; w[#w + 1] = new_htok end
+    redis.call('HSET', state, unpack(w))
+  elseif cursor then
+    redis.call('HSET', state, 'rw', cursor)
   end
   if token_limit < 0 and budget < 0 then
     return {'ok', key_id, user_id, rl, remaining, reset, cl, flight, available, now, tracked}
@@ -382,17 +382,17 @@ local holds_existed = held ~= 0 or htok ~= 0
 local refresh = live_deadline < now + ttl
 if refresh then
   live_deadline = now + 2 * ttl
-  put('lx', int(live_deadline))
+  new_lx = int(live_deadline)
 end
 if refresh or not live_existed then redis.call('PEXPIREAT', live, live_deadline) end
 if holding then
   local value = int(hold)
   if hold_tokens > 0 then
     value = value .. ':' .. int(hold_tokens)
-    put('htok', int(htok + hold_tokens))
+    new_htok = int(htok + hold_tokens)
   end
   redis.call('HSET', holds, nonce, value)
-  if hold > 0 then put('held', int(held + hold)) end
+  if hold > 0 then new_held = int(held + hold) end
   if bal >= 0 then available = available - hold end
 end
 if (holds_existed and refresh) or (holding and (refresh or not holds_existed)) then

@@ -20,24 +20,34 @@
 -- limits from 32-bit columns).
 
 local CONFIG_FORMAT = '>i7Bi7i4i4i7i7i7'
-local PERIODS = {[''] = 0, day = 1, week = 2, month = 3}
-local PERIOD_NAMES = {[0] = '', 'day', 'week', 'month'}
 
 local function pack_config(ver, active, expires, rl, cl, bal, tl, bud, period, prov, fmt, mdl)
-  local flags = active + 16 * (PERIODS[period] or 0)
+  local flags = active
   if prov ~= '' then flags = flags + 2 end
   if fmt ~= '' then flags = flags + 4 end
   if mdl ~= '' then flags = flags + 8 end
+  if period == 'day' then
+    flags = flags + 16
+  elseif period == 'week' then
+    flags = flags + 32
+  elseif period == 'month' then
+    flags = flags + 48
+  end
   return struct.pack(CONFIG_FORMAT, ver, flags, expires, rl, cl, bal, tl, bud)
 end
 
 -- true, then version, flags, expires, rl, cl, bal, tl, bud; or false for a field that is not
--- one (any 44 bytes unpack: the length is the check struct needs).
+-- one (any 44 bytes unpack: the length is the check struct needs). Of the flags, callers
+-- test `flags % 2 == 1` (active) and `flags % 16 >= 2` (an allow-list) themselves: this runs
+-- on every admission, where each function call counts.
 local function unpack_config(cfn)
   if #cfn ~= 44 then return false end
   return true, struct.unpack(CONFIG_FORMAT, cfn)
 end
 
--- Whether flag `bit` (1, 2, 4 or 8) is set; the budget period's name.
-local function config_flag(flags, bit) return math.floor(flags / bit) % 2 == 1 end
-local function config_period(flags) return PERIOD_NAMES[math.floor(flags / 16)] or '' end
+-- The budget period's name from the flags.
+local function config_period(flags)
+  local p = math.floor(flags / 16)
+  if p == 1 then return 'day' elseif p == 2 then return 'week' elseif p == 3 then return 'month' end
+  return ''
+end
