@@ -106,11 +106,11 @@ if not folded or cfg_version ~= tonumber(version) then
     if s[1] ~= false then return {'deny', 'key_invalid', '0'} end
     return {'miss'}
   end
-  local v, e = tonumber(version or ''), -1
-  if s[3] ~= '' then e = tonumber(s[3] or '') end
+  local v, e = tonumber(version or ''), nil
+  if s[3] ~= '' then e = tonumber(s[3] or '') or false end
   local n = {tonumber(s[7] or ''), tonumber(s[8] or ''), tonumber(s[9] or ''),
     tonumber(s[10] or '-1'), tonumber(s[11] or '-1')}
-  if not (v and e and n[1] and n[2] and n[3] and n[4] and n[5]) then
+  if not (v and e ~= false and n[1] and n[2] and n[3] and n[4] and n[5]) then
     return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
   end
   local a = 0
@@ -162,7 +162,7 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 if flags % 2 ~= 1 then return {'deny', 'key_disabled', '0'} end
-if expires >= 0 and now >= expires then return {'deny', 'key_expired', '0'} end
+if flags >= 64 and now >= expires then return {'deny', 'key_expired', '0'} end
 
 -- Allow-lists are stored as '\31a\31b\31'; '' means unrestricted.
 -- A value holding the separator could span several entries ('a\31b' matches '\31a\31b\31').

@@ -115,7 +115,7 @@ redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act',
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
   'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])
 -- The same configuration's numbers folded into one field for admit.lua (lib/config.lua).
-local expires = -1
+local expires
 if ARGV[6] ~= '' then expires = tonumber(ARGV[6]) end
 redis.call('HSET', state, 'cfn', pack_config(version, tonumber(ARGV[5]), expires,
   tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[13]), token_limit, tonumber(ARGV[16]),

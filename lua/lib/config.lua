@@ -14,15 +14,22 @@
 --
 -- Layout (big-endian, signed): version (7 bytes), flags (1 byte: 1 active, 2 providers
 -- restricted, 4 api formats restricted, 8 models restricted, 16 x the budget period: 0 never
--- resets, 1 day, 2 week, 3 month), expires_at ms (7; -1 never), rate limit (4), concurrent
+-- resets, 1 day, 2 week, 3 month; 64 expires), expires_at ms (7; any value, before 1970
+-- too, when flag 64 is set; 0 otherwise), rate limit (4), concurrent
 -- limit (4), balance nano-USD (7), token limit (7), budget nano-USD (7); -1 = unlimited / none
 -- for each. Every number is a whole number within its width (hydrate.lua's checks: below 2^53,
 -- limits from 32-bit columns).
 
 local CONFIG_FORMAT = '>i7Bi7i4i4i7i7i7'
 
+-- `expires` is nil for a key that never expires.
 local function pack_config(ver, active, expires, rl, cl, bal, tl, bud, period, prov, fmt, mdl)
   local flags = active
+  if expires then
+    flags = flags + 64
+  else
+    expires = 0
+  end
   if prov ~= '' then flags = flags + 2 end
   if fmt ~= '' then flags = flags + 4 end
   if mdl ~= '' then flags = flags + 8 end
@@ -38,8 +45,8 @@ end
 
 -- true, then version, flags, expires, rl, cl, bal, tl, bud; or false for a field that is not
 -- one (any 44 bytes unpack: the length is the check struct needs). Of the flags, callers
--- test `flags % 2 == 1` (active) and `flags % 16 >= 2` (an allow-list) themselves: this runs
--- on every admission, where each function call counts.
+-- test `flags % 2 == 1` (active), `flags % 16 >= 2` (an allow-list) and `flags >= 64` (an
+-- expiry) themselves: this runs on every admission, where each function call counts.
 local function unpack_config(cfn)
   if #cfn ~= 44 then return false end
   return true, struct.unpack(CONFIG_FORMAT, cfn)
@@ -47,7 +54,7 @@ end
 
 -- The budget period's name from the flags.
 local function config_period(flags)
-  local p = math.floor(flags / 16)
+  local p = math.floor(flags / 16) % 4
   if p == 1 then return 'day' elseif p == 2 then return 'week' elseif p == 3 then return 'month' end
   return ''
 end

@@ -4,7 +4,7 @@
 
 use crate::common;
 
-use common::hot_suite::{admit, with_key};
+use common::hot_suite::{admit, patch_key, with_key};
 use common::*;
 use serde_json::json;
 use tollgate::hot::layout::{KeyRedisKeys, Layout};
@@ -98,4 +98,20 @@ async fn a_configuration_a_replica_of_an_older_version_wrote_is_folded_again() {
     admit(&app, body)
         .await
         .lease("active again at the next version");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expiry_before_1970_is_still_an_expiry() {
+    // The folded configuration flags an expiry rather than reserving a value for "never", so
+    // no expiry time, however early, reads as "never expires".
+    let app = spawn_app().await;
+    let (key, id) = new_key(&app, json!({"concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    admit(&app, body.clone()).await.lease("before the PATCH");
+    for at in ["1969-12-31T23:59:59.999Z", "1960-01-01T00:00:00Z"] {
+        patch_key(&app, &id, json!({"expires_at": at})).await;
+        admit(&app, body.clone())
+            .await
+            .denied(403, "key_expired", at);
+    }
 }
