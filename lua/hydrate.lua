@@ -5,7 +5,8 @@
 -- reading a row, an admin PATCH on another, the reconciler re-pushing a version. A plain HSET
 -- would let a stale reader overwrite a newer write. Here the row's version is compared and the
 -- fields written in one step, so the newest configuration always wins; and the running
--- counters (used, held), which only Redis keeps current, are never clobbered.
+-- counters (used, held), which only Redis keeps current, are never clobbered. The numbers are
+-- also folded into one field, `cfn` (lib/config.lua), which is what admit.lua reads.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
 -- src/hot/scripts/hydrate.rs. It calls lib/config.lua, which tollgate prepends.
