@@ -68,7 +68,8 @@ if ARGV[12] ~= '1' and ARGV[12] ~= '0' then return refuse('INVALID_ARGUMENT', 's
 if ARGV[6] ~= '' and exact(ARGV[6]) == nil then return refuse('INVALID_ARGUMENT', 'expiry') end
 for _, i in ipairs({10, 11}) do
   local n = exact(ARGV[i])
-  if n == nil or n < -1 then return refuse('INVALID_ARGUMENT', 'limit ' .. i) end
+  -- 32-bit, as the columns are: lib/config.lua folds them into 4 bytes each.
+  if n == nil or n < -1 or n > 2147483647 then return refuse('INVALID_ARGUMENT', 'limit ' .. i) end
 end
 for _, i in ipairs({7, 8, 9, 4}) do
   if type(ARGV[i]) ~= 'string' then return refuse('INVALID_ARGUMENT', 'argument ' .. i) end

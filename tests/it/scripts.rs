@@ -377,6 +377,15 @@ async fn hydrate_calls_out_of_bounds_are_refused_before_any_write() {
         (key_args("2", "5", "4611686018427387905"), "LIMIT_EXCEEDED"),
         (key_args("two", "5", "0"), "INVALID_ARGUMENT"),
         (key_args("2", "5", "-3"), "INVALID_ARGUMENT"),
+        // A rate limit past the 32 bits the folded configuration keeps (lib/config.lua).
+        (
+            {
+                let mut a = key_args("2", "5", "0");
+                a[9] = ScriptArg::Str("2147483648");
+                a
+            },
+            "INVALID_ARGUMENT",
+        ),
         // Version 1 set the `none` marker, then failed on the TTL: a marker for ever.
         (
             vec![ScriptArg::Str("none"), ScriptArg::Str("soon")],

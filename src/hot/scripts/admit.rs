@@ -88,20 +88,30 @@ fn unexpected() -> RedisFailure {
     RedisFailure::Command("unexpected admit reply".into())
 }
 
-/// One element of the reply: the script answers numbers as integers and names as strings.
-fn text(v: &Value) -> Option<String> {
+/// One element of the reply as bytes: the script answers names as strings.
+fn bytes(v: &Value) -> Option<&[u8]> {
     match v {
-        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-        Value::SimpleString(s) => Some(s.clone()),
-        Value::Int(n) => Some(n.to_string()),
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
         _ => None,
     }
 }
 
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::Int(n) => Some(n.to_string()),
+        other => bytes(other).and_then(|b| String::from_utf8(b.to_vec()).ok()),
+    }
+}
+
+/// A number of the reply: an integer (grants), or digits (a denial's wait).
 fn number(v: Option<&Value>) -> i64 {
     match v {
         Some(Value::Int(n)) => *n,
-        Some(other) => text(other).and_then(|s| s.parse().ok()).unwrap_or(-1),
+        Some(other) => bytes(other)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1),
         None => -1,
     }
 }
@@ -112,15 +122,15 @@ pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
     };
     let int = |i: usize| number(r.get(i));
     let str_at = |i: usize| r.get(i).and_then(text).ok_or_else(unexpected);
-    match str_at(0)?.as_str() {
-        "miss" => Ok(Reply::Miss),
-        "deny" => Ok(Reply::Deny {
+    match r.first().and_then(bytes).ok_or_else(unexpected)? {
+        b"miss" => Ok(Reply::Miss),
+        b"deny" => Ok(Reply::Deny {
             code: str_at(1)?,
             retry_after_ms: int(2).max(0),
         }),
         // Eleven fields for a key without a token limit or a budget: the missing six read as
         // -1, which is what they would say.
-        "ok" if r.len() >= 11 => Ok(Reply::Ok(Granted {
+        b"ok" if r.len() >= 11 => Ok(Reply::Ok(Granted {
             key_id: str_at(1)?,
             user_id: str_at(2)?,
             rate_limit: int(3),
