@@ -180,10 +180,9 @@ end
 -- The rate window (lib/ring.lua): the entries that left it are dropped from the cursor read
 -- with the configuration; the ring itself is read only when the cursor's cached times run
 -- out. Read (and the cursor checked) here, before the first write below.
-local r_head, r_tail, r_cap, r_newest, r_deadline, r_cache, r_clock
+local r_head, r_tail, r_cap, r_deadline, r_cache, r_clock
 if rl > 0 then
-  r_head, r_tail, r_cap, r_newest, r_deadline, r_cache, r_clock =
-    ring_read(rate, rw, now, window)
+  r_head, r_tail, r_cap, r_deadline, r_cache, r_clock = ring_read(rate, rw, now, window)
   if r_head == nil then
     return redis.error_reply('CORRUPT_STATE the rate cursor is not one')
   end

@@ -42,8 +42,8 @@ local CACHED = 5
 local CURSOR = '>ddi4i6i6'
 local CURSOR_LEN = 32
 
--- The window at `now`: head, tail, cap, newest, deadline, the cache of the oldest times, and
--- the window's clock, after every entry at or before clock - window has left; or nil when the
+-- The window at `now`: head, tail, cap, deadline, the cache of the oldest times, and the
+-- window's clock, after every entry at or before clock - window has left; or nil when the
 -- cursor is not one. The clock is `now`, or `newest` if Redis's clock stepped back behind it:
 -- a window never runs backwards, so an entry that left it stays gone.
 local function ring_read(ring, rw, now, window)
@@ -61,7 +61,7 @@ local function ring_read(ring, rw, now, window)
   if newest > clock then clock = newest end
   local edge = clock - window
   -- Idle for a whole window: nothing counts, and the ring starts again at slot 0.
-  if newest <= edge then return 0, 0, cap, newest, deadline, '', clock end
+  if newest <= edge then return 0, 0, cap, deadline, '', clock end
   -- Leaving entries, from the cache, then from the ring in growing reads: each entry is read
   -- at most once, so this is amortized O(1) however long the window.
   local chunk = 8
@@ -70,14 +70,14 @@ local function ring_read(ring, rw, now, window)
       local at = tail % cap
       local n = math.min(head - tail, chunk, cap - at)
       cache = redis.call('GETRANGE', ring, at * SLOT, (at + n) * SLOT - 1)
-      if #cache ~= n * SLOT then return head, head, cap, newest, deadline, '', clock end
+      if #cache ~= n * SLOT then return head, head, cap, deadline, '', clock end
       chunk = math.min(chunk * 4, 4096)
     end
     if struct.unpack('>i6', cache) > edge then break end
     tail = tail + 1
     cache = string.sub(cache, SLOT + 1)
   end
-  return head, tail, cap, newest, deadline, cache, clock
+  return head, tail, cap, deadline, cache, clock
 end
 
 -- The time of the admission `k` places after the tail (0 = the oldest counted), or nil when

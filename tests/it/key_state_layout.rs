@@ -9,8 +9,16 @@ use common::*;
 use serde_json::json;
 use tollgate::hot::layout::{KeyRedisKeys, Layout};
 
-async fn redis_keys(app: &TestApp, key: &str) -> KeyRedisKeys {
+fn redis_keys(app: &TestApp, key: &str) -> KeyRedisKeys {
     Layout::new(&app.namespace).for_hash(&tollgate::keys::hash(key))
+}
+
+/// A key with a rate limit of 100, admitted once: the admission body and its Redis keys.
+async fn admitted_once(app: &TestApp) -> (serde_json::Value, KeyRedisKeys) {
+    let (key, _) = new_key(app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    admit(app, body.clone()).await.lease("first");
+    (body, redis_keys(app, &key))
 }
 
 async fn hset(app: &TestApp, state: &str, field: &str, value: &str) {
@@ -39,7 +47,7 @@ async fn a_plain_keys_state_stays_a_listpack_through_admissions() {
     for _ in 0..20 {
         admit(&app, with_key(&key, json!({}))).await.lease("plain");
     }
-    let k = redis_keys(&app, &key).await;
+    let k = redis_keys(&app, &key);
     let encoding: String = redis::cmd("OBJECT")
         .arg("ENCODING")
         .arg(&k.state)
@@ -56,10 +64,7 @@ async fn a_plain_keys_state_stays_a_listpack_through_admissions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_without_a_folded_configuration_is_folded_from_its_named_fields() {
     let app = spawn_app().await;
-    let (key, _) = new_key(&app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
-    let body = with_key(&key, json!({}));
-    admit(&app, body.clone()).await.lease("first");
-    let k = redis_keys(&app, &key).await;
+    let (body, k) = admitted_once(&app).await;
     // As a tollgate from before `cfn` would have left it, with a limit the window has reached.
     let _: i64 = redis::cmd("HDEL")
         .arg(&k.state)
@@ -77,10 +82,7 @@ async fn state_without_a_folded_configuration_is_folded_from_its_named_fields() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_a_replica_of_an_older_version_wrote_is_folded_again() {
     let app = spawn_app().await;
-    let (key, _) = new_key(&app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
-    let body = with_key(&key, json!({}));
-    admit(&app, body.clone()).await.lease("first");
-    let k = redis_keys(&app, &key).await;
+    let (body, k) = admitted_once(&app).await;
     // An older hydrate.lua writes the named fields and a newer version, not `cfn`.
     let ver: i64 = redis::cmd("HGET")
         .arg(&k.state)

@@ -15,16 +15,16 @@ local out = {}
 for i = 2, #ARGV, 2 do
   local now, limit = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
   local at = {ring_read(KEYS[2], redis.call('HGET', KEYS[1], 'rw'), now, window)}
-  local clock = at[7]
+  local clock = at[6]
   local count = at[1] - at[2]
   if count >= limit then
     local k = 0
     if count > limit then k = count - limit end
-    local leaving = ring_time(KEYS[2], at[2], at[3], at[6], k)
+    local leaving = ring_time(KEYS[2], at[2], at[3], at[5], k)
     out[#out + 1] = 'deny'
     out[#out + 1] = string.format('%.0f', leaving + window - clock)
   else
-    local cursor, oldest = ring_add(KEYS[2], at[1], at[2], at[3], at[5], at[6], limit, clock,
+    local cursor, oldest = ring_add(KEYS[2], at[1], at[2], at[3], at[4], at[5], limit, clock,
       window)
     redis.call('HSET', KEYS[1], 'rw', cursor)
     out[#out + 1] = string.format('%.0f', limit - count - 1)
