@@ -10,24 +10,28 @@
 --
 -- All KEYS share the hash tag of the API key's shard, so the script runs unchanged on a cluster.
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/admit.rs. It calls lib/config.lua, lib/ring.lua, lib/calendar.lua and
--- lib/holds.lua, which tollgate prepends.
+-- src/hot/scripts/admit.rs. It calls lib/config.lua, lib/ring.lua, lib/calendar.lua,
+-- lib/holds.lua and lib/layout.lua, which tollgate prepends.
 -- KEYS[1] state   HASH  key state (see hydrate.lua; `cfn` its configuration folded, lib/config.lua;
 --                 `rw` the rate ring's cursor); missing = not hydrated; field none = unknown key
 -- KEYS[2] rate    STRING the rate ring: admission times of the window (lib/ring.lua)
--- KEYS[3] live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
--- KEYS[4] holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
+-- and, named from KEYS[1] (lib/layout.lua) by the calls that need them:
+--         live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
+--         holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
 --                 it also holds tokens (reserve_tokens)
--- KEYS[5] tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
+--         tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
 --                 time (ms); state.wtok is the sum of the members' tokens (settle.lua adds)
 -- ARGV[1] rate window (ms)
 -- ARGV[2] this lease's TTL (ms); 0 = admit without a lease: the rate log and the balance still
 --         count, the concurrency limit and any hold do not, and nothing but the rate log is
 --         written (for proxies that cannot report the end of a request)
--- ARGV[3] lease nonce (unique)
--- ARGV[4] provider ('' = not given)   ARGV[5] api format   ARGV[6] model
--- ARGV[7] reserve (nano-USD, >= 0)
--- ARGV[8] reserve tokens (>= 0)
+-- ARGV[3] what the caller knows of the key, a sum: 1 = it does not know the key's ids (answer
+--         them), 2 = the key's last grant needed its counters (read them with the rest). Both
+--         only spare calls: a wrong guess costs a second read, never a wrong answer.
+-- ARGV[4] what was asked, which a plain key's admission never reads, so in one argument:
+--         lease nonce (unique), provider ('' = not given), api format, model, reserve
+--         (nano-USD, >= 0), reserve tokens (>= 0), joined by '\31' (none of them holds it:
+--         labels are refused with control characters)
 --
 -- No lease record is written: the caller seals what settlement needs (key, labels, times,
 -- whether the lease is tracked) into the lease id (`hot/lease_id.rs`), and settle.lua and
@@ -39,13 +43,14 @@
 -- Returns one of
 --   {'miss'}                                       state not in Redis: hydrate, then retry
 --   {'deny', code, retry_after_ms}
---   {'ok', key_id, user_id, rate_limit, rate_remaining, reset_ms, concurrent_limit,
---          in_flight, balance_available, now_ms, tracked (1|0), token_limit,
---          tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms}
---                                                   (-1 = unlimited / none / never; the last
---                                                   six only for a key with a token limit or
---                                                   a budget; in_flight is 0 for a key without
---                                                   a concurrency limit: nothing counts them)
+--   a grant: one string of big-endian 8-byte integers (`>i8` each): rate_limit,
+--            rate_remaining, reset_ms, concurrent_limit, in_flight, balance_available, now_ms,
+--            tracked (1|0), and, only for a key with a token limit or a budget, token_limit,
+--            tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms
+--            (-1 = unlimited / none / never; in_flight is 0 for a key without a concurrency
+--            limit: nothing counts them). One string because every element of a reply costs
+--            Redis a conversion, and eight numbers cost about twice one string of them.
+--   {'ok', that string, key_id, user_id}            a grant when ARGV[9] asked for the ids
 --   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
 --
 -- Never half-writes (see settle.lua): the state's numbers and the holds of expired leases are
@@ -69,27 +74,37 @@
 -- Cost: every redis.call costs Redis about as much again as the command itself (arguments and
 -- reply cross between Lua and Redis), so the script avoids calls whose answer it already knows:
 -- an empty sorted set does not exist, so a count of 0 says a key is new; `held` = 0 says
--- `holds` is empty; a plain key reads five short state fields and writes one slot of the ring
--- and one cursor field (docs/PERFORMANCE.md has the figures).
+-- `holds` is empty; a plain key's admission carries two keys and four arguments, reads three
+-- short state fields (one call that a known key's ids and a counted key's counters join), and
+-- writes one slot of the ring and one cursor field; the answer is one string
+-- (docs/PERFORMANCE.md has the figures). Expired leases are looked for once `le` passes, and
+-- a missing `live` once `lx` does, not on every call (both below).
 
-local state, rate, live, holds, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local state, rate = KEYS[1], KEYS[2]
+local live, holds, tokens
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
-local nonce = ARGV[3]
-local provider, api_format, model = ARGV[4], ARGV[5], ARGV[6]
+local knows = tonumber(ARGV[3])
+local need_ids = knows % 2 == 1
 local leased = ttl > 0
-local reserve = tonumber(ARGV[7])
-local reserve_tokens = tonumber(ARGV[8])
-if not leased then
-  reserve = 0
-  reserve_tokens = 0
-end
+local nonce, provider, api_format, model, reserve, reserve_tokens = '', '', '', '', 0, 0
 local function int(n) return string.format('%.0f', n) end
 
--- The key's configuration (lib/config.lua), its rate ring's cursor, the version the
--- configuration must match, and the two names the reply carries: five short fields, one read.
-local cfn, rw, version, key_id, user_id =
-  unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user'))
+-- The key's configuration (lib/config.lua), its rate ring's cursor and the version the
+-- configuration must match: three short fields, one read. The ids the reply carries only
+-- when the caller does not know them (they never change for a key); the running counters
+-- with them when the caller expects the key to need them (below).
+local cfn, rw, version, key_id, user_id, c
+if knows == 0 then
+  cfn, rw, version = unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver'))
+elseif knows == 1 then
+  cfn, rw, version, key_id, user_id =
+    unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user'))
+else
+  c = redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user', 'used', 'held', 'wtok',
+    'htok', 'bsp', 'bps', 'lx', 'le')
+  cfn, rw, version, key_id, user_id = c[1], c[2], c[3], c[4], c[5]
+end
 local folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = false
 if cfn then
   folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = unpack_config(cfn)
@@ -101,8 +116,8 @@ if not folded or cfg_version ~= tonumber(version) then
   -- No folded configuration, or one older than the named fields: state written by a tollgate
   -- from before `cfn`, or by one during a rolling upgrade. Fold it from the named fields.
   local s = redis.call('HMGET', state, 'none', 'act', 'exp', 'prov', 'fmt', 'mdl', 'rl', 'cl',
-    'bal', 'tl', 'bud', 'bper')
-  if key_id == false then
+    'bal', 'tl', 'bud', 'bper', 'id')
+  if s[13] == false then
     if s[1] ~= false then return {'deny', 'key_invalid', '0'} end
     return {'miss'}
   end
@@ -121,40 +136,57 @@ if not folded or cfg_version ~= tonumber(version) then
   folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = unpack_config(cfn)
 end
 local budget_period = config_period(flags)
+local listed = flags % 16 >= 2
+local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
+
+-- What was asked (ARGV[4]) and the keys of leases and tokens: only for a key whose answer
+-- they can change.
+if listed or not plain then
+  local r, t
+  nonce, provider, api_format, model, r, t =
+    string.match(ARGV[4], '^([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d+)\31(%d+)$')
+  if nonce == nil then return redis.error_reply('INVALID_ARGUMENT what was asked') end
+  if leased then reserve, reserve_tokens = tonumber(r), tonumber(t) end
+  live, holds, tokens = sibling(state, 'c'), sibling(state, 'h'), sibling(state, 'w')
+end
 
 -- The allow-lists, only for a key that has one; the running counters, only for a key whose
 -- answer they can change: a plain key (no concurrency limit, balance, budget or token limit)
--- reads none of them. Each counter must be a number, and `held`, `htok` and `wtok` whole
--- (HINCRBY adds to them); anything else is state no script writes, refused before the first
--- write.
+-- reads none of them. They come with the first read when the caller expected the key to need
+-- them (ARGV[9]), else in a second. Each counter must be a number, and `held`, `htok` and
+-- `wtok` whole (HINCRBY adds to them); anything else is state no script writes, refused
+-- before the first write.
 local providers, formats, models = '', '', ''
-local listed = flags % 16 >= 2
-local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
 local used, held, wtok, htok, period_spend, period_start = 0, 0, 0, 0, nil, nil
-local live_deadline = 0
-if listed or not plain then
+-- `lx`: when `live` and `holds` expire (below); `le`: no live lease expires before it (a
+-- lower bound: leases that end early leave it where it is).
+local live_deadline, live_earliest = 0, 0
+local counters, at = c, 5
+if listed or not (plain or c) then
   local f = {}
   if listed then f = {'prov', 'fmt', 'mdl'} end
-  if not plain then
-    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps', 'lx'}) do
+  if not (plain or c) then
+    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps', 'lx', 'le'}) do
       f[#f + 1] = name
     end
   end
   local v = redis.call('HMGET', state, unpack(f))
-  local at = 1
-  if listed then
-    providers, formats, models = v[1] or '', v[2] or '', v[3] or ''
-    at = 4
+  if listed then providers, formats, models = v[1] or '', v[2] or '', v[3] or '' end
+  if not (plain or c) then
+    counters = v
+    at = #f - 8
   end
-  if not plain then
-    used, held = tonumber(v[at]), tonumber(v[at + 1] or 0)
-    wtok, htok = tonumber(v[at + 2] or 0), tonumber(v[at + 3] or 0)
-    period_spend, period_start = v[at + 4], v[at + 5]
-    live_deadline = tonumber(v[at + 6] or '0') or 0
-    if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
-      or wtok % 1 ~= 0 then
-      return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
-    end
+end
+if not plain then
+  local v = counters
+  used, held = tonumber(v[at + 1]), tonumber(v[at + 2] or 0)
+  wtok, htok = tonumber(v[at + 3] or 0), tonumber(v[at + 4] or 0)
+  period_spend, period_start = v[at + 5], v[at + 6]
+  live_deadline = tonumber(v[at + 7] or '0') or 0
+  live_earliest = tonumber(v[at + 8] or '0') or 0
+  if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
+    or wtok % 1 ~= 0 then
+    return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
   end
 end
 
@@ -193,9 +225,12 @@ end
 -- Their holds are read and checked first, so that a corrupt one refuses the call before the
 -- first write. Only where they can matter: with no concurrency limit and nothing held, an
 -- expired entry of `live` changes no answer (it leaves with `live`'s expiry, or with the
--- next call that scans).
+-- next call that scans). And only once `le` has passed: before it no lease has expired. A
+-- scan moves `le` to the earliest expiry left (one more read), so a key scans about once a
+-- lease TTL, not on every admission.
 local expired = {}
-if cl > 0 or held ~= 0 or htok ~= 0 then
+local scanned = (cl > 0 or held ~= 0 or htok ~= 0) and now >= live_earliest
+if scanned then
   expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
 end
 local expired_holds = #expired > 0 and {}
@@ -218,14 +253,29 @@ end
 if #expired > 0 then redis.call('ZREM', live, unpack(expired)) end
 local repaired = #expired > 0
 -- No live lease left: nothing is held. This is also where the holds of an idle key's leases
--- come back when `live` and `holds` expired as whole keys and the loop above saw nothing.
-if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+-- come back when `live` and `holds` expired as whole keys (at `lx`) and the loop above saw
+-- nothing. Before `lx` a missing `live` cannot hide a hold: the last lease to leave it took
+-- its hold along.
+if (held ~= 0 or htok ~= 0) and now >= live_deadline and redis.call('EXISTS', live) == 0 then
   held = 0
   htok = 0
   redis.call('DEL', holds)
   repaired = true
 end
-if repaired then redis.call('HSET', state, 'held', int(held), 'htok', int(htok)) end
+if scanned then
+  live_earliest = 0
+  if #expired < 64 then
+    local first = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
+    live_earliest = tonumber(first[2] or '0') or 0
+  end
+  if repaired then
+    redis.call('HSET', state, 'held', int(held), 'htok', int(htok), 'le', int(live_earliest))
+  else
+    redis.call('HSET', state, 'le', int(live_earliest))
+  end
+elseif repaired then
+  redis.call('HSET', state, 'held', int(held), 'htok', int(htok))
+end
 
 local available = -1
 if bal >= 0 then
@@ -329,33 +379,38 @@ end
 -- rate cursor, the expiry of `live` and `holds` when it moves, and the sums of the holds when
 -- this lease holds something (absolute values: the script read them, and nothing else runs in
 -- between). A plain key's grant writes the cursor alone.
-local cursor, new_lx, new_held, new_htok
+local cursor, new_lx, new_le, new_held, new_htok
 if rl > 0 then
   local oldest
   cursor, oldest = ring_add(rate, r_head, r_tail, r_cap, r_deadline, r_cache, rl, r_clock,
     window)
   reset = oldest + window - r_clock
 end
--- Numbers go back as Lua numbers, which Redis answers as integers: exact, since every one is
--- below 2^53, and cheaper than a formatted string each. The token and budget fields only for
--- a key that has either: a plain key's reply is the eleven fields it needs (every reply
--- element costs Redis a conversion).
+-- The numbers go back packed in one string (the header's layout): exact, since every one is
+-- below 2^53. The token and budget fields only for a key that has either.
 local function answer(flight, tracked)
-  if new_lx or new_held or new_htok then
+  if new_lx or new_le or new_held or new_htok then
     local w = {}
     if cursor then w[#w + 1] = 'rw'; w[#w + 1] = cursor end
     if new_lx then w[#w + 1] = 'lx'; w[#w + 1] = new_lx end
+    if new_le then w[#w + 1] = 'le'; w[#w + 1] = new_le end
     if new_held then w[#w + 1] = 'held'; w[#w + 1] = new_held end
     if new_htok then w[#w + 1] = 'htok'; w[#w + 1] = new_htok end
     redis.call('HSET', state, unpack(w))
   elseif cursor then
     redis.call('HSET', state, 'rw', cursor)
   end
+  local packed
   if token_limit < 0 and budget < 0 then
-    return {'ok', key_id, user_id, rl, remaining, reset, cl, flight, available, now, tracked}
+    packed = struct.pack('>i8i8i8i8i8i8i8i8', rl, remaining, reset, cl, flight, available, now,
+      tracked)
+  else
+    packed = struct.pack('>i8i8i8i8i8i8i8i8i8i8i8i8i8i8', rl, remaining, reset, cl, flight,
+      available, now, tracked, token_limit, tokens_remaining, tokens_reset, budget,
+      budget_remaining, budget_resets)
   end
-  return {'ok', key_id, user_id, rl, remaining, reset, cl, flight, available, now, tracked,
-    token_limit, tokens_remaining, tokens_reset, budget, budget_remaining, budget_resets}
+  if need_ids then return {'ok', packed, key_id, user_id} end
+  return packed
 end
 if not leased then return answer(in_flight, 0) end
 -- Money is held only where a balance or a budget counts it; tokens where a limit does.
@@ -379,6 +434,7 @@ if cl > 0 then in_flight = in_flight + 1 end
 local holding = hold > 0 or hold_tokens > 0
 local holds_existed = held ~= 0 or htok ~= 0
 local refresh = live_deadline < now + ttl
+if live_earliest == 0 or now + ttl < live_earliest then new_le = int(now + ttl) end
 if refresh then
   live_deadline = now + 2 * ttl
   new_lx = int(live_deadline)

@@ -113,15 +113,23 @@ if current and tonumber(current) >= version then return 'stale' end
 local old_period = redis.call('HGET', state, 'bper')
 redis.call('HDEL', state, 'none')
 -- Every argument is valid: from here on every call succeeds.
+-- The configuration's numbers folded into one field for admit.lua (lib/config.lua), written
+-- first, and on a new state followed by an empty rate cursor (`rw`, lib/ring.lua) and the
+-- version: a small hash is a listpack that HMGET searches from its start, and these three
+-- are what every admission reads. The named fields follow.
+local expires
+if ARGV[6] ~= '' then expires = tonumber(ARGV[6]) end
+local cfn = pack_config(version, tonumber(ARGV[5]), expires, tonumber(ARGV[10]),
+  tonumber(ARGV[11]), tonumber(ARGV[13]), token_limit, tonumber(ARGV[16]), ARGV[17], ARGV[7],
+  ARGV[8], ARGV[9])
+if current then
+  redis.call('HSET', state, 'cfn', cfn)
+else
+  redis.call('HSET', state, 'cfn', cfn, 'rw', '')
+end
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],
   'cl', ARGV[11], 'bal', ARGV[13], 'tl', ARGV[15], 'bud', ARGV[16], 'bper', ARGV[17])
--- The same configuration's numbers folded into one field for admit.lua (lib/config.lua).
-local expires
-if ARGV[6] ~= '' then expires = tonumber(ARGV[6]) end
-redis.call('HSET', state, 'cfn', pack_config(version, tonumber(ARGV[5]), expires,
-  tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[13]), token_limit, tonumber(ARGV[16]),
-  ARGV[17], ARGV[7], ARGV[8], ARGV[9]))
 redis.call('HSETNX', state, 'used', ARGV[14])
 redis.call('HSETNX', state, 'held', '0')
 if old_period ~= ARGV[17] then

@@ -61,7 +61,8 @@ if tracked and (held ~= 0 or htok ~= 0) then
 end
 -- Free the slot and the hold (lib/holds.lua).
 if tracked then
-  free_lease(state, live, holds, nonce, s[1] ~= false, hold, hn, ht, held, htok)
+  free_lease(state, live, holds, nonce, s[1] ~= false, hold, hn, ht, held, htok,
+    true)
 end
 if sealed then
   redis.call('SET', lease, 'R', 'PX', ARGV[4])

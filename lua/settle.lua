@@ -8,35 +8,37 @@
 -- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/settle.rs. It calls lib/config.lua, lib/calendar.lua and lib/holds.lua,
--- which tollgate prepends.
+-- src/hot/scripts/settle.rs. It calls lib/config.lua, lib/calendar.lua, lib/holds.lua and
+-- lib/layout.lua, which tollgate prepends.
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
--- KEYS[2] live    ZSET  tracked live leases of the key
--- KEYS[3] holds   HASH  holds of the key's live leases
--- KEYS[4] lease   STRING this lease's tombstone: 'S' settled, 'R' released (or, for a lease id
+-- KEYS[2] lease   STRING this lease's tombstone: 'S' settled, 'R' released (or, for a lease id
 --                 issued before sealed ids, its record: 'L…' live, 'R…' released, 'S')
--- KEYS[5] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
--- KEYS[6] tokens  ZSET  the key's token window (see admit.lua): a key with a token limit gets
+-- KEYS[3] stream  STREAM the shard's usage stream, drained into Postgres by the syncer
+-- and, named from KEYS[1] (lib/layout.lua) by the calls that need them:
+--         live    ZSET  tracked live leases of the key
+--         holds   HASH  holds of the key's live leases
+--         tokens  ZSET  the key's token window (see admit.lua): a key with a token limit gets
 --                 this settlement's total tokens, at this instant
 -- ARGV[1] cost (nano-USD), or '?': not known yet, the caller prices it from the tokens: answer
 --         the provider and model it is priced for, and write nothing
--- ARGV[2] input tokens   ARGV[3] output tokens
--- ARGV[4] total tokens (-1 = input + output; tollgate itself always sends the sum, which it
---         computes exactly in Rust)   ARGV[5] response time ms (-1 = unknown)
--- ARGV[6] status code (-1 = unknown)
--- ARGV[7] provider   ARGV[8] api format   ARGV[9] model   ('=' prefix = given, '' = use the lease's)
--- ARGV[10] tombstone TTL (ms): at least this long a settled lease is remembered for duplicate
---         detection (a sealed lease's tombstone also lives until its deadline, ARGV[23])
--- ARGV[11] event id '<sid>.<nonce>' (the event's idempotency id in Postgres)
--- ARGV[12] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
+-- ARGV[2] total tokens (tollgate computes the sum exactly in Rust)
+-- ARGV[3] tombstone TTL (ms): at least this long a settled lease is remembered for duplicate
+--         detection (a sealed lease's tombstone also lives until its deadline, ARGV[11])
+-- ARGV[4] event id '<sid>.<nonce>' (the event's idempotency id in Postgres)
+-- ARGV[5] 'any': settle a live or released lease (the gateway's /v1/settle: usage is never
 --         dropped); 'live': a released lease is a duplicate (an access-log report, which may
 --         arrive after the gateway or the proxy already ended the lease)
--- ARGV[13] rate window (ms): how long settled tokens count against a token limit
--- ARGV[14] 'sealed': the lease's facts follow, opened from its sealed id by the caller, who
---         checked its MAC (`hot/lease_id.rs`): ARGV[15] tracked (1|0: in `live`, see admit.lua),
---         key id, user id, provider, api format, model, admitted at (ms), expires at (ms),
---         ARGV[23] deadline (ms): past it the lease is unknown.
---         'record': a lease id issued before sealed ids; its facts are in its record.
+-- ARGV[6] rate window (ms): how long settled tokens count against a token limit
+-- ARGV[7] 'sealed': the lease's facts were opened from its sealed id by the caller, who
+--         checked its MAC (`hot/lease_id.rs`), and follow: ARGV[8] tracked (1|0: in `live`,
+--         see admit.lua), ARGV[9] admitted at (ms), ARGV[10] expires at (ms), ARGV[11]
+--         deadline (ms): past it the lease is unknown; ARGV[12] the usage event's first
+--         thirteen values, joined (below), which the caller knows whole — or, with ARGV[1]
+--         '?', ARGV[12] the provider and ARGV[13] the model it is priced for.
+--         'record': a lease id issued before sealed ids; its facts are in its record, and the
+--         rest of the event follows: ARGV[8] input tokens, ARGV[9] output tokens, ARGV[10]
+--         response time ms (-1 = unknown), ARGV[11] status code (-1 = unknown), ARGV[12]
+--         provider, ARGV[13] api format, ARGV[14] model ('=' prefix = given, '' = the lease's)
 --
 -- Returns {'unknown'} | {'duplicate', available} | {'settled', lease_expired(0|1), available}
 --   | {'price', provider, model} (ARGV[1] '?')
@@ -67,8 +69,8 @@
 -- batch of 500 events at MAX_COST on top) inside 64 bits. It is compared exactly, in two
 -- 9-digit halves, never as a (rounded) Lua number.
 
-local state, live, holds, lease, stream, tokens = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
-  KEYS[6]
+local state, lease, stream = KEYS[1], KEYS[2], KEYS[3]
+local live, holds
 local function int(n) return string.format('%.0f', n) end
 
 local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
@@ -96,18 +98,18 @@ local function passes(counter, amount)
 end
 
 local cost = ARGV[1]
-local event_id = ARGV[11]
+local event_id = ARGV[4]
 local nonce = string.sub(event_id, string.find(event_id, '.', 1, true) + 1)
-local window = ARGV[13]
-local sealed = ARGV[14] == 'sealed'
-local only_live = ARGV[12] == 'live'
+local window = ARGV[6]
+local sealed = ARGV[7] == 'sealed'
+local only_live = ARGV[5] == 'live'
 
 -- What this script needs of the key's state: the folded configuration (lib/config.lua) and
 -- the counters a settlement of any key reads, in one read; the token window's sum and the
 -- budget period's spend in a second, only for a key that has a token limit or a budget that
 -- resets. No state (a deleted key) = not hydrated: the event is still recorded.
-local cfn, version, used_s, held_s, htok_s, born =
-  unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'held', 'htok', 'born'))
+local cfn, version, used_s, held_s, htok_s, born, lx =
+  unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'held', 'htok', 'born', 'lx'))
 local hydrated, unknown, bal, token_limit, budget, budget_period = true, false, -1, -1, -1, ''
 local folded, cfg_version, flags, bal_s, _ = false
 if cfn then
@@ -135,7 +137,8 @@ if token_limited or budgeted then
 end
 -- Every counter that is read as a number or that HINCRBY adds to below must be a whole
 -- number: `held` and `htok` where a lease can hold (a tracked lease, a balance to report).
-local tracked = ARGV[14] ~= 'sealed' or ARGV[15] == '1'
+local tracked = not sealed or ARGV[8] == '1'
+if tracked then live, holds = sibling(state, 'c'), sibling(state, 'h') end
 local function corrupt(v) return v and not whole(v) end
 if corrupt(bal_s) or corrupt(used_s) or ((tracked or bal >= 0) and (corrupt(held_s)
   or corrupt(htok_s))) or (token_limited and corrupt(wtok_s))
@@ -156,12 +159,11 @@ end
 local lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local tomb_ttl = tonumber(ARGV[10])
+local tomb_ttl = tonumber(ARGV[3])
 if sealed then
-  lease_key, lease_user, lease_provider, lease_format, lease_model, admitted_at, expires_at =
-    ARGV[16], ARGV[17], ARGV[18], ARGV[19], ARGV[20], ARGV[21], ARGV[22]
+  admitted_at, expires_at = ARGV[9], ARGV[10]
   -- The tombstone outlives the sealed id: until then, a replay is a duplicate, never a charge.
-  local deadline = tonumber(ARGV[23])
+  local deadline = tonumber(ARGV[11])
   if deadline - now > tomb_ttl then tomb_ttl = deadline - now end
   if now > deadline or ARGV[1] == '?' then
     -- Reads only: past the deadline the lease is unknown unless it was settled.
@@ -185,15 +187,15 @@ local function pick(given, from_lease)
   return from_lease
 end
 if ARGV[1] == '?' then
-  return {'price', pick(ARGV[7], lease_provider), pick(ARGV[9], lease_model)}
+  if sealed then return {'price', ARGV[12], ARGV[13]} end
+  return {'price', pick(ARGV[12], lease_provider), pick(ARGV[14], lease_model)}
 end
 
 if tonumber(admitted_at) == nil or tonumber(expires_at) == nil then
   return refuse('CORRUPT_STATE', 'lease record times')
 end
 
-local input, output, total = ARGV[2], ARGV[3], ARGV[4]
-if total == '-1' then total = int(tonumber(input) + tonumber(output)) end
+local total = ARGV[2]
 -- The lifetime bound: used + cost <= MAX_USED. The period spend (`bsp`) and the token window's
 -- sum (`wtok`) are bounded the same way (they are parts of lifetime totals), so no HINCRBY
 -- below can overflow. A sealed lease's duplicate is found only by the tombstone's write below,
@@ -250,7 +252,8 @@ if sealed then
 end
 -- Free the slot and the hold (lib/holds.lua).
 if tracked then
-  held, htok = free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok)
+  held, htok = free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok,
+    now >= (tonumber(lx or '0') or 0))
 end
 local expired = '0'
 if now >= tonumber(expires_at) then expired = '1' end
@@ -262,6 +265,7 @@ end
 
 -- The token window of a key with a token limit.
 if token_limited and total ~= '0' then
+  local tokens = sibling(state, 'w')
   redis.call('ZADD', tokens, now, nonce .. ':' .. total)
   redis.call('PEXPIRE', tokens, window)
   redis.call('HINCRBY', state, 'wtok', total)
@@ -292,12 +296,19 @@ if born and tonumber(admitted_at) < (tonumber(born) or 0) then earlier_life = '1
 -- (`sync/usage.rs` reads it). One argument where
 -- named fields took thirty: every argument crosses from Lua into Redis, and the stream stores
 -- one value. None of them can hold '\31': ids and numbers do not, and labels and user ids
--- are refused with control characters.
-redis.call('XADD', stream, '*', 'v', event_id .. '\31' .. lease_key .. '\31' .. lease_user
-  .. '\31' .. cost .. '\31' .. input .. '\31' .. output .. '\31' .. total .. '\31' .. ARGV[5]
-  .. '\31' .. ARGV[6] .. '\31' .. pick(ARGV[7], lease_provider) .. '\31'
-  .. pick(ARGV[8], lease_format) .. '\31' .. pick(ARGV[9], lease_model) .. '\31'
-  .. admitted_at .. '\31' .. int(now) .. '\31' .. expired .. '\31' .. earlier_life)
+-- are refused with control characters. A sealed lease's caller sends the first thirteen
+-- joined already (ARGV[12]): only the last three are this script's to know.
+local head
+if sealed then
+  head = ARGV[12]
+else
+  head = event_id .. '\31' .. lease_key .. '\31' .. lease_user .. '\31' .. cost .. '\31'
+    .. ARGV[8] .. '\31' .. ARGV[9] .. '\31' .. total .. '\31' .. ARGV[10] .. '\31' .. ARGV[11]
+    .. '\31' .. pick(ARGV[12], lease_provider) .. '\31' .. pick(ARGV[13], lease_format) .. '\31'
+    .. pick(ARGV[14], lease_model) .. '\31' .. admitted_at
+end
+redis.call('XADD', stream, '*', 'v', head .. '\31' .. int(now) .. '\31' .. expired .. '\31'
+  .. earlier_life)
 
 -- A record (an id from before sealed ids) becomes a tombstone that only answers "duplicate".
 if not sealed then redis.call('SET', lease, 'S', 'PX', tomb_ttl) end

@@ -10,6 +10,7 @@
 //!   stream, which tollgate's syncer then drains into Postgres as it would in production).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -17,6 +18,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use redis::{FromRedisValue, Value};
 use tollgate::gate::{AdmitArgs, LeaseTerm};
+use tollgate::hot::known_keys::{KnownKey, KnownKeys};
 use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
 use tollgate::hot::lease_id::{LeaseFacts, LeaseRef};
 use tollgate::hot::scripts::{admit, scripts, settle};
@@ -46,6 +48,9 @@ pub struct Plan {
     /// grace): a sealed lease id's deadline, and its tombstone's lifetime.
     pub settle_window_ms: u64,
     pub max_cost_nanos: i64,
+    /// What the harness remembers of its keys, as tollgate's process does (`hot::known_keys`):
+    /// so that its calls tell admit.lua what tollgate's would. Shared by every clone.
+    pub known: Arc<KnownKeys>,
 }
 
 pub struct Outcome {
@@ -102,7 +107,8 @@ pub async fn script_load(redis_url: &str, sources: &[&str]) -> Result<Vec<String
 }
 
 /// One `admit.lua` call as tollgate's gate makes it for an admission with no token reserve
-/// (its wire contract is tollgate's own, `hot::scripts::admit`).
+/// (its wire contract is tollgate's own, `hot::scripts::admit`); answers the entry of
+/// `plan.known` the call was made with, which reading its reply needs.
 pub fn push_admit(
     pipe: &mut redis::Pipeline,
     sha: &str,
@@ -110,7 +116,8 @@ pub fn push_admit(
     k: &KeyRedisKeys,
     nonce: &str,
     reserve_nanos: i64,
-) {
+) -> Option<Arc<KnownKey>> {
+    let (known, prior) = plan.known.lookup(&k.state);
     let ask = AdmitArgs {
         key_hash: "",
         provider: "openai",
@@ -120,16 +127,18 @@ pub fn push_admit(
         reserve_tokens: 0,
         lease: LeaseTerm::Default,
     };
-    let call = admit::Call {
-        keys: k,
-        ask: &ask,
-        window_ms: i64::try_from(plan.window_ms).unwrap_or(i64::MAX),
-        ttl_ms: i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
+    let call = admit::Call::new(
+        k,
+        &ask,
+        i64::try_from(plan.window_ms).unwrap_or(i64::MAX),
+        i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
         nonce,
-    };
+        known,
+    );
     // The SHA the harness loaded is tollgate's: the same source.
     debug_assert_eq!(scripts().admit.sha(), sha);
     pipe.add_command(scripts().admit.evalsha(&call.keys(), &call.args()));
+    prior
 }
 
 /// What settle.lua needs of a granted lease: tollgate seals it into the lease id and opens it
@@ -144,16 +153,26 @@ pub struct Granted {
 }
 
 impl Granted {
-    /// The grant in an admit.lua reply, read as tollgate reads it.
-    pub fn from_reply(v: &Value, nonce: String) -> Option<Granted> {
+    /// The grant in an admit.lua reply, read as tollgate reads it: `prior` is what
+    /// [`push_admit`] answered for the call.
+    pub fn from_reply(
+        v: &Value,
+        nonce: String,
+        plan: &Plan,
+        k: &KeyRedisKeys,
+        prior: Option<&KnownKey>,
+    ) -> Option<Granted> {
         match admit::parse(v.clone()).ok()? {
-            admit::Reply::Ok(g) => Some(Granted {
-                nonce,
-                key_id: g.key_id,
-                user_id: g.user_id,
-                admitted_at_ms: g.now_ms,
-                tracked: g.tracked,
-            }),
+            admit::Reply::Ok(g) => {
+                let (key_id, user_id) = plan.known.ids(&k.state, prior, &g)?;
+                Some(Granted {
+                    nonce,
+                    key_id,
+                    user_id,
+                    admitted_at_ms: g.now_ms,
+                    tracked: g.tracked,
+                })
+            }
             _ => None,
         }
     }
@@ -259,13 +278,13 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
             let mut next = ci * 7919;
             while Instant::now() < deadline {
                 let mut pipe = redis::pipe();
-                let mut batch: Vec<(usize, String)> = Vec::with_capacity(plan.pipeline);
+                let mut batch = Vec::with_capacity(plan.pipeline);
                 for _ in 0..plan.pipeline {
                     next = (next + 1) % plan.keys.len();
                     let k = &plan.keys[next];
                     let nonce = new_nonce();
-                    push_admit(&mut pipe, &admit_sha, &plan, k, &nonce, 0);
-                    batch.push((next, nonce));
+                    let prior = push_admit(&mut pipe, &admit_sha, &plan, k, &nonce, 0);
+                    batch.push((next, nonce, prior));
                 }
                 let t0 = Instant::now();
                 let replies: Vec<Value> = match pipe.query_async(&mut conn).await {
@@ -277,8 +296,9 @@ pub async fn run(plan: &Plan, work: Work) -> Result<Outcome, String> {
                     }
                 };
                 let mut granted = Vec::with_capacity(batch.len());
-                for (v, (idx, nonce)) in replies.iter().zip(batch) {
-                    match Granted::from_reply(v, nonce) {
+                for (v, (idx, nonce, prior)) in replies.iter().zip(batch) {
+                    let k = &plan.keys[idx];
+                    match Granted::from_reply(v, nonce, &plan, k, prior.as_deref()) {
                         Some(g) => granted.push((idx, g)),
                         None => *out.other.entry(kind(v)).or_default() += 1,
                     }

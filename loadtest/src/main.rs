@@ -664,6 +664,7 @@ impl Run {
             lease_ttl_ms: args.lease_ttl_seconds * 1000,
             settle_window_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
             max_cost_nanos: args.max_cost_usd.nanos(),
+            known: Default::default(),
         }
     }
 

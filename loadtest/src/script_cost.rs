@@ -453,7 +453,7 @@ async fn connection(
             for _ in 0..plan.pipeline {
                 next = (next + 1) % plan.keys.len();
                 let nonce = new_nonce();
-                ceiling::push_admit(
+                let prior = ceiling::push_admit(
                     &mut pipe,
                     &shas.admit,
                     plan,
@@ -461,7 +461,7 @@ async fn connection(
                     &nonce,
                     target.reserve_nanos,
                 );
-                batch.push((next, nonce));
+                batch.push((next, nonce, prior));
             }
             out.sent += batch.len() as u64;
             let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
@@ -472,8 +472,9 @@ async fn connection(
                 }
             };
             let mut granted = Vec::with_capacity(batch.len());
-            for (v, (idx, nonce)) in replies.iter().zip(batch) {
-                match ceiling::Granted::from_reply(v, nonce) {
+            for (v, (idx, nonce, prior)) in replies.iter().zip(batch) {
+                let k = &plan.keys[idx];
+                match ceiling::Granted::from_reply(v, nonce, plan, k, prior.as_deref()) {
                     Some(g) => granted.push((idx, g)),
                     None => *out.other.entry(ceiling::kind(v)).or_default() += 1,
                 }

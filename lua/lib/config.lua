@@ -2,8 +2,8 @@
 -- field, `cfn`.
 --
 -- Why: admit.lua reads the configuration on every admission, and every field a script reads
--- costs a conversion into Lua, then a `tonumber`. Folded, a plain admission reads five short
--- fields (`cfn`, the rate ring's cursor `rw`, `ver`, `id`, `user`) where it read twenty, and
+-- costs a conversion into Lua, then a `tonumber`. Folded, a plain admission reads three short
+-- fields (`cfn`, the rate ring's cursor `rw`, `ver`) where it read twenty, and
 -- the numbers come out of `struct.unpack` as numbers. The allow-lists stay named fields, read
 -- only when a flag here says the key has one. The field is 44 bytes: Redis keeps a hash whose
 -- values are all at most 64 bytes as a listpack, about a third of the memory of the hashtable

@@ -17,9 +17,12 @@ end
 -- Frees a tracked lease: its slot in `live` and, if it still has one, its hold (`hn` nano-USD,
 -- `ht` tokens; `hold` is its raw value or false) from `holds` and, where the key is
 -- `hydrated`, from the state's `held`/`htok`. Then, with no live lease left, nothing is held:
--- this also repairs `held`/`htok` when an idle key's lease keys expired whole. Returns `held`
--- and `htok` as they are after.
-local function free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok)
+-- this also repairs `held`/`htok` when an idle key's lease keys expired whole, which only
+-- `maybe_gone` callers look for: before the state's `lx` (admit.lua) `live` can only be
+-- missing once its last lease left, taking its hold along. Returns `held` and `htok` as they
+-- are after.
+local function free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok,
+    maybe_gone)
   if redis.call('ZREM', live, nonce) == 1 and hold then
     redis.call('HDEL', holds, nonce)
     if hydrated then
@@ -28,7 +31,7 @@ local function free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, hel
       held, htok = held - hn, htok - ht
     end
   end
-  if (held ~= 0 or htok ~= 0) and redis.call('EXISTS', live) == 0 then
+  if (held ~= 0 or htok ~= 0) and maybe_gone and redis.call('EXISTS', live) == 0 then
     redis.call('HSET', state, 'held', 0, 'htok', 0)
     redis.call('DEL', holds)
     held, htok = 0, 0

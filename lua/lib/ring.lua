@@ -48,7 +48,8 @@ local CURSOR_LEN = 32
 -- a window never runs backwards, so an entry that left it stays gone.
 local function ring_read(ring, rw, now, window)
   local head, tail, cap, newest, deadline, cache = 0, 0, RING_MIN, 0, 0, ''
-  if rw then
+  -- No cursor yet: missing, or the empty one hydrate.lua writes to place it in the state.
+  if rw and rw ~= '' then
     if #rw < CURSOR_LEN or (#rw - CURSOR_LEN) % SLOT ~= 0 then return nil end
     head, tail, cap, newest, deadline = struct.unpack(CURSOR, rw)
     if not (tail >= 0 and head >= tail and cap >= 1 and head - tail <= cap and head % 1 == 0

@@ -6,6 +6,9 @@ use std::time::Duration;
 
 use redis::FromRedisValue;
 
+use std::sync::Arc;
+
+use super::known_keys::KnownKeys;
 use super::layout::{new_nonce, KeyRedisKeys, Layout};
 use super::lease_id::{LeaseFacts, LeaseRef, LeaseSeal, LeaseSecrets};
 use super::redis::{Redis, RedisFailure};
@@ -150,6 +153,8 @@ pub struct HotPath {
     /// How long a settled lease is remembered, to answer retries with `duplicate`.
     tombstone_ttl_ms: i64,
     negative_ttl_ms: i64,
+    /// Shared by every clone: one process, one memory of its keys.
+    known: Arc<KnownKeys>,
 }
 
 /// A lease can still be settled this long after it expired: an upstream call that outran the
@@ -195,6 +200,7 @@ impl HotPath {
             lease_ttl_ms: ms(lease_ttl),
             tombstone_ttl_ms: ms(DUPLICATE_WINDOW),
             negative_ttl_ms: ms(NEGATIVE_TTL),
+            known: Arc::default(),
         }
     }
 
@@ -241,13 +247,8 @@ impl HotPath {
         if a.reserve_tokens > MAX_EXACT.unsigned_abs() {
             return Err(script.refuse("INVALID_ARGUMENT", "reserved tokens above 2^53 - 1"));
         }
-        let call = admit::Call {
-            keys: &k,
-            ask: &a,
-            window_ms: self.window_ms,
-            ttl_ms,
-            nonce: &nonce,
-        };
+        let (known, prior) = self.known.lookup(&k.state);
+        let call = admit::Call::new(&k, &a, self.window_ms, ttl_ms, &nonce, known);
         let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
         let g = match admit::parse(v)? {
             admit::Reply::Miss => return Ok(ScriptAdmit::Miss),
@@ -264,14 +265,18 @@ impl HotPath {
             }
             admit::Reply::Ok(g) => g,
         };
+        let (key_id, user_id) = self
+            .known
+            .ids(&k.state, prior.as_deref(), &g)
+            .ok_or_else(|| RedisFailure::Command("admit reply without the key's ids".into()))?;
         let lease_id = (ttl_ms > 0).then(|| {
             self.seal.seal(
                 &k,
                 &nonce,
                 &LeaseFacts {
                     tracked: g.tracked,
-                    key_id: g.key_id.clone(),
-                    user_id: g.user_id.clone(),
+                    key_id: key_id.clone(),
+                    user_id: user_id.clone(),
                     provider: a.provider.to_string(),
                     api_format: a.api_format.to_string(),
                     model: a.model.to_string(),
@@ -297,8 +302,8 @@ impl HotPath {
             budget_remaining: balance(g.budget)
                 .map(|_| Money::from_nanos(g.budget_remaining.max(0))),
             budget_resets_at_ms: Some(g.budget_resets_at_ms).filter(|t| *t >= 0),
-            key_id: g.key_id,
-            user_id: g.user_id,
+            key_id,
+            user_id,
             lease_id,
         }))
     }

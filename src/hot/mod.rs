@@ -9,9 +9,12 @@
 //! - [`scripts`]: `lua/*.lua` compiled in, called by SHA, NOSCRIPT recovered; one module per
 //!   script (`scripts/admit.rs`, …) writes its KEYS, ARGV and reply in Rust, once
 //! - [`lease_id`]: sealed lease ids (what settlement needs, under an HMAC)
+//! - [`known_keys`]: what the process remembers of keys it admitted (ids, whether they need
+//!   their counters), so that admit.lua reads and answers less
 //! - [`admission`]: the hot path — bounds checked, a script called, its reply made an outcome
 
 pub mod admission;
+pub mod known_keys;
 pub mod layout;
 pub mod lease_id;
 pub mod redis;

@@ -117,3 +117,28 @@ async fn an_expiry_before_1970_is_still_an_expiry() {
             .denied(403, "key_expired", at);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_scripts_name_a_keys_lease_hold_and_token_keys_as_the_layout_does() {
+    // admit.lua and settle.lua declare only the keys every call touches and name the others
+    // from the state (lua/lib/layout.lua): those names must be src/hot/layout.rs's, or leases
+    // would be counted in a set nobody else reads.
+    let app = spawn_app().await;
+    let source = format!(
+        "{}return {{sibling(KEYS[1], 'c'), sibling(KEYS[1], 'h'), sibling(KEYS[1], 'w')}}",
+        include_str!("../../lua/lib/layout.lua")
+    );
+    for hash in [
+        "0".repeat(64),
+        "f".repeat(64),
+        tollgate::keys::hash("sk-any"),
+    ] {
+        let k = Layout::new(&app.namespace).for_hash(&hash);
+        let named: Vec<String> = redis::Script::new(&source)
+            .key(&k.state)
+            .invoke_async(&mut app.redis.clone())
+            .await
+            .expect("EVAL");
+        assert_eq!(named, [k.live.as_str(), &k.holds, &k.tokens], "{hash}");
+    }
+}

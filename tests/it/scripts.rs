@@ -252,7 +252,8 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
     let keys = settle_keys(&lease);
     let redis = hot_redis();
     let scripts = Scripts::default();
-    let key_refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+    // What settle.lua declares (its header: state, tombstone, stream); it names the others.
+    let key_refs = [keys[0].as_str(), &keys[3], &keys[4]];
     // Arguments out of the script's range are refused by its typed caller, before any call.
     let hot = app.hot_path();
     let before = dump(&app.redis, &keys).await;
@@ -299,21 +300,25 @@ async fn settle_calls_with_bad_arguments_or_corrupt_state_are_refused_before_any
         }
         assert_eq!(dump(&app.redis, &keys).await, before, "{args:?}");
     }
+    // A settlement of a lease id from before sealed ids (its facts in a record), in
+    // settle.lua's order: cost, total tokens, tombstone TTL, event id, 'any', window,
+    // 'record', input and output tokens, response time, status code, the labels.
     let a = |cost: &'static str| {
         vec![
             ScriptArg::Str(cost),
-            ScriptArg::Str("1"),
-            ScriptArg::Str("2"),
             ScriptArg::Str("3"),
-            ScriptArg::Str("-1"),
-            ScriptArg::Str("-1"),
-            ScriptArg::Str(""),
-            ScriptArg::Str(""),
-            ScriptArg::Str(""),
             ScriptArg::Str("600000"),
             ScriptArg::Str(&id),
             ScriptArg::Str("any"),
             ScriptArg::Str("60000"),
+            ScriptArg::Str("record"),
+            ScriptArg::Str("1"),
+            ScriptArg::Str("2"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str("-1"),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
+            ScriptArg::Str(""),
         ]
     };
     // State no script writes: `used` that is not a number.

@@ -10,44 +10,81 @@ use crate::hot::redis::RedisFailure;
 use crate::money::MAX_EXACT;
 
 /// The script as Redis runs it: `lua/admit.lua` behind the shared functions it calls
-/// (`lua/lib/config.lua`, `lua/lib/ring.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`),
-/// which EVALSHA gives no other way to share.
+/// (`lua/lib/config.lua`, `lua/lib/ring.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`,
+/// `lua/lib/layout.lua`), which EVALSHA gives no other way to share.
 pub const SOURCE: &str = concat!(
     include_str!("../../../lua/lib/config.lua"),
     include_str!("../../../lua/lib/ring.lua"),
     include_str!("../../../lua/lib/calendar.lua"),
     include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/lib/layout.lua"),
     include_str!("../../../lua/admit.lua")
 );
 
-/// One admission as admit.lua takes it: what was asked (its bounds checked by the caller), the
-/// key's Redis keys, the window, the lease's TTL in ms (0: no lease) and its nonce.
-#[derive(Debug, Clone, Copy)]
+/// One admission as admit.lua takes it: the key's Redis keys, the window, the lease's TTL in ms
+/// (0: no lease), what the caller already knows of the key, and what was asked (its bounds
+/// checked by the caller) with the lease's nonce, joined as the script reads them.
+#[derive(Debug, Clone)]
 pub struct Call<'a> {
-    pub keys: &'a KeyRedisKeys,
-    pub ask: &'a AdmitArgs<'a>,
-    pub window_ms: i64,
-    pub ttl_ms: i64,
-    pub nonce: &'a str,
+    keys: &'a KeyRedisKeys,
+    window_ms: i64,
+    ttl_ms: i64,
+    known: Known,
+    asked: String,
+}
+
+/// What the caller knows of the key before the call (ARGV[9], `hot/known_keys.rs`). Either
+/// guess only spares Redis work: a wrong one costs the script a second read, never an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Known {
+    /// The key's ids are known: the reply leaves them out.
+    pub ids: bool,
+    /// The key's last grant needed its running counters: read them with the configuration.
+    pub counters: bool,
+}
+
+impl Known {
+    fn arg(self) -> i64 {
+        i64::from(!self.ids) + 2 * i64::from(self.counters)
+    }
 }
 
 impl<'a> Call<'a> {
-    pub fn keys(&self) -> [&'a str; 5] {
-        let k = self.keys;
-        [&k.state, &k.rate, &k.live, &k.holds, &k.tokens]
+    pub fn new(
+        keys: &'a KeyRedisKeys,
+        ask: &AdmitArgs<'_>,
+        window_ms: i64,
+        ttl_ms: i64,
+        nonce: &str,
+        known: Known,
+    ) -> Self {
+        let asked = format!(
+            "{nonce}\x1f{provider}\x1f{format}\x1f{model}\x1f{reserve}\x1f{tokens}",
+            provider = ask.provider,
+            format = ask.api_format,
+            model = ask.model,
+            reserve = ask.reserve.nanos().max(0),
+            tokens = i64::try_from(ask.reserve_tokens).unwrap_or(MAX_EXACT),
+        );
+        Call {
+            keys,
+            window_ms,
+            ttl_ms,
+            known,
+            asked,
+        }
     }
 
-    pub fn args(&self) -> [ScriptArg<'a>; 8] {
-        let a = self.ask;
+    pub fn keys(&self) -> [&'a str; 2] {
+        [&self.keys.state, &self.keys.rate]
+    }
+
+    pub fn args(&self) -> [ScriptArg<'_>; 4] {
         [
             ScriptArg::Int(self.window_ms),
             ScriptArg::Int(self.ttl_ms),
-            ScriptArg::Str(self.nonce),
-            ScriptArg::Str(a.provider),
-            ScriptArg::Str(a.api_format),
-            ScriptArg::Str(a.model),
-            ScriptArg::Int(a.reserve.nanos().max(0)),
-            ScriptArg::Int(i64::try_from(a.reserve_tokens).unwrap_or(MAX_EXACT)),
+            ScriptArg::Int(self.known.arg()),
+            ScriptArg::Str(&self.asked),
         ]
     }
 }
@@ -55,8 +92,9 @@ impl<'a> Call<'a> {
 /// A grant as admit.lua reports it; -1 is its "unlimited / none / never".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Granted {
-    pub key_id: String,
-    pub user_id: String,
+    /// `None` when the call said the ids were known ([`Known::ids`]).
+    pub key_id: Option<String>,
+    pub user_id: Option<String>,
     pub rate_limit: i64,
     pub rate_remaining: i64,
     pub reset_ms: i64,
@@ -71,6 +109,14 @@ pub struct Granted {
     pub budget: i64,
     pub budget_remaining: i64,
     pub budget_resets_at_ms: i64,
+}
+
+impl Granted {
+    /// Whether admit.lua read the key's running counters: a key with a concurrency limit, a
+    /// balance, a budget or a token limit (its "not plain").
+    pub fn needed_counters(&self) -> bool {
+        self.concurrent_limit > 0 || self.available >= 0 || self.budget >= 0 || self.token_limit > 0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,7 +150,7 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-/// A number of the reply: an integer (grants), or digits (a denial's wait).
+/// A denial's wait: digits.
 fn number(v: Option<&Value>) -> i64 {
     match v {
         Some(Value::Int(n)) => *n,
@@ -116,38 +162,62 @@ fn number(v: Option<&Value>) -> i64 {
     }
 }
 
+/// A grant's numbers: 8 or 14 big-endian 8-byte integers (admit.lua's header); the six token
+/// and budget fields, when missing, read as -1, which is what they would say.
+fn grant(packed: &[u8], key_id: Option<String>, user_id: Option<String>) -> Option<Granted> {
+    if packed.len() != 64 && packed.len() != 112 {
+        return None;
+    }
+    let mut n = [-1i64; 14];
+    for (slot, chunk) in n.iter_mut().zip(packed.chunks_exact(8)) {
+        *slot = i64::from_be_bytes(chunk.try_into().ok()?);
+    }
+    let [rate_limit, rate_remaining, reset_ms, concurrent_limit, in_flight, available, now_ms, tracked, token_limit, tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms] =
+        n;
+    Some(Granted {
+        key_id,
+        user_id,
+        rate_limit,
+        rate_remaining,
+        reset_ms,
+        concurrent_limit,
+        in_flight,
+        available,
+        now_ms,
+        tracked: tracked == 1,
+        token_limit,
+        tokens_remaining,
+        tokens_reset_ms,
+        budget,
+        budget_remaining,
+        budget_resets_at_ms,
+    })
+}
+
 pub fn parse(v: Value) -> Result<Reply, RedisFailure> {
-    let Value::Array(r) = v else {
-        return Err(unexpected());
+    let r = match v {
+        // A grant without the ids: the packed numbers alone.
+        Value::BulkString(packed) => {
+            return grant(&packed, None, None)
+                .map(Reply::Ok)
+                .ok_or_else(unexpected)
+        }
+        Value::Array(r) => r,
+        _ => return Err(unexpected()),
     };
-    let int = |i: usize| number(r.get(i));
     let str_at = |i: usize| r.get(i).and_then(text).ok_or_else(unexpected);
     match r.first().and_then(bytes).ok_or_else(unexpected)? {
         b"miss" => Ok(Reply::Miss),
         b"deny" => Ok(Reply::Deny {
             code: str_at(1)?,
-            retry_after_ms: int(2).max(0),
+            retry_after_ms: number(r.get(2)).max(0),
         }),
-        // Eleven fields for a key without a token limit or a budget: the missing six read as
-        // -1, which is what they would say.
-        b"ok" if r.len() >= 11 => Ok(Reply::Ok(Granted {
-            key_id: str_at(1)?,
-            user_id: str_at(2)?,
-            rate_limit: int(3),
-            rate_remaining: int(4),
-            reset_ms: int(5),
-            concurrent_limit: int(6),
-            in_flight: int(7),
-            available: int(8),
-            now_ms: int(9),
-            tracked: int(10) == 1,
-            token_limit: int(11),
-            tokens_remaining: int(12),
-            tokens_reset_ms: int(13),
-            budget: int(14),
-            budget_remaining: int(15),
-            budget_resets_at_ms: int(16),
-        })),
+        b"ok" if r.len() == 4 => {
+            let packed = r.get(1).and_then(bytes).ok_or_else(unexpected)?;
+            grant(packed, Some(str_at(2)?), Some(str_at(3)?))
+                .map(Reply::Ok)
+                .ok_or_else(unexpected)
+        }
         _ => Err(unexpected()),
     }
 }
@@ -165,60 +235,113 @@ mod tests {
         )
     }
 
+    fn packed(numbers: &[i64]) -> Vec<u8> {
+        numbers.iter().flat_map(|n| n.to_be_bytes()).collect()
+    }
+
     #[test]
-    fn a_plain_keys_eleven_fields_read_with_the_rest_unlimited() {
-        let r = parse(reply(&[
-            "ok",
-            "k",
-            "u",
-            "60",
-            "59",
-            "60000",
-            "-1",
-            "0",
-            "-1",
-            "1700000000000",
-            "0",
-        ]))
+    fn a_plain_keys_eight_numbers_read_with_the_rest_unlimited() {
+        let r = parse(Value::BulkString(packed(&[
+            60,
+            59,
+            60000,
+            -1,
+            0,
+            -1,
+            1_700_000_000_000,
+            0,
+        ])))
         .expect("ok");
         let Reply::Ok(g) = r else { panic!("{r:?}") };
+        assert_eq!((&g.key_id, &g.user_id), (&None, &None), "not asked for");
         assert_eq!((g.rate_limit, g.rate_remaining, g.in_flight), (60, 59, 0));
         assert_eq!((g.now_ms, g.tracked), (1_700_000_000_000, false));
         assert_eq!(
             (g.token_limit, g.budget, g.budget_resets_at_ms),
             (-1, -1, -1)
         );
+        assert!(!g.needed_counters());
     }
 
     #[test]
-    fn a_grant_read_with_its_numbers_as_integers() {
-        let mut items: Vec<Value> = ["ok", "k", "u"]
-            .iter()
-            .map(|s| Value::BulkString(s.as_bytes().to_vec()))
-            .collect();
-        items.extend(
-            [
-                60,
-                59,
-                60000,
-                -1,
-                0,
-                9_007_199_254_740_991,
-                1_700_000_000_000,
-                1,
-            ]
-            .map(Value::Int),
-        );
-        let Reply::Ok(g) = parse(Value::Array(items)).expect("ok") else {
+    fn a_grant_with_its_ids_and_fourteen_numbers_reads_every_one() {
+        let numbers = [
+            60,
+            59,
+            60000,
+            5,
+            1,
+            9_007_199_254_740_991,
+            1_700_000_000_000,
+            1,
+            1000,
+            900,
+            30000,
+            2_000_000_000,
+            1_500_000_000,
+            1_700_086_400_000,
+        ];
+        let v = Value::Array(vec![
+            Value::BulkString(b"ok".to_vec()),
+            Value::BulkString(packed(&numbers)),
+            Value::BulkString(b"k".to_vec()),
+            Value::BulkString(b"u".to_vec()),
+        ]);
+        let Reply::Ok(g) = parse(v).expect("ok") else {
             panic!("not a grant")
         };
-        assert_eq!((g.key_id.as_str(), g.user_id.as_str()), ("k", "u"));
+        assert_eq!(
+            (g.key_id.as_deref(), g.user_id.as_deref()),
+            (Some("k"), Some("u"))
+        );
         assert_eq!(
             (g.rate_limit, g.rate_remaining, g.reset_ms),
             (60, 59, 60000)
         );
+        assert_eq!((g.concurrent_limit, g.in_flight), (5, 1));
         assert_eq!(g.available, 9_007_199_254_740_991, "exact below 2^53");
         assert_eq!((g.now_ms, g.tracked), (1_700_000_000_000, true));
+        assert_eq!(
+            (g.token_limit, g.tokens_remaining, g.tokens_reset_ms),
+            (1000, 900, 30000)
+        );
+        assert_eq!(
+            (g.budget, g.budget_remaining, g.budget_resets_at_ms),
+            (2_000_000_000, 1_500_000_000, 1_700_086_400_000)
+        );
+        assert!(g.needed_counters());
+    }
+
+    #[test]
+    fn each_kind_of_limit_makes_a_grant_need_the_counters() {
+        let mut n = [60, 59, 60000, -1, 0, -1, 1, 0, -1, -1, 0, -1, -1, -1];
+        for (at, value) in [(3, 5), (5, 0), (8, 100), (11, 0)] {
+            let mut m = n;
+            m[at] = value;
+            let Ok(Reply::Ok(g)) = parse(Value::BulkString(packed(&m))) else {
+                panic!("not a grant")
+            };
+            assert!(g.needed_counters(), "field {at} = {value}");
+        }
+        n[3] = 0;
+        let Ok(Reply::Ok(g)) = parse(Value::BulkString(packed(&n))) else {
+            panic!("not a grant")
+        };
+        assert!(!g.needed_counters(), "a concurrency limit of 0 is none");
+    }
+
+    #[test]
+    fn the_known_argument_is_one_for_unknown_ids_plus_two_for_counters() {
+        let arg = |ids, counters| Known { ids, counters }.arg();
+        assert_eq!(
+            [
+                arg(true, false),
+                arg(false, false),
+                arg(true, true),
+                arg(false, true)
+            ],
+            [0, 1, 2, 3]
+        );
     }
 
     #[test]
@@ -233,9 +356,11 @@ mod tests {
         );
         for bad in [
             reply(&["ok", "k"]),
+            reply(&["ok", "k", "u", "60"]),
             reply(&["deny"]),
             reply(&[]),
             Value::Int(1),
+            Value::BulkString(packed(&[1, 2, 3])),
         ] {
             assert!(parse(bad).is_err());
         }

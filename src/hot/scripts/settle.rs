@@ -8,12 +8,13 @@ use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
 /// The script as Redis runs it: `lua/settle.lua` behind the shared functions it calls
-/// (`lua/lib/config.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`), which EVALSHA gives no
-/// other way to share.
+/// (`lua/lib/config.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`, `lua/lib/layout.lua`),
+/// which EVALSHA gives no other way to share.
 pub const SOURCE: &str = concat!(
     include_str!("../../../lua/lib/config.lua"),
     include_str!("../../../lua/lib/calendar.lua"),
     include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/lib/layout.lua"),
     include_str!("../../../lua/settle.lua")
 );
 
@@ -44,10 +45,20 @@ pub struct Call<'a> {
     tombstone: String,
     stream: String,
     usage: Usage<'a>,
-    /// The given labels with their '=' mark ('' = use the lease's).
-    labels: [String; 3],
+    /// A sealed lease's priced settlement: the usage event's first thirteen values, joined as
+    /// settle.lua appends them. A recorded lease's: the given labels with their '=' mark
+    /// ('' = use the lease's), which only its record can complete.
+    event: Event,
     tombstone_ttl_ms: i64,
     window_ms: i64,
+}
+
+#[derive(Debug, Clone)]
+enum Event {
+    Head(String),
+    Labels([String; 3]),
+    /// A sealed lease's unpriced settlement: nothing of the event is sent.
+    None,
 }
 
 impl<'a> Call<'a> {
@@ -58,15 +69,35 @@ impl<'a> Call<'a> {
         window_ms: i64,
     ) -> Self {
         let given = |v: Option<&str>| v.map(|s| format!("={s}")).unwrap_or_default();
+        let event = match (&lease.facts, usage.cost_nanos) {
+            (Some(f), Some(cost)) => Event::Head(format!(
+                "{id}\x1f{key}\x1f{user}\x1f{cost}\x1f{input}\x1f{output}\x1f{total}\x1f{rt}\x1f\
+                 {status}\x1f{provider}\x1f{format}\x1f{model}\x1f{admitted}",
+                id = lease.event_id,
+                key = f.key_id,
+                user = f.user_id,
+                input = usage.input_tokens,
+                output = usage.output_tokens,
+                total = usage.total_tokens,
+                rt = usage.response_time_ms,
+                status = usage.status_code,
+                provider = usage.provider.unwrap_or(&f.provider),
+                format = usage.api_format.unwrap_or(&f.api_format),
+                model = usage.model.unwrap_or(&f.model),
+                admitted = f.admitted_at_ms,
+            )),
+            (Some(_), None) => Event::None,
+            (None, _) => Event::Labels([
+                given(usage.provider),
+                given(usage.api_format),
+                given(usage.model),
+            ]),
+        };
         Call {
             lease,
             tombstone: lease.keys.lease(&lease.nonce),
             stream: lease.keys.stream(),
-            labels: [
-                given(usage.provider),
-                given(usage.api_format),
-                given(usage.model),
-            ],
+            event,
             usage,
             tombstone_ttl_ms,
             window_ms,
@@ -80,53 +111,53 @@ impl<'a> Call<'a> {
         self
     }
 
-    pub fn keys(&self) -> [&str; 6] {
-        let k = &self.lease.keys;
-        [
-            &k.state,
-            &k.live,
-            &k.holds,
-            &self.tombstone,
-            &self.stream,
-            &k.tokens,
-        ]
+    pub fn keys(&self) -> [&str; 3] {
+        [&self.lease.keys.state, &self.tombstone, &self.stream]
     }
 
     pub fn args(&self) -> Vec<ScriptArg<'_>> {
         let u = &self.usage;
-        let mut args = Vec::with_capacity(23);
+        let mut args = Vec::with_capacity(14);
         args.extend([
             match u.cost_nanos {
                 Some(c) => ScriptArg::Int(c),
                 None => ScriptArg::Str("?"),
             },
-            ScriptArg::Int(u.input_tokens),
-            ScriptArg::Int(u.output_tokens),
             ScriptArg::Int(u.total_tokens),
-            ScriptArg::Int(u.response_time_ms),
-            ScriptArg::Int(u.status_code),
-            ScriptArg::Str(&self.labels[0]),
-            ScriptArg::Str(&self.labels[1]),
-            ScriptArg::Str(&self.labels[2]),
             ScriptArg::Int(self.tombstone_ttl_ms),
             ScriptArg::Str(&self.lease.event_id),
             ScriptArg::Str(if u.only_live { "live" } else { "any" }),
             ScriptArg::Int(self.window_ms),
         ]);
         match &self.lease.facts {
-            Some(f) => args.extend([
-                ScriptArg::Str("sealed"),
-                ScriptArg::Str(if f.tracked { "1" } else { "0" }),
-                ScriptArg::Str(&f.key_id),
-                ScriptArg::Str(&f.user_id),
-                ScriptArg::Str(&f.provider),
-                ScriptArg::Str(&f.api_format),
-                ScriptArg::Str(&f.model),
-                ScriptArg::Int(f.admitted_at_ms),
-                ScriptArg::Int(f.expires_at_ms),
-                ScriptArg::Int(f.deadline_ms()),
-            ]),
-            None => args.push(ScriptArg::Str("record")),
+            Some(f) => {
+                args.extend([
+                    ScriptArg::Str("sealed"),
+                    ScriptArg::Str(if f.tracked { "1" } else { "0" }),
+                    ScriptArg::Int(f.admitted_at_ms),
+                    ScriptArg::Int(f.expires_at_ms),
+                    ScriptArg::Int(f.deadline_ms()),
+                ]);
+                match &self.event {
+                    Event::Head(head) => args.push(ScriptArg::Str(head)),
+                    _ => args.extend([
+                        ScriptArg::Str(u.provider.unwrap_or(&f.provider)),
+                        ScriptArg::Str(u.model.unwrap_or(&f.model)),
+                    ]),
+                }
+            }
+            None => {
+                args.extend([
+                    ScriptArg::Str("record"),
+                    ScriptArg::Int(u.input_tokens),
+                    ScriptArg::Int(u.output_tokens),
+                    ScriptArg::Int(u.response_time_ms),
+                    ScriptArg::Int(u.status_code),
+                ]);
+                if let Event::Labels(labels) = &self.event {
+                    args.extend(labels.iter().map(|l| ScriptArg::Str(l)));
+                }
+            }
         }
         args
     }
@@ -192,9 +223,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_sealed_settlement_sends_its_facts_where_the_script_reads_them() {
-        let facts = LeaseFacts {
+    fn facts() -> LeaseFacts {
+        LeaseFacts {
             tracked: true,
             key_id: "kid".into(),
             user_id: "uid".into(),
@@ -203,9 +233,13 @@ mod tests {
             model: "gpt-4o".into(),
             admitted_at_ms: 1_000,
             expires_at_ms: 2_000,
-        };
-        let deadline = facts.deadline_ms();
-        let l = lease(Some(facts));
+        }
+    }
+
+    #[test]
+    fn a_sealed_settlement_sends_its_facts_and_its_events_head_where_the_script_reads_them() {
+        let deadline = facts().deadline_ms();
+        let l = lease(Some(facts()));
         let usage = Usage {
             cost_nanos: Some(7),
             input_tokens: 1,
@@ -220,32 +254,71 @@ mod tests {
         let call = Call::new(&l, usage, 600_000, 60_000);
         let args: Vec<String> = call.args().iter().map(text).collect();
         // ARGV[n] is args[n - 1] (settle.lua's header).
-        assert_eq!(args.len(), 23);
-        assert_eq!(&args[..6], ["7", "1", "2", "3", "-1", "200"]);
+        assert_eq!(args.len(), 12);
+        assert_eq!(&args[..3], ["7", "3", "600000"]);
+        assert_eq!(args[3], l.event_id);
+        assert_eq!(&args[4..8], ["live", "60000", "sealed", "1"]);
+        assert_eq!(&args[8..11], ["1000", "2000", &deadline.to_string()]);
+        // The event's first thirteen values, in sync/usage.rs's order: the given model, the
+        // lease's provider and api format.
+        let head: Vec<&str> = args[11].split('\x1f').collect();
         assert_eq!(
-            &args[6..9],
-            ["", "", "=gpt-4o-mini"],
-            "only given labels, marked"
+            head,
+            [
+                l.event_id.as_str(),
+                "kid",
+                "uid",
+                "7",
+                "1",
+                "2",
+                "3",
+                "-1",
+                "200",
+                "openai",
+                "openai:chat",
+                "gpt-4o-mini",
+                "1000"
+            ]
         );
-        assert_eq!(args[10], l.event_id);
-        assert_eq!(&args[11..14], ["live", "60000", "sealed"]);
-        assert_eq!(
-            &args[14..20],
-            ["1", "kid", "uid", "openai", "openai:chat", "gpt-4o"]
-        );
-        assert_eq!(args[22], deadline.to_string());
         let keys = call.keys();
-        assert_eq!(keys[3], l.keys.lease("N"), "the tombstone is KEYS[4]");
-        assert_eq!(keys[4], l.keys.stream(), "the shard's stream is KEYS[5]");
+        assert_eq!(keys[1], l.keys.lease("N"), "the tombstone is KEYS[2]");
+        assert_eq!(keys[2], l.keys.stream(), "the shard's stream is KEYS[3]");
     }
 
     #[test]
-    fn an_unpriced_settlement_of_a_recorded_lease_asks_with_a_question_mark() {
-        let l = lease(None);
-        let call = Call::new(&l, Usage::default(), 600_000, 60_000);
+    fn an_unpriced_sealed_settlement_sends_the_provider_and_model_to_price_for() {
+        let l = lease(Some(facts()));
+        let usage = Usage {
+            provider: Some("anthropic"),
+            ..Default::default()
+        };
+        let call = Call::new(&l, usage, 600_000, 60_000);
         let args: Vec<String> = call.args().iter().map(text).collect();
         assert_eq!(args[0], "?");
-        assert_eq!(args.last().map(String::as_str), Some("record"));
-        assert_eq!(args.len(), 14);
+        assert_eq!(
+            &args[11..],
+            ["anthropic", "gpt-4o"],
+            "given, else the lease's"
+        );
+    }
+
+    #[test]
+    fn a_recorded_lease_sends_the_events_values_with_the_labels_marked() {
+        let l = lease(None);
+        let usage = Usage {
+            input_tokens: 4,
+            output_tokens: 5,
+            response_time_ms: 6,
+            status_code: 429,
+            api_format: Some("openai:chat"),
+            ..Default::default()
+        };
+        let call = Call::new(&l, usage, 600_000, 60_000);
+        let args: Vec<String> = call.args().iter().map(text).collect();
+        assert_eq!(args[0], "?", "unpriced");
+        assert_eq!(
+            &args[6..],
+            ["record", "4", "5", "6", "429", "", "=openai:chat", ""]
+        );
     }
 }

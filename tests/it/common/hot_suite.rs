@@ -56,6 +56,7 @@ macro_rules! every_scenario {
         $run!(the_rate_window_slides, $crate::common::hot_suite::short_window);
         $run!(an_expired_lease_frees_its_slot_and_its_hold, $crate::common::hot_suite::short_lease);
         $run!(a_lease_lives_as_long_as_its_admission_asked);
+        $run!(a_short_lease_taken_after_a_long_one_frees_its_slot_when_it_expires);
         $run!(an_admission_without_a_lease_skips_concurrency_and_holds);
         $run!(priced_settlements_are_exact_to_the_nano_dollar, $crate::common::hot_suite::awkward_prices);
         $run!(token_limits_admit_exactly_what_fits);
@@ -813,6 +814,36 @@ pub async fn an_expired_lease_frees_its_slot_and_its_hold(app: &TestApp) {
     );
 }
 
+/// admit.lua looks for expired leases only once the earliest expiry it knows of has passed:
+/// a lease that expires before every other live one must move that time earlier, or its slot
+/// would stay taken until the long lease's expiry.
+pub async fn a_short_lease_taken_after_a_long_one_frees_its_slot_when_it_expires(app: &TestApp) {
+    let (key, _) = new_key(app, json!({"rate_limit": null, "concurrent_limit": 2})).await;
+    admit(app, with_key(&key, json!({"lease_ttl_seconds": 600})))
+        .await
+        .lease("a long lease");
+    let short_at = Instant::now();
+    admit(app, with_key(&key, json!({"lease_ttl_seconds": 1})))
+        .await
+        .lease("a short lease");
+    let body = with_key(&key, json!({}));
+    admit(app, body.clone())
+        .await
+        .denied(429, "concurrency_limited", "both slots are taken");
+    let (again, at) =
+        admit_until_allowed(app, body, "concurrency_limited", Duration::from_secs(10)).await;
+    assert!(
+        at - short_at >= Duration::from_millis(990),
+        "the short lease's slot came back after {:?}, before its 1 s",
+        at - short_at
+    );
+    assert_eq!(
+        again.body["concurrency"]["in_flight"],
+        json!(2),
+        "the long lease and this one"
+    );
+}
+
 /// A lease settled after its TTL passed is still charged and recorded, answers
 /// `lease_expired: true`, and frees nothing twice. Needs [`short_lease`] (1 s).
 pub async fn a_late_settlement_is_still_charged(app: &TestApp) {
@@ -1140,6 +1171,9 @@ pub async fn admin_changes_reach_the_next_admission(app: &TestApp) {
     patch_key(app, &id, json!({"concurrent_limit": 1})).await;
     // Leases granted while the key had no limit were not counted (nothing tracks them); the
     // limit counts from the next admission on, so the second one after the PATCH is refused.
+    // The first admission after this PATCH, and after the one that clears the limit, is made
+    // with the previous grant's guess of whether the key needs its counters
+    // (hot/known_keys.rs): wrong each time, and answered right each time.
     let a = admit(app, body.clone()).await;
     a.lease("1 of concurrency 1");
     assert_eq!(a.body["concurrency"]["in_flight"], json!(1), "{}", a.body);

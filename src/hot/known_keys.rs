@@ -1,0 +1,137 @@
+//! What this process remembers of the keys it admitted, so that admit.lua need not read and
+//! answer a key's ids on every admission, and reads its counters with its configuration.
+//!
+//! A key's ids never change (the key is generated here, so its hash names one row for good),
+//! so an id learnt once is right for as long as the key lives. Whether a key needs its
+//! counters can change (a PATCH adds a balance), so it is only a guess, refreshed by every
+//! grant: a wrong guess costs admit.lua one more read, never a wrong answer.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use super::scripts::admit::{Granted, Known};
+
+/// Keys remembered at most; past it the map starts again (a cold start costs each key one
+/// read of its ids, nothing more).
+const CAPACITY: usize = 65_536;
+
+#[derive(Debug)]
+pub struct KnownKey {
+    key_id: String,
+    user_id: String,
+    counters: AtomicBool,
+}
+
+/// Keyed by the key's state key (`KeyRedisKeys::state`), which names it in Redis.
+#[derive(Debug, Default)]
+pub struct KnownKeys {
+    map: RwLock<HashMap<String, Arc<KnownKey>>>,
+}
+
+impl KnownKeys {
+    /// What admit.lua is told of the key whose state is `state`, and the entry that says it.
+    pub fn lookup(&self, state: &str) -> (Known, Option<Arc<KnownKey>>) {
+        let entry = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(state)
+            .cloned();
+        let known = Known {
+            ids: entry.is_some(),
+            counters: entry
+                .as_ref()
+                .is_some_and(|e| e.counters.load(Ordering::Relaxed)),
+        };
+        (known, entry)
+    }
+
+    /// The ids of a grant — the reply's (then remembered), else those of `prior`, the entry
+    /// the call was made with — and whether the next admission should read the counters.
+    /// `None` when neither has them (a reply that broke the contract).
+    pub fn ids(
+        &self,
+        state: &str,
+        prior: Option<&KnownKey>,
+        g: &Granted,
+    ) -> Option<(String, String)> {
+        let counters = g.needed_counters();
+        match (&g.key_id, &g.user_id, prior) {
+            (Some(key_id), Some(user_id), _) => {
+                let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
+                if map.len() >= CAPACITY {
+                    map.clear();
+                }
+                map.insert(
+                    state.to_string(),
+                    Arc::new(KnownKey {
+                        key_id: key_id.clone(),
+                        user_id: user_id.clone(),
+                        counters: AtomicBool::new(counters),
+                    }),
+                );
+                Some((key_id.clone(), user_id.clone()))
+            }
+            (None, None, Some(e)) => {
+                e.counters.store(counters, Ordering::Relaxed);
+                Some((e.key_id.clone(), e.user_id.clone()))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(ids: Option<(&str, &str)>, concurrent_limit: i64) -> Granted {
+        Granted {
+            key_id: ids.map(|i| i.0.to_string()),
+            user_id: ids.map(|i| i.1.to_string()),
+            rate_limit: 60,
+            rate_remaining: 59,
+            reset_ms: 60_000,
+            concurrent_limit,
+            in_flight: 0,
+            available: -1,
+            now_ms: 1,
+            tracked: false,
+            token_limit: -1,
+            tokens_remaining: -1,
+            tokens_reset_ms: 0,
+            budget: -1,
+            budget_remaining: -1,
+            budget_resets_at_ms: -1,
+        }
+    }
+
+    #[test]
+    fn a_key_is_asked_for_its_ids_until_a_reply_gave_them() {
+        let known = KnownKeys::default();
+        let (k, prior) = known.lookup("s");
+        assert_eq!(k, Known::default(), "nothing known");
+        assert!(prior.is_none());
+        let ids = known.ids("s", None, &grant(Some(("k", "u")), -1));
+        assert_eq!(ids, Some(("k".into(), "u".into())));
+        let (k, prior) = known.lookup("s");
+        assert_eq!(
+            k,
+            Known {
+                ids: true,
+                counters: false
+            }
+        );
+        let ids = known.ids("s", prior.as_deref(), &grant(None, 5));
+        assert_eq!(ids, Some(("k".into(), "u".into())), "from the entry");
+        assert!(known.lookup("s").0.counters, "the last grant needed them");
+        assert!(!known.lookup("other").0.ids);
+    }
+
+    #[test]
+    fn a_reply_without_ids_for_a_key_not_remembered_is_refused() {
+        let known = KnownKeys::default();
+        assert_eq!(known.ids("s", None, &grant(None, -1)), None);
+    }
+}
