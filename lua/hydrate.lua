@@ -9,7 +9,8 @@
 -- also folded into one field, `cfn` (lib/config.lua), which is what admit.lua reads.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/hydrate.rs. It calls lib/config.lua, which tollgate prepends.
+-- src/hot/scripts/hydrate.rs. It calls lib/config.lua and lib/ring.lua, which tollgate
+-- prepends.
 -- KEYS[1] state   HASH
 -- ARGV[1] 'key' | 'none'
 -- for 'none':  ARGV[2] negative-cache TTL (ms)
@@ -114,9 +115,10 @@ local old_period = redis.call('HGET', state, 'bper')
 redis.call('HDEL', state, 'none')
 -- Every argument is valid: from here on every call succeeds.
 -- The configuration's numbers folded into one field for admit.lua (lib/config.lua), written
--- first, and on a new state followed by an empty rate cursor (`rw`, lib/ring.lua) and the
--- version: a small hash is a listpack that HMGET searches from its start, and these three
--- are what every admission reads. The named fields follow.
+-- first, and on a new state followed by the cursor of an empty rate ring (`rw`,
+-- lib/ring.lua: one that every tollgate reads as such, so no replica of a rolling upgrade
+-- takes it for a corrupt one) and the version: a small hash is a listpack that HMGET searches
+-- from its start, and these three are what every admission reads. The named fields follow.
 local expires
 if ARGV[6] ~= '' then expires = tonumber(ARGV[6]) end
 local cfn = pack_config(version, tonumber(ARGV[5]), expires, tonumber(ARGV[10]),
@@ -125,7 +127,7 @@ local cfn = pack_config(version, tonumber(ARGV[5]), expires, tonumber(ARGV[10]),
 if current then
   redis.call('HSET', state, 'cfn', cfn)
 else
-  redis.call('HSET', state, 'cfn', cfn, 'rw', '')
+  redis.call('HSET', state, 'cfn', cfn, 'rw', ring_empty())
 end
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],

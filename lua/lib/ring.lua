@@ -42,14 +42,17 @@ local CACHED = 5
 local CURSOR = '>ddi4i6i6'
 local CURSOR_LEN = 32
 
+-- The cursor of an empty ring: what a missing cursor reads as (hydrate.lua writes it so that
+-- the state keeps the cursor near its start).
+local function ring_empty() return struct.pack(CURSOR, 0, 0, RING_MIN, 0, 0) end
+
 -- The window at `now`: head, tail, cap, deadline, the cache of the oldest times, and the
 -- window's clock, after every entry at or before clock - window has left; or nil when the
 -- cursor is not one. The clock is `now`, or `newest` if Redis's clock stepped back behind it:
 -- a window never runs backwards, so an entry that left it stays gone.
 local function ring_read(ring, rw, now, window)
   local head, tail, cap, newest, deadline, cache = 0, 0, RING_MIN, 0, 0, ''
-  -- No cursor yet: missing, or the empty one hydrate.lua writes to place it in the state.
-  if rw and rw ~= '' then
+  if rw then
     if #rw < CURSOR_LEN or (#rw - CURSOR_LEN) % SLOT ~= 0 then return nil end
     head, tail, cap, newest, deadline = struct.unpack(CURSOR, rw)
     if not (tail >= 0 and head >= tail and cap >= 1 and head - tail <= cap and head % 1 == 0

@@ -142,3 +142,35 @@ async fn the_scripts_name_a_keys_lease_hold_and_token_keys_as_the_layout_does() 
         assert_eq!(named, [k.live.as_str(), &k.holds, &k.tokens], "{hash}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_keys_state_starts_with_what_admissions_read_and_an_empty_rings_cursor() {
+    // HMGET searches a listpack from its start: hydrate.lua writes `cfn`, `rw`, `ver` first.
+    // The cursor it writes must read as an empty ring to this tollgate and to the one before
+    // it (whose ring_read refused a cursor shorter than 32 bytes as corrupt), or a rolling
+    // upgrade would answer 500 for every new key on the old replicas.
+    let app = spawn_app().await;
+    let (key, _) = new_key(&app, json!({"rate_limit": 100, "concurrent_limit": null})).await;
+    let k = redis_keys(&app, &key);
+    let fields: Vec<Vec<u8>> = redis::cmd("HGETALL")
+        .arg(&k.state)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HGETALL");
+    let names: Vec<&[u8]> = fields.iter().step_by(2).map(Vec::as_slice).collect();
+    assert_eq!(&names[..3], [&b"cfn"[..], b"rw", b"ver"], "{names:?}");
+    let mut empty = Vec::new();
+    for part in [0f64.to_be_bytes(), 0f64.to_be_bytes()] {
+        empty.extend(part);
+    }
+    empty.extend(16i32.to_be_bytes());
+    empty.extend([0u8; 12]);
+    assert_eq!(
+        fields[3], empty,
+        "head 0, tail 0, 16 slots, nothing written, no expiry"
+    );
+    let body = with_key(&key, json!({}));
+    let a = admit(&app, body).await;
+    a.lease("the first admission on that cursor");
+    assert_eq!(a.body["rate_limit"]["remaining"], json!(99), "{}", a.body);
+}

@@ -6,9 +6,10 @@ use crate::period::BudgetPeriod;
 use crate::store::keys::KeyRow;
 
 /// The script as Redis runs it: `lua/hydrate.lua` behind `lua/lib/config.lua`, whose folding of
-/// the configuration admit.lua shares.
+/// the configuration admit.lua shares, and `lua/lib/ring.lua`, whose empty cursor it writes.
 pub const SOURCE: &str = concat!(
     include_str!("../../../lua/lib/config.lua"),
+    include_str!("../../../lua/lib/ring.lua"),
     include_str!("../../../lua/hydrate.lua")
 );
 
