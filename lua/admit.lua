@@ -26,12 +26,13 @@
 --         count, the concurrency limit and any hold do not, and nothing but the rate log is
 --         written (for proxies that cannot report the end of a request)
 -- ARGV[3] what the caller knows of the key, a sum: 1 = it does not know the key's ids (answer
---         them), 2 = the key's last grant needed its counters (read them with the rest). Both
---         only spare calls: a wrong guess costs a second read, never a wrong answer.
+--         them), 2 = the key's last grant needed its lease and balance counters, 4 = its
+--         token and spend counters (read them with the rest). Each only spares calls: a wrong
+--         guess costs a second read, never a wrong answer.
 -- ARGV[4] what was asked, which a plain key's admission never reads, so in one argument:
---         lease nonce (unique), provider ('' = not given), api format, model, reserve
---         (nano-USD, >= 0), reserve tokens (>= 0), joined by '\31' (none of them holds it:
---         labels are refused with control characters)
+--         reserve (nano-USD, >= 0), reserve tokens (>= 0), lease nonce (unique), provider
+--         ('' = not given), api format, model, joined by '\31' (none of them holds it: labels
+--         are refused with control characters)
 --
 -- No lease record is written: the caller seals what settlement needs (key, labels, times,
 -- whether the lease is tracked) into the lease id (`hot/lease_id.rs`), and settle.lua and
@@ -50,7 +51,7 @@
 --            (-1 = unlimited / none / never; in_flight is 0 for a key without a concurrency
 --            limit: nothing counts them). One string because every element of a reply costs
 --            Redis a conversion, and eight numbers cost about twice one string of them.
---   {'ok', that string, key_id, user_id}            a grant when ARGV[9] asked for the ids
+--   {'ok', that string, key_id, user_id}            a grant when ARGV[3] asked for the ids
 --   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
 --
 -- Never half-writes (see settle.lua): the state's numbers and the holds of expired leases are
@@ -94,16 +95,27 @@ local function int(n) return string.format('%.0f', n) end
 -- configuration must match: three short fields, one read. The ids the reply carries only
 -- when the caller does not know them (they never change for a key); the running counters
 -- with them when the caller expects the key to need them (below).
-local cfn, rw, version, key_id, user_id, c
+-- `basic` and `spend` hold the counters' values in the order of BASIC and SPEND, once read.
+local BASIC = {'used', 'held', 'htok', 'lx', 'le'}
+local SPEND = {'wtok', 'bsp', 'bps'}
+local cfn, rw, version, key_id, user_id, basic, spend
 if knows == 0 then
   cfn, rw, version = unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver'))
 elseif knows == 1 then
   cfn, rw, version, key_id, user_id =
     unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user'))
 else
-  c = redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user', 'used', 'held', 'wtok',
-    'htok', 'bsp', 'bps', 'lx', 'le')
-  cfn, rw, version, key_id, user_id = c[1], c[2], c[3], c[4], c[5]
+  local f = {'cfn', 'rw', 'ver'}
+  if need_ids then f[4], f[5] = 'id', 'user' end
+  local b = #f
+  if knows % 4 >= 2 then for i = 1, 5 do f[b + i] = BASIC[i] end end
+  local s = #f
+  if knows >= 4 then for i = 1, 3 do f[s + i] = SPEND[i] end end
+  local v = redis.call('HMGET', state, unpack(f))
+  cfn, rw, version = v[1], v[2], v[3]
+  if need_ids then key_id, user_id = v[4], v[5] end
+  if knows % 4 >= 2 then basic = {v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]} end
+  if knows >= 4 then spend = {v[s + 1], v[s + 2], v[s + 3]} end
 end
 local folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = false
 if cfn then
@@ -139,21 +151,28 @@ local budget_period = config_period(flags)
 local listed = flags % 16 >= 2
 local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
 
--- What was asked (ARGV[4]) and the keys of leases and tokens: only for a key whose answer
--- they can change.
+local counted = token_limit > 0 or budget >= 0
+
+-- What was asked (ARGV[4]), and the keys of leases and tokens: only the parts a key's answer
+-- can depend on (the labels for an allow-list, the rest for a key with counters).
 if listed or not plain then
   local r, t
-  nonce, provider, api_format, model, r, t =
-    string.match(ARGV[4], '^([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31(%d+)\31(%d+)$')
+  if listed then
+    r, t, nonce, provider, api_format, model = string.match(ARGV[4],
+      '^(%d+)\31(%d+)\31([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\31]*)$')
+  else
+    r, t, nonce = string.match(ARGV[4], '^(%d+)\31(%d+)\31([^\31]*)\31')
+  end
   if nonce == nil then return redis.error_reply('INVALID_ARGUMENT what was asked') end
   if leased then reserve, reserve_tokens = tonumber(r), tonumber(t) end
-  live, holds, tokens = sibling(state, 'c'), sibling(state, 'h'), sibling(state, 'w')
+  if not plain then live, holds = sibling(state, 'c'), sibling(state, 'h') end
+  if token_limit > 0 then tokens = sibling(state, 'w') end
 end
 
 -- The allow-lists, only for a key that has one; the running counters, only for a key whose
 -- answer they can change: a plain key (no concurrency limit, balance, budget or token limit)
 -- reads none of them. They come with the first read when the caller expected the key to need
--- them (ARGV[9]), else in a second. Each counter must be a number, and `held`, `htok` and
+-- them (ARGV[3]), else in a second. Each counter must be a number, and `held`, `htok` and
 -- `wtok` whole (HINCRBY adds to them); anything else is state no script writes, refused
 -- before the first write.
 local providers, formats, models = '', '', ''
@@ -161,29 +180,26 @@ local used, held, wtok, htok, period_spend, period_start = 0, 0, 0, 0, nil, nil
 -- `lx`: when `live` and `holds` expire (below); `le`: no live lease expires before it (a
 -- lower bound: leases that end early leave it where it is).
 local live_deadline, live_earliest = 0, 0
-local counters, at = c, 5
-if listed or not (plain or c) then
+local more_basic, more_spend = not (plain or basic), counted and not spend
+if listed or more_basic or more_spend then
   local f = {}
   if listed then f = {'prov', 'fmt', 'mdl'} end
-  if not (plain or c) then
-    for _, name in ipairs({'used', 'held', 'wtok', 'htok', 'bsp', 'bps', 'lx', 'le'}) do
-      f[#f + 1] = name
-    end
-  end
+  local b = #f
+  if more_basic then for i = 1, 5 do f[b + i] = BASIC[i] end end
+  local s = #f
+  if more_spend then for i = 1, 3 do f[s + i] = SPEND[i] end end
   local v = redis.call('HMGET', state, unpack(f))
   if listed then providers, formats, models = v[1] or '', v[2] or '', v[3] or '' end
-  if not (plain or c) then
-    counters = v
-    at = #f - 8
-  end
+  if more_basic then basic = {v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]} end
+  if more_spend then spend = {v[s + 1], v[s + 2], v[s + 3]} end
 end
 if not plain then
-  local v = counters
-  used, held = tonumber(v[at + 1]), tonumber(v[at + 2] or 0)
-  wtok, htok = tonumber(v[at + 3] or 0), tonumber(v[at + 4] or 0)
-  period_spend, period_start = v[at + 5], v[at + 6]
-  live_deadline = tonumber(v[at + 7] or '0') or 0
-  live_earliest = tonumber(v[at + 8] or '0') or 0
+  used, held, htok = tonumber(basic[1]), tonumber(basic[2] or 0), tonumber(basic[3] or 0)
+  live_deadline = tonumber(basic[4] or '0') or 0
+  live_earliest = tonumber(basic[5] or '0') or 0
+  if counted then
+    wtok, period_spend, period_start = tonumber(spend[1] or 0), spend[2], spend[3]
+  end
   if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
     or wtok % 1 ~= 0 then
     return redis.error_reply('CORRUPT_STATE a field of the key state is not a number')
@@ -389,7 +405,9 @@ end
 -- The numbers go back packed in one string (the header's layout): exact, since every one is
 -- below 2^53. The token and budget fields only for a key that has either.
 local function answer(flight, tracked)
-  if new_lx or new_le or new_held or new_htok then
+  if cursor and new_held and not (new_lx or new_le or new_htok) then
+    redis.call('HSET', state, 'rw', cursor, 'held', new_held)
+  elseif new_lx or new_le or new_held or new_htok then
     local w = {}
     if cursor then w[#w + 1] = 'rw'; w[#w + 1] = cursor end
     if new_lx then w[#w + 1] = 'lx'; w[#w + 1] = new_lx end

@@ -21,6 +21,7 @@ pub struct KnownKey {
     key_id: String,
     user_id: String,
     counters: AtomicBool,
+    spend: AtomicBool,
 }
 
 /// Keyed by the key's state key (`KeyRedisKeys::state`), which names it in Redis.
@@ -38,11 +39,13 @@ impl KnownKeys {
             .unwrap_or_else(PoisonError::into_inner)
             .get(state)
             .cloned();
+        let guess = |f: fn(&KnownKey) -> &AtomicBool| {
+            entry.as_ref().is_some_and(|e| f(e).load(Ordering::Relaxed))
+        };
         let known = Known {
             ids: entry.is_some(),
-            counters: entry
-                .as_ref()
-                .is_some_and(|e| e.counters.load(Ordering::Relaxed)),
+            counters: guess(|e| &e.counters),
+            spend: guess(|e| &e.spend),
         };
         (known, entry)
     }
@@ -56,7 +59,7 @@ impl KnownKeys {
         prior: Option<&KnownKey>,
         g: &Granted,
     ) -> Option<(String, String)> {
-        let counters = g.needed_counters();
+        let (counters, spend) = (g.needed_counters(), g.needed_spend());
         match (&g.key_id, &g.user_id, prior) {
             (Some(key_id), Some(user_id), _) => {
                 let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
@@ -69,12 +72,14 @@ impl KnownKeys {
                         key_id: key_id.clone(),
                         user_id: user_id.clone(),
                         counters: AtomicBool::new(counters),
+                        spend: AtomicBool::new(spend),
                     }),
                 );
                 Some((key_id.clone(), user_id.clone()))
             }
             (None, None, Some(e)) => {
                 e.counters.store(counters, Ordering::Relaxed);
+                e.spend.store(spend, Ordering::Relaxed);
                 Some((e.key_id.clone(), e.user_id.clone()))
             }
             _ => None,
@@ -120,12 +125,22 @@ mod tests {
             k,
             Known {
                 ids: true,
-                counters: false
+                counters: false,
+                spend: false
             }
         );
         let ids = known.ids("s", prior.as_deref(), &grant(None, 5));
         assert_eq!(ids, Some(("k".into(), "u".into())), "from the entry");
-        assert!(known.lookup("s").0.counters, "the last grant needed them");
+        let k = known.lookup("s").0;
+        assert!(
+            k.counters && !k.spend,
+            "the last grant needed the first, not the second"
+        );
+        let mut budgeted = grant(None, -1);
+        budgeted.budget = 0;
+        known.ids("s", prior.as_deref(), &budgeted);
+        let k = known.lookup("s").0;
+        assert!(k.counters && k.spend, "a budget needs both");
         assert!(!known.lookup("other").0.ids);
     }
 

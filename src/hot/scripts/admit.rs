@@ -39,13 +39,16 @@ pub struct Call<'a> {
 pub struct Known {
     /// The key's ids are known: the reply leaves them out.
     pub ids: bool,
-    /// The key's last grant needed its running counters: read them with the configuration.
+    /// The key's last grant needed its lease and balance counters: read them with the
+    /// configuration.
     pub counters: bool,
+    /// The key's last grant needed its token and spend counters: read them too.
+    pub spend: bool,
 }
 
 impl Known {
     fn arg(self) -> i64 {
-        i64::from(!self.ids) + 2 * i64::from(self.counters)
+        i64::from(!self.ids) + 2 * i64::from(self.counters) + 4 * i64::from(self.spend)
     }
 }
 
@@ -59,7 +62,7 @@ impl<'a> Call<'a> {
         known: Known,
     ) -> Self {
         let asked = format!(
-            "{nonce}\x1f{provider}\x1f{format}\x1f{model}\x1f{reserve}\x1f{tokens}",
+            "{reserve}\x1f{tokens}\x1f{nonce}\x1f{provider}\x1f{format}\x1f{model}",
             provider = ask.provider,
             format = ask.api_format,
             model = ask.model,
@@ -115,7 +118,13 @@ impl Granted {
     /// Whether admit.lua read the key's running counters: a key with a concurrency limit, a
     /// balance, a budget or a token limit (its "not plain").
     pub fn needed_counters(&self) -> bool {
-        self.concurrent_limit > 0 || self.available >= 0 || self.budget >= 0 || self.token_limit > 0
+        self.concurrent_limit > 0 || self.available >= 0 || self.needed_spend()
+    }
+
+    /// Whether admit.lua read the key's token and spend counters: a key with a token limit or
+    /// a budget.
+    pub fn needed_spend(&self) -> bool {
+        self.budget >= 0 || self.token_limit > 0
     }
 }
 
@@ -331,16 +340,25 @@ mod tests {
     }
 
     #[test]
-    fn the_known_argument_is_one_for_unknown_ids_plus_two_for_counters() {
-        let arg = |ids, counters| Known { ids, counters }.arg();
+    fn the_known_argument_is_one_for_unknown_ids_plus_two_and_four_for_counters() {
+        let arg = |ids, counters, spend| {
+            Known {
+                ids,
+                counters,
+                spend,
+            }
+            .arg()
+        };
         assert_eq!(
             [
-                arg(true, false),
-                arg(false, false),
-                arg(true, true),
-                arg(false, true)
+                arg(true, false, false),
+                arg(false, false, false),
+                arg(true, true, false),
+                arg(false, true, false),
+                arg(true, true, true),
+                arg(false, true, true),
             ],
-            [0, 1, 2, 3]
+            [0, 1, 2, 3, 6, 7]
         );
     }
 
