@@ -4,9 +4,9 @@
 
 use crate::common;
 
-use common::hot_suite::{admit, patch_key, with_key};
+use common::hot_suite::{admit, patch_key, settle, with_key};
 use common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use tollgate::hot::layout::{KeyRedisKeys, Layout};
 
 fn redis_keys(app: &TestApp, key: &str) -> KeyRedisKeys {
@@ -173,4 +173,35 @@ async fn a_new_keys_state_starts_with_what_admissions_read_and_an_empty_rings_cu
     let a = admit(&app, body).await;
     a.lease("the first admission on that cursor");
     assert_eq!(a.body["rate_limit"]["remaining"], json!(99), "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_added_to_a_key_already_admitted_counts_from_the_next_admission() {
+    // tollgate remembers whether a key's last grant needed its spend counters
+    // (hot/known_keys.rs) and asks admit.lua to read them with the configuration. Each PATCH
+    // below makes that guess wrong for the next admission; the answers must not depend on it.
+    let app = spawn_app().await;
+    let (key, id) = new_key(&app, json!({"rate_limit": null, "concurrent_limit": null})).await;
+    let body = with_key(&key, json!({}));
+    let lease = admit(&app, body.clone()).await.lease("plain");
+    let s = settle(&app, &lease, "1").await;
+    assert_eq!(s.status, 200, "one dollar settled: {}", s.body);
+    admit(&app, body.clone()).await.lease("plain again");
+    patch_key(&app, &id, json!({"budget_usd": 1.5})).await;
+    let a = admit(&app, body.clone()).await;
+    a.lease("a budget of 1.5 with 1 spent, guessed plain");
+    assert_eq!(
+        a.body["budget"]["remaining_usd"].to_string(),
+        "0.5",
+        "{}",
+        a.body
+    );
+    patch_key(&app, &id, json!({"budget_usd": 1})).await;
+    admit(&app, body.clone())
+        .await
+        .denied(402, "budget_exceeded", "a budget of 1 with 1 spent");
+    patch_key(&app, &id, json!({"budget_usd": null})).await;
+    let a = admit(&app, body).await;
+    a.lease("no budget, guessed counted");
+    assert_eq!(a.body["budget"], Value::Null, "{}", a.body);
 }
