@@ -279,15 +279,25 @@ if (held ~= 0 or htok ~= 0) and now >= live_deadline and redis.call('EXISTS', li
   repaired = true
 end
 if scanned then
+  -- `le` after the look: 0 (look again) while more expired leases may be left; else the
+  -- earliest expiry left; and for an empty `live`, a second from now, so that a key admitted
+  -- without leases looks at most once a second (a lease that a replica of an earlier release
+  -- adds, which does not move `le`, is found then), while a grant below sets its own expiry.
+  local written = 0
   live_earliest = 0
   if #expired < 64 then
     local first = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
-    live_earliest = tonumber(first[2] or '0') or 0
+    if first[2] then
+      live_earliest = tonumber(first[2]) or 0
+      written = live_earliest
+    else
+      written = now + 1000
+    end
   end
   if repaired then
-    redis.call('HSET', state, 'held', int(held), 'htok', int(htok), 'le', int(live_earliest))
+    redis.call('HSET', state, 'held', int(held), 'htok', int(htok), 'le', int(written))
   else
-    redis.call('HSET', state, 'le', int(live_earliest))
+    redis.call('HSET', state, 'le', int(written))
   end
 elseif repaired then
   redis.call('HSET', state, 'held', int(held), 'htok', int(htok))
