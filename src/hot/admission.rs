@@ -2,11 +2,10 @@
 //! Here the arguments' bounds are checked and the scripts' replies become outcomes; their wire
 //! format is `scripts/<script>.rs`'s.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::FromRedisValue;
-
-use std::sync::Arc;
 
 use super::known_keys::KnownKeys;
 use super::layout::{new_nonce, KeyRedisKeys, Layout};

@@ -12,9 +12,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use super::scripts::admit::{Granted, Known};
 
-/// Keys remembered at most; past it the map starts again (a cold start costs each key one
-/// read of its ids, nothing more).
-const CAPACITY: usize = 65_536;
+/// Keys remembered at most, about 300 bytes each (the state key's name, the two ids, the
+/// map's own share): a few MB, which a sidecar can spare. Past it the map starts again; a
+/// cold start costs each key one read of its ids, nothing more.
+const CAPACITY: usize = 16_384;
 
 #[derive(Debug)]
 pub struct KnownKey {
