@@ -207,26 +207,6 @@ async fn a_budget_added_to_a_key_already_admitted_counts_from_the_next_admission
     assert_eq!(a.body["budget"], Value::Null, "{}", a.body);
 }
 
-/// How many times Redis ran `command` (scripts' inner calls included), from `INFO
-/// commandstats` of a Redis that only this test uses.
-async fn runs_of(redis: &PrivateRedis, command: &str) -> u64 {
-    let client = redis::Client::open(redis.url()).expect("client");
-    let mut c = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut c)
-        .await
-        .expect("INFO");
-    let prefix = format!("cmdstat_{command}:calls=");
-    info.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .and_then(|rest| rest.split(',').next())
-        .map_or(0, |n| n.parse().expect("calls"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_leases_are_looked_for_once_the_earliest_expiry_passes_not_on_every_admission() {
     // `le` (admit.lua): a key with a concurrency limit looks through its live leases for
@@ -239,7 +219,7 @@ async fn expired_leases_are_looked_for_once_the_earliest_expiry_passes_not_on_ev
     })
     .await;
     let (key, _) = new_key(&app, json!({"rate_limit": null, "concurrent_limit": 5})).await;
-    let before = runs_of(&redis, "zrangebyscore").await;
+    let before = redis.calls("zrangebyscore");
     for _ in 0..20 {
         let a = admit(&app, with_key(&key, json!({"lease": "none"}))).await;
         assert_eq!(a.status, 200, "without a lease: {}", a.body);
@@ -249,7 +229,7 @@ async fn expired_leases_are_looked_for_once_the_earliest_expiry_passes_not_on_ev
         let s = settle(&app, &lease, "0").await;
         assert_eq!(s.status, 200, "settlement {i}: {}", s.body);
     }
-    let looks = runs_of(&redis, "zrangebyscore").await - before;
+    let looks = redis.calls("zrangebyscore") - before;
     assert!(
         (1..=3).contains(&looks),
         "40 admissions looked for expired leases {looks} times"

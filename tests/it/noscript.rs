@@ -9,20 +9,6 @@ use common::private_redis::PrivateRedis;
 use common::*;
 use serde_json::json;
 
-/// `calls` of one command in `INFO commandstats` (0 when it never ran since the last reset).
-fn calls(redis: &PrivateRedis, command: &str) -> u64 {
-    let info = redis.cli(&["INFO", "commandstats"]);
-    let prefix = format!("cmdstat_{command}:");
-    info.lines()
-        .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(str::to_string))
-        .and_then(|stats| {
-            stats
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("calls=")?.parse().ok())
-        })
-        .unwrap_or(0)
-}
-
 fn script_cached(redis: &PrivateRedis, sha: &str) -> bool {
     redis.cli(&["SCRIPT", "EXISTS", sha]).trim() == "1"
 }
@@ -73,11 +59,11 @@ async fn admission_survives_script_flush_and_returns_to_evalsha() {
     assert_eq!(status, 200, "first admission after SCRIPT FLUSH: {body}");
     assert_eq!(body["allowed"], true, "{body}");
     assert_eq!(
-        calls(&redis, "evalsha"),
+        redis.calls("evalsha"),
         1,
         "one EVALSHA, refused with NOSCRIPT"
     );
-    assert_eq!(calls(&redis, "eval"), 1, "one EVAL fallback");
+    assert_eq!(redis.calls("eval"), 1, "one EVAL fallback");
     assert!(
         script_cached(&redis, &admit_sha),
         "EVAL cached the script again"
@@ -91,11 +77,11 @@ async fn admission_survives_script_flush_and_returns_to_evalsha() {
     let (status, body) = app.admit(&key, json!({})).await;
     assert_eq!(status, 200, "second admission after SCRIPT FLUSH: {body}");
     assert_eq!(
-        calls(&redis, "evalsha"),
+        redis.calls("evalsha"),
         2,
         "the next admission is an EVALSHA"
     );
-    assert_eq!(calls(&redis, "eval"), 1, "and needs no EVAL");
+    assert_eq!(redis.calls("eval"), 1, "and needs no EVAL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,7 +123,7 @@ async fn settle_release_and_readiness_survive_script_flush() {
         .await;
     assert_eq!(status, 200, "release after SCRIPT FLUSH: {body}");
     assert_eq!(body["released"], true, "{body}");
-    assert_eq!(calls(&redis, "eval"), 2, "one EVAL per flushed script");
+    assert_eq!(redis.calls("eval"), 2, "one EVAL per flushed script");
 
     flush_scripts(&redis, &[&settle_sha]);
     let res = app

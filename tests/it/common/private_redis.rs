@@ -301,6 +301,22 @@ impl PrivateRedis {
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli(self.port, args)
     }
+
+    /// How many times this Redis ran `command` (`calls` of `INFO commandstats`, commands that
+    /// scripts run included; 0 when it never ran since the last reset). Its statistics are the
+    /// test's own: nothing else uses a private Redis.
+    pub fn calls(&self, command: &str) -> u64 {
+        let info = self.cli(&["INFO", "commandstats"]);
+        let prefix = format!("cmdstat_{command}:");
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()).map(str::to_string))
+            .and_then(|stats| {
+                stats
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("calls=")?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
 }
 
 impl Drop for PrivateRedis {
