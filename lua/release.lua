@@ -61,8 +61,12 @@ if tracked and (held ~= 0 or htok ~= 0) then
 end
 -- Free the slot and the hold (lib/holds.lua).
 if tracked then
-  free_lease(state, live, holds, nonce, s[1] ~= false, hold, hn, ht, held, htok,
-    true)
+  local changed
+  held, htok, changed = free_lease(live, holds, nonce, hold, hn, ht, held, htok, true)
+  if changed and s[1] ~= false then
+    redis.call('HSET', state, 'held', string.format('%.0f', held), 'htok',
+      string.format('%.0f', htok))
+  end
 end
 if sealed then
   redis.call('SET', lease, 'R', 'PX', ARGV[4])

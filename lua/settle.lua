@@ -251,16 +251,26 @@ if sealed then
   if before then tracked = false end
 end
 -- Free the slot and the hold (lib/holds.lua).
+local freed = false
 if tracked then
-  held, htok = free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok,
+  held, htok, freed = free_lease(live, holds, nonce, hold, hn, ht, held, htok,
     now >= (tonumber(lx or '0') or 0))
 end
 local expired = '0'
 if now >= tonumber(expires_at) then expired = '1' end
 
+-- The charge, with the hold given back in the same write when there is one: `used` is then
+-- written whole, which is exact while it and the cost are below 10^15 (their sum is exact as
+-- a Lua number); beyond, HINCRBY adds it.
 if hydrated then
-  redis.call('HINCRBY', state, 'used', cost)
+  local whole_sum = #(used_s or '0') <= 15 and #cost <= 15
   used = used + tonumber(cost)
+  if freed and whole_sum then
+    redis.call('HSET', state, 'used', int(used), 'held', int(held), 'htok', int(htok))
+  else
+    redis.call('HINCRBY', state, 'used', cost)
+    if freed then redis.call('HSET', state, 'held', int(held), 'htok', int(htok)) end
+  end
 end
 
 -- The token window of a key with a token limit.

@@ -15,26 +15,22 @@ local function hold_of(h)
 end
 
 -- Frees a tracked lease: its slot in `live` and, if it still has one, its hold (`hn` nano-USD,
--- `ht` tokens; `hold` is its raw value or false) from `holds` and, where the key is
--- `hydrated`, from the state's `held`/`htok`. Then, with no live lease left, nothing is held:
--- this also repairs `held`/`htok` when an idle key's lease keys expired whole, which only
--- `maybe_gone` callers look for: before the state's `lx` (admit.lua) `live` can only be
--- missing once its last lease left, taking its hold along. Returns `held` and `htok` as they
--- are after.
-local function free_lease(state, live, holds, nonce, hydrated, hold, hn, ht, held, htok,
-    maybe_gone)
+-- `ht` tokens; `hold` is its raw value or false) from `holds`. Then, with no live lease left,
+-- nothing is held: this also repairs `held`/`htok` when an idle key's lease keys expired
+-- whole, which only `maybe_gone` callers look for: before the state's `lx` (admit.lua) `live`
+-- can only be missing once its last lease left, taking its hold along. Returns `held` and
+-- `htok` as they are after, and whether they changed: the caller writes them to the state
+-- (where the key is hydrated), so that a settlement writes them with its charge in one call.
+local function free_lease(live, holds, nonce, hold, hn, ht, held, htok, maybe_gone)
+  local changed = false
   if redis.call('ZREM', live, nonce) == 1 and hold then
     redis.call('HDEL', holds, nonce)
-    if hydrated then
-      if hn ~= 0 then redis.call('HINCRBY', state, 'held', -hn) end
-      if ht ~= 0 then redis.call('HINCRBY', state, 'htok', -ht) end
-      held, htok = held - hn, htok - ht
-    end
+    held, htok = held - hn, htok - ht
+    changed = hn ~= 0 or ht ~= 0
   end
   if (held ~= 0 or htok ~= 0) and maybe_gone and redis.call('EXISTS', live) == 0 then
-    redis.call('HSET', state, 'held', 0, 'htok', 0)
     redis.call('DEL', holds)
-    held, htok = 0, 0
+    held, htok, changed = 0, 0, true
   end
-  return held, htok
+  return held, htok, changed
 end

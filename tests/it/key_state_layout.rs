@@ -235,3 +235,39 @@ async fn expired_leases_are_looked_for_once_the_earliest_expiry_passes_not_on_ev
         "40 admissions looked for expired leases {looks} times"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_charge_on_a_spend_past_2_53_nano_usd_stays_exact_when_a_hold_comes_back() {
+    // settle.lua writes `used` whole, with the hold it gives back, only while the sum is exact
+    // as a Lua number; past 2^53 it must add with HINCRBY, or the last nano-dollar is lost.
+    let app = spawn_app().await;
+    let (key, _) = new_key(
+        &app,
+        json!({"rate_limit": null, "concurrent_limit": null, "token_limit": 1_000_000}),
+    )
+    .await;
+    let k = redis_keys(&app, &key);
+    let most = "9007199.254740991"; // 2^53 - 1 nano-USD, the most one settlement may cost
+    for _ in 0..2 {
+        let lease = admit(&app, with_key(&key, json!({})))
+            .await
+            .lease("no hold");
+        let s = settle(&app, &lease, most).await;
+        assert_eq!(s.status, 200, "{}", s.body);
+    }
+    let lease = admit(&app, with_key(&key, json!({"reserve_tokens": 10})))
+        .await
+        .lease("holding 10 tokens");
+    let s = settle(&app, &lease, "0.000000001").await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let used: String = redis::cmd("HGET")
+        .arg(&k.state)
+        .arg("used")
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HGET used");
+    assert_eq!(
+        used, "18014398509481983",
+        "2 × (2^53 - 1) + 1, to the nano-dollar"
+    );
+}

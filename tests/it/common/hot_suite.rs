@@ -1139,6 +1139,26 @@ pub async fn large_amounts_stay_exact(app: &TestApp) {
         "token counts over the cap are refused: {}",
         over.body
     );
+    // A cost of 16 digits, with a hold to give back: charged exactly, the hold returned.
+    let left = max - 123_456_789_000_000;
+    let a = admit(
+        app,
+        with_key(&key, json!({"reserve_usd": amount("0.000000001")})),
+    )
+    .await;
+    let lease = a.lease("a second hold");
+    assert_eq!(a.balance(), Some(left - 1));
+    let s = settle(app, &lease, "2000000.000000001").await;
+    assert_eq!(s.status, 200, "{}", s.body);
+    let left = left - 2_000_000_000_000_001;
+    assert_eq!(
+        s.balance(),
+        Some(left),
+        "charged exactly, the hold given back"
+    );
+    let a = admit(app, with_key(&key, json!({}))).await;
+    a.lease("nothing held any more");
+    assert_eq!(a.balance(), Some(left), "{}", a.body);
 }
 
 // ---------------------------------------------------------------------------------------------
