@@ -226,11 +226,7 @@ fn the_resp_parser_counts_whole_commands_only() {
 async fn one_redis_command_per_admission_settlement_and_release() {
     const N: usize = 25;
     let proxy = RespCounter::start().await;
-    let url = proxy.url.clone();
-    let app = spawn_app_with(|s| {
-        s.insert("TOLLGATE_REDIS_URL", url);
-    })
-    .await;
+    let app = spawn_app_on(proxy.url.clone()).await;
     let dp = DataPlane::of(&app);
     let (key, _) = app
         .create_key(

@@ -32,6 +32,15 @@ async fn hset(app: &TestApp, state: &str, field: &str, value: &str) {
         .expect("HSET");
 }
 
+async fn hget(app: &TestApp, state: &str, field: &str) -> Option<String> {
+    redis::cmd("HGET")
+        .arg(state)
+        .arg(field)
+        .query_async(&mut app.redis.clone())
+        .await
+        .expect("HGET")
+}
+
 async fn has_field(app: &TestApp, state: &str, field: &str) -> bool {
     redis::cmd("HEXISTS")
         .arg(state)
@@ -85,12 +94,10 @@ async fn a_configuration_a_replica_of_an_older_version_wrote_is_folded_again() {
     let app = spawn_app().await;
     let (body, k) = admitted_once(&app).await;
     // An older hydrate.lua writes the named fields and a newer version, not `cfn`.
-    let ver: i64 = redis::cmd("HGET")
-        .arg(&k.state)
-        .arg("ver")
-        .query_async(&mut app.redis.clone())
+    let ver: i64 = hget(&app, &k.state, "ver")
         .await
-        .expect("HGET ver");
+        .and_then(|v| v.parse().ok())
+        .expect("a version");
     hset(&app, &k.state, "ver", &(ver + 1).to_string()).await;
     hset(&app, &k.state, "act", "0").await;
     admit(&app, body.clone())
@@ -213,11 +220,7 @@ async fn expired_leases_are_looked_for_once_the_earliest_expiry_passes_not_on_ev
     // expired ones once the earliest expiry it knows of has passed, and a key admitted without
     // leases at most once a second — not on every admission, as before `le`.
     let redis = PrivateRedis::start();
-    let url = redis.url();
-    let app = spawn_app_with(move |s| {
-        s.insert("TOLLGATE_REDIS_URL", url);
-    })
-    .await;
+    let app = spawn_app_on(redis.url()).await;
     let (key, _) = new_key(&app, json!({"rate_limit": null, "concurrent_limit": 5})).await;
     let before = redis.calls("zrangebyscore");
     for _ in 0..20 {
@@ -260,14 +263,9 @@ async fn a_charge_on_a_spend_past_2_53_nano_usd_stays_exact_when_a_hold_comes_ba
         .lease("holding 10 tokens");
     let s = settle(&app, &lease, "0.000000001").await;
     assert_eq!(s.status, 200, "{}", s.body);
-    let used: String = redis::cmd("HGET")
-        .arg(&k.state)
-        .arg("used")
-        .query_async(&mut app.redis.clone())
-        .await
-        .expect("HGET used");
     assert_eq!(
-        used, "18014398509481983",
+        hget(&app, &k.state, "used").await.as_deref(),
+        Some("18014398509481983"),
         "2 × (2^53 - 1) + 1, to the nano-dollar"
     );
 }

@@ -33,11 +33,7 @@ async fn reloads(app: &TestApp, script: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admission_survives_script_flush_and_returns_to_evalsha() {
     let redis = PrivateRedis::start();
-    let url = redis.url();
-    let app = spawn_app_with(move |s| {
-        s.insert("TOLLGATE_REDIS_URL", url);
-    })
-    .await;
+    let app = spawn_app_on(redis.url()).await;
     let scripts = tollgate::hot::scripts::Scripts::default();
     let admit_sha = scripts.admit.sha().to_string();
     let (key, _) = app
@@ -87,11 +83,7 @@ async fn admission_survives_script_flush_and_returns_to_evalsha() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settle_release_and_readiness_survive_script_flush() {
     let redis = PrivateRedis::start();
-    let url = redis.url();
-    let app = spawn_app_with(move |s| {
-        s.insert("TOLLGATE_REDIS_URL", url);
-    })
-    .await;
+    let app = spawn_app_on(redis.url()).await;
     let scripts = tollgate::hot::scripts::Scripts::default();
     let (settle_sha, release_sha) = (
         scripts.settle.sha().to_string(),

@@ -137,6 +137,15 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut HashMap<&'static str, String
     spawn_app_from(settings).await
 }
 
+/// A test app on the Redis at `redis_url` (a private server, a proxy in front of one) instead
+/// of the shared one, everything else as [`spawn_app`].
+pub async fn spawn_app_on(redis_url: String) -> TestApp {
+    spawn_app_with(move |s| {
+        s.insert("TOLLGATE_REDIS_URL", redis_url);
+    })
+    .await
+}
+
 /// Starts tollgate with exactly these settings (a second replica reuses the first's).
 pub async fn spawn_app_from(settings: HashMap<&'static str, String>) -> TestApp {
     require_services().await;
