@@ -219,6 +219,10 @@ struct Args {
     /// logs grow by the calls each key takes; --ceiling-keys sets how long they get)
     #[arg(long, default_value_t = 1_000_000, requires = "script_cost")]
     script_cost_rate_limit: u64,
+    /// With --script-cost: rounds of the phases, each bracketed by the reference; the ratios
+    /// are the medians of the rounds' (a round takes about seven --ceiling-duration)
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=20), requires = "script_cost")]
+    script_cost_rounds: u64,
     /// tollgate's process id: sample its RSS every second and its CPU time
     #[arg(long)]
     pid: Option<u32>,
@@ -976,37 +980,43 @@ async fn script_cost(
         ..plain.clone()
     };
     let n = args.ceiling_keys.max(1);
+    let rounds = usize::try_from(args.script_cost_rounds).unwrap_or(1);
     progress(&format!(
-        "script cost: creating {n} plain and {n} held keys"
+        "script cost: creating {n} plain and {n} held keys for each of {rounds} round(s)"
     ));
     let mut ids = Vec::new();
-    let mut targets = Vec::new();
-    for (spec, name, reserve) in [
-        (plain, "plain", 0),
-        (held, "held", args.max_cost_usd.nanos()),
-    ] {
-        let keys = admin::create_many(
-            admin_ep,
-            token,
-            &format!("{run_id}-cost-{name}"),
-            vec![spec; n],
-            8,
-        )
-        .await?;
-        ids.extend(keys.iter().map(|k| k.id.clone()));
-        targets.push(script_cost::Target {
-            plan: ceiling::Plan {
-                keys: keys
-                    .iter()
-                    .map(|k| layout.for_hash(&tollgate::keys::hash(&k.secret)))
-                    .collect(),
-                ..plan.clone()
-            },
-            reserve_nanos: reserve,
-        });
+    let (mut plain_sets, mut held_sets) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        for (spec, name, reserve) in [
+            (&plain, "plain", 0),
+            (&held, "held", args.max_cost_usd.nanos()),
+        ] {
+            let keys = admin::create_many(
+                admin_ep,
+                token,
+                &format!("{run_id}-cost{round}-{name}"),
+                vec![spec.clone(); n],
+                8,
+            )
+            .await?;
+            ids.extend(keys.iter().map(|k| k.id.clone()));
+            let target = script_cost::Target {
+                plan: ceiling::Plan {
+                    keys: keys
+                        .iter()
+                        .map(|k| layout.for_hash(&tollgate::keys::hash(&k.secret)))
+                        .collect(),
+                    ..plan.clone()
+                },
+                reserve_nanos: reserve,
+            };
+            if name == "plain" {
+                plain_sets.push(target);
+            } else {
+                held_sets.push(target);
+            }
+        }
     }
-    let held = targets.pop().ok_or("no held keys")?;
-    let plain = targets.pop().ok_or("no plain keys")?;
     let candidates = match &args.script_cost_candidates {
         Some(dir) => read_scripts(dir)?,
         None => Vec::new(),
@@ -1015,8 +1025,8 @@ async fn script_cost(
         candidates,
         limit: args.script_cost_rate_limit,
         reset_stats: args.reset_stats,
-        plain,
-        held,
+        plain: plain_sets,
+        held: held_sets,
     };
     let mut redis = observe::connect(&args.redis_url).await?;
     let measured = script_cost::measure(&mut redis, &setup).await?;
@@ -1035,7 +1045,7 @@ async fn script_cost(
         "every script-cost call takes the allow path".into(),
         failures,
     );
-    let report = ScriptCostReport::new(&setup.plain.plan, args.reset_stats, &measured);
+    let report = ScriptCostReport::new(plan, args.reset_stats, &measured);
     Ok(((report, inv), ids))
 }
 

@@ -128,6 +128,8 @@ impl CeilingReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScriptPhase {
     pub id: String,
+    /// The round (0-based; a reference phase's is its index, see `script_cost`).
+    pub round: usize,
     pub name: String,
     pub script: String,
     pub seconds: f64,
@@ -155,10 +157,13 @@ pub struct ScriptPhase {
 pub struct ScriptRatio {
     pub id: String,
     pub name: String,
-    /// commandstats µs per unit / the reference's µs per call.
+    /// commandstats µs per unit / the reference's µs per call, each round against the
+    /// reference phases that bracket it; the median over the rounds.
     pub ratio: f64,
+    /// Each round's ratio, in round order.
+    pub rounds: Vec<f64>,
     pub goal: Option<f64>,
-    /// The same with Redis CPU per unit: the cross-check on a busy host.
+    /// The same with Redis CPU per unit: the cross-check on a busy host (median).
     pub cpu_ratio: f64,
 }
 
@@ -170,8 +175,8 @@ pub struct ScriptCostReport {
     /// Whether `CONFIG RESETSTAT` ran before each phase (else: before/after deltas).
     pub reset_stats: bool,
     pub phases: Vec<ScriptPhase>,
-    /// The reference's µs per call (commandstats, and Redis CPU): the mean of its first and
-    /// last phase.
+    /// The reference's µs per call (commandstats, and Redis CPU): the mean of all its phases.
+    /// Each round's ratios divide by the mean of the two phases that bracket that round.
     pub reference_us: f64,
     pub reference_cpu_us: f64,
     pub ratios: Vec<ScriptRatio>,
@@ -193,6 +198,7 @@ impl ScriptCostReport {
             .iter()
             .map(|m| ScriptPhase {
                 id: m.id.clone(),
+                round: m.round,
                 name: m.name.clone(),
                 script: m.script.clone(),
                 seconds: m.seconds,
@@ -211,27 +217,55 @@ impl ScriptCostReport {
             .iter()
             .filter(|p| p.script == "exact_window.lua")
             .collect();
-        let mean = |f: fn(&ScriptPhase) -> f64| {
-            refs.iter().map(|p| f(p)).sum::<f64>() / refs.len().max(1) as f64
+        let mean = |ps: &[&ScriptPhase], f: fn(&ScriptPhase) -> f64| {
+            ps.iter().map(|p| f(p)).sum::<f64>() / ps.len().max(1) as f64
         };
-        let reference_us = mean(|p| p.us_per_call);
-        let reference_cpu_us = mean(|p| p.redis_cpu_us_per_call);
+        let reference_us = mean(&refs, |p| p.us_per_call);
+        let reference_cpu_us = mean(&refs, |p| p.redis_cpu_us_per_call);
+        // Round r's reference: the phases r and r + 1 that bracket it (all of them when a
+        // phase is missing, as in a run cut short).
+        let bracket = |round: usize| -> Vec<&ScriptPhase> {
+            let b: Vec<&ScriptPhase> = refs
+                .iter()
+                .copied()
+                .filter(|p| p.round == round || p.round == round + 1)
+                .collect();
+            if b.is_empty() {
+                refs.clone()
+            } else {
+                b
+            }
+        };
         let candidates = phases
             .iter()
             .filter(|p| p.id.starts_with("candidate:"))
             .map(|p| (p.id.as_str(), None));
-        let ratios = SCRIPT_GOALS
-            .iter()
-            .copied()
-            .chain(candidates)
+        let mut ids: Vec<(&str, Option<f64>)> = SCRIPT_GOALS.to_vec();
+        for c in candidates {
+            if !ids.iter().any(|(id, _)| *id == c.0) {
+                ids.push(c);
+            }
+        }
+        let ratios = ids
+            .into_iter()
             .filter_map(|(id, goal)| {
-                let p = phases.iter().find(|p| p.id == id)?;
+                let of: Vec<&ScriptPhase> = phases.iter().filter(|p| p.id == id).collect();
+                let first = of.first()?;
+                let (mut rounds, mut cpu) = (Vec::new(), Vec::new());
+                for p in &of {
+                    let r = bracket(p.round);
+                    rounds.push(p.us_per_unit / mean(&r, |p| p.us_per_call).max(1e-9));
+                    cpu.push(
+                        p.redis_cpu_us_per_unit / mean(&r, |p| p.redis_cpu_us_per_call).max(1e-9),
+                    );
+                }
                 Some(ScriptRatio {
-                    id: p.id.clone(),
-                    name: p.name.clone(),
-                    ratio: p.us_per_unit / reference_us.max(1e-9),
+                    id: first.id.clone(),
+                    name: first.name.clone(),
+                    ratio: median(&rounds),
+                    rounds,
                     goal,
-                    cpu_ratio: p.redis_cpu_us_per_unit / reference_cpu_us.max(1e-9),
+                    cpu_ratio: median(&cpu),
                 })
             })
             .collect();
@@ -263,10 +297,16 @@ impl ScriptCostReport {
             "  {:<40} {:>8} {:>8} {:>9} {:>9} {:>9}",
             "phase", "µs/call", "µs/unit", "calls/s", "CPU/call", "CPU/unit"
         );
+        let many = self.ratios.iter().any(|r| r.rounds.len() > 1);
         for p in &self.phases {
+            let name = if many && p.script != "exact_window.lua" {
+                format!("{} [round {}]", p.name, p.round + 1)
+            } else {
+                p.name.clone()
+            };
             println!(
                 "  {:<40} {:>8.1} {:>8.1} {:>9.0} {:>9.1} {:>9.1}  ({} {}s{})",
-                p.name,
+                name,
                 p.us_per_call,
                 p.us_per_unit,
                 p.calls_per_second,
@@ -288,8 +328,14 @@ impl ScriptCostReport {
             "  (µs: commandstats usec, the time inside the script; CPU: Redis's user + sys CPU µs, network I/O included)"
         );
         println!(
-            "  per unit against the reference ({:.1} µs/call, {:.1} CPU µs/call: the mean of its two phases):",
-            self.reference_us, self.reference_cpu_us
+            "  per unit against the reference ({:.1} µs/call, {:.1} CPU µs/call: the mean of its phases{}):",
+            self.reference_us,
+            self.reference_cpu_us,
+            if many {
+                "; each round against the two that bracket it, the median of the rounds"
+            } else {
+                ""
+            }
         );
         for r in &self.ratios {
             let goal = r.goal.map_or(String::new(), |g| {
@@ -298,8 +344,14 @@ impl ScriptCostReport {
                     if r.ratio <= g { "met" } else { "not met" }
                 )
             });
+            let rounds = if r.rounds.len() > 1 {
+                let each: Vec<String> = r.rounds.iter().map(|x| format!("{x:.2}")).collect();
+                format!("  rounds {}", each.join("; "))
+            } else {
+                String::new()
+            };
             println!(
-                "    {:<40} {:>6.2}×  (CPU {:>5.2}×)  {goal}",
+                "    {:<40} {:>6.2}×  (CPU {:>5.2}×)  {goal}{rounds}",
                 r.name, r.ratio, r.cpu_ratio
             );
         }
@@ -883,6 +935,17 @@ fn print_part(name: &str, unit: &str, p: &CeilingPart) {
     );
 }
 
+/// The median of `v` (the mean of the middle two for an even count); 0 for none.
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
 fn percents(v: &[f64]) -> String {
     v.iter()
         .map(|f| format!("{:.0}%", f * 100.0))
@@ -896,4 +959,79 @@ fn mib(b: u64) -> f64 {
 
 fn opt_mib(b: Option<u64>) -> String {
     b.map_or("?".into(), |b| format!("{:.1}", mib(b)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn phase(id: &str, script: &str, round: usize, usec_per_call: u64) -> Measured {
+        Measured {
+            id: id.into(),
+            round,
+            name: id.into(),
+            script: script.into(),
+            unit: "call",
+            seconds: 1.0,
+            sent: 100,
+            units: 100,
+            other: BTreeMap::new(),
+            errors: 0,
+            error_sample: None,
+            evalsha_calls: 100,
+            evalsha_usec: usec_per_call * 100,
+            redis_cpu_seconds: usec_per_call as f64 * 100e-6,
+        }
+    }
+
+    fn plan() -> ceiling::Plan {
+        ceiling::Plan {
+            redis_url: String::new(),
+            keys: Vec::new(),
+            connections: 1,
+            pipeline: 1,
+            duration: Duration::from_secs(1),
+            window_ms: 60_000,
+            lease_ttl_ms: 1,
+            settle_window_ms: 1,
+            max_cost_nanos: 0,
+            known: Arc::default(),
+        }
+    }
+
+    #[test]
+    fn each_round_is_divided_by_the_references_that_bracket_it_and_the_median_is_reported() {
+        let reference = "exact_window.lua";
+        let measured = [
+            phase("admit_plain", "admit.lua", 0, 15),
+            phase("reference_first", reference, 0, 10),
+            phase("reference_1", reference, 1, 20),
+            phase("admit_plain", "admit.lua", 1, 30),
+            phase("reference_2", reference, 2, 10),
+            phase("admit_plain", "admit.lua", 2, 12),
+            phase("reference_last", reference, 3, 14),
+        ];
+        let r = ScriptCostReport::new(&plan(), true, &measured);
+        assert!((r.reference_us - 13.5).abs() < 1e-9, "{}", r.reference_us);
+        let admit = r
+            .ratios
+            .iter()
+            .find(|r| r.id == "admit_plain")
+            .expect("a ratio");
+        // Rounds: 15 / mean(10, 20), 30 / mean(20, 10), 12 / mean(10, 14).
+        assert_eq!(admit.rounds, vec![1.0, 2.0, 1.0]);
+        assert_eq!(admit.ratio, 1.0, "the median");
+        assert_eq!(admit.goal, Some(1.5));
+        assert!(
+            r.ratios.iter().all(|r| r.id == "admit_plain"),
+            "phases not run have no ratio"
+        );
+    }
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&[]), 0.0);
+    }
 }

@@ -12,8 +12,16 @@
 //! 6. and 7. flows (`admit.lua` then `settle.lua` of the same lease) on each kind of key;
 //! 8. any candidate scripts (`--script-cost-candidates`: scratch designs, not tollgate) on the
 //!    plain keys, each given the key's state and a fresh key of its own, as many calls as 3;
-//! 9. the reference again, on fresh logs: the two reference figures bracket the run, and
-//!    their mean is what the ratios divide by.
+//! 9. the reference again, on fresh logs: the two reference figures bracket the round, and
+//!    their mean is what the round's ratios divide by.
+//!
+//! `--script-cost-rounds N` repeats 1–2, 4–8 and 9 N times, each round on keys of its own
+//! (so that every round starts as the first did: rate rings as long as its own admissions
+//! made them, nothing yet leaving the window, as for the reference's fresh logs): each round's
+//! phases are bracketed by the reference before and after them, and the report gives each
+//! ratio's median over the rounds with every round's figure. One round's ratio moves with what
+//! the host does during its minutes (the reference itself moved by up to a fifth within one
+//! run); interleaved rounds give that movement to every phase alike.
 //!
 //! Settlements append their usage events to a scratch stream beside the shard's (same hash
 //! tag, same `XADD`), which tollgate's syncer does not read: the syncer's `ack.lua` would
@@ -44,16 +52,24 @@ pub struct Target {
 /// Everything the phases need.
 #[derive(Debug, Clone)]
 pub struct Setup {
-    /// Keys with a rate limit only.
-    pub plain: Target,
-    /// Keys with a rate limit, a concurrency limit and a balance; admitted with a reserve.
-    pub held: Target,
+    /// Keys with a rate limit only, one set per round.
+    pub plain: Vec<Target>,
+    /// Keys with a rate limit, a concurrency limit and a balance; admitted with a reserve. One
+    /// set per round.
+    pub held: Vec<Target>,
     /// The reference's limit: tollgate's keys' rate limit, never reached.
     pub limit: u64,
     /// `CONFIG RESETSTAT` before each phase (clears every client's counters on that Redis).
     pub reset_stats: bool,
     /// Scratch scripts measured after tollgate's, on the plain keys: (file name, source).
     pub candidates: Vec<(String, String)>,
+}
+
+impl Setup {
+    /// Rounds of the phases, each on its own keys and bracketed by the reference.
+    fn rounds(&self) -> usize {
+        self.plain.len().min(self.held.len())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,6 +132,9 @@ impl Run {
 pub struct Measured {
     /// Stable identifier (`admit_plain`, …), used by the report's ratios.
     pub id: String,
+    /// The round (0-based); a reference phase's is its index: round r is bracketed by the
+    /// references r and r + 1.
+    pub round: usize,
     pub name: String,
     pub script: String,
     /// What a unit is: a call, or a flow (two calls).
@@ -157,7 +176,8 @@ pub async fn measure(
 ) -> Result<Vec<Measured>, String> {
     let mut sources = vec![ceiling::ADMIT_LUA, ceiling::SETTLE_LUA, REFERENCE_LUA];
     sources.extend(setup.candidates.iter().map(|(_, src)| src.as_str()));
-    let mut shas = ceiling::script_load(&setup.plain.plan.redis_url, &sources)
+    let first = setup.plain.first().ok_or("no keys to measure on")?;
+    let mut shas = ceiling::script_load(&first.plan.redis_url, &sources)
         .await?
         .into_iter();
     let mut sha = || shas.next().ok_or("SCRIPT LOAD answered too few SHAs");
@@ -171,76 +191,81 @@ pub async fn measure(
             .map(|_| sha())
             .collect::<Result<_, _>>()?,
     };
-    let (plain, held) = (&setup.plain, &setup.held);
     let mut out = Vec::new();
     let mut budget = None;
-    for (target, kind, name) in [
-        (plain, "plain", "plain key"),
-        (held, "held", "concurrency + hold"),
-    ] {
-        let admit = Phase::new(
-            &format!("admit_{kind}"),
-            &format!("admit.lua, {name}"),
-            "admit.lua",
-            "call",
-            Work::Admit,
-        );
-        let (m, run) = phase(redis, setup, &shas, admit, target, Vec::new()).await?;
-        out.push(m);
-        let settle = Phase::new(
-            &format!("settle_{kind}"),
-            &format!("settle.lua, {name}"),
-            "settle.lua",
-            "call",
-            Work::Settle,
-        );
-        out.push(
-            phase(redis, setup, &shas, settle, target, run.leases)
-                .await?
-                .0,
-        );
-        if budget.is_none() {
-            // The reference makes as many calls on as many keys as admit.lua did, so that its
-            // logs hold as many entries as the rate logs admit.lua worked on.
-            budget = Some(run.sent);
-            let first = Phase::reference(0, budget);
+    let rounds = setup.rounds();
+    for round in 0..rounds {
+        let (plain, held) = (&setup.plain[round], &setup.held[round]);
+        let kinds = [
+            (plain, "plain", "plain key"),
+            (held, "held", "concurrency + hold"),
+        ];
+        for (target, kind, name) in kinds {
+            let admit = Phase::new(
+                &format!("admit_{kind}"),
+                &format!("admit.lua, {name}"),
+                "admit.lua",
+                "call",
+                Work::Admit,
+            )
+            .in_round(round);
+            let (m, run) = phase(redis, setup, &shas, admit, target, Vec::new()).await?;
+            out.push(m);
+            let settle = Phase::new(
+                &format!("settle_{kind}"),
+                &format!("settle.lua, {name}"),
+                "settle.lua",
+                "call",
+                Work::Settle,
+            )
+            .in_round(round);
             out.push(
-                phase(redis, setup, &shas, first, plain, Vec::new())
+                phase(redis, setup, &shas, settle, target, run.leases)
+                    .await?
+                    .0,
+            );
+            if budget.is_none() {
+                // The reference makes as many calls on as many keys as admit.lua did, so that
+                // its logs hold as many entries as the rate logs admit.lua worked on.
+                budget = Some(run.sent);
+                let first = Phase::reference(0, rounds, budget);
+                out.push(
+                    phase(redis, setup, &shas, first, plain, Vec::new())
+                        .await?
+                        .0,
+                );
+            }
+        }
+        for (target, kind, name) in kinds {
+            let flow = Phase::new(
+                &format!("flow_{kind}"),
+                &format!("flow, {name}"),
+                "admit.lua + settle.lua",
+                "flow",
+                Work::Flow,
+            )
+            .in_round(round);
+            out.push(
+                phase(redis, setup, &shas, flow, target, Vec::new())
                     .await?
                     .0,
             );
         }
+        for (i, (file, _)) in setup.candidates.iter().enumerate() {
+            let mut c = Phase::new(
+                &format!("candidate:{file}"),
+                &format!("CANDIDATE {file}"),
+                &format!("candidates/{file}"),
+                "call",
+                Work::Candidate(i),
+            )
+            .in_round(round);
+            c.budget = budget;
+            out.push(phase(redis, setup, &shas, c, plain, Vec::new()).await?.0);
+        }
+        let next = Phase::reference(round + 1, rounds, budget);
+        out.push(phase(redis, setup, &shas, next, plain, Vec::new()).await?.0);
     }
-    for (target, kind, name) in [
-        (plain, "plain", "plain key"),
-        (held, "held", "concurrency + hold"),
-    ] {
-        let flow = Phase::new(
-            &format!("flow_{kind}"),
-            &format!("flow, {name}"),
-            "admit.lua + settle.lua",
-            "flow",
-            Work::Flow,
-        );
-        out.push(
-            phase(redis, setup, &shas, flow, target, Vec::new())
-                .await?
-                .0,
-        );
-    }
-    for (i, (file, _)) in setup.candidates.iter().enumerate() {
-        let mut c = Phase::new(
-            &format!("candidate:{file}"),
-            &format!("CANDIDATE {file}"),
-            &format!("candidates/{file}"),
-            "call",
-            Work::Candidate(i),
-        );
-        c.budget = budget;
-        out.push(phase(redis, setup, &shas, c, plain, Vec::new()).await?.0);
-    }
-    let last = Phase::reference(1, budget);
-    out.push(phase(redis, setup, &shas, last, plain, Vec::new()).await?.0);
     clean_up(redis, setup).await?;
     Ok(out)
 }
@@ -255,6 +280,7 @@ struct Phase {
     work: Work,
     /// Calls to make, whatever the time; `None`: as many as `--ceiling-duration` allows.
     budget: Option<u64>,
+    round: usize,
 }
 
 impl Phase {
@@ -266,23 +292,31 @@ impl Phase {
             unit,
             work,
             budget: None,
+            round: 0,
         }
     }
 
-    /// The reference's first (round 0) or last (round 1) phase, each on fresh logs.
-    fn reference(round: usize, budget: Option<u64>) -> Phase {
-        let (id, when) = if round == 0 {
-            ("reference_first", "first")
-        } else {
-            ("reference_last", "last")
+    fn in_round(mut self, round: usize) -> Phase {
+        self.round = round;
+        self
+    }
+
+    /// The reference's phase `index` (0 ..= rounds: before the first round, then after each),
+    /// each on fresh logs.
+    fn reference(index: usize, rounds: usize, budget: Option<u64>) -> Phase {
+        let (id, when) = match index {
+            0 => ("reference_first".to_string(), "first".to_string()),
+            i if i >= rounds.max(1) => ("reference_last".to_string(), "last".to_string()),
+            i => (format!("reference_{i}"), format!("after round {i}")),
         };
         let mut p = Phase::new(
-            id,
+            &id,
             &format!("exact_window.lua (reference, {when})"),
             "exact_window.lua",
             "call",
-            Work::Reference(round),
-        );
+            Work::Reference(index),
+        )
+        .in_round(index);
         p.budget = budget;
         p
     }
@@ -297,7 +331,11 @@ async fn phase(
     target: &Target,
     leases: Vec<(usize, ceiling::Granted)>,
 ) -> Result<(Measured, Run), String> {
-    eprintln!("loadtest: script cost: {}", p.name);
+    let round = match p.work {
+        Work::Reference(_) => String::new(),
+        _ => format!(" (round {})", p.round + 1),
+    };
+    eprintln!("loadtest: script cost: {}{round}", p.name);
     if setup.reset_stats {
         redis::cmd("CONFIG")
             .arg("RESETSTAT")
@@ -318,6 +356,7 @@ fn measured(p: Phase, run: &Run, before: &RedisSnapshot, after: &RedisSnapshot) 
             .saturating_sub(*b.get("evalsha").unwrap_or(&0))
     };
     Measured {
+        round: p.round,
         id: p.id,
         name: p.name,
         script: p.script,
@@ -523,10 +562,14 @@ async fn connection(
 /// logs, leases and tombstones expire as tollgate's do.
 async fn clean_up(redis: &mut MultiplexedConnection, setup: &Setup) -> Result<(), String> {
     let mut names: Vec<String> = Vec::new();
-    for k in setup.plain.plan.keys.iter().chain(&setup.held.plan.keys) {
+    let keys = setup
+        .plain
+        .iter()
+        .chain(&setup.held)
+        .flat_map(|t| &t.plan.keys);
+    for k in keys {
         names.push(scratch_stream(k));
-        names.push(reference_log(k, 0));
-        names.push(reference_log(k, 1));
+        names.extend((0..=setup.rounds()).map(|i| reference_log(k, i)));
         names.extend((0..setup.candidates.len()).map(|i| candidate_key(k, i)));
     }
     names.sort();
