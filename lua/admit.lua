@@ -95,9 +95,9 @@ local function int(n) return string.format('%.0f', n) end
 -- configuration must match: three short fields, one read. The ids the reply carries only
 -- when the caller does not know them (they never change for a key); the running counters
 -- with them when the caller expects the key to need them (below).
--- `basic` and `spend` hold the counters' values in the order of BASIC and SPEND, once read.
-local BASIC = {'used', 'held', 'htok', 'lx', 'le'}
-local SPEND = {'wtok', 'bsp', 'bps'}
+-- Once read, `basic` holds the values of `used`, `held`, `htok`, `lx` and `le`, and `spend`
+-- those of `wtok`, `bsp` and `bps`, in that order. (The names are written out where they are
+-- read, not kept in a table: a table is made on every call, a plain key's too.)
 local cfn, rw, version, key_id, user_id, basic, spend
 if knows == 0 then
   cfn, rw, version = unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver'))
@@ -108,9 +108,11 @@ else
   local f = {'cfn', 'rw', 'ver'}
   if need_ids then f[4], f[5] = 'id', 'user' end
   local b = #f
-  if knows % 4 >= 2 then for i = 1, 5 do f[b + i] = BASIC[i] end end
+  if knows % 4 >= 2 then
+    f[b + 1], f[b + 2], f[b + 3], f[b + 4], f[b + 5] = 'used', 'held', 'htok', 'lx', 'le'
+  end
   local s = #f
-  if knows >= 4 then for i = 1, 3 do f[s + i] = SPEND[i] end end
+  if knows >= 4 then f[s + 1], f[s + 2], f[s + 3] = 'wtok', 'bsp', 'bps' end
   local v = redis.call('HMGET', state, unpack(f))
   cfn, rw, version = v[1], v[2], v[3]
   if need_ids then key_id, user_id = v[4], v[5] end
@@ -185,9 +187,11 @@ if listed or more_basic or more_spend then
   local f = {}
   if listed then f = {'prov', 'fmt', 'mdl'} end
   local b = #f
-  if more_basic then for i = 1, 5 do f[b + i] = BASIC[i] end end
+  if more_basic then
+    f[b + 1], f[b + 2], f[b + 3], f[b + 4], f[b + 5] = 'used', 'held', 'htok', 'lx', 'le'
+  end
   local s = #f
-  if more_spend then for i = 1, 3 do f[s + i] = SPEND[i] end end
+  if more_spend then f[s + 1], f[s + 2], f[s + 3] = 'wtok', 'bsp', 'bps' end
   local v = redis.call('HMGET', state, unpack(f))
   if listed then providers, formats, models = v[1] or '', v[2] or '', v[3] or '' end
   if more_basic then basic = {v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]} end

@@ -127,7 +127,8 @@ local cfn = pack_config(version, tonumber(ARGV[5]), expires, tonumber(ARGV[10]),
 if current then
   redis.call('HSET', state, 'cfn', cfn)
 else
-  redis.call('HSET', state, 'cfn', cfn, 'rw', ring_empty())
+  -- The cursor of an empty ring (lib/ring.lua's format), what a missing cursor reads as.
+  redis.call('HSET', state, 'cfn', cfn, 'rw', struct.pack(CURSOR, 0, 0, RING_MIN, 0, 0))
 end
 redis.call('HSET', state, 'ver', ARGV[2], 'id', ARGV[3], 'user', ARGV[4], 'act', ARGV[5],
   'exp', ARGV[6], 'prov', ARGV[7], 'fmt', ARGV[8], 'mdl', ARGV[9], 'rl', ARGV[10],

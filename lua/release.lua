@@ -5,7 +5,8 @@
 -- the hold back twice (which would let later admissions overspend the balance).
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/release.rs. It calls lib/holds.lua, which tollgate prepends.
+-- src/hot/scripts/release.rs. It calls lib/holds.lua and lib/lease_end.lua, which tollgate
+-- prepends.
 -- KEYS[1] state   HASH  key state
 -- KEYS[2] live    ZSET  tracked live leases of the key
 -- KEYS[3] holds   HASH  holds of the key's live leases
@@ -59,7 +60,7 @@ if tracked and (held ~= 0 or htok ~= 0) then
     end
   end
 end
--- Free the slot and the hold (lib/holds.lua).
+-- Free the slot and the hold (lib/lease_end.lua).
 if tracked then
   local changed
   held, htok, changed = free_lease(live, holds, nonce, hold, hn, ht, held, htok, true)

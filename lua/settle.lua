@@ -8,8 +8,8 @@
 -- tombstone written here makes a retried settle a no-op, so nothing is charged twice.
 --
 -- The Rust side of this contract (arguments in this order, the reply read) is
--- src/hot/scripts/settle.rs. It calls lib/config.lua, lib/calendar.lua, lib/holds.lua and
--- lib/layout.lua, which tollgate prepends.
+-- src/hot/scripts/settle.rs. It calls lib/config.lua, lib/calendar.lua, lib/holds.lua,
+-- lib/lease_end.lua and lib/layout.lua, which tollgate prepends.
 -- KEYS[1] state   HASH  key state (may be gone if the key was deleted: the event is still kept)
 -- KEYS[2] lease   STRING this lease's tombstone: 'S' settled, 'R' released (or, for a lease id
 --                 issued before sealed ids, its record: 'L…' live, 'R…' released, 'S')
@@ -30,11 +30,13 @@
 --         arrive after the gateway or the proxy already ended the lease)
 -- ARGV[6] rate window (ms): how long settled tokens count against a token limit
 -- ARGV[7] 'sealed': the lease's facts were opened from its sealed id by the caller, who
---         checked its MAC (`hot/lease_id.rs`), and follow: ARGV[8] tracked (1|0: in `live`,
---         see admit.lua), ARGV[9] admitted at (ms), ARGV[10] expires at (ms), ARGV[11]
---         deadline (ms): past it the lease is unknown; ARGV[12] the usage event's first
---         thirteen values, joined (below), which the caller knows whole — or, with ARGV[1]
---         '?', ARGV[12] the provider and ARGV[13] the model it is priced for.
+--         checked its MAC (`hot/lease_id.rs`), and follow: ARGV[8] tracked (1: in `live`,
+--         see admit.lua; 0: not; p: not, and the caller expects a key without a balance, so
+--         its `held` and `htok` are read only if it has one), ARGV[9] admitted at (ms),
+--         ARGV[10] expires at (ms), ARGV[11] deadline (ms): past it the lease is unknown;
+--         ARGV[12] the usage event's first thirteen values, joined (below), which the caller
+--         knows whole — or, with ARGV[1] '?', ARGV[12] the provider and ARGV[13] the model it
+--         is priced for.
 --         'record': a lease id issued before sealed ids; its facts are in its record, and the
 --         rest of the event follows: ARGV[8] input tokens, ARGV[9] output tokens, ARGV[10]
 --         response time ms (-1 = unknown), ARGV[11] status code (-1 = unknown), ARGV[12]
@@ -107,9 +109,19 @@ local only_live = ARGV[5] == 'live'
 -- What this script needs of the key's state: the folded configuration (lib/config.lua) and
 -- the counters a settlement of any key reads, in one read; the token window's sum and the
 -- budget period's spend in a second, only for a key that has a token limit or a budget that
--- resets. No state (a deleted key) = not hydrated: the event is still recorded.
-local cfn, version, used_s, held_s, htok_s, born, lx =
-  unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'held', 'htok', 'born', 'lx'))
+-- resets. No state (a deleted key) = not hydrated: the event is still recorded. The holds'
+-- sums and `lx` only matter to a tracked lease or a key with a balance: for an untracked
+-- lease of a key the caller expects to have none (ARGV[8] 'p'), they are not read with the
+-- rest (each field read costs Redis time), and a key that has a balance after all reads them
+-- in a second call.
+local expect_plain = sealed and ARGV[8] == 'p'
+local cfn, version, used_s, held_s, htok_s, born, lx
+if expect_plain then
+  cfn, version, used_s, born = unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'born'))
+else
+  cfn, version, used_s, held_s, htok_s, born, lx =
+    unpack(redis.call('HMGET', state, 'cfn', 'ver', 'used', 'held', 'htok', 'born', 'lx'))
+end
 local hydrated, unknown, bal, token_limit, budget, budget_period = true, false, -1, -1, -1, ''
 local folded, cfg_version, flags, bal_s, _ = false
 if cfn then
@@ -131,6 +143,9 @@ end
 -- limit, the period spend of a budget that resets.
 local token_limited = hydrated and token_limit > 0
 local budgeted = hydrated and budget >= 0 and budget_period ~= ''
+if expect_plain and bal ~= nil and bal >= 0 then
+  held_s, htok_s = unpack(redis.call('HMGET', state, 'held', 'htok'))
+end
 local period_start, period_spend, wtok_s
 if token_limited or budgeted then
   period_start, period_spend, wtok_s = unpack(redis.call('HMGET', state, 'bps', 'bsp', 'wtok'))
@@ -182,9 +197,14 @@ else
     cmsgpack.unpack(string.sub(rec, 2))
 end
 
-local function pick(given, from_lease)
-  if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
-  return from_lease
+-- A recorded lease's label: the given one ('=' marked), else the lease's. Made only for such a
+-- lease: every function a script defines is a closure made on every call.
+local pick
+if not sealed then
+  pick = function(given, from_lease)
+    if string.sub(given, 1, 1) == '=' then return string.sub(given, 2) end
+    return from_lease
+  end
 end
 if ARGV[1] == '?' then
   if sealed then return {'price', ARGV[12], ARGV[13]} end
@@ -250,7 +270,7 @@ if sealed then
   -- Released: the slot and the hold went back with the release.
   if before then tracked = false end
 end
--- Free the slot and the hold (lib/holds.lua).
+-- Free the slot and the hold (lib/lease_end.lua).
 local freed = false
 if tracked then
   held, htok, freed = free_lease(live, holds, nonce, hold, hn, ht, held, htok,

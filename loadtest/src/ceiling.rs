@@ -216,7 +216,8 @@ pub fn push_settle(
         ..Default::default()
     };
     let call = settle::Call::new(&lease, usage, ms(plan.settle_window_ms), ms(plan.window_ms))
-        .with_stream(stream.to_string());
+        .with_stream(stream.to_string())
+        .expecting_plain(plan.known.expects_plain(&k.state));
     debug_assert_eq!(scripts().settle.sha(), sha);
     pipe.add_command(scripts().settle.evalsha(&call.keys(), &call.args()));
 }

@@ -1,10 +1,10 @@
--- lib/holds.lua: reading a lease's hold, and freeing a tracked lease's slot and hold.
+-- lib/holds.lua: reading a lease's hold.
 --
--- Why a file of its own: admit.lua (expired leases), settle.lua and release.lua all give a
--- lease's slot and hold back, and must keep one invariant the same way (admit.lua's header:
--- `held`/`htok` are the sums of `holds`, and nothing is held once `live` is gone). Scripts
--- called by EVALSHA cannot share code, so tollgate prepends this file to each
--- (`src/hot/scripts/`). It costs a script two closures per call.
+-- Why a file of its own: admit.lua (the holds of expired leases), settle.lua and release.lua
+-- all read a hold as admit.lua wrote it, and scripts called by EVALSHA cannot share code, so
+-- tollgate prepends this file to each (`src/hot/scripts/`). Giving a lease's slot and hold
+-- back is lib/lease_end.lua's, which admit.lua does not carry: every function a script defines
+-- is a closure it makes on every call, about 70 ns of Redis time (docs/PERFORMANCE.md).
 
 -- A hold is 'nanos' or 'nanos:tokens' (admit.lua writes it); nil when it is not whole numbers.
 local function hold_of(h)
@@ -12,25 +12,4 @@ local function hold_of(h)
   if n then n, t = tonumber(n), tonumber(t) else n, t = tonumber(h), 0 end
   if n == nil or n ~= math.floor(n) then return nil end
   return n, t
-end
-
--- Frees a tracked lease: its slot in `live` and, if it still has one, its hold (`hn` nano-USD,
--- `ht` tokens; `hold` is its raw value or false) from `holds`. Then, with no live lease left,
--- nothing is held: this also repairs `held`/`htok` when an idle key's lease keys expired
--- whole, which only `maybe_gone` callers look for: before the state's `lx` (admit.lua) `live`
--- can only be missing once its last lease left, taking its hold along. Returns `held` and
--- `htok` as they are after, and whether they changed: the caller writes them to the state
--- (where the key is hydrated), so that a settlement writes them with its charge in one call.
-local function free_lease(live, holds, nonce, hold, hn, ht, held, htok, maybe_gone)
-  local changed = false
-  if redis.call('ZREM', live, nonce) == 1 and hold then
-    redis.call('HDEL', holds, nonce)
-    held, htok = held - hn, htok - ht
-    changed = hn ~= 0 or ht ~= 0
-  end
-  if (held ~= 0 or htok ~= 0) and maybe_gone and redis.call('EXISTS', live) == 0 then
-    redis.call('DEL', holds)
-    held, htok, changed = 0, 0, true
-  end
-  return held, htok, changed
 end

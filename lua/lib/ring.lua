@@ -42,9 +42,6 @@ local CACHED = 5
 local CURSOR = '>ddi4i6i6'
 local CURSOR_LEN = 32
 
--- The cursor of an empty ring: what a missing cursor reads as (hydrate.lua writes it so that
--- the state keeps the cursor near its start).
-local function ring_empty() return struct.pack(CURSOR, 0, 0, RING_MIN, 0, 0) end
 
 -- The window at `now`: head, tail, cap, deadline, the cache of the oldest times, and the
 -- window's clock, after every entry at or before clock - window has left; or nil when the

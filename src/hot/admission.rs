@@ -362,7 +362,8 @@ impl HotPath {
             },
             self.tombstone_ttl_ms,
             self.window_ms,
-        );
+        )
+        .expecting_plain(self.known.expects_plain(&l.keys.state));
         let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
         Ok(match settle::parse(v)? {
             settle::Reply::Unknown => SettleOutcome::Unknown,

@@ -1,5 +1,6 @@
 //! What this process remembers of the keys it admitted, so that admit.lua need not read and
-//! answer a key's ids on every admission, and reads its counters with its configuration.
+//! answer a key's ids on every admission, and reads its counters with its configuration; and
+//! settle.lua, settling an untracked lease of a key with nothing that counts, skips the holds.
 //!
 //! A key's ids never change (the key is generated here, so its hash names one row for good),
 //! so an id learnt once is right for as long as the key lives. Whether a key needs its
@@ -49,6 +50,14 @@ impl KnownKeys {
             spend: guess(|e| &e.spend),
         };
         (known, entry)
+    }
+
+    /// Whether the key whose state is `state` is expected to have no balance, nor anything
+    /// else that counts (its last grant here needed no counters): settle.lua then reads fewer
+    /// of its fields. A key this process has not admitted is not expected to be plain.
+    pub fn expects_plain(&self, state: &str) -> bool {
+        let (known, _) = self.lookup(state);
+        known.ids && !known.counters
     }
 
     /// The ids of a grant — the reply's (then remembered), else those of `prior`, the entry
@@ -143,6 +152,26 @@ mod tests {
         let k = known.lookup("s").0;
         assert!(k.counters && k.spend, "a budget needs both");
         assert!(!known.lookup("other").0.ids);
+    }
+
+    #[test]
+    fn only_a_key_whose_last_grant_here_needed_no_counters_is_expected_plain() {
+        let known = KnownKeys::default();
+        assert!(!known.expects_plain("s"), "a key not admitted here");
+        known.ids("s", None, &grant(Some(("k", "u")), -1));
+        assert!(known.expects_plain("s"), "a plain grant");
+        let prior = known.lookup("s").1;
+        known.ids("s", prior.as_deref(), &grant(None, 5));
+        assert!(
+            !known.expects_plain("s"),
+            "a grant with a concurrency limit"
+        );
+        let mut with_balance = grant(None, -1);
+        with_balance.available = 0;
+        known.ids("s", prior.as_deref(), &grant(None, -1));
+        assert!(known.expects_plain("s"), "plain again");
+        known.ids("s", prior.as_deref(), &with_balance);
+        assert!(!known.expects_plain("s"), "a grant with a balance");
     }
 
     #[test]

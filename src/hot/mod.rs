@@ -10,7 +10,7 @@
 //!   script (`scripts/admit.rs`, …) writes its KEYS, ARGV and reply in Rust, once
 //! - [`lease_id`]: sealed lease ids (what settlement needs, under an HMAC)
 //! - [`known_keys`]: what the process remembers of keys it admitted (ids, whether they need
-//!   their counters), so that admit.lua reads and answers less
+//!   their counters), so that admit.lua reads and answers less, and settle.lua reads less
 //! - [`admission`]: the hot path — bounds checked, a script called, its reply made an outcome
 
 pub mod admission;

@@ -11,7 +11,7 @@ use tollgate::hot::admission::{AdmitArgs, LeaseTerm, ScriptAdmit, SettleArgs};
 use tollgate::hot::layout::Layout;
 use tollgate::hot::lease_id::LeaseRef;
 use tollgate::hot::redis::{Redis, RedisFailure};
-use tollgate::hot::scripts::{ScriptArg, Scripts};
+use tollgate::hot::scripts::{settle, ScriptArg, Scripts};
 use tollgate::money::Money;
 
 /// 2^62 nano-USD: a key's lifetime spend (lua/settle.lua).
@@ -689,5 +689,51 @@ async fn releases_on_corrupt_state_are_refused_500_and_change_nothing() {
     assert_eq!(
         hget(&app.redis, &lease.keys.state, "held").await.as_deref(),
         Some("0")
+    );
+}
+
+/// settle.lua told to expect a key without a balance (ARGV[8] 'p': the guess of
+/// `hot/known_keys.rs`, which reads fewer fields) still answers a balance key's balance with
+/// its holds counted: the guess costs a second read when wrong, never a wrong answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settlement_that_expected_a_plain_key_still_counts_a_balance_keys_holds() {
+    let app = no_sync_app().await;
+    let (key, _) = app
+        .create_key(json!({"user_id": "u-guess", "is_standalone": true,
+            "initial_balance_usd": 5, "rate_limit": null, "concurrent_limit": null}))
+        .await;
+    // 1 USD held by a live lease; the lease settled below holds nothing and is untracked.
+    let (_, holding) = lease_of(&app, &key, json!({"reserve_usd": 1})).await;
+    assert!(
+        holding.facts.as_ref().is_some_and(|f| f.tracked),
+        "a hold is tracked"
+    );
+    let (_, lease) = lease_of(&app, &key, json!({})).await;
+    assert!(
+        lease.facts.as_ref().is_some_and(|f| !f.tracked),
+        "no hold, no limit: untracked"
+    );
+    let call = settle::Call::new(
+        &lease,
+        settle::Usage {
+            cost_nanos: Some(250_000_000),
+            ..settle::Usage::default()
+        },
+        600_000,
+        60_000,
+    )
+    .expecting_plain(true);
+    let v = Scripts::default()
+        .settle
+        .run(&hot_redis(), &call.keys(), &call.args())
+        .await
+        .expect("settles");
+    assert_eq!(
+        settle::parse(v).expect("a settle reply"),
+        settle::Reply::Settled {
+            lease_expired: false,
+            // 5 USD less the 0.25 charged and the 1 held.
+            available: 3_750_000_000,
+        }
     );
 }

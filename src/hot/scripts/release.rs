@@ -8,9 +8,10 @@ use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
 /// The script as Redis runs it: `lua/release.lua` behind the shared functions it calls
-/// (`lua/lib/holds.lua`), which EVALSHA gives no other way to share.
+/// (`lua/lib/holds.lua`, `lua/lib/lease_end.lua`), which EVALSHA gives no other way to share.
 pub const SOURCE: &str = concat!(
     include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/lib/lease_end.lua"),
     include_str!("../../../lua/release.lua")
 );
 

@@ -8,12 +8,13 @@ use crate::hot::lease_id::LeaseRef;
 use crate::hot::redis::RedisFailure;
 
 /// The script as Redis runs it: `lua/settle.lua` behind the shared functions it calls
-/// (`lua/lib/config.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`, `lua/lib/layout.lua`),
-/// which EVALSHA gives no other way to share.
+/// (`lua/lib/config.lua`, `lua/lib/calendar.lua`, `lua/lib/holds.lua`, `lua/lib/lease_end.lua`,
+/// `lua/lib/layout.lua`), which EVALSHA gives no other way to share.
 pub const SOURCE: &str = concat!(
     include_str!("../../../lua/lib/config.lua"),
     include_str!("../../../lua/lib/calendar.lua"),
     include_str!("../../../lua/lib/holds.lua"),
+    include_str!("../../../lua/lib/lease_end.lua"),
     include_str!("../../../lua/lib/layout.lua"),
     include_str!("../../../lua/settle.lua")
 );
@@ -51,6 +52,10 @@ pub struct Call<'a> {
     event: Event,
     tombstone_ttl_ms: i64,
     window_ms: i64,
+    /// The caller expects the key to have no balance (`hot/known_keys.rs`): an untracked
+    /// lease's settlement then reads fewer of the key's counters (a wrong guess costs one
+    /// more read, never a wrong answer).
+    expect_plain: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -101,7 +106,14 @@ impl<'a> Call<'a> {
             usage,
             tombstone_ttl_ms,
             window_ms,
+            expect_plain: false,
         }
+    }
+
+    /// The same call, told whether the caller expects the key to have no balance.
+    pub fn expecting_plain(mut self, plain: bool) -> Self {
+        self.expect_plain = plain;
+        self
     }
 
     /// The same call, its event appended to another stream (the load harness's scratch stream,
@@ -133,7 +145,11 @@ impl<'a> Call<'a> {
             Some(f) => {
                 args.extend([
                     ScriptArg::Str("sealed"),
-                    ScriptArg::Str(if f.tracked { "1" } else { "0" }),
+                    ScriptArg::Str(match (f.tracked, self.expect_plain) {
+                        (true, _) => "1",
+                        (false, true) => "p",
+                        (false, false) => "0",
+                    }),
                     ScriptArg::Int(f.admitted_at_ms),
                     ScriptArg::Int(f.expires_at_ms),
                     ScriptArg::Int(f.deadline_ms()),
