@@ -14,8 +14,10 @@ use std::sync::{Arc, PoisonError, RwLock};
 use super::scripts::admit::{Granted, Known};
 
 /// Keys remembered at most, about 300 bytes each (the state key's name, the two ids, the
-/// map's own share): a few MB, which a sidecar can spare. Past it the map starts again; a
-/// cold start costs each key one read of its ids, nothing more.
+/// map's own share): a few MB, which a sidecar can spare. When it is full, the keys not looked
+/// up since the last time it was full are forgotten (and, if that frees less than a quarter,
+/// others too): a forgotten key costs one read of its ids, nothing more, and the keys in use
+/// stay known however many others pass through.
 const CAPACITY: usize = 16_384;
 
 #[derive(Debug)]
@@ -24,15 +26,49 @@ pub struct KnownKey {
     user_id: String,
     counters: AtomicBool,
     spend: AtomicBool,
+    /// Looked up since the map was last full.
+    recent: AtomicBool,
 }
 
 /// Keyed by the key's state key (`KeyRedisKeys::state`), which names it in Redis.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct KnownKeys {
     map: RwLock<HashMap<String, Arc<KnownKey>>>,
+    capacity: usize,
+}
+
+impl Default for KnownKeys {
+    fn default() -> Self {
+        KnownKeys::with_capacity(CAPACITY)
+    }
 }
 
 impl KnownKeys {
+    fn with_capacity(capacity: usize) -> Self {
+        KnownKeys {
+            map: RwLock::default(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Makes room in a full map: keeps the keys looked up since it was last full (and marks
+    /// them not looked up), then, if fewer than a quarter went, forgets any others down to
+    /// three quarters. One pass per quarter of the capacity inserted: O(1) a key.
+    fn make_room(map: &mut HashMap<String, Arc<KnownKey>>, capacity: usize) {
+        map.retain(|_, e| e.recent.swap(false, Ordering::Relaxed));
+        let keep = capacity - capacity / 4;
+        if map.len() > keep {
+            let mut extra = map.len() - keep;
+            map.retain(|_, _| {
+                if extra == 0 {
+                    return true;
+                }
+                extra -= 1;
+                false
+            });
+        }
+    }
+
     /// What admit.lua is told of the key whose state is `state`, and the entry that says it.
     pub fn lookup(&self, state: &str) -> (Known, Option<Arc<KnownKey>>) {
         let entry = self
@@ -41,6 +77,9 @@ impl KnownKeys {
             .unwrap_or_else(PoisonError::into_inner)
             .get(state)
             .cloned();
+        if let Some(e) = &entry {
+            e.recent.store(true, Ordering::Relaxed);
+        }
         let guess = |f: fn(&KnownKey) -> &AtomicBool| {
             entry.as_ref().is_some_and(|e| f(e).load(Ordering::Relaxed))
         };
@@ -73,8 +112,8 @@ impl KnownKeys {
         match (&g.key_id, &g.user_id, prior) {
             (Some(key_id), Some(user_id), _) => {
                 let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-                if map.len() >= CAPACITY {
-                    map.clear();
+                if map.len() >= self.capacity && !map.contains_key(state) {
+                    Self::make_room(&mut map, self.capacity);
                 }
                 map.insert(
                     state.to_string(),
@@ -83,6 +122,7 @@ impl KnownKeys {
                         user_id: user_id.clone(),
                         counters: AtomicBool::new(counters),
                         spend: AtomicBool::new(spend),
+                        recent: AtomicBool::new(true),
                     }),
                 );
                 Some((key_id.clone(), user_id.clone()))
@@ -172,6 +212,40 @@ mod tests {
         assert!(known.expects_plain("s"), "plain again");
         known.ids("s", prior.as_deref(), &with_balance);
         assert!(!known.expects_plain("s"), "a grant with a balance");
+    }
+
+    #[test]
+    fn a_full_map_forgets_the_keys_not_looked_up_since_it_was_last_full() {
+        let known = KnownKeys::with_capacity(8);
+        let remember = |s: &str| known.ids(s, None, &grant(Some(("k", "u")), -1));
+        for i in 0..8 {
+            remember(&format!("s{i}"));
+        }
+        // A full map's first sweep finds every key new: it clears their marks, and forgets
+        // any two (a quarter) to make room.
+        remember("s8");
+        assert_eq!(known.map.read().expect("lock").len(), 7);
+        let survivors: Vec<String> = (0..8)
+            .map(|i| format!("s{i}"))
+            .filter(|s| known.map.read().expect("lock").contains_key(s))
+            .collect();
+        assert_eq!(survivors.len(), 6);
+        // Two of them are in use; the map fills up again with others.
+        for s in &survivors[..2] {
+            assert!(known.lookup(s).0.ids);
+        }
+        remember("s9");
+        assert_eq!(known.map.read().expect("lock").len(), 8);
+        remember("s10");
+        let map = known.map.read().expect("lock");
+        for s in &survivors[..2] {
+            assert!(map.contains_key(s), "{s} was looked up: kept");
+        }
+        for s in &survivors[2..] {
+            assert!(!map.contains_key(s), "{s} was not: forgotten");
+        }
+        assert!(map.contains_key("s10"));
+        assert!(map.len() <= 8);
     }
 
     #[test]
