@@ -18,7 +18,9 @@
 -- and, named from KEYS[1] (lib/layout.lua) by the calls that need them:
 --         live    ZSET  tracked live leases: member = lease nonce, score = lease expiry (ms)
 --         holds   HASH  lease nonce -> what that lease holds: nano-USD, or 'nanos:tokens' when
---                 it also holds tokens (reserve_tokens)
+--                 it also holds tokens (reserve_tokens); in state format 2 a new lease's hold
+--                 is its `live` member's, '<nonce>=<hold>', and this hash only keeps the holds
+--                 of leases taken before the format changed
 --         tokens  ZSET  token window: member = 'nonce:total_tokens' of a settlement, score = its
 --                 time (ms); state.wtok is the sum of the members' tokens (settle.lua adds)
 -- ARGV[1] rate window (ms)
@@ -28,7 +30,9 @@
 -- ARGV[3] what the caller knows of the key, a sum: 1 = it does not know the key's ids (answer
 --         them), 2 = the key's last grant needed its lease and balance counters, 4 = its
 --         token and spend counters (read them with the rest). Each only spares calls: a wrong
---         guess costs a second read, never a wrong answer.
+--         guess costs a second read, never a wrong answer. Plus 8 = state format 2
+--         (`TOLLGATE_STATE_FORMAT`): a lease that holds something carries its hold in its
+--         `live` member, '<nonce>=<hold>', and writes nothing to `holds` (below).
 -- ARGV[4] what was asked, which a plain key's admission never reads, so in one argument:
 --         reserve (nano-USD, >= 0), reserve tokens (>= 0), lease nonce (unique), provider
 --         ('' = not given), api format, model, joined by '\31' (none of them holds it: labels
@@ -46,11 +50,13 @@
 --   {'deny', code, retry_after_ms}
 --   a grant: one string of big-endian 8-byte integers (`>i8` each): rate_limit,
 --            rate_remaining, reset_ms, concurrent_limit, in_flight, balance_available, now_ms,
---            tracked (1|0), and, only for a key with a token limit or a budget, token_limit,
---            tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms
---            (-1 = unlimited / none / never; in_flight is 0 for a key without a concurrency
---            limit: nothing counts them). One string because every element of a reply costs
---            Redis a conversion, and eight numbers cost about twice one string of them.
+--            tracked (1|0; 2: tracked, its hold in its `live` member), and, only for a key
+--            with a token limit or a budget, token_limit, tokens_remaining, tokens_reset_ms,
+--            budget, budget_remaining, budget_resets_at_ms, and, only when tracked is 2, the
+--            hold's nano-USD and tokens (-1 = unlimited / none / never; in_flight is 0 for a
+--            key without a concurrency limit: nothing counts them). One string because every
+--            element of a reply costs Redis a conversion, and eight numbers cost about twice
+--            one string of them.
 --   {'ok', that string, key_id, user_id}            a grant when ARGV[3] asked for the ids
 --   or the error reply CORRUPT_STATE: the key's state or a hold holds what no script writes
 --
@@ -66,9 +72,10 @@
 -- of 100,000 USD is 1e14 nano-USD). The reply's numbers are Lua numbers, which Redis answers
 -- as integers, exact below 2^53 (every number here is).
 --
--- Invariant: state.held is the sum of the nano-USD of `holds` (state.htok of their tokens),
--- and `holds` has an entry only for a lease in `live`; every hold is positive, so `held` = 0
--- and `htok` = 0 say that no lease holds anything. `live` and `holds` share one expiry (`lx`,
+-- Invariant: state.held is the sum of the nano-USD of the live leases' holds (state.htok of
+-- their tokens), each either in `holds` or in its `live` member, never both; `holds` has an
+-- entry only for a lease in `live`; every hold is positive, so `held` = 0 and `htok` = 0 say
+-- that no lease holds anything. `live` and `holds` share one expiry (`lx`,
 -- below), so on a key left idle past it both vanish together, and a missing `live` means no
 -- lease is live and nothing can be held.
 --
@@ -86,6 +93,10 @@ local live, holds, tokens
 local window = tonumber(ARGV[1])
 local ttl = tonumber(ARGV[2])
 local knows = tonumber(ARGV[3])
+-- State format 2: holds in `live` members (ARGV[3] header). Every release since the format
+-- came reads both forms; only this flag decides which one a new lease is written in.
+local in_members = knows >= 8
+if in_members then knows = knows - 8 end
 local need_ids = knows % 2 == 1
 local leased = ttl > 0
 local nonce, provider, api_format, model, reserve, reserve_tokens = '', '', '', '', 0, 0
@@ -255,8 +266,11 @@ if scanned then
 end
 local expired_holds = #expired > 0 and {}
 for i, m in ipairs(expired) do
-  local h = false
-  if held ~= 0 or htok ~= 0 then h = redis.call('HGET', holds, m) end
+  -- A hold in the member ('<nonce>=<hold>', state format 2), else in `holds`.
+  local h, eq = false, string.find(m, '=', 1, true)
+  if held ~= 0 or htok ~= 0 then
+    if eq then h = string.sub(m, eq + 1) else h = redis.call('HGET', holds, m) end
+  end
   if h then
     local hn, ht = hold_of(h)
     if hn == nil then
@@ -264,7 +278,7 @@ for i, m in ipairs(expired) do
     end
     held = held - hn
     htok = htok - ht
-    expired_holds[i] = true
+    expired_holds[i] = not eq
   end
 end
 for i, m in ipairs(expired) do
@@ -418,7 +432,7 @@ if rl > 0 then
 end
 -- The numbers go back packed in one string (the header's layout): exact, since every one is
 -- below 2^53. The token and budget fields only for a key that has either.
-local function answer(flight, tracked)
+local function answer(flight, tracked, hn, ht)
   if cursor and new_held and not (new_lx or new_le or new_htok) then
     redis.call('HSET', state, 'rw', cursor, 'held', new_held)
   elseif new_lx or new_le or new_held or new_htok then
@@ -441,6 +455,9 @@ local function answer(flight, tracked)
       available, now, tracked, token_limit, tokens_remaining, tokens_reset, budget,
       budget_remaining, budget_resets)
   end
+  -- The hold a member carries, which the caller seals into the lease id: settling or
+  -- releasing the lease names the member from it, and reads no `holds`.
+  if tracked == 2 then packed = packed .. struct.pack('>i8i8', hn, ht) end
   if need_ids then return {'ok', packed, key_id, user_id} end
   return packed
 end
@@ -461,9 +478,19 @@ if cl <= 0 and hold == 0 and hold_tokens == 0 then return answer(0, 0) end
 -- once, so an existing one always has it.
 local live_existed = in_flight > 0
 if cl <= 0 then live_existed = redis.call('EXISTS', live) == 1 end
-redis.call('ZADD', live, now + ttl, nonce)
-if cl > 0 then in_flight = in_flight + 1 end
 local holding = hold > 0 or hold_tokens > 0
+local value
+if holding then
+  value = int(hold)
+  if hold_tokens > 0 then value = value .. ':' .. int(hold_tokens) end
+end
+local member_held = holding and in_members
+if member_held then
+  redis.call('ZADD', live, now + ttl, nonce .. '=' .. value)
+else
+  redis.call('ZADD', live, now + ttl, nonce)
+end
+if cl > 0 then in_flight = in_flight + 1 end
 local holds_existed = held ~= 0 or htok ~= 0
 local refresh = live_deadline < now + ttl
 if live_earliest == 0 or now + ttl < live_earliest then new_le = int(now + ttl) end
@@ -473,16 +500,16 @@ if refresh then
 end
 if refresh or not live_existed then redis.call('PEXPIREAT', live, live_deadline) end
 if holding then
-  local value = int(hold)
-  if hold_tokens > 0 then
-    value = value .. ':' .. int(hold_tokens)
-    new_htok = int(htok + hold_tokens)
-  end
-  redis.call('HSET', holds, nonce, value)
+  if hold_tokens > 0 then new_htok = int(htok + hold_tokens) end
+  if not member_held then redis.call('HSET', holds, nonce, value) end
   if hold > 0 then new_held = int(held + hold) end
   if bal >= 0 then available = available - hold end
 end
-if (holds_existed and refresh) or (holding and (refresh or not holds_existed)) then
+-- `holds` keeps the expiry of `live` while it may have entries: any lease's of the earlier
+-- form, or this one's.
+if (holds_existed and refresh)
+  or (holding and not member_held and (refresh or not holds_existed)) then
   redis.call('PEXPIREAT', holds, live_deadline)
 end
+if member_held then return answer(in_flight, 2, hold, hold_tokens) end
 return answer(in_flight, 1)

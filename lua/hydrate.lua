@@ -78,9 +78,13 @@ end
 if not whole(ARGV[13]) or (ARGV[13] ~= '-1' and string.sub(ARGV[13], 1, 1) == '-') then
   return refuse('INVALID_ARGUMENT', 'balance')
 end
-if exact(ARGV[13]) == nil then return refuse('LIMIT_EXCEEDED', 'balance above 2^53 - 1 nano-USD') end
+if exact(ARGV[13]) == nil then
+  return refuse('LIMIT_EXCEEDED', 'balance above 2^53 - 1 nano-USD')
+end
 local used = ARGV[14]
-if not whole(used) or string.sub(used, 1, 1) == '-' then return refuse('INVALID_ARGUMENT', 'used') end
+if not whole(used) or string.sub(used, 1, 1) == '-' then
+  return refuse('INVALID_ARGUMENT', 'used')
+end
 -- Above 2^62 (4611686018427387904; 19 digits, so a string comparison is a numeric one).
 if #used > 19 or (#used == 19 and used > '4611686018427387904') then
   return refuse('LIMIT_EXCEEDED', 'used above 2^62 nano-USD')

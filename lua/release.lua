@@ -14,8 +14,9 @@
 --                 before sealed ids, its record
 -- ARGV[1] lease nonce
 -- ARGV[2] 'sealed': the lease id was opened by the caller (`hot/lease_id.rs`) and
---         ARGV[3] says whether it is tracked (1|0, see admit.lua), ARGV[4] how long its
---         tombstone must live (ms: until the sealed id's deadline);
+--         ARGV[3] says whether it is tracked (1|0, see admit.lua; '=<hold>': tracked, in `live`
+--         as '<nonce>=<hold>', its hold in its member, admit.lua's state format 2), ARGV[4]
+--         how long its tombstone must live (ms: until the sealed id's deadline);
 --         'record': a lease id issued before sealed ids, whose facts are in its record
 --
 -- Returns {'unknown'} | {'released'} | {'ended'}, or the error reply CORRUPT_STATE (the key's
@@ -28,9 +29,10 @@ local state, live, holds, lease = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local nonce = ARGV[1]
 local sealed = ARGV[2] == 'sealed'
 local tracked = true
+local member_hold = sealed and string.sub(ARGV[3], 1, 1) == '='
 local rec = false
 if sealed then
-  tracked = ARGV[3] == '1'
+  tracked = ARGV[3] ~= '0'
   -- Settled or released already: a read, so that a refusal below can still change nothing.
   if redis.call('EXISTS', lease) == 1 then return {'ended'} end
 else
@@ -48,11 +50,12 @@ local function whole(n) return n and n == math.floor(n) end
 if not (whole(held) and whole(htok)) then
   return redis.error_reply('CORRUPT_STATE a counter of the key state is not a whole number')
 end
--- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant).
+-- Nothing is held when `held` and `htok` are 0 (admit.lua's invariant). The hold is in the
+-- sealed id when the lease's member carries it, else in `holds`.
 local hold = false
 local hn, ht = 0, 0
 if tracked and (held ~= 0 or htok ~= 0) then
-  hold = redis.call('HGET', holds, nonce)
+  if member_hold then hold = string.sub(ARGV[3], 2) else hold = redis.call('HGET', holds, nonce) end
   if hold then
     hn, ht = hold_of(hold)
     if hn == nil then
@@ -63,7 +66,10 @@ end
 -- Free the slot and the hold (lib/lease_end.lua).
 if tracked then
   local changed
-  held, htok, changed = free_lease(live, holds, nonce, hold, hn, ht, held, htok, true)
+  local member = nonce
+  if member_hold then member = nonce .. ARGV[3] end
+  held, htok, changed = free_lease(live, holds, member, hold, not member_hold, hn, ht, held, htok,
+    true)
   if changed and s[1] ~= false then
     redis.call('HSET', state, 'held', string.format('%.0f', held), 'htok',
       string.format('%.0f', htok))

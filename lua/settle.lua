@@ -31,8 +31,9 @@
 -- ARGV[6] rate window (ms): how long settled tokens count against a token limit
 -- ARGV[7] 'sealed': the lease's facts were opened from its sealed id by the caller, who
 --         checked its MAC (`hot/lease_id.rs`), and follow: ARGV[8] tracked (1: in `live`,
---         see admit.lua; 0: not; p: not, and the caller expects a key without a balance, so
---         its `held` and `htok` are read only if it has one), ARGV[9] admitted at (ms),
+--         see admit.lua; '=<hold>': in `live` as '<nonce>=<hold>', its hold in its member,
+--         admit.lua's state format 2; 0: not; p: not, and the caller expects a key without a
+--         balance, so its `held` and `htok` are read only if it has one), ARGV[9] admitted at (ms),
 --         ARGV[10] expires at (ms), ARGV[11] deadline (ms): past it the lease is unknown;
 --         ARGV[12] the usage event's first thirteen values, joined (below), which the caller
 --         knows whole — or, with ARGV[1] '?', ARGV[12] the provider and ARGV[13] the model it
@@ -152,7 +153,8 @@ if token_limited or budgeted then
 end
 -- Every counter that is read as a number or that HINCRBY adds to below must be a whole
 -- number: `held` and `htok` where a lease can hold (a tracked lease, a balance to report).
-local tracked = not sealed or ARGV[8] == '1'
+local member_hold = sealed and string.sub(ARGV[8], 1, 1) == '='
+local tracked = not sealed or ARGV[8] == '1' or member_hold
 if tracked then live, holds = sibling(state, 'c'), sibling(state, 'h') end
 local function corrupt(v) return v and not whole(v) end
 if corrupt(bal_s) or corrupt(used_s) or ((tracked or bal >= 0) and (corrupt(held_s)
@@ -240,13 +242,14 @@ if hydrated then
   end
 end
 
--- The lease's hold, if it has one. Nothing is held when `held` and `htok` are 0 (admit.lua's
--- invariant), so `holds` is only read when it can matter; and an entry exists only for a live
--- lease, so a released lease finds none (it gave its hold back already).
+-- The lease's hold, if it has one: in its sealed id when its `live` member carries it, else in
+-- `holds`. Nothing is held when `held` and `htok` are 0 (admit.lua's invariant), so `holds` is
+-- only read when it can matter; and an entry exists only for a live lease, so a released
+-- lease finds none (it gave its hold back already), as its member is gone from `live`.
 local hold = false
 local hn, ht = 0, 0
 if tracked and (held ~= 0 or htok ~= 0) then
-  hold = redis.call('HGET', holds, nonce)
+  if member_hold then hold = string.sub(ARGV[8], 2) else hold = redis.call('HGET', holds, nonce) end
   if hold then
     hn, ht = hold_of(hold)
     if hn == nil then
@@ -273,7 +276,9 @@ end
 -- Free the slot and the hold (lib/lease_end.lua).
 local freed = false
 if tracked then
-  held, htok, freed = free_lease(live, holds, nonce, hold, hn, ht, held, htok,
+  local member = nonce
+  if member_hold then member = nonce .. ARGV[8] end
+  held, htok, freed = free_lease(live, holds, member, hold, not member_hold, hn, ht, held, htok,
     now >= (tonumber(lx or '0') or 0))
 end
 local expired = '0'

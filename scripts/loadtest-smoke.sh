@@ -10,6 +10,11 @@
 # (it must exit 0), drops the database and deletes the namespace's keys. Exits non-zero on any
 # failure.
 #
+# tollgate and the harness run in state format 2 (TOLLGATE_STATE_FORMAT, holds in the live set's
+# members), so that its HTTP mix of balances, holds and concurrency limits is checked under load
+# in the format the default does not exercise (the fault run, .ci/run's last step, keeps the
+# default); the script-cost phases then measure held keys in both formats.
+#
 # Environment: SMOKE_REDIS_URL (default redis://127.0.0.1:6379), SMOKE_PG_URL (a server URL
 # without a database, default postgres://postgres@127.0.0.1:5432), SMOKE_DURATION (default 3s),
 # SMOKE_SKIP_BUILD=1 to use the binaries already in target/debug.
@@ -75,6 +80,7 @@ TOLLGATE_REDIS_NAMESPACE="$NS" \
 TOLLGATE_ADMIN_TOKEN="$TOKEN" \
 TOLLGATE_ENCRYPTION_KEY="$ENC_KEY" \
 TOLLGATE_RATE_WINDOW_SECONDS=2 \
+TOLLGATE_STATE_FORMAT=2 \
 TOLLGATE_CLEANUP_INTERVAL_SECONDS=0 \
 TOLLGATE_LOG_FORMAT=json \
 TOLLGATE_LOG=info \
@@ -106,7 +112,7 @@ TOLLGATE_ADMIN_TOKEN="$TOKEN" "$BIN/loadtest" \
   --url "http://$DATA" --admin-url "http://$ADMIN" \
   --redis-url "$REDIS_URL" --namespace "$NS" \
   --mode both --ceiling-duration 1s --ceiling-connections 2 --ceiling-pipeline 16 --ceiling-keys 100 \
-  --script-cost \
+  --script-cost --state-format 2 \
   --duration "$DURATION" --concurrency 6 --keys 200 --invalid-keys 20 \
   --limited-rate-limit 2 --concurrent-limit 2 --hot-keys 2 --hot-share 0.5 --hold 1ms \
   --token-limit 1000 --reserve-tokens 400 --budget-usd 0.003 \

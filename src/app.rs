@@ -197,7 +197,8 @@ impl App {
             config.rate_window,
             config.lease_ttl,
             config.lease_secrets.clone(),
-        );
+        )
+        .with_state_format(config.state_format);
         if config.lease_secrets.ephemeral {
             tracing::warn!(
                 "neither TOLLGATE_LEASE_SECRET nor TOLLGATE_ENCRYPTION_KEY is set: lease ids are \

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::hot::admission::LeaseTerm;
+use crate::hot::admission::{LeaseTerm, StateFormat};
 use crate::hot::lease_id::LeaseSecrets;
 use crate::http::serve::ConnectionLimits;
 use crate::inference::Inference;
@@ -92,6 +92,10 @@ pub struct RawSettings {
     /// closed or open: what admission does when Redis cannot be reached
     #[arg(long, env = "TOLLGATE_FAIL_MODE", default_value = "closed")]
     pub fail_mode: String,
+    /// How new leases keep their holds in Redis: 1 (every release reads it) or 2 (in the
+    /// live set: cheaper; set it only once every replica runs a release that reads format 2)
+    #[arg(long, env = "TOLLGATE_STATE_FORMAT", default_value = "1")]
+    pub state_format: String,
     /// Period of the expired-key sweeper in seconds; 0 turns it off
     #[arg(long, env = "TOLLGATE_CLEANUP_INTERVAL_SECONDS", default_value = "300")]
     pub cleanup_interval_seconds: String,
@@ -254,6 +258,8 @@ pub struct Config {
     pub rate_window: Duration,
     pub lease_ttl: Duration,
     pub fail_mode: FailMode,
+    /// How admissions write a lease's hold (`hot::admission::StateFormat`).
+    pub state_format: StateFormat,
     /// `None`: the sweeper is off.
     pub cleanup_interval: Option<Duration>,
     pub auto_delete_expired: bool,
@@ -435,6 +441,16 @@ impl Config {
                 ))
             }
         };
+        let state_format = match raw.state_format.trim() {
+            "1" => StateFormat::One,
+            "2" => StateFormat::Two,
+            other => {
+                return Err(bad(
+                    "TOLLGATE_STATE_FORMAT",
+                    format!("{other:?}: expected 1 or 2"),
+                ))
+            }
+        };
         let auto_delete_expired = flag("TOLLGATE_AUTO_DELETE_EXPIRED", &raw.auto_delete_expired)?;
         let sync_enabled = flag("TOLLGATE_SYNC_ENABLED", &raw.sync_enabled)?;
         let log_format = match raw.log_format.trim().to_ascii_lowercase().as_str() {
@@ -542,6 +558,7 @@ impl Config {
                 false,
             )?),
             fail_mode,
+            state_format,
             cleanup_interval: (cleanup > 0).then(|| Duration::from_secs(cleanup)),
             auto_delete_expired,
             redis_timeout: Duration::from_millis(timeout_ms),
@@ -573,6 +590,7 @@ impl Config {
             rate_window_seconds: get("TOLLGATE_RATE_WINDOW_SECONDS", "60"),
             lease_ttl_seconds: get("TOLLGATE_LEASE_TTL_SECONDS", "600"),
             fail_mode: get("TOLLGATE_FAIL_MODE", "closed"),
+            state_format: get("TOLLGATE_STATE_FORMAT", "1"),
             cleanup_interval_seconds: get("TOLLGATE_CLEANUP_INTERVAL_SECONDS", "300"),
             auto_delete_expired: get("TOLLGATE_AUTO_DELETE_EXPIRED", "false"),
             redis_timeout_ms: get("TOLLGATE_REDIS_TIMEOUT_MS", "250"),
@@ -606,6 +624,7 @@ mod tests {
         assert_eq!(c.rate_window, Duration::from_secs(60));
         assert_eq!(c.lease_ttl, Duration::from_secs(600));
         assert_eq!(c.fail_mode, FailMode::Closed);
+        assert_eq!(c.state_format, StateFormat::One);
         assert_eq!(c.cleanup_interval, Some(Duration::from_secs(300)));
         assert!(!c.auto_delete_expired);
         assert!(c.sync_enabled);
@@ -629,6 +648,8 @@ mod tests {
             ("TOLLGATE_DATABASE_URL", "mysql://x"),
             ("TOLLGATE_ENCRYPTION_KEY", "c2hvcnQ="),
             ("TOLLGATE_FAIL_MODE", "ajar"),
+            ("TOLLGATE_STATE_FORMAT", "3"),
+            ("TOLLGATE_STATE_FORMAT", "two"),
             ("TOLLGATE_RATE_WINDOW_SECONDS", "0"),
             ("TOLLGATE_AUTO_DELETE_EXPIRED", "maybe"),
             ("TOLLGATE_SYNC_ENABLED", "off-ish"),
@@ -655,6 +676,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.redis_urls.len(), 2);
         assert_eq!(c.cleanup_interval, None);
+    }
+
+    #[test]
+    fn state_format_two_is_asked_for_by_number() {
+        let c = Config::from_map(&HashMap::from([(
+            "TOLLGATE_STATE_FORMAT",
+            " 2 ".to_string(),
+        )]))
+        .unwrap();
+        assert_eq!(c.state_format, StateFormat::Two);
     }
 
     #[test]

@@ -326,6 +326,7 @@ impl Gate {
             args.key_hash,
             &LeaseFacts {
                 tracked: false,
+                member_hold: None,
                 key_id: key_id.clone(),
                 user_id: user_id.clone(),
                 provider: args.provider.to_string(),

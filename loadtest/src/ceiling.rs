@@ -20,7 +20,7 @@ use redis::{FromRedisValue, Value};
 use tollgate::gate::{AdmitArgs, LeaseTerm};
 use tollgate::hot::known_keys::{KnownKey, KnownKeys};
 use tollgate::hot::layout::{new_nonce, KeyRedisKeys};
-use tollgate::hot::lease_id::{LeaseFacts, LeaseRef};
+use tollgate::hot::lease_id::{LeaseFacts, LeaseRef, MemberHold};
 use tollgate::hot::scripts::{admit, scripts, settle};
 use tollgate::money::Money;
 
@@ -51,6 +51,8 @@ pub struct Plan {
     /// What the harness remembers of its keys, as tollgate's process does (`hot::known_keys`):
     /// so that its calls tell admit.lua what tollgate's would. Shared by every clone.
     pub known: Arc<KnownKeys>,
+    /// tollgate's state format 2 (`--state-format`): holds in the live set's members.
+    pub holds_in_members: bool,
 }
 
 pub struct Outcome {
@@ -134,7 +136,8 @@ pub fn push_admit(
         i64::try_from(plan.lease_ttl_ms).unwrap_or(i64::MAX),
         nonce,
         known,
-    );
+    )
+    .holds_in_members(plan.holds_in_members);
     // The SHA the harness loaded is tollgate's: the same source.
     debug_assert_eq!(scripts().admit.sha(), sha);
     pipe.add_command(scripts().admit.evalsha(&call.keys(), &call.args()));
@@ -150,6 +153,7 @@ pub struct Granted {
     pub user_id: String,
     pub admitted_at_ms: i64,
     pub tracked: bool,
+    pub member_hold: Option<MemberHold>,
 }
 
 impl Granted {
@@ -171,6 +175,7 @@ impl Granted {
                     user_id,
                     admitted_at_ms: g.now_ms,
                     tracked: g.tracked,
+                    member_hold: g.member_hold,
                 })
             }
             _ => None,
@@ -197,6 +202,7 @@ pub fn push_settle(
         event_id: k.lease_id(&g.nonce),
         facts: Some(LeaseFacts {
             tracked: g.tracked,
+            member_hold: g.member_hold,
             key_id: g.key_id.clone(),
             user_id: g.user_id.clone(),
             provider: "openai".into(),

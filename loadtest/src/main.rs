@@ -190,6 +190,9 @@ struct Args {
     /// tollgate's TOLLGATE_LEASE_TTL_SECONDS (the ceiling passes it to the scripts)
     #[arg(long, default_value_t = 600)]
     lease_ttl_seconds: u64,
+    /// tollgate's TOLLGATE_STATE_FORMAT (1 or 2): how the ceiling's admissions write holds
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    state_format: u8,
     /// Length of each of the two ceiling measurements
     #[arg(long, default_value = "5s", value_parser = duration)]
     ceiling_duration: Duration,
@@ -669,6 +672,7 @@ impl Run {
             settle_window_ms: (args.lease_ttl_seconds + LATE_SETTLE_GRACE.as_secs()) * 1000,
             max_cost_nanos: args.max_cost_usd.nanos(),
             known: Default::default(),
+            holds_in_members: args.state_format == 2,
         }
     }
 
@@ -981,16 +985,26 @@ async fn script_cost(
     };
     let n = args.ceiling_keys.max(1);
     let rounds = usize::try_from(args.script_cost_rounds).unwrap_or(1);
+    let held_sets_per_round = if args.state_format == 2 {
+        "two sets of {n} held keys (state formats 1 and 2)"
+    } else {
+        "{n} held keys"
+    };
     progress(&format!(
-        "script cost: creating {n} plain and {n} held keys for each of {rounds} round(s)"
+        "script cost: creating {n} plain and {} for each of {rounds} round(s)",
+        held_sets_per_round.replace("{n}", &n.to_string())
     ));
     let mut ids = Vec::new();
-    let (mut plain_sets, mut held_sets) = (Vec::new(), Vec::new());
+    let (mut plain_sets, mut held_sets, mut member_sets) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..rounds {
-        for (spec, name, reserve) in [
-            (&plain, "plain", 0),
-            (&held, "held", args.max_cost_usd.nanos()),
+        for (spec, name, reserve, in_members) in [
+            (&plain, "plain", 0, false),
+            (&held, "held", args.max_cost_usd.nanos(), false),
+            (&held, "held_in_members", args.max_cost_usd.nanos(), true),
         ] {
+            if in_members && args.state_format != 2 {
+                continue;
+            }
             let keys = admin::create_many(
                 admin_ep,
                 token,
@@ -1006,14 +1020,15 @@ async fn script_cost(
                         .iter()
                         .map(|k| layout.for_hash(&tollgate::keys::hash(&k.secret)))
                         .collect(),
+                    holds_in_members: in_members,
                     ..plan.clone()
                 },
                 reserve_nanos: reserve,
             };
-            if name == "plain" {
-                plain_sets.push(target);
-            } else {
-                held_sets.push(target);
+            match name {
+                "plain" => plain_sets.push(target),
+                "held" => held_sets.push(target),
+                _ => member_sets.push(target),
             }
         }
     }
@@ -1027,6 +1042,7 @@ async fn script_cost(
         reset_stats: args.reset_stats,
         plain: plain_sets,
         held: held_sets,
+        held_in_members: member_sets,
     };
     let mut redis = observe::connect(&args.redis_url).await?;
     let measured = script_cost::measure(&mut redis, &setup).await?;

@@ -183,13 +183,16 @@ pub struct ScriptCostReport {
 }
 
 /// What each ratio compares, and issue #15's goal for it.
-const SCRIPT_GOALS: [(&str, Option<f64>); 6] = [
+const SCRIPT_GOALS: [(&str, Option<f64>); 9] = [
     ("admit_plain", Some(1.5)),
     ("flow_plain", Some(3.0)),
     ("admit_held", Some(2.5)),
+    ("admit_held_in_members", Some(2.5)),
     ("settle_plain", None),
     ("settle_held", None),
+    ("settle_held_in_members", None),
     ("flow_held", None),
+    ("flow_held_in_members", None),
 ];
 
 impl ScriptCostReport {
@@ -997,6 +1000,7 @@ mod tests {
             settle_window_ms: 1,
             max_cost_nanos: 0,
             known: Arc::default(),
+            holds_in_members: false,
         }
     }
 

@@ -57,6 +57,10 @@ pub struct Setup {
     /// Keys with a rate limit, a concurrency limit and a balance; admitted with a reserve. One
     /// set per round.
     pub held: Vec<Target>,
+    /// The same kind of keys admitted in state format 2 (their holds in the live set's
+    /// members), one set per round; empty unless `--state-format 2`, when each round measures
+    /// both formats.
+    pub held_in_members: Vec<Target>,
     /// The reference's limit: tollgate's keys' rate limit, never reached.
     pub limit: u64,
     /// `CONFIG RESETSTAT` before each phase (clears every client's counters on that Redis).
@@ -196,11 +200,18 @@ pub async fn measure(
     let rounds = setup.rounds();
     for round in 0..rounds {
         let (plain, held) = (&setup.plain[round], &setup.held[round]);
-        let kinds = [
+        let mut kinds = vec![
             (plain, "plain", "plain key"),
             (held, "held", "concurrency + hold"),
         ];
-        for (target, kind, name) in kinds {
+        if let Some(members) = setup.held_in_members.get(round) {
+            kinds.push((
+                members,
+                "held_in_members",
+                "concurrency + hold, state format 2",
+            ));
+        }
+        for &(target, kind, name) in &kinds {
             let admit = Phase::new(
                 &format!("admit_{kind}"),
                 &format!("admit.lua, {name}"),
@@ -236,7 +247,7 @@ pub async fn measure(
                 );
             }
         }
-        for (target, kind, name) in kinds {
+        for &(target, kind, name) in &kinds {
             let flow = Phase::new(
                 &format!("flow_{kind}"),
                 &format!("flow, {name}"),
@@ -566,6 +577,7 @@ async fn clean_up(redis: &mut MultiplexedConnection, setup: &Setup) -> Result<()
         .plain
         .iter()
         .chain(&setup.held)
+        .chain(&setup.held_in_members)
         .flat_map(|t| &t.plan.keys);
     for k in keys {
         names.push(scratch_stream(k));

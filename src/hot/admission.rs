@@ -154,6 +154,20 @@ pub struct HotPath {
     negative_ttl_ms: i64,
     /// Shared by every clone: one process, one memory of its keys.
     known: Arc<KnownKeys>,
+    state_format: StateFormat,
+}
+
+/// How admissions write what a lease holds in Redis (`TOLLGATE_STATE_FORMAT`). Every release
+/// since format 2 reads both; a replica of an earlier release reads only format 1, so a fleet
+/// moves to 2 once every replica runs a release that reads it (docs/http-api.md, Settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StateFormat {
+    /// The hold in the key's `holds` hash, under the lease's nonce.
+    #[default]
+    One,
+    /// The hold in the lease's live-set member, `<nonce>=<hold>`, and in its sealed id: one
+    /// write fewer per admission that holds, and no `holds` read or delete when it ends.
+    Two,
 }
 
 /// A lease can still be settled this long after it expired: an upstream call that outran the
@@ -200,7 +214,14 @@ impl HotPath {
             tombstone_ttl_ms: ms(DUPLICATE_WINDOW),
             negative_ttl_ms: ms(NEGATIVE_TTL),
             known: Arc::default(),
+            state_format: StateFormat::One,
         }
+    }
+
+    /// The same hot path writing new leases in `format`.
+    pub fn with_state_format(mut self, format: StateFormat) -> Self {
+        self.state_format = format;
+        self
     }
 
     pub fn scripts(&self) -> &'static Scripts {
@@ -247,7 +268,8 @@ impl HotPath {
             return Err(script.refuse("INVALID_ARGUMENT", "reserved tokens above 2^53 - 1"));
         }
         let (known, prior) = self.known.lookup(&k.state);
-        let call = admit::Call::new(&k, &a, self.window_ms, ttl_ms, &nonce, known);
+        let call = admit::Call::new(&k, &a, self.window_ms, ttl_ms, &nonce, known)
+            .holds_in_members(self.state_format == StateFormat::Two);
         let v = script.run(&self.redis, &call.keys(), &call.args()).await?;
         let g = match admit::parse(v)? {
             admit::Reply::Miss => return Ok(ScriptAdmit::Miss),
@@ -274,6 +296,7 @@ impl HotPath {
                 &nonce,
                 &LeaseFacts {
                     tracked: g.tracked,
+                    member_hold: g.member_hold,
                     key_id: key_id.clone(),
                     user_id: user_id.clone(),
                     provider: a.provider.to_string(),
@@ -398,17 +421,14 @@ impl HotPath {
                 // The 'R' must outlive the id, so a later report of it is a duplicate.
                 release::Facts::Sealed {
                     tracked: f.tracked,
+                    member_hold: f.member_hold,
                     tombstone_ms: left.max(self.tombstone_ttl_ms),
                 }
             }
             None => release::Facts::Record,
         };
         let tombstone = l.keys.lease(&l.nonce);
-        let call = release::Call {
-            lease: &l,
-            tombstone: &tombstone,
-            facts,
-        };
+        let call = release::Call::new(&l, &tombstone, facts);
         let v = scripts()
             .release
             .run(&self.redis, &call.keys(), &call.args())

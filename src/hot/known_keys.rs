@@ -153,6 +153,7 @@ mod tests {
             available: -1,
             now_ms: 1,
             tracked: false,
+            member_hold: None,
             token_limit: -1,
             tokens_remaining: -1,
             tokens_reset_ms: 0,

@@ -27,6 +27,10 @@ type HmacSha256 = Hmac<Sha256>;
 
 const VERSION: u8 = 1;
 const FLAG_TRACKED: u8 = 1;
+/// The lease's hold is in its live-set member (state format 2), and follows the labels: a
+/// releaser or settler needs it to name that member. Releases before state format 2 refuse an
+/// id with it (trailing bytes), which is why format 2 waits until every replica reads it.
+const FLAG_MEMBER_HOLD: u8 = 2;
 const TAG_LEN: usize = 16;
 /// What the MAC covers besides the id: the format and the namespace.
 const CONTEXT: &[u8] = b"tollgate lease id v1\0";
@@ -84,12 +88,36 @@ fn mac(secret: &[u8]) -> HmacSha256 {
     <HmacSha256 as Mac>::new_from_slice(secret).unwrap_or_else(|_| unreachable!())
 }
 
+/// What a tracked lease holds when its live-set member carries it, `<nonce>=<hold>` (state
+/// format 2, `lua/admit.lua`): settle.lua and release.lua name the member from it and read no
+/// `holds` hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberHold {
+    pub nanos: i64,
+    pub tokens: i64,
+}
+
+impl MemberHold {
+    /// `=<hold>` as admit.lua appends it to the nonce: nano-USD, then `:tokens` when the lease
+    /// holds tokens.
+    pub fn suffix(&self) -> String {
+        if self.tokens > 0 {
+            format!("={}:{}", self.nanos, self.tokens)
+        } else {
+            format!("={}", self.nanos)
+        }
+    }
+}
+
 /// What a lease was granted for: everything settlement records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseFacts {
     /// In the key's live set (and its holds): the key has a concurrency limit, or the lease
     /// holds balance or tokens. Settling or releasing an untracked lease touches neither.
     pub tracked: bool,
+    /// The hold its live-set member carries (state format 2); `None` when the lease holds
+    /// nothing or its hold is in the key's `holds` hash. `Some` only for a tracked lease.
+    pub member_hold: Option<MemberHold>,
     pub key_id: String,
     pub user_id: String,
     pub provider: String,
@@ -167,7 +195,14 @@ impl LeaseSeal {
                 + facts.model.len(),
         );
         payload.push(VERSION);
-        payload.push(if facts.tracked { FLAG_TRACKED } else { 0 });
+        let mut flags = 0;
+        if facts.tracked || facts.member_hold.is_some() {
+            flags |= FLAG_TRACKED;
+        }
+        if facts.member_hold.is_some() {
+            flags |= FLAG_MEMBER_HOLD;
+        }
+        payload.push(flags);
         payload.extend_from_slice(&facts.admitted_at_ms.to_be_bytes());
         payload.extend_from_slice(&facts.expires_at_ms.to_be_bytes());
         for s in [
@@ -182,6 +217,10 @@ impl LeaseSeal {
             let bytes = &s.as_bytes()[..s.len().min(usize::from(u16::MAX))];
             payload.extend_from_slice(&(bytes.len() as u16).to_be_bytes());
             payload.extend_from_slice(bytes);
+        }
+        if let Some(h) = facts.member_hold {
+            payload.extend_from_slice(&h.nanos.to_be_bytes());
+            payload.extend_from_slice(&h.tokens.to_be_bytes());
         }
         let tag = self.tag(&self.secrets.current, &head, &payload);
         payload.extend_from_slice(&tag);
@@ -245,8 +284,9 @@ fn decode(payload: &[u8]) -> Option<LeaseFacts> {
     let flags = r.take(1)?[0];
     let admitted_at_ms = i64::from_be_bytes(r.take(8)?.try_into().ok()?);
     let expires_at_ms = i64::from_be_bytes(r.take(8)?.try_into().ok()?);
-    let facts = LeaseFacts {
+    let mut facts = LeaseFacts {
         tracked: flags & FLAG_TRACKED != 0,
+        member_hold: None,
         key_id: r.string()?,
         user_id: r.string()?,
         provider: r.string()?,
@@ -255,7 +295,14 @@ fn decode(payload: &[u8]) -> Option<LeaseFacts> {
         admitted_at_ms,
         expires_at_ms,
     };
-    r.0.is_empty().then_some(facts)
+    if flags & FLAG_MEMBER_HOLD != 0 {
+        let mut number = || r.take(8)?.try_into().ok().map(i64::from_be_bytes);
+        let (nanos, tokens) = (number()?, number()?);
+        facts.member_hold = Some(MemberHold { nanos, tokens });
+    }
+    // A hold in a member is a tracked lease's: the seal never writes one without the other.
+    let consistent = facts.tracked || facts.member_hold.is_none();
+    (consistent && r.0.is_empty()).then_some(facts)
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -284,6 +331,7 @@ mod tests {
     fn facts() -> LeaseFacts {
         LeaseFacts {
             tracked: true,
+            member_hold: None,
             key_id: "6f1c2c1e-8d0a-4b7e-9f43-2a3b4c5d6e7f".into(),
             user_id: "u-1".into(),
             provider: "openai".into(),
@@ -306,6 +354,50 @@ mod tests {
         let opened = seal.open(&id).expect("opens");
         assert_eq!(opened.facts, Some(facts()));
         assert!(id.starts_with(&opened.event_id));
+    }
+
+    #[test]
+    fn a_hold_in_the_live_member_is_sealed_with_the_rest_and_names_the_member() {
+        let seal = LeaseSeal::new("ns", LeaseSecrets::new(&[7; 32], None));
+        let keys = Layout::new("ns").for_hash(&"ab".repeat(32));
+        for (hold, suffix) in [
+            (
+                MemberHold {
+                    nanos: 1_500_000_000,
+                    tokens: 0,
+                },
+                "=1500000000",
+            ),
+            (
+                MemberHold {
+                    nanos: 0,
+                    tokens: 4096,
+                },
+                "=0:4096",
+            ),
+            (
+                MemberHold {
+                    nanos: 9_007_199_254_740_991,
+                    tokens: 7,
+                },
+                "=9007199254740991:7",
+            ),
+        ] {
+            let facts = LeaseFacts {
+                member_hold: Some(hold),
+                ..facts()
+            };
+            let id = seal.seal(&keys, &new_nonce(), &facts);
+            let opened = seal.open(&id).and_then(|l| l.facts).expect("opens");
+            assert_eq!(opened, facts);
+            assert_eq!(hold.suffix(), suffix);
+        }
+        // An id without it opens without it: leases taken before the format changed.
+        let plain = seal
+            .open(&sealed(&seal))
+            .and_then(|l| l.facts)
+            .expect("opens");
+        assert_eq!(plain.member_hold, None);
     }
 
     #[test]

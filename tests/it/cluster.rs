@@ -66,6 +66,38 @@ macro_rules! on_cluster {
     };
 }
 
+mod state_format_two {
+    //! The scenarios whose leases hold something, in `TOLLGATE_STATE_FORMAT=2`: the hold in
+    //! a live-set member and a lease id names no key of another slot.
+    use super::*;
+
+    macro_rules! in_format_two {
+        ($scenario:ident) => {
+            in_format_two!($scenario, |_: &mut Settings| {});
+        };
+        ($scenario:ident, $tweak:expr) => {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $scenario() {
+                let app = cluster_app_with(shared_cluster().await, |s: &mut Settings| {
+                    s.insert("TOLLGATE_STATE_FORMAT", "2".into());
+                    ($tweak)(s);
+                })
+                .await;
+                hot_suite::$scenario(&app).await;
+            }
+        };
+    }
+
+    in_format_two!(parallel_reservations_never_exceed_the_balance);
+    in_format_two!(reserve_holds_add_up);
+    in_format_two!(release_frees_the_lease_and_a_later_settlement_still_charges);
+    in_format_two!(token_limits_admit_exactly_what_fits);
+    in_format_two!(
+        an_expired_lease_frees_its_slot_and_its_hold,
+        hot_suite::short_lease
+    );
+}
+
 mod suite {
     //! Every scenario of `common::hot_suite` on the cluster, except
     //! `lost_redis_state_is_rehydrated_from_postgres`, which wipes the namespace through the

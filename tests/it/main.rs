@@ -28,5 +28,6 @@ mod scripts;
 mod sealed_leases;
 mod secrets;
 mod smoke;
+mod state_format;
 mod subrequest;
 mod sync;

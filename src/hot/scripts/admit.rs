@@ -6,6 +6,7 @@ use redis::Value;
 use super::ScriptArg;
 use crate::hot::admission::AdmitArgs;
 use crate::hot::layout::KeyRedisKeys;
+use crate::hot::lease_id::MemberHold;
 use crate::hot::redis::RedisFailure;
 use crate::money::MAX_EXACT;
 
@@ -30,6 +31,8 @@ pub struct Call<'a> {
     window_ms: i64,
     ttl_ms: i64,
     known: Known,
+    /// State format 2: a lease that holds something carries its hold in its live-set member.
+    in_members: bool,
     asked: String,
 }
 
@@ -74,8 +77,15 @@ impl<'a> Call<'a> {
             window_ms,
             ttl_ms,
             known,
+            in_members: false,
             asked,
         }
+    }
+
+    /// The same call in state format 2 (`TOLLGATE_STATE_FORMAT`, admit.lua's ARGV[3]) or not.
+    pub fn holds_in_members(mut self, yes: bool) -> Self {
+        self.in_members = yes;
+        self
     }
 
     pub fn keys(&self) -> [&'a str; 2] {
@@ -86,7 +96,7 @@ impl<'a> Call<'a> {
         [
             ScriptArg::Int(self.window_ms),
             ScriptArg::Int(self.ttl_ms),
-            ScriptArg::Int(self.known.arg()),
+            ScriptArg::Int(self.known.arg() + 8 * i64::from(self.in_members)),
             ScriptArg::Str(&self.asked),
         ]
     }
@@ -106,6 +116,8 @@ pub struct Granted {
     pub available: i64,
     pub now_ms: i64,
     pub tracked: bool,
+    /// The hold the lease's live-set member carries (state format 2): sealed into its id.
+    pub member_hold: Option<MemberHold>,
     pub token_limit: i64,
     pub tokens_remaining: i64,
     pub tokens_reset_ms: i64,
@@ -171,18 +183,36 @@ fn number(v: Option<&Value>) -> i64 {
     }
 }
 
-/// A grant's numbers: 8 or 14 big-endian 8-byte integers (admit.lua's header); the six token
-/// and budget fields, when missing, read as -1, which is what they would say.
+/// A grant's numbers: 8 or 14 big-endian 8-byte integers (admit.lua's header), and two more
+/// when the lease's member carries its hold (`tracked` 2); the six token and budget fields,
+/// when missing, read as -1, which is what they would say.
 fn grant(packed: &[u8], key_id: Option<String>, user_id: Option<String>) -> Option<Granted> {
-    if packed.len() != 64 && packed.len() != 112 {
-        return None;
-    }
+    let (numbers, hold) = match packed.len() {
+        64 | 112 => (packed, None),
+        80 | 128 => {
+            let (numbers, hold) = packed.split_at(packed.len() - 16);
+            let (nanos, tokens) = hold.split_at(8);
+            let at = |b: &[u8]| b.try_into().ok().map(i64::from_be_bytes);
+            (
+                numbers,
+                Some(MemberHold {
+                    nanos: at(nanos)?,
+                    tokens: at(tokens)?,
+                }),
+            )
+        }
+        _ => return None,
+    };
     let mut n = [-1i64; 14];
-    for (slot, chunk) in n.iter_mut().zip(packed.chunks_exact(8)) {
+    for (slot, chunk) in n.iter_mut().zip(numbers.chunks_exact(8)) {
         *slot = i64::from_be_bytes(chunk.try_into().ok()?);
     }
     let [rate_limit, rate_remaining, reset_ms, concurrent_limit, in_flight, available, now_ms, tracked, token_limit, tokens_remaining, tokens_reset_ms, budget, budget_remaining, budget_resets_at_ms] =
         n;
+    // The hold comes exactly with `tracked` 2.
+    if hold.is_some() != (tracked == 2) {
+        return None;
+    }
     Some(Granted {
         key_id,
         user_id,
@@ -193,7 +223,8 @@ fn grant(packed: &[u8], key_id: Option<String>, user_id: Option<String>) -> Opti
         in_flight,
         available,
         now_ms,
-        tracked: tracked == 1,
+        tracked: tracked == 1 || tracked == 2,
+        member_hold: hold,
         token_limit,
         tokens_remaining,
         tokens_reset_ms,
@@ -319,6 +350,41 @@ mod tests {
             (2_000_000_000, 1_500_000_000, 1_700_086_400_000)
         );
         assert!(g.needed_counters());
+    }
+
+    #[test]
+    fn a_hold_carried_by_the_live_member_follows_the_numbers_with_tracked_two() {
+        let base = [60, 59, 60000, 5, 1, 1_000, 1_700_000_000_000, 2];
+        let with_hold = |numbers: &[i64]| {
+            let mut all = numbers.to_vec();
+            all.extend([2_500, 300]);
+            Value::BulkString(packed(&all))
+        };
+        let Ok(Reply::Ok(g)) = parse(with_hold(&base)) else {
+            panic!("not a grant")
+        };
+        assert!(g.tracked);
+        assert_eq!(
+            g.member_hold,
+            Some(MemberHold {
+                nanos: 2_500,
+                tokens: 300
+            })
+        );
+        let mut fourteen = base.to_vec();
+        fourteen.extend([1000, 900, 30000, -1, -1, -1]);
+        let Ok(Reply::Ok(g)) = parse(with_hold(&fourteen)) else {
+            panic!("not a grant")
+        };
+        assert_eq!(
+            (g.token_limit, g.member_hold.map(|h| h.tokens)),
+            (1000, Some(300))
+        );
+        // A hold without tracked 2, or tracked 2 without a hold, is no reply admit.lua gives.
+        let mut one = base;
+        one[7] = 1;
+        assert!(parse(with_hold(&one)).is_err());
+        assert!(parse(Value::BulkString(packed(&base))).is_err());
     }
 
     #[test]

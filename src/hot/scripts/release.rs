@@ -4,7 +4,7 @@
 use redis::{FromRedisValue, Value};
 
 use super::ScriptArg;
-use crate::hot::lease_id::LeaseRef;
+use crate::hot::lease_id::{LeaseRef, MemberHold};
 use crate::hot::redis::RedisFailure;
 
 /// The script as Redis runs it: `lua/release.lua` behind the shared functions it calls
@@ -18,35 +18,56 @@ pub const SOURCE: &str = concat!(
 /// How the lease's facts reach the script.
 #[derive(Debug, Clone, Copy)]
 pub enum Facts {
-    /// From its sealed id: whether it is tracked, and how long its 'R' must live (ms).
-    Sealed { tracked: bool, tombstone_ms: i64 },
+    /// From its sealed id: whether it is tracked, the hold its live-set member carries (state
+    /// format 2), and how long its 'R' must live (ms).
+    Sealed {
+        tracked: bool,
+        member_hold: Option<MemberHold>,
+        tombstone_ms: i64,
+    },
     /// From its record (an id issued before sealed ids).
     Record,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Call<'a> {
-    pub lease: &'a LeaseRef,
+    lease: &'a LeaseRef,
     /// The lease's tombstone key (`KeyRedisKeys::lease`).
-    pub tombstone: &'a str,
-    pub facts: Facts,
+    tombstone: &'a str,
+    facts: Facts,
+    /// ARGV[3] of a sealed lease: '1' | '0' | '=<hold>'.
+    tracked: String,
 }
 
 impl<'a> Call<'a> {
+    pub fn new(lease: &'a LeaseRef, tombstone: &'a str, facts: Facts) -> Self {
+        let tracked = match facts {
+            Facts::Sealed {
+                member_hold: Some(h),
+                ..
+            } => h.suffix(),
+            Facts::Sealed { tracked: true, .. } => "1".into(),
+            _ => "0".into(),
+        };
+        Call {
+            lease,
+            tombstone,
+            facts,
+            tracked,
+        }
+    }
+
     pub fn keys(&self) -> [&'a str; 4] {
         let k = &self.lease.keys;
         [&k.state, &k.live, &k.holds, self.tombstone]
     }
 
-    pub fn args(&self) -> Vec<ScriptArg<'a>> {
+    pub fn args(&self) -> Vec<ScriptArg<'_>> {
         let mut args = vec![ScriptArg::Str(&self.lease.nonce)];
         match self.facts {
-            Facts::Sealed {
-                tracked,
-                tombstone_ms,
-            } => args.extend([
+            Facts::Sealed { tombstone_ms, .. } => args.extend([
                 ScriptArg::Str("sealed"),
-                ScriptArg::Str(if tracked { "1" } else { "0" }),
+                ScriptArg::Str(&self.tracked),
                 ScriptArg::Int(tombstone_ms),
             ]),
             Facts::Record => args.push(ScriptArg::Str("record")),

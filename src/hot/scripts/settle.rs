@@ -56,6 +56,8 @@ pub struct Call<'a> {
     /// lease's settlement then reads fewer of the key's counters (a wrong guess costs one
     /// more read, never a wrong answer).
     expect_plain: bool,
+    /// `=<hold>`: the lease's live-set member carries its hold (state format 2).
+    member_hold: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +109,11 @@ impl<'a> Call<'a> {
             tombstone_ttl_ms,
             window_ms,
             expect_plain: false,
+            member_hold: lease
+                .facts
+                .as_ref()
+                .and_then(|f| f.member_hold)
+                .map(|h| h.suffix()),
         }
     }
 
@@ -145,10 +152,11 @@ impl<'a> Call<'a> {
             Some(f) => {
                 args.extend([
                     ScriptArg::Str("sealed"),
-                    ScriptArg::Str(match (f.tracked, self.expect_plain) {
-                        (true, _) => "1",
-                        (false, true) => "p",
-                        (false, false) => "0",
+                    ScriptArg::Str(match (&self.member_hold, f.tracked, self.expect_plain) {
+                        (Some(suffix), _, _) => suffix,
+                        (None, true, _) => "1",
+                        (None, false, true) => "p",
+                        (None, false, false) => "0",
                     }),
                     ScriptArg::Int(f.admitted_at_ms),
                     ScriptArg::Int(f.expires_at_ms),
@@ -242,6 +250,7 @@ mod tests {
     fn facts() -> LeaseFacts {
         LeaseFacts {
             tracked: true,
+            member_hold: None,
             key_id: "kid".into(),
             user_id: "uid".into(),
             provider: "openai".into(),
@@ -299,6 +308,27 @@ mod tests {
         let keys = call.keys();
         assert_eq!(keys[1], l.keys.lease("N"), "the tombstone is KEYS[2]");
         assert_eq!(keys[2], l.keys.stream(), "the shard's stream is KEYS[3]");
+    }
+
+    #[test]
+    fn a_lease_whose_member_carries_its_hold_names_it_in_argv_8() {
+        let held = LeaseFacts {
+            member_hold: Some(crate::hot::lease_id::MemberHold {
+                nanos: 2_500,
+                tokens: 40,
+            }),
+            ..facts()
+        };
+        let l = lease(Some(held));
+        for plain in [false, true] {
+            let call = Call::new(&l, Usage::default(), 600_000, 60_000).expecting_plain(plain);
+            let args: Vec<String> = call.args().iter().map(text).collect();
+            assert_eq!(
+                &args[6..8],
+                ["sealed", "=2500:40"],
+                "expecting plain: {plain}"
+            );
+        }
     }
 
     #[test]

@@ -377,6 +377,7 @@ impl TestApp {
             c.lease_ttl,
             c.lease_secrets,
         )
+        .with_state_format(c.state_format)
     }
 
     /// [`admit_and_settle`] of `key` with these settlement fields; returns the settlement.
