@@ -150,6 +150,18 @@ pub struct ScriptPhase {
     /// when the host preempts Redis in the middle of a script.
     pub redis_cpu_us_per_call: f64,
     pub redis_cpu_us_per_unit: f64,
+    /// The commands the scripts ran, per EVALSHA: what part of `us_per_call` is Redis's
+    /// commands (the rest is Lua and the crossings between Lua and Redis).
+    pub inner: Vec<InnerCommand>,
+}
+
+/// One command a phase's scripts ran.
+#[derive(Debug, Clone, Serialize)]
+pub struct InnerCommand {
+    pub command: String,
+    pub calls_per_call: f64,
+    /// commandstats usec of the command per EVALSHA of the phase.
+    pub us_per_call: f64,
 }
 
 /// A script's Redis time per unit against the reference's, with issue #15's goal if it sets one.
@@ -214,6 +226,15 @@ impl ScriptCostReport {
                 us_per_unit: m.evalsha_usec as f64 / m.units.max(1) as f64,
                 redis_cpu_us_per_call: m.redis_cpu_seconds * 1e6 / m.sent.max(1) as f64,
                 redis_cpu_us_per_unit: m.redis_cpu_seconds * 1e6 / m.units.max(1) as f64,
+                inner: m
+                    .inner
+                    .iter()
+                    .map(|(command, calls, usec)| InnerCommand {
+                        command: command.clone(),
+                        calls_per_call: *calls as f64 / m.evalsha_calls.max(1) as f64,
+                        us_per_call: *usec as f64 / m.evalsha_calls.max(1) as f64,
+                    })
+                    .collect(),
             })
             .collect();
         let refs: Vec<&ScriptPhase> = phases
@@ -326,6 +347,27 @@ impl ScriptCostReport {
                     String::new()
                 }
             );
+            if !p.inner.is_empty() {
+                let each: Vec<String> = p
+                    .inner
+                    .iter()
+                    .map(|c| {
+                        format!(
+                            "{} {:.2}×{:.2}",
+                            c.command,
+                            c.calls_per_call,
+                            c.us_per_call / c.calls_per_call.max(1e-9)
+                        )
+                    })
+                    .collect();
+                let inside: f64 = p.inner.iter().map(|c| c.us_per_call).sum();
+                println!(
+                    "      inside, per call (command calls×µs): {}; {:.1} of its {:.1} µs",
+                    each.join(", "),
+                    inside,
+                    p.us_per_call
+                );
+            }
         }
         println!(
             "  (µs: commandstats usec, the time inside the script; CPU: Redis's user + sys CPU µs, network I/O included)"
@@ -985,7 +1027,19 @@ mod tests {
             evalsha_calls: 100,
             evalsha_usec: usec_per_call * 100,
             redis_cpu_seconds: usec_per_call as f64 * 100e-6,
+            inner: vec![("hmget".into(), 100, 150), ("zadd".into(), 200, 500)],
         }
+    }
+
+    #[test]
+    fn the_commands_inside_a_phase_are_given_per_evalsha() {
+        let r = ScriptCostReport::new(&plan(), true, &[phase("admit_plain", "admit.lua", 0, 12)]);
+        let inner: Vec<(&str, f64, f64)> = r.phases[0]
+            .inner
+            .iter()
+            .map(|c| (c.command.as_str(), c.calls_per_call, c.us_per_call))
+            .collect();
+        assert_eq!(inner, [("hmget", 1.0, 1.5), ("zadd", 2.0, 5.0)]);
     }
 
     fn plan() -> ceiling::Plan {

@@ -153,6 +153,10 @@ pub struct Measured {
     pub evalsha_calls: u64,
     pub evalsha_usec: u64,
     pub redis_cpu_seconds: f64,
+    /// The commands the scripts ran (every other command of commandstats but the harness's own
+    /// `INFO` and `CONFIG`): name, calls and usec during the phase. Their usec is part of
+    /// `evalsha_usec`; the rest of it is the scripts' own Lua and each call's crossing.
+    pub inner: Vec<(String, u64, u64)>,
 }
 
 /// Where a settlement's usage event goes: beside the shard's stream, out of the syncer's reach.
@@ -366,7 +370,22 @@ fn measured(p: Phase, run: &Run, before: &RedisSnapshot, after: &RedisSnapshot) 
             .unwrap_or(&0)
             .saturating_sub(*b.get("evalsha").unwrap_or(&0))
     };
+    let inner = after
+        .calls
+        .iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "evalsha" | "eval" | "info" | "config"))
+        .map(|(name, calls)| {
+            let was = |m: &BTreeMap<String, u64>| *m.get(name).unwrap_or(&0);
+            (
+                name.clone(),
+                calls.saturating_sub(was(&before.calls)),
+                was(&after.usec).saturating_sub(was(&before.usec)),
+            )
+        })
+        .filter(|(_, calls, _)| *calls > 0)
+        .collect();
     Measured {
+        inner,
         round: p.round,
         id: p.id,
         name: p.name,

@@ -11,9 +11,9 @@
 -- says it is there. Then, with no live lease left, nothing is held: this also repairs
 -- `held`/`htok` when an idle key's lease keys expired whole, which only `maybe_gone` callers
 -- look for: before the state's `lx` (admit.lua) `live` can only be missing once its last
--- lease left, taking its hold along. Returns `held` and
--- `htok` as they are after, and whether they changed: the caller writes them to the state
--- (where the key is hydrated), so that a settlement writes them with its charge in one call.
+-- lease left, taking its hold along. Returns `held` and `htok` as they are after, and whether
+-- they changed: the caller writes them to the state (where the key is hydrated), so that a
+-- settlement writes them with its charge in one call.
 local function free_lease(live, holds, member, hold, in_hash, hn, ht, held, htok, maybe_gone)
   local changed = false
   if redis.call('ZREM', live, member) == 1 and hold then

@@ -159,7 +159,7 @@ pub struct HotPath {
 
 /// How admissions write what a lease holds in Redis (`TOLLGATE_STATE_FORMAT`). Every release
 /// since format 2 reads both; a replica of an earlier release reads only format 1, so a fleet
-/// moves to 2 once every replica runs a release that reads it (docs/http-api.md, Settings).
+/// moves to 2 once every replica runs a release that reads it (docs/http-api.md, Upgrading).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum StateFormat {
     /// The hold in the key's `holds` hash, under the lease's nonce.

@@ -2,8 +2,8 @@
 //!
 //! Why: a lease record written by every admission was the largest part of admit.lua's Redis
 //! time and of its memory (issue #15). The id now carries the facts — the key's state id, a
-//! nonce, whether the lease is tracked in the live set, key and user id, provider, API format,
-//! model, admission and expiry times — as `<sid>.<nonce>.<body>`, the body being
+//! nonce, whether the lease is tracked in the live set (and in state format 2 what it holds),
+//! key and user id, provider, API format, model, admission and expiry times — as `<sid>.<nonce>.<body>`, the body being
 //! `base64url(payload || HMAC-SHA256(secret, context || sid || nonce || payload)[..16])`. The
 //! MAC binds the id to its namespace, so an id of another namespace, an altered id or a forged
 //! one does not open, and settlement never reads Redis to learn what a lease was. Duplicates
