@@ -68,9 +68,12 @@
 -- on every request's path.
 --
 -- Numbers written to Redis cross as strings: Lua numbers are doubles, Redis integers are
--- exact. They are printed with '%.0f', never tostring(), which keeps only 14 digits (a balance
--- of 100,000 USD is 1e14 nano-USD). The reply's numbers are Lua numbers, which Redis answers
--- as integers, exact below 2^53 (every number here is).
+-- exact. They are printed with '%d', never tostring(), which keeps only 14 digits (a balance
+-- of 100,000 USD is 1e14 nano-USD): Lua's '%d' prints the number as a 64-bit integer, exact
+-- for every whole number below 2^63 (every number printed here is one), and costs Redis a
+-- third of what '%.0f' does (docs/PERFORMANCE.md). Handing redis.call a number instead costs
+-- more than either: Redis prints it itself. The reply's numbers are Lua numbers, which Redis
+-- answers as integers, exact below 2^53 (every number here is).
 --
 -- Invariant: state.held is the sum of the nano-USD of the live leases' holds (state.htok of
 -- their tokens), each either in `holds` or in its `live` member, never both; `holds` has an
@@ -100,21 +103,27 @@ if in_members then knows = knows - 8 end
 local need_ids = knows % 2 == 1
 local leased = ttl > 0
 local nonce, provider, api_format, model, reserve, reserve_tokens = '', '', '', '', 0, 0
-local function int(n) return string.format('%.0f', n) end
+local function int(n) return string.format('%d', n) end
 
 -- The key's configuration (lib/config.lua), its rate ring's cursor and the version the
 -- configuration must match: three short fields, one read. The ids the reply carries only
 -- when the caller does not know them (they never change for a key); the running counters
 -- with them when the caller expects the key to need them (below).
--- Once read, `basic` holds the values of `used`, `held`, `htok`, `lx` and `le`, and `spend`
--- those of `wtok`, `bsp` and `bps`, in that order. (The names are written out where they are
--- read, not kept in a table: a table is made on every call, a plain key's too.)
+-- Once read (`basic`), `used_s`, `held_s`, `htok_s`, `lx_s` and `le_s` hold the values of
+-- `used`, `held`, `htok`, `lx` and `le`; once `spend` is, `wtok_s`, `bsp_s` and `bps_s` those
+-- of `wtok`, `bsp` and `bps`. Locals, not tables, and the common reads written out whole: a
+-- table costs Redis time on every call (docs/PERFORMANCE.md), a plain key's too.
 local cfn, rw, version, key_id, user_id, basic, spend
+local used_s, held_s, htok_s, lx_s, le_s, wtok_s, bsp_s, bps_s
 if knows == 0 then
   cfn, rw, version = unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver'))
 elseif knows == 1 then
   cfn, rw, version, key_id, user_id =
     unpack(redis.call('HMGET', state, 'cfn', 'rw', 'ver', 'id', 'user'))
+elseif knows == 2 then
+  cfn, rw, version, used_s, held_s, htok_s, lx_s, le_s = unpack(redis.call('HMGET', state,
+    'cfn', 'rw', 'ver', 'used', 'held', 'htok', 'lx', 'le'))
+  basic = true
 else
   local f = {'cfn', 'rw', 'ver'}
   if need_ids then f[4], f[5] = 'id', 'user' end
@@ -127,8 +136,11 @@ else
   local v = redis.call('HMGET', state, unpack(f))
   cfn, rw, version = v[1], v[2], v[3]
   if need_ids then key_id, user_id = v[4], v[5] end
-  if knows % 4 >= 2 then basic = {v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]} end
-  if knows >= 4 then spend = {v[s + 1], v[s + 2], v[s + 3]} end
+  if knows % 4 >= 2 then
+    used_s, held_s, htok_s, lx_s, le_s, basic = v[b + 1], v[b + 2], v[b + 3], v[b + 4],
+      v[b + 5], true
+  end
+  if knows >= 4 then wtok_s, bsp_s, bps_s, spend = v[s + 1], v[s + 2], v[s + 3], true end
 end
 local folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = false
 if cfn then
@@ -205,15 +217,17 @@ if listed or more_basic or more_spend then
   if more_spend then f[s + 1], f[s + 2], f[s + 3] = 'wtok', 'bsp', 'bps' end
   local v = redis.call('HMGET', state, unpack(f))
   if listed then providers, formats, models = v[1] or '', v[2] or '', v[3] or '' end
-  if more_basic then basic = {v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]} end
-  if more_spend then spend = {v[s + 1], v[s + 2], v[s + 3]} end
+  if more_basic then
+    used_s, held_s, htok_s, lx_s, le_s = v[b + 1], v[b + 2], v[b + 3], v[b + 4], v[b + 5]
+  end
+  if more_spend then wtok_s, bsp_s, bps_s = v[s + 1], v[s + 2], v[s + 3] end
 end
 if not plain then
-  used, held, htok = tonumber(basic[1]), tonumber(basic[2] or 0), tonumber(basic[3] or 0)
-  live_deadline = tonumber(basic[4] or '0') or 0
-  live_earliest = tonumber(basic[5] or '0') or 0
+  used, held, htok = tonumber(used_s), tonumber(held_s or 0), tonumber(htok_s or 0)
+  live_deadline = tonumber(lx_s or '0') or 0
+  live_earliest = tonumber(le_s or '0') or 0
   if counted then
-    wtok, period_spend, period_start = tonumber(spend[1] or 0), spend[2], spend[3]
+    wtok, period_spend, period_start = tonumber(wtok_s or 0), bsp_s, bps_s
   end
   if not (used and held and htok and wtok) or held % 1 ~= 0 or htok % 1 ~= 0
     or wtok % 1 ~= 0 then

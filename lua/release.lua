@@ -71,8 +71,8 @@ if tracked then
   held, htok, changed = free_lease(live, holds, member, hold, not member_hold, hn, ht, held, htok,
     true)
   if changed and s[1] ~= false then
-    redis.call('HSET', state, 'held', string.format('%.0f', held), 'htok',
-      string.format('%.0f', htok))
+    redis.call('HSET', state, 'held', string.format('%d', held), 'htok',
+      string.format('%d', htok))
   end
 end
 if sealed then

@@ -47,7 +47,8 @@
 --   | {'price', provider, model} (ARGV[1] '?')
 -- A sealed lease's duplicate check is the tombstone's own write (`SET … GET`): one call where
 -- a read and a write were two.
--- Numbers are printed with '%.0f': tostring() keeps only 14 digits (see admit.lua).
+-- Numbers are printed with '%d' (whole numbers below 2^63, exact): tostring() keeps only 14
+-- digits, and '%.0f' costs three times as much (see admit.lua).
 --
 -- Never half-writes: every bound is checked before the first write, and a call that fails
 -- one changes nothing and answers an error reply whose first word says why:
@@ -74,7 +75,7 @@
 
 local state, lease, stream = KEYS[1], KEYS[2], KEYS[3]
 local live, holds
-local function int(n) return string.format('%.0f', n) end
+local function int(n) return string.format('%d', n) end
 
 local MAX_USED_HI, MAX_USED_LO = 4611686018, 427387904 -- 2^62 as (hi, lo): hi * 1e9 + lo
 local function refuse(code, why) return redis.error_reply(code .. ' ' .. why) end
@@ -102,7 +103,6 @@ end
 
 local cost = ARGV[1]
 local event_id = ARGV[4]
-local nonce = string.sub(event_id, string.find(event_id, '.', 1, true) + 1)
 local window = ARGV[6]
 local sealed = ARGV[7] == 'sealed'
 local only_live = ARGV[5] == 'live'
@@ -155,6 +155,12 @@ end
 -- number: `held` and `htok` where a lease can hold (a tracked lease, a balance to report).
 local member_hold = sealed and string.sub(ARGV[8], 1, 1) == '='
 local tracked = not sealed or ARGV[8] == '1' or member_hold
+-- The lease's nonce names its `live` member, its `holds` entry and its token-window entry: cut
+-- from the event id only where one of those is touched.
+local nonce
+if tracked or token_limited then
+  nonce = string.sub(event_id, string.find(event_id, '.', 1, true) + 1)
+end
 if tracked then live, holds = sibling(state, 'c'), sibling(state, 'h') end
 local function corrupt(v) return v and not whole(v) end
 if corrupt(bal_s) or corrupt(used_s) or ((tracked or bal >= 0) and (corrupt(held_s)

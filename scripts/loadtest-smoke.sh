@@ -124,6 +124,11 @@ if [[ $rc -ne 0 ]]; then
   exit 1
 fi
 
+# The per-operation Lua costs (docs/PERFORMANCE.md), briefly, so that the tool keeps working;
+# its figures mean nothing here.
+"$BIN/loadtest" lua-costs --redis-url "$REDIS_URL" --rounds 1 --calls 2 --iterations 50 >/dev/null \
+  || { log "loadtest lua-costs failed"; exit 1; }
+
 log "stopping tollgate (SIGTERM)"
 kill -TERM "$PID"
 stopped=0

@@ -1,7 +1,8 @@
 //! `loadtest`: drives a running tollgate with a realistic admit-and-settle mix, measures
 //! throughput and latency against the Redis ceiling of the same work, and checks that every
 //! limit and every balance held under that load. `loadtest faults …` is the fault-injection
-//! run instead (`faults/mod.rs`).
+//! run instead (`faults/mod.rs`), and `loadtest lua-costs` the cost of single Lua operations
+//! inside Redis (`lua_costs.rs`).
 //!
 //! Exit status: 0 when every invariant held, 1 when one failed (or more errors than
 //! `--max-errors`), 2 when the run could not be set up.
@@ -12,6 +13,7 @@ mod check;
 mod faults;
 mod http;
 mod load;
+mod lua_costs;
 mod memory;
 mod observe;
 mod report;
@@ -256,6 +258,9 @@ fn main() -> ExitCode {
     // A subcommand of its own: it starts its own tollgate, so none of the flags above apply.
     if std::env::args().nth(1).as_deref() == Some("faults") {
         return faults::main(std::env::args().skip(1));
+    }
+    if std::env::args().nth(1).as_deref() == Some("lua-costs") {
+        return lua_costs::main(std::env::args().skip(1));
     }
     let mut args = Args::parse();
     if args.ceiling {
