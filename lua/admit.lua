@@ -172,7 +172,8 @@ if not folded or cfg_version ~= tonumber(version) then
   redis.call('HSET', state, 'cfn', cfn)
   folded, cfg_version, flags, expires, rl, cl, bal, token_limit, budget = unpack_config(cfn)
 end
-local budget_period = config_period(flags)
+local budget_period = ''
+if budget >= 0 then budget_period = config_period(flags) end
 local listed = flags % 16 >= 2
 local plain = cl <= 0 and bal < 0 and budget < 0 and token_limit <= 0
 
@@ -190,7 +191,8 @@ if listed or not plain then
   end
   if nonce == nil then return redis.error_reply('INVALID_ARGUMENT what was asked') end
   if leased then reserve, reserve_tokens = tonumber(r), tonumber(t) end
-  if not plain then live, holds = sibling(state, 'c'), sibling(state, 'h') end
+  -- `holds` is named where it is touched: in state format 2 a grant does not touch it.
+  if not plain then live = sibling(state, 'c') end
   if token_limit > 0 then tokens = sibling(state, 'w') end
 end
 
@@ -273,33 +275,42 @@ end
 -- next call that scans). And only once `le` has passed: before it no lease has expired. A
 -- scan moves `le` to the earliest expiry left (one more read), so a key scans about once a
 -- lease TTL, not on every admission.
-local expired = {}
+-- (Tables and loops only where a scan runs: each costs Redis time on every call otherwise.)
 local scanned = (cl > 0 or held ~= 0 or htok ~= 0) and now >= live_earliest
+local expired, repaired = 0, false
 if scanned then
-  expired = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
-end
-local expired_holds = #expired > 0 and {}
-for i, m in ipairs(expired) do
-  -- A hold in the member ('<nonce>=<hold>', state format 2), else in `holds`.
-  local h, eq = false, string.find(m, '=', 1, true)
-  if held ~= 0 or htok ~= 0 then
-    if eq then h = string.sub(m, eq + 1) else h = redis.call('HGET', holds, m) end
-  end
-  if h then
-    local hn, ht = hold_of(h)
-    if hn == nil then
-      return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
+  local gone = redis.call('ZRANGEBYSCORE', live, '-inf', now, 'LIMIT', 0, 64)
+  expired = #gone
+  if expired > 0 then
+    local in_hash = {}
+    for i, m in ipairs(gone) do
+      -- A hold in the member ('<nonce>=<hold>', state format 2), else in `holds`.
+      local h, eq = false, string.find(m, '=', 1, true)
+      if held ~= 0 or htok ~= 0 then
+        if eq then
+          h = string.sub(m, eq + 1)
+        else
+          holds = holds or sibling(state, 'h')
+          h = redis.call('HGET', holds, m)
+        end
+      end
+      if h then
+        local hn, ht = hold_of(h)
+        if hn == nil then
+          return redis.error_reply('CORRUPT_STATE a hold is not a whole number')
+        end
+        held = held - hn
+        htok = htok - ht
+        in_hash[i] = not eq
+      end
     end
-    held = held - hn
-    htok = htok - ht
-    expired_holds[i] = not eq
+    for i, m in ipairs(gone) do
+      if in_hash[i] then redis.call('HDEL', holds, m) end
+    end
+    redis.call('ZREM', live, unpack(gone))
+    repaired = true
   end
 end
-for i, m in ipairs(expired) do
-  if expired_holds[i] then redis.call('HDEL', holds, m) end
-end
-if #expired > 0 then redis.call('ZREM', live, unpack(expired)) end
-local repaired = #expired > 0
 -- No live lease left: nothing is held. This is also where the holds of an idle key's leases
 -- come back when `live` and `holds` expired as whole keys (at `lx`) and the loop above saw
 -- nothing. Before `lx` a missing `live` cannot hide a hold: the last lease to leave it took
@@ -307,6 +318,7 @@ local repaired = #expired > 0
 if (held ~= 0 or htok ~= 0) and now >= live_deadline and redis.call('EXISTS', live) == 0 then
   held = 0
   htok = 0
+  holds = holds or sibling(state, 'h')
   redis.call('DEL', holds)
   repaired = true
 end
@@ -317,7 +329,7 @@ if scanned then
   -- adds, which does not move `le`, is found then), while a grant below sets its own expiry.
   local written = 0
   live_earliest = 0
-  if #expired < 64 then
+  if expired < 64 then
     local first = redis.call('ZRANGE', live, 0, 0, 'WITHSCORES')
     if first[2] then
       live_earliest = tonumber(first[2]) or 0
@@ -515,7 +527,10 @@ end
 if refresh or not live_existed then redis.call('PEXPIREAT', live, live_deadline) end
 if holding then
   if hold_tokens > 0 then new_htok = int(htok + hold_tokens) end
-  if not member_held then redis.call('HSET', holds, nonce, value) end
+  if not member_held then
+    holds = holds or sibling(state, 'h')
+    redis.call('HSET', holds, nonce, value)
+  end
   if hold > 0 then new_held = int(held + hold) end
   if bal >= 0 then available = available - hold end
 end
@@ -523,6 +538,7 @@ end
 -- form, or this one's.
 if (holds_existed and refresh)
   or (holding and not member_held and (refresh or not holds_existed)) then
+  holds = holds or sibling(state, 'h')
   redis.call('PEXPIREAT', holds, live_deadline)
 end
 if member_held then return answer(in_flight, 2, hold, hold_tokens) end
