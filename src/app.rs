@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::access_log::Receiver;
 use crate::config::Config;
 use crate::gate::Gate;
-use crate::hot::admission::HotPath;
+use crate::hot::admission::{HotPath, StateFormat};
 use crate::hot::layout::Layout;
 use crate::hot::redis::Redis;
 use crate::http::{self, serve, AppState};
@@ -199,6 +199,12 @@ impl App {
             config.lease_secrets.clone(),
         )
         .with_state_format(config.state_format);
+        if config.state_format == StateFormat::Two {
+            tracing::info!(
+                "TOLLGATE_STATE_FORMAT=2: leases keep their holds in the live set, which a \
+                 release without this setting cannot read: none may share this namespace"
+            );
+        }
         if config.lease_secrets.ephemeral {
             tracing::warn!(
                 "neither TOLLGATE_LEASE_SECRET nor TOLLGATE_ENCRYPTION_KEY is set: lease ids are \
