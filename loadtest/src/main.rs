@@ -990,14 +990,13 @@ async fn script_cost(
     };
     let n = args.ceiling_keys.max(1);
     let rounds = usize::try_from(args.script_cost_rounds).unwrap_or(1);
-    let held_sets_per_round = if args.state_format == 2 {
-        "two sets of {n} held keys (state formats 1 and 2)"
+    let held_sets = if args.state_format == 2 {
+        format!("two sets of {n} held keys (state formats 1 and 2)")
     } else {
-        "{n} held keys"
+        format!("{n} held keys")
     };
     progress(&format!(
-        "script cost: creating {n} plain and {} for each of {rounds} round(s)",
-        held_sets_per_round.replace("{n}", &n.to_string())
+        "script cost: creating {n} plain and {held_sets} for each of {rounds} round(s)"
     ));
     let mut ids = Vec::new();
     let (mut plain_sets, mut held_sets, mut member_sets) = (Vec::new(), Vec::new(), Vec::new());

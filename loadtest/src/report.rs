@@ -347,9 +347,15 @@ impl ScriptCostReport {
                     String::new()
                 }
             );
-            if !p.inner.is_empty() {
-                let each: Vec<String> = p
-                    .inner
+            // Commands run less than once in 200 calls are other clients' (the syncer's stream
+            // reads) or rare branches: the JSON keeps them, the table leaves them out.
+            let shown: Vec<&InnerCommand> = p
+                .inner
+                .iter()
+                .filter(|c| c.calls_per_call >= 0.005)
+                .collect();
+            if !shown.is_empty() {
+                let each: Vec<String> = shown
                     .iter()
                     .map(|c| {
                         format!(
@@ -360,7 +366,7 @@ impl ScriptCostReport {
                         )
                     })
                     .collect();
-                let inside: f64 = p.inner.iter().map(|c| c.us_per_call).sum();
+                let inside: f64 = shown.iter().map(|c| c.us_per_call).sum();
                 println!(
                     "      inside, per call (command calls×µs): {}; {:.1} of its {:.1} µs",
                     each.join(", "),

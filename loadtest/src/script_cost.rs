@@ -8,7 +8,8 @@
 //! 3. `exact_window.lua`, the reference, on one fresh log per plain key, making as many calls
 //!    as phase 1 did, so that its logs end as long as the rate logs phase 1 worked on;
 //! 4. and 5. as 1 and 2 on keys with a concurrency limit and a balance, admitted with a
-//!    reserve (a hold);
+//!    reserve (a hold), and with `--state-format 2` again on keys of their own admitted in
+//!    state format 2 (the hold in the live set's member);
 //! 6. and 7. flows (`admit.lua` then `settle.lua` of the same lease) on each kind of key;
 //! 8. any candidate scripts (`--script-cost-candidates`: scratch designs, not tollgate) on the
 //!    plain keys, each given the key's state and a fresh key of its own, as many calls as 3;
