@@ -1,6 +1,8 @@
 //! release.lua's wire contract, written once: its KEYS and ARGV from typed values, its reply
 //! read into a typed answer. The script's header says what each one means and why.
 
+use std::borrow::Cow;
+
 use redis::{FromRedisValue, Value};
 
 use super::ScriptArg;
@@ -35,8 +37,8 @@ pub struct Call<'a> {
     /// The lease's tombstone key (`KeyRedisKeys::lease`).
     tombstone: &'a str,
     facts: Facts,
-    /// ARGV[3] of a sealed lease: '1' | '0' | '=<hold>'.
-    tracked: String,
+    /// ARGV[3] of a sealed lease: '1' | '0' | '=<hold>' (only the last one made per call).
+    tracked: Cow<'static, str>,
 }
 
 impl<'a> Call<'a> {
@@ -45,9 +47,9 @@ impl<'a> Call<'a> {
             Facts::Sealed {
                 member_hold: Some(h),
                 ..
-            } => h.suffix(),
-            Facts::Sealed { tracked: true, .. } => "1".into(),
-            _ => "0".into(),
+            } => Cow::Owned(h.suffix()),
+            Facts::Sealed { tracked: true, .. } => Cow::Borrowed("1"),
+            _ => Cow::Borrowed("0"),
         };
         Call {
             lease,
